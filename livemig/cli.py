@@ -1,0 +1,99 @@
+"""The ``livemig`` command line: run a VM, migrate it, and the demo.
+
+Every livemig error becomes a one-line message and exit status 1 (no traceback);
+``--debug`` shows the traceback and debug logs for developers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO, TypeVar
+
+import click
+
+from livemig.errors import LivemigError
+from livemig.guests import GUEST_NAMES, load_image, load_image_file
+from livemig.instance import Instance
+from livemig.kernel.mman import Backing
+from livemig.vmm.boot import boot_image
+from livemig.vmm.vm import Vm, VmConfig, parse_size
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _friendly_errors(fn: F) -> F:
+    """Turn livemig errors into one-line CLI errors (exit 1)."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LivemigError as e:
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                raise
+            raise click.ClickException(str(e)) from None
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group()
+@click.option("--debug", is_flag=True, help="Debug logging and full tracebacks.")
+def main(debug: bool) -> None:
+    """livemig: live migration of KVM virtual machines (precopy, postcopy, preempt)."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+@contextlib.contextmanager
+def _serial_sink(path: str | None) -> Iterator[BinaryIO]:
+    if path is None:
+        yield sys.stdout.buffer
+    else:
+        with open(path, "wb") as f:
+            yield f
+
+
+def _quit_on_signals(instance: Instance) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: instance.request_quit())
+
+
+@main.command()
+@click.option("--guest", type=click.Choice(GUEST_NAMES), help="Built-in guest program.")
+@click.option("--image", type=click.Path(dir_okay=False), help="Any 512-byte boot sector.")
+@click.option("--mem", default="256M", show_default=True, help="Guest RAM size.")
+@click.option("--page-size", default="4K", show_default=True,
+              type=click.Choice([b.value for b in Backing], case_sensitive=False),
+              help="Guest RAM backing: 4K pages, THP, or hugetlbfs 2M / 1G pages.")
+@click.option("--qmp", "qmp_path", type=click.Path(), help="QMP unix socket path.")
+@click.option("--serial", type=click.Path(dir_okay=False), help="Serial output file.")
+@click.option("--duration", type=float, help="Quit after this many seconds.")
+@click.option("-S", "paused", is_flag=True, help="Do not start the vCPUs (cont over QMP).")
+@_friendly_errors
+def run(guest: str | None, image: str | None, mem: str, page_size: str, qmp_path: str | None,
+        serial: str | None, duration: float | None, paused: bool) -> None:
+    """Run a VM until `quit` over QMP, a signal, or --duration."""
+    if (guest is None) == (image is None):
+        raise click.UsageError("give exactly one of --guest or --image")
+    boot = load_image(guest) if guest is not None else load_image_file(image or "")
+    config = VmConfig(parse_size(mem), Backing.parse(page_size))
+    with _serial_sink(serial) as sink, Instance(Vm(config, sink), qmp_path) as inst:
+        boot_image(inst.vm, boot)
+        _quit_on_signals(inst)
+        if not paused:
+            inst.vm.start()
+        deadline = None if duration is None else time.monotonic() + duration
+        # Wake up regularly so signal handlers run in the main thread.
+        while not inst.wait(0.2):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""One exception tree for all of livemig.
+
+Every error raised on purpose by livemig derives from :class:`LivemigError`, so a
+caller can catch them all; the branches say *who* is at fault::
+
+    LivemigError
+     +-- KernelError            a kernel call failed (carries errno and the operation)
+     |    +-- KvmError          a KVM ioctl
+     |    +-- UffdError         a userfaultfd call
+     |    +-- MemoryMapError    mmap / memfd / madvise / hugetlb reservation
+     +-- ConfigError            bad user input: sizes, page sizes, guest names, URIs
+     +-- VmStateError           an operation not allowed in the VM's current state
+     +-- StreamError            a migration stream problem
+     |    +-- RemoteProtocolError   the peer sent something invalid (corrupt, truncated,
+     |    |                         unknown section/block, out-of-range page, ...)
+     |    +-- LocalProtocolError    we tried to send something the protocol forbids
+     |    +-- ChannelClosedError    the peer vanished (EOF / reset) mid-stream
+     +-- MigrationError         the migration state machine failed or was refused
+     |    +-- MigrationCancelled
+     +-- QmpError               a QMP command failed (class + desc, as QEMU reports it)
+
+Errors are values worth reading: their message is a complete sentence suitable for
+a one-line CLI error or a QMP ``desc``.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class LivemigError(Exception):
+    """Base of every error livemig raises on purpose."""
+
+
+class KernelError(LivemigError):
+    """A kernel call failed; ``errno`` and ``op`` say which and why."""
+
+    def __init__(self, op: str, err: int, detail: str = "") -> None:
+        self.op = op
+        self.errno = err
+        name = _errno.errorcode.get(err, str(err))
+        msg = f"{op} failed: {name} ({os.strerror(err)})"
+        if detail:
+            msg += f": {detail}"
+        super().__init__(msg)
+
+
+class KvmError(KernelError):
+    """A KVM ioctl failed."""
+
+
+class UffdError(KernelError):
+    """A userfaultfd call failed."""
+
+
+class MemoryMapError(KernelError):
+    """Mapping or reserving guest memory failed."""
+
+
+class ConfigError(LivemigError):
+    """The user asked for something invalid (sizes, page sizes, guests, URIs)."""
+
+
+class VmStateError(LivemigError):
+    """The operation is not allowed in the VM's current state."""
+
+
+class StreamError(LivemigError):
+    """A migration stream could not be encoded or decoded."""
+
+
+class RemoteProtocolError(StreamError):
+    """The peer sent bytes that break the stream protocol."""
+
+
+class LocalProtocolError(StreamError):
+    """We tried to send something the protocol does not allow (a bug on our side)."""
+
+
+class ChannelClosedError(StreamError):
+    """The peer closed the channel or vanished in the middle of the stream."""
+
+
+class MigrationError(LivemigError):
+    """The migration failed or was refused."""
+
+
+class MigrationCancelled(MigrationError):
+    """The migration was cancelled by the user."""
+
+
+class QmpError(LivemigError):
+    """A QMP command failed; ``error_class`` is QEMU's error class name."""
+
+    def __init__(self, desc: str, error_class: str = "GenericError") -> None:
+        self.error_class = error_class
+        self.desc = desc
+        super().__init__(desc)

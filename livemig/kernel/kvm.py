@@ -1,0 +1,567 @@
+"""KVM bindings: one wrapper type per kind of file descriptor, one method per ioctl.
+
+Theory of operation
+-------------------
+``/dev/kvm`` gives a *system* fd (:class:`Kvm`); ``KVM_CREATE_VM`` gives a *VM* fd
+(:class:`VmFd`) that owns memory slots and the dirty log; ``KVM_CREATE_VCPU`` gives a
+*vCPU* fd (:class:`VcpuFd`) whose ``kvm_run`` page is mmapped and shared with the kernel.
+
+Every ioctl number is declared once in :data:`IOCTLS` (grouped by the fd it applies to,
+with the capability that gates it in a comment).  Struct layouts are ctypes mirrors of
+``<linux/kvm.h>`` for x86_64; ``tests/unit/test_kernel_structs.py`` asserts their sizes
+and field offsets.
+
+Most ioctls are short and go through :func:`fcntl.ioctl` with a mutable ctypes buffer.
+``KVM_RUN`` can block for a long time (the guest runs inside it), so it is issued through
+``ctypes.CDLL`` which releases the GIL for the duration of the call: other Python threads
+(migration, QMP, the fault handler) keep running while the guest runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import mmap
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from livemig.errors import KvmError
+
+# ---------------------------------------------------------------------------
+# ioctl number encoding (asm-generic/ioctl.h)
+_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
+KVMIO: Final = 0xAE
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
+
+
+def _io(nr: int) -> int:
+    return _ioc(_IOC_NONE, nr, 0)
+
+
+def _ior(nr: int, size: int) -> int:
+    return _ioc(_IOC_READ, nr, size)
+
+
+def _iow(nr: int, size: int) -> int:
+    return _ioc(_IOC_WRITE, nr, size)
+
+
+def _iowr(nr: int, size: int) -> int:
+    return _ioc(_IOC_READ | _IOC_WRITE, nr, size)
+
+
+# ---------------------------------------------------------------------------
+# Structs (x86_64 layouts of <linux/kvm.h> / <asm/kvm.h>)
+u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
+
+
+class KvmUserspaceMemoryRegion(ctypes.Structure):
+    _fields_ = [
+        ("slot", u32),
+        ("flags", u32),
+        ("guest_phys_addr", u64),
+        ("memory_size", u64),
+        ("userspace_addr", u64),
+    ]
+
+
+class KvmDirtyLog(ctypes.Structure):
+    _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
+
+
+class KvmClearDirtyLog(ctypes.Structure):
+    _fields_ = [("slot", u32), ("num_pages", u32), ("first_page", u64), ("dirty_bitmap", u64)]
+
+
+class KvmEnableCap(ctypes.Structure):
+    _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
+
+
+class KvmRegs(ctypes.Structure):
+    _fields_ = [
+        (name, u64)
+        for name in (
+            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
+        )
+    ]
+
+
+class KvmSegment(ctypes.Structure):
+    _fields_ = [
+        ("base", u64),
+        ("limit", u32),
+        ("selector", u16),
+        ("type", u8),
+        ("present", u8),
+        ("dpl", u8),
+        ("db", u8),
+        ("s", u8),
+        ("l", u8),
+        ("g", u8),
+        ("avl", u8),
+        ("unusable", u8),
+        ("padding", u8),
+    ]
+
+
+class KvmDtable(ctypes.Structure):
+    _fields_ = [("base", u64), ("limit", u16), ("padding", u16 * 3)]
+
+
+class KvmSregs(ctypes.Structure):
+    _fields_ = [
+        *[(seg, KvmSegment) for seg in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")],
+        ("gdt", KvmDtable),
+        ("idt", KvmDtable),
+        *[(cr, u64) for cr in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")],
+        ("interrupt_bitmap", u64 * 4),
+    ]
+
+
+class KvmFpu(ctypes.Structure):
+    _fields_ = [
+        ("fpr", (u8 * 16) * 8),
+        ("fcw", u16),
+        ("fsw", u16),
+        ("ftwx", u8),
+        ("pad1", u8),
+        ("last_opcode", u16),
+        ("last_ip", u64),
+        ("last_dp", u64),
+        ("xmm", (u8 * 16) * 16),
+        ("mxcsr", u32),
+        ("pad2", u32),
+    ]
+
+
+class KvmXcr(ctypes.Structure):
+    _fields_ = [("xcr", u32), ("reserved", u32), ("value", u64)]
+
+
+class KvmXcrs(ctypes.Structure):
+    _fields_ = [("nr_xcrs", u32), ("flags", u32), ("xcrs", KvmXcr * 16), ("padding", u64 * 16)]
+
+
+class KvmMsrEntry(ctypes.Structure):
+    _fields_ = [("index", u32), ("reserved", u32), ("data", u64)]
+
+
+class KvmMsrsHeader(ctypes.Structure):
+    _fields_ = [("nmsrs", u32), ("pad", u32)]
+
+
+class KvmMsrListHeader(ctypes.Structure):
+    _fields_ = [("nmsrs", u32)]
+
+
+class KvmCpuidEntry2(ctypes.Structure):
+    _fields_ = [
+        ("function", u32),
+        ("index", u32),
+        ("flags", u32),
+        ("eax", u32),
+        ("ebx", u32),
+        ("ecx", u32),
+        ("edx", u32),
+        ("padding", u32 * 3),
+    ]
+
+
+class KvmCpuid2Header(ctypes.Structure):
+    _fields_ = [("nent", u32), ("padding", u32)]
+
+
+class KvmMpState(ctypes.Structure):
+    _fields_ = [("mp_state", u32)]
+
+
+class KvmVcpuEvents(ctypes.Structure):
+    """Kept as an opaque-but-sized record: we save and restore it whole."""
+
+    _fields_ = [
+        ("exception", u8 * 8),
+        ("interrupt", u8 * 4),
+        ("nmi", u8 * 4),
+        ("sipi_vector", u32),
+        ("flags", u32),
+        ("smi", u8 * 4),
+        ("triple_fault", u8),
+        ("reserved", u8 * 26),
+        ("exception_has_payload", u8),
+        ("exception_payload", u64),
+    ]
+
+
+class KvmRunIo(ctypes.Structure):
+    _fields_ = [
+        ("direction", u8),
+        ("size", u8),
+        ("port", u16),
+        ("count", u32),
+        ("data_offset", u64),
+    ]
+
+
+class KvmRunHeader(ctypes.Structure):
+    """The fixed head of the mmapped ``struct kvm_run`` plus the io exit union member."""
+
+    _fields_ = [
+        ("request_interrupt_window", u8),
+        ("immediate_exit", u8),
+        ("padding1", u8 * 6),
+        ("exit_reason", u32),
+        ("ready_for_interrupt_injection", u8),
+        ("if_flag", u8),
+        ("flags", u16),
+        ("cr8", u64),
+        ("apic_base", u64),
+        ("io", KvmRunIo),  # first member of the exit union at offset 32
+    ]
+
+
+STRUCT_SIZES: Final[dict[type[ctypes.Structure], int]] = {
+    KvmUserspaceMemoryRegion: 32,
+    KvmDirtyLog: 16,
+    KvmClearDirtyLog: 24,
+    KvmEnableCap: 104,
+    KvmRegs: 144,
+    KvmSegment: 24,
+    KvmDtable: 16,
+    KvmSregs: 312,
+    KvmFpu: 416,
+    KvmXcr: 16,
+    KvmXcrs: 392,
+    KvmMsrEntry: 16,
+    KvmMsrsHeader: 8,
+    KvmCpuidEntry2: 40,
+    KvmCpuid2Header: 8,
+    KvmMpState: 4,
+    KvmVcpuEvents: 64,
+}
+
+# ---------------------------------------------------------------------------
+# The ioctl table, grouped by the fd it applies to.
+IOCTLS: Final[dict[str, int]] = {
+    # system fd
+    "KVM_GET_API_VERSION": _io(0x00),
+    "KVM_CREATE_VM": _io(0x01),
+    "KVM_GET_MSR_INDEX_LIST": _iowr(0x02, 4),
+    "KVM_CHECK_EXTENSION": _io(0x03),
+    "KVM_GET_VCPU_MMAP_SIZE": _io(0x04),
+    "KVM_GET_SUPPORTED_CPUID": _iowr(0x05, 8),  # KVM_CAP_EXT_CPUID
+    # VM fd
+    "KVM_CREATE_VCPU": _io(0x41),
+    "KVM_GET_DIRTY_LOG": _iow(0x42, 16),
+    "KVM_SET_USER_MEMORY_REGION": _iow(0x46, 32),  # KVM_CAP_USER_MEMORY
+    "KVM_SET_TSS_ADDR": _io(0x47),  # KVM_CAP_SET_TSS_ADDR
+    "KVM_SET_IDENTITY_MAP_ADDR": _iow(0x48, 8),  # KVM_CAP_SET_IDENTITY_MAP_ADDR
+    "KVM_ENABLE_CAP": _iow(0xA3, 104),  # KVM_CAP_ENABLE_CAP_VM
+    "KVM_CLEAR_DIRTY_LOG": _iowr(0xC0, 24),  # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2
+    # vCPU fd
+    "KVM_RUN": _io(0x80),
+    "KVM_GET_REGS": _ior(0x81, 144),
+    "KVM_SET_REGS": _iow(0x82, 144),
+    "KVM_GET_SREGS": _ior(0x83, 312),
+    "KVM_SET_SREGS": _iow(0x84, 312),
+    "KVM_GET_MSRS": _iowr(0x88, 8),
+    "KVM_SET_MSRS": _iow(0x89, 8),
+    "KVM_GET_FPU": _ior(0x8C, 416),
+    "KVM_SET_FPU": _iow(0x8D, 416),
+    "KVM_SET_CPUID2": _iow(0x90, 8),
+    "KVM_GET_MP_STATE": _ior(0x98, 4),  # KVM_CAP_MP_STATE
+    "KVM_SET_MP_STATE": _iow(0x99, 4),
+    "KVM_GET_VCPU_EVENTS": _ior(0x9F, 64),  # KVM_CAP_VCPU_EVENTS
+    "KVM_SET_VCPU_EVENTS": _iow(0xA0, 64),
+    "KVM_GET_XCRS": _ior(0xA6, 392),  # KVM_CAP_XCRS
+    "KVM_SET_XCRS": _iow(0xA7, 392),
+}
+
+KVM_API_VERSION: Final = 12
+KVM_CAP_USER_MEMORY: Final = 3
+KVM_CAP_NR_MEMSLOTS: Final = 10
+KVM_CAP_IMMEDIATE_EXIT: Final = 136
+KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: Final = 168
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE: Final = 1
+KVM_MEM_LOG_DIRTY_PAGES: Final = 1
+
+# exit reasons
+KVM_EXIT_IO: Final = 2
+KVM_EXIT_HLT: Final = 5
+KVM_EXIT_MMIO: Final = 6
+KVM_EXIT_SHUTDOWN: Final = 8
+KVM_EXIT_FAIL_ENTRY: Final = 9
+KVM_EXIT_INTR: Final = 10
+KVM_EXIT_INTERNAL_ERROR: Final = 17
+KVM_EXIT_IO_IN: Final = 0
+KVM_EXIT_IO_OUT: Final = 1
+
+# MSRs a guest needs across a migration (filtered by what the host supports)
+MIGRATED_MSRS: Final = (
+    0x10,  # IA32_TSC
+    0x174, 0x175, 0x176,  # SYSENTER_CS/ESP/EIP
+    0x1A0,  # IA32_MISC_ENABLE
+    0x277,  # IA32_PAT
+    0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,  # STAR, LSTAR, CSTAR, SFMASK
+    0xC0000102,  # KERNEL_GS_BASE
+    0xC0000103,  # TSC_AUX
+)
+
+
+def _libc() -> ctypes.CDLL:
+    # CDLL (not PyDLL): calls release the GIL, which KVM_RUN relies on.
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+class _Fd:
+    """A file descriptor wrapper with checked ioctls."""
+
+    def __init__(self, fd: int, what: str) -> None:
+        self._fd = fd
+        self._what = what
+        self._libc = _libc()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _ioctl_int(self, name: str, arg: int = 0) -> int:
+        # libc's ioctl, because fcntl.ioctl takes only a signed C int argument and
+        # some arguments (KVM_SET_TSS_ADDR) are addresses above 2 GiB.
+        rc = int(self._libc.ioctl(self._fd, ctypes.c_ulong(IOCTLS[name]), ctypes.c_ulong(arg)))
+        if rc < 0:
+            raise KvmError(name, ctypes.get_errno())
+        return rc
+
+    def _ioctl_buf(self, name: str, buf: Any, request: int | None = None) -> None:
+        # buf is a ctypes object or bytearray; fcntl copies results back in place.
+        try:
+            fcntl.ioctl(self._fd, IOCTLS[name] if request is None else request, buf, True)
+        except OSError as e:
+            raise KvmError(name, e.errno or errno.EIO) from None
+
+
+class Kvm(_Fd):
+    """The system fd, ``/dev/kvm``."""
+
+    def __init__(self, path: str = "/dev/kvm") -> None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise KvmError(f"open {path}", e.errno or errno.ENOENT,
+                           "is KVM available and are you allowed to use it?") from None
+        super().__init__(fd, "kvm")
+        version = self._ioctl_int("KVM_GET_API_VERSION")
+        if version != KVM_API_VERSION:
+            self.close()
+            raise KvmError("KVM_GET_API_VERSION", errno.EINVAL, f"unsupported API {version}")
+
+    def check_extension(self, cap: int) -> int:
+        return self._ioctl_int("KVM_CHECK_EXTENSION", cap)
+
+    def vcpu_mmap_size(self) -> int:
+        return self._ioctl_int("KVM_GET_VCPU_MMAP_SIZE")
+
+    def msr_index_list(self) -> list[int]:
+        n = 512
+        buf = (u32 * (n + 1))()
+        buf[0] = n
+        self._ioctl_buf("KVM_GET_MSR_INDEX_LIST", buf)
+        return list(buf[1 : 1 + buf[0]])
+
+    def supported_cpuid(self) -> bytes:
+        """The raw ``kvm_cpuid2`` (header + entries) the host supports."""
+        n = 256
+        size = ctypes.sizeof(KvmCpuid2Header) + n * ctypes.sizeof(KvmCpuidEntry2)
+        buf = bytearray(size)
+        KvmCpuid2Header.from_buffer(buf).nent = n
+        self._ioctl_buf("KVM_GET_SUPPORTED_CPUID", buf)
+        nent = KvmCpuid2Header.from_buffer(buf).nent
+        return bytes(buf[: ctypes.sizeof(KvmCpuid2Header) + nent * ctypes.sizeof(KvmCpuidEntry2)])
+
+    def create_vm(self) -> VmFd:
+        fd = self._ioctl_int("KVM_CREATE_VM", 0)
+        return VmFd(fd, self)
+
+
+class VmFd(_Fd):
+    """A VM fd: memory slots, dirty log, vCPU creation."""
+
+    def __init__(self, fd: int, kvm: Kvm) -> None:
+        super().__init__(fd, "vm")
+        self.kvm = kvm
+
+    def set_tss_addr(self, addr: int) -> None:
+        self._ioctl_int("KVM_SET_TSS_ADDR", addr)
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        self._ioctl_buf("KVM_SET_IDENTITY_MAP_ADDR", u64(addr))
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        ec = KvmEnableCap(cap=cap)
+        for i, a in enumerate(args):
+            ec.args[i] = a
+        self._ioctl_buf("KVM_ENABLE_CAP", ec)
+
+    def set_user_memory_region(
+        self, slot: int, guest_phys_addr: int, size: int, host_addr: int, flags: int = 0
+    ) -> None:
+        """Map ``size`` bytes of host memory at ``host_addr`` into the guest.
+
+        The caller (vmm.memory) keeps the mapping alive for as long as the slot exists;
+        KVM holds no reference on it.
+        """
+        region = KvmUserspaceMemoryRegion(slot, flags, guest_phys_addr, size, host_addr)
+        self._ioctl_buf("KVM_SET_USER_MEMORY_REGION", region)
+
+    def get_dirty_log(self, slot: int, bitmap_addr: int) -> None:
+        """Fill the bitmap at ``bitmap_addr`` (a NumPy array the caller owns) for ``slot``."""
+        self._ioctl_buf("KVM_GET_DIRTY_LOG", KvmDirtyLog(slot, 0, bitmap_addr))
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap_addr: int) -> None:
+        """Re-protect the pages whose bits are set in the caller-owned bitmap."""
+        self._ioctl_buf("KVM_CLEAR_DIRTY_LOG",
+                        KvmClearDirtyLog(slot, num_pages, first_page, bitmap_addr))
+
+    def create_vcpu(self, index: int) -> VcpuFd:
+        fd = self._ioctl_int("KVM_CREATE_VCPU", index)
+        return VcpuFd(fd, index, self.kvm.vcpu_mmap_size())
+
+
+@dataclass(frozen=True)
+class IoExit:
+    """A port I/O exit: for ``out`` the data is in ``data``; for ``in`` the VMM fills it."""
+
+    port: int
+    size: int
+    count: int
+    is_out: bool
+    data_offset: int
+
+
+class VcpuFd(_Fd):
+    """A vCPU fd and its mmapped ``kvm_run`` page."""
+
+    def __init__(self, fd: int, index: int, mmap_size: int) -> None:
+        super().__init__(fd, f"vcpu{index}")
+        self.index = index
+        # The kvm_run page lives as long as this mmap object, which lives as long as self.
+        self.run_map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED,
+                                 mmap.PROT_READ | mmap.PROT_WRITE)
+        self.run = KvmRunHeader.from_buffer(self.run_map)
+        self._run_req = IOCTLS["KVM_RUN"]
+
+    def close(self) -> None:
+        del self.run
+        self.run_map.close()
+        super().close()
+
+    def run_once(self) -> int:
+        """Enter the guest until the next exit; returns the exit reason.
+
+        Runs without the GIL.  EINTR (a kick signal, or ``immediate_exit``) is reported as
+        ``KVM_EXIT_INTR`` rather than as an error, because it is how pause works.
+        """
+        rc = self._libc.ioctl(self._fd, ctypes.c_ulong(self._run_req), ctypes.c_ulong(0))
+        if rc < 0:
+            err = ctypes.get_errno()
+            if err in (errno.EINTR, errno.EAGAIN):
+                return KVM_EXIT_INTR
+            raise KvmError("KVM_RUN", err)
+        return int(self.run.exit_reason)
+
+    def io_exit(self) -> IoExit:
+        io = self.run.io
+        return IoExit(int(io.port), int(io.size), int(io.count),
+                      io.direction == KVM_EXIT_IO_OUT, int(io.data_offset))
+
+    def set_immediate_exit(self, value: bool) -> None:
+        self.run.immediate_exit = 1 if value else 0
+
+    # --- register state: each method one ioctl -------------------------------------
+    def get_regs(self) -> KvmRegs:
+        r = KvmRegs()
+        self._ioctl_buf("KVM_GET_REGS", r)
+        return r
+
+    def set_regs(self, regs: KvmRegs) -> None:
+        self._ioctl_buf("KVM_SET_REGS", regs)
+
+    def get_sregs(self) -> KvmSregs:
+        s = KvmSregs()
+        self._ioctl_buf("KVM_GET_SREGS", s)
+        return s
+
+    def set_sregs(self, sregs: KvmSregs) -> None:
+        self._ioctl_buf("KVM_SET_SREGS", sregs)
+
+    def get_fpu(self) -> KvmFpu:
+        f = KvmFpu()
+        self._ioctl_buf("KVM_GET_FPU", f)
+        return f
+
+    def set_fpu(self, fpu: KvmFpu) -> None:
+        self._ioctl_buf("KVM_SET_FPU", fpu)
+
+    def get_xcrs(self) -> KvmXcrs:
+        x = KvmXcrs()
+        self._ioctl_buf("KVM_GET_XCRS", x)
+        return x
+
+    def set_xcrs(self, xcrs: KvmXcrs) -> None:
+        self._ioctl_buf("KVM_SET_XCRS", xcrs)
+
+    def get_vcpu_events(self) -> KvmVcpuEvents:
+        e = KvmVcpuEvents()
+        self._ioctl_buf("KVM_GET_VCPU_EVENTS", e)
+        return e
+
+    def set_vcpu_events(self, events: KvmVcpuEvents) -> None:
+        self._ioctl_buf("KVM_SET_VCPU_EVENTS", events)
+
+    def get_mp_state(self) -> int:
+        m = KvmMpState()
+        self._ioctl_buf("KVM_GET_MP_STATE", m)
+        return int(m.mp_state)
+
+    def set_mp_state(self, state: int) -> None:
+        self._ioctl_buf("KVM_SET_MP_STATE", KvmMpState(state))
+
+    def set_cpuid2(self, raw_cpuid2: bytes) -> None:
+        self._ioctl_buf("KVM_SET_CPUID2", bytearray(raw_cpuid2))
+
+    def get_msrs(self, indices: Iterable[int]) -> list[tuple[int, int]]:
+        idx = list(indices)
+        buf = _msr_buffer([(i, 0) for i in idx])
+        n = self._msr_ioctl("KVM_GET_MSRS", buf)
+        entries = (KvmMsrEntry * len(idx)).from_buffer(buf, ctypes.sizeof(KvmMsrsHeader))
+        return [(int(e.index), int(e.data)) for e in entries[:n]]
+
+    def set_msrs(self, msrs: Iterable[tuple[int, int]]) -> int:
+        return self._msr_ioctl("KVM_SET_MSRS", _msr_buffer(list(msrs)))
+
+    def _msr_ioctl(self, name: str, buf: bytearray) -> int:
+        # KVM_{GET,SET}_MSRS return the number of MSRs processed.
+        try:
+            return fcntl.ioctl(self._fd, IOCTLS[name], buf, True)
+        except OSError as e:
+            raise KvmError(name, e.errno or errno.EIO) from None
+
+
+def _msr_buffer(entries: list[tuple[int, int]]) -> bytearray:
+    buf = bytearray(ctypes.sizeof(KvmMsrsHeader) + len(entries) * ctypes.sizeof(KvmMsrEntry))
+    KvmMsrsHeader.from_buffer(buf).nmsrs = len(entries)
+    arr = (KvmMsrEntry * len(entries)).from_buffer(buf, ctypes.sizeof(KvmMsrsHeader))
+    for slot, (index, data) in zip(arr, entries, strict=True):
+        slot.index, slot.data = index, data
+    return buf

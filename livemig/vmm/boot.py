@@ -1,0 +1,21 @@
+"""Booting guests: patch a livemig guest's test range to the VM's RAM and load it."""
+
+from __future__ import annotations
+
+from livemig.guests import DEFAULT_RANGE_START, load_image, patch_range
+from livemig.vmm.vm import Vm
+
+
+def guest_range(vm: Vm) -> tuple[int, int]:
+    """The guest-physical range the livemig guests work on: 1 MiB to the end of RAM."""
+    return DEFAULT_RANGE_START, vm.main_block.size
+
+
+def boot_image(vm: Vm, image: bytes) -> None:
+    """Load a boot sector as a BIOS would; livemig guests get their range patched in."""
+    start, end = guest_range(vm)
+    vm.load_boot_sector(patch_range(image, start, end))
+
+
+def boot_guest(vm: Vm, name: str) -> None:
+    boot_image(vm, load_image(name))
