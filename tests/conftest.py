@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +29,10 @@ def hugepages_restored() -> Iterator[None]:
     """Assert that a test gives back every huge page it reserved."""
     knobs = [f"/sys/kernel/mm/hugepages/{d}/nr_hugepages"
              for d in ("hugepages-2048kB", "hugepages-1048576kB")]
-    before = [open(k).read() for k in knobs if os.path.exists(k)]
+    def read() -> list[str]:
+        return [Path(k).read_text() for k in knobs if os.path.exists(k)]
+
+    before = read()
     yield
-    after = [open(k).read() for k in knobs if os.path.exists(k)]
+    after = read()
     assert before == after, "huge pages were not given back"

@@ -85,12 +85,9 @@ class KvmEnableCap(ctypes.Structure):
 
 
 class KvmRegs(ctypes.Structure):
-    _fields_ = [
-        (name, u64)
-        for name in (
-            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
-        )
-    ]
+    _fields_ = [(name, u64) for name in (
+        "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
+        "r12", "r13", "r14", "r15", "rip", "rflags")]
 
 
 class KvmSegment(ctypes.Structure):
@@ -303,7 +300,7 @@ KVM_EXIT_IO_IN: Final = 0
 KVM_EXIT_IO_OUT: Final = 1
 
 # MSRs a guest needs across a migration (filtered by what the host supports)
-MIGRATED_MSRS: Final = (
+MIGRATED_MSRS: Final[tuple[int, ...]] = (
     0x10,  # IA32_TSC
     0x174, 0x175, 0x176,  # SYSENTER_CS/ESP/EIP
     0x1A0,  # IA32_MISC_ENABLE
@@ -553,7 +550,7 @@ class VcpuFd(_Fd):
     def _msr_ioctl(self, name: str, buf: bytearray) -> int:
         # KVM_{GET,SET}_MSRS return the number of MSRs processed.
         try:
-            return fcntl.ioctl(self._fd, IOCTLS[name], buf, True)
+            return int(fcntl.ioctl(self._fd, IOCTLS[name], buf, True))
         except OSError as e:
             raise KvmError(name, e.errno or errno.EIO) from None
 

@@ -67,7 +67,9 @@ def bools_to_bitmap(bools: npt.NDArray[np.bool_]) -> Bitmap:
 def host_page_view(bools: npt.NDArray[np.bool_], host_page_size: int) -> npt.NDArray[np.bool_]:
     """Per-host-page dirtiness: a huge page is dirty if any 4 KiB page in it is."""
     per = host_page_size // PAGE_SIZE
-    return bools.reshape(-1, per).any(axis=1) if per > 1 else bools
+    if per == 1:
+        return bools
+    return np.asarray(bools.reshape(-1, per).any(axis=1), dtype=np.bool_)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from livemig.errors import RemoteProtocolError
 from livemig.vmm.serial import SerialState
@@ -95,7 +96,7 @@ class _Reader:
         self.pos += n
         return out
 
-    def unpack(self, s: struct.Struct) -> tuple[int, ...]:
+    def unpack(self, s: struct.Struct) -> tuple[Any, ...]:
         return tuple(s.unpack(self.take(s.size)))
 
     def finish(self) -> None:

@@ -21,11 +21,11 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Protocol
 
-from livemig.errors import VmStateError
+from livemig.errors import KvmError, VmStateError
 from livemig.kernel import kvm as K
 from livemig.vmm.state import VcpuState
 
@@ -172,12 +172,12 @@ class Vcpu:
         if self.state is VcpuRunState.RUNNING:
             raise VmStateError(f"vcpu{self.fd.index} is running; pause it first")
 
-    def save(self, msr_indices: list[int]) -> VcpuState:
+    def save(self, msr_indices: Sequence[int]) -> VcpuState:
         self._require_stopped_guest()
         fd = self.fd
         try:
             xcrs = bytes(fd.get_xcrs())
-        except K.KvmError:
+        except KvmError:
             xcrs = b""
         return VcpuState(
             regs=bytes(fd.get_regs()), sregs=bytes(fd.get_sregs()), fpu=bytes(fd.get_fpu()),
