@@ -86,6 +86,11 @@ class Vcpu:
         self._thread.start()
 
     # --- commands (any thread) -------------------------------------------------------
+    @property
+    def native_id(self) -> int | None:
+        """The vCPU thread's kernel thread id (what userfaultfd reports for its faults)."""
+        return self._thread.native_id
+
     def resume(self) -> None:
         self._command(VcpuRunState.RUNNING)
 
