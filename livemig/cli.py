@@ -75,24 +75,88 @@ def _quit_on_signals(instance: Instance) -> None:
 @click.option("--serial", type=click.Path(dir_okay=False), help="Serial output file.")
 @click.option("--duration", type=float, help="Quit after this many seconds.")
 @click.option("-S", "paused", is_flag=True, help="Do not start the vCPUs (cont over QMP).")
+@click.option("--incoming", help="Wait for a migration on this URI (tcp:HOST:PORT, "
+              "unix:PATH, file:PATH), or 'defer' to wait for QMP migrate-incoming.")
 @_friendly_errors
 def run(guest: str | None, image: str | None, mem: str, page_size: str, qmp_path: str | None,
-        serial: str | None, duration: float | None, paused: bool) -> None:
+        serial: str | None, duration: float | None, paused: bool,
+        incoming: str | None) -> None:
     """Run a VM until `quit` over QMP, a signal, or --duration."""
-    if (guest is None) == (image is None):
+    if incoming is None and (guest is None) == (image is None):
         raise click.UsageError("give exactly one of --guest or --image")
-    boot = load_image(guest) if guest is not None else load_image_file(image or "")
+    if incoming is not None and (guest or image):
+        raise click.UsageError("--incoming receives its guest: no --guest or --image")
     config = VmConfig(parse_size(mem), Backing.parse(page_size))
-    with _serial_sink(serial) as sink, Instance(Vm(config, sink), qmp_path) as inst:
-        boot_image(inst.vm, boot)
+    with _serial_sink(serial) as sink, \
+            Instance(Vm(config, sink), qmp_path, exit_after_incoming=incoming is not None) as inst:
         _quit_on_signals(inst)
-        if not paused:
-            inst.vm.start()
+        if incoming is not None:
+            if incoming != "defer":
+                inst.migrate_incoming(incoming)
+        else:
+            boot_image(inst.vm, load_image(guest) if guest else load_image_file(image or ""))
+            if not paused:
+                inst.vm.start()
         deadline = None if duration is None else time.monotonic() + duration
         # Wake up regularly so signal handlers run in the main thread.
         while not inst.wait(0.2):
             if deadline is not None and time.monotonic() >= deadline:
                 break
+
+
+@main.command()
+@click.option("--qmp", "qmp_path", required=True, type=click.Path(), help="Source QMP socket.")
+@click.option("--to", "uri", required=True, help="Destination URI (tcp:, unix:, file:).")
+@click.option("--watch/--no-watch", default=True, help="Show progress until it ends.")
+@click.option("--max-bandwidth", type=int, help="Bytes per second (0 = unlimited).")
+@click.option("--downtime-limit", type=int, help="Milliseconds.")
+@_friendly_errors
+def migrate(qmp_path: str, uri: str, watch: bool, max_bandwidth: int | None,
+            downtime_limit: int | None) -> None:
+    """Migrate the VM behind a QMP socket to URI, with a progress bar."""
+    from rich.console import Console
+
+    from livemig.control.client import QmpClient
+    from livemig.demo import watch_migration
+
+    with QmpClient(qmp_path) as qmp:
+        params = {k: v for k, v in (("max-bandwidth", max_bandwidth),
+                                    ("downtime-limit", downtime_limit)) if v is not None}
+        if params:
+            qmp.execute("migrate-set-parameters", **params)
+        qmp.execute("migrate", uri=uri)
+        if watch:
+            info = watch_migration(qmp, Console(), timeout=24 * 3600)
+            if info["status"] != "completed":
+                raise click.ClickException(f"migration {info['status']}: "
+                                           f"{info.get('error-desc', '')}")
+
+
+@main.command()
+@click.option("--mode", default="precopy", show_default=True,
+              type=click.Choice(["precopy"]))
+@click.option("--guest", default="ab", show_default=True, type=click.Choice(GUEST_NAMES))
+@click.option("--mem", default="256M", show_default=True)
+@click.option("--page-size", default="4K", show_default=True,
+              type=click.Choice([b.value for b in Backing], case_sensitive=False))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Also write the report as JSON.")
+@_friendly_errors
+def demo(mode: str, guest: str, mem: str, page_size: str, json_path: str | None) -> None:
+    """Migrate a running guest between two local livemig processes and report."""
+    from rich.console import Console
+
+    from livemig.demo import DemoConfig, report_table, run_demo, write_json
+
+    console = Console()
+    report = run_demo(DemoConfig(mode=mode, guest=guest, mem=mem, page_size=page_size),
+                      console)
+    console.print(report_table(report))
+    if json_path:
+        write_json(report, json_path)
+    check = report["check"]
+    if check["bad_pages"] or check["guest_error"] or not check["guest_ran_on"]:
+        raise click.ClickException("the migrated guest failed its memory check")
 
 
 if __name__ == "__main__":

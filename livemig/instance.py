@@ -16,9 +16,15 @@ import logging
 import threading
 from typing import Any
 
-from livemig.control.commands import CommandTable
+from livemig.control.commands import CommandTable, Param
 from livemig.control.qmp import QmpServer
 from livemig.errors import QmpError
+from livemig.migration.channel import MigrationUri
+from livemig.migration.destination import DestinationMigration
+from livemig.migration.source import SourceMigration
+from livemig.migration.state import Capabilities, MigrationStatus, Parameters
+from livemig.vmm.boot import guest_range
+from livemig.vmm.checks import ab_check, random_check
 from livemig.vmm.vm import RunState, Vm
 
 log = logging.getLogger("livemig.instance")
@@ -27,11 +33,18 @@ log = logging.getLogger("livemig.instance")
 class Instance:
     """A VM plus its QMP control socket."""
 
-    def __init__(self, vm: Vm, qmp_path: str | None = None) -> None:
+    def __init__(self, vm: Vm, qmp_path: str | None = None, *,
+                 exit_after_incoming: bool = False) -> None:
         self.vm = vm
         self.commands = CommandTable()
         self._quit = threading.Event()
+        self.caps = Capabilities()
+        self.params = Parameters()
+        self.outgoing: SourceMigration | None = None
+        self.incoming: DestinationMigration | None = None
+        self._exit_after_incoming = exit_after_incoming
         self._register_vm_commands()
+        self._register_migration_commands()
         self.qmp: QmpServer | None = None
         if qmp_path is not None:
             self.qmp = QmpServer(qmp_path, self.commands)
@@ -45,10 +58,24 @@ class Instance:
         reg("stop", lambda _a: self._stop(), params=())
         reg("cont", lambda _a: self._cont(), params=())
         reg("quit", lambda _a: self._quit.set(), params=())
+        reg("x-guest-check", lambda a: self.guest_check(a["guest"]),
+            params=(Param("guest", "str"),))
 
     def query_status(self) -> dict[str, Any]:
         return {"status": self.vm.runstate.value, "running": self.vm.running,
                 "singlestep": False}
+
+    def guest_check(self, guest: str) -> dict[str, Any]:
+        """Our extension: run the host-side check of a paused livemig guest's RAM."""
+        if self.vm.running:
+            raise QmpError("stop the VM before checking its memory")
+        if guest not in ("ab", "random"):
+            raise QmpError(f"unknown guest {guest!r}; choose ab or random")
+        start, end = guest_range(self.vm)
+        ram = self.vm.main_block.array()
+        result = ab_check(ram, start, end) if guest == "ab" else random_check(ram, start, end)
+        return {"pages": result.pages, "bad_pages": len(result.bad_pages),
+                "first_bad_pages": list(result.bad_pages[:16])}
 
     def _stop(self) -> None:
         if self.vm.runstate is RunState.RUNNING:
@@ -61,6 +88,70 @@ class Instance:
             raise QmpError("Resetting the Virtual Machine is required")
         self.vm.start()
 
+    # --- migration commands (QEMU's names and shapes) ----------------------------------
+    def _register_migration_commands(self) -> None:
+        reg = self.commands.register
+        reg("migrate", lambda a: self.migrate(a["uri"]),
+            params=(Param("uri", "str"), Param("blk", "bool", True), Param("inc", "bool", True),
+                    Param("detach", "bool", True), Param("resume", "bool", True)))
+        reg("migrate-incoming", lambda a: self.migrate_incoming(a["uri"]),
+            params=(Param("uri", "str"),))
+        reg("migrate_cancel", lambda _a: self.migrate_cancel(), params=())
+        reg("query-migrate", lambda _a: self.query_migrate(), params=())
+        reg("migrate-set-capabilities", lambda a: self._set_caps(a["capabilities"]),
+            params=(Param("capabilities", "array"),))
+        reg("query-migrate-capabilities", lambda _a: self.caps.to_qmp(), params=())
+        reg("migrate-set-parameters", lambda a: self._set_params(a), params=None)
+        reg("query-migrate-parameters", lambda _a: self.params.to_qmp(), params=())
+
+    def _emit(self, event: str, data: dict[str, Any]) -> None:
+        if self.qmp is not None:
+            self.qmp.emit(event, data)
+
+    def _migration_active(self) -> bool:
+        return any(m is not None and not m.status.status.finished
+                   for m in (self.outgoing, self.incoming))
+
+    def _set_caps(self, changes: list[dict[str, Any]]) -> None:
+        if self._migration_active():
+            raise QmpError("There's a migration process in progress")
+        self.caps = self.caps.updated(changes)
+
+    def _set_params(self, args: dict[str, Any]) -> None:
+        self.params = self.params.updated(args)
+
+    def migrate(self, uri: str) -> None:
+        if self._migration_active():
+            raise QmpError("There's a migration process in progress")
+        if self.vm.runstate not in (RunState.RUNNING, RunState.PAUSED, RunState.PRELAUNCH):
+            raise QmpError(f"Cannot migrate a VM that is {self.vm.runstate.value}")
+        self.outgoing = SourceMigration(self.vm, MigrationUri.parse(uri), self.caps,
+                                        self.params, self._emit)
+        self.outgoing.start()
+
+    def migrate_incoming(self, uri: str) -> None:
+        if self.incoming is not None:
+            raise QmpError("The incoming migration has already been started")
+        if self.vm.runstate not in (RunState.PRELAUNCH, RunState.INMIGRATE):
+            raise QmpError("migrate-incoming is only allowed on a VM started with --incoming")
+        self.incoming = DestinationMigration(self.vm, MigrationUri.parse(uri), self.caps,
+                                             self._emit, self._incoming_finished)
+        self.incoming.start()
+
+    def _incoming_finished(self, mig: DestinationMigration) -> None:
+        # QEMU exits when an incoming migration fails; a process started only to
+        # receive does the same here (cleanly, through quit).
+        if mig.status.status is MigrationStatus.FAILED and self._exit_after_incoming:
+            self._quit.set()
+
+    def migrate_cancel(self) -> None:
+        if self.outgoing is not None:
+            self.outgoing.cancel()
+
+    def query_migrate(self) -> dict[str, Any]:
+        mig = self.incoming if self.outgoing is None else self.outgoing
+        return {} if mig is None else mig.info.to_qmp()
+
     # --- lifecycle ------------------------------------------------------------------------
     def request_quit(self) -> None:
         self._quit.set()
@@ -70,6 +161,12 @@ class Instance:
         return self._quit.wait(timeout)
 
     def close(self) -> None:
+        if self.outgoing is not None:
+            self.outgoing.cancel()
+            self.outgoing.join(10)
+        if self.incoming is not None:
+            self.incoming.abort()
+            self.incoming.wait(10)
         self.vm.shutdown()
         if self.qmp is not None:
             self.qmp.close()

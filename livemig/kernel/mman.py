@@ -148,8 +148,11 @@ def _pool_dir(page_size: int) -> Path:
 
 
 def free_hugepages(page_size: int) -> int:
+    """Huge pages nobody has yet: free ones minus those promised to existing mappings."""
     try:
-        return int((_pool_dir(page_size) / "free_hugepages").read_text())
+        pool = _pool_dir(page_size)
+        free = int((pool / "free_hugepages").read_text())
+        return free - int((pool / "resv_hugepages").read_text())
     except OSError:
         return 0
 

@@ -1,0 +1,104 @@
+"""Batched, zero-copy socket and file I/O for migration channels.
+
+Theory of operation
+-------------------
+The sender hands over a list of buffers: small header ``bytes`` interleaved with
+memoryviews of guest RAM.  :func:`send_buffers` passes them to ``sendmsg`` up to
+``IOV_MAX`` at a time, so one syscall moves hundreds of pages and no page is copied in
+user space; partial sends are resumed from the exact buffer and byte where the kernel
+stopped.  :func:`write_buffers` does the same for files with ``os.writev``.
+
+:func:`recv_exact_into` fills a caller-provided memoryview (guest RAM, or a temporary
+huge page) with ``recv_into`` until it is full; EOF before that raises
+:class:`ChannelClosedError` so a short read can never become a page of zeroes.
+
+All these calls block in the kernel with the GIL released (CPython releases it around
+socket and os I/O).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from typing import Final
+
+from livemig.errors import ChannelClosedError
+
+Buffer = bytes | bytearray | memoryview
+IOV_MAX: Final = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+def _advance(buffers: list[memoryview], sent: int) -> list[memoryview]:
+    """Drop ``sent`` bytes from the front of ``buffers``."""
+    i = 0
+    while i < len(buffers) and sent >= len(buffers[i]):
+        sent -= len(buffers[i])
+        i += 1
+    rest = buffers[i:]
+    if sent and rest:
+        rest[0] = rest[0][sent:]
+    return rest
+
+
+def send_buffers(sock: socket.socket, buffers: Sequence[Buffer]) -> int:
+    """Send every byte of ``buffers`` with as few ``sendmsg`` calls as possible."""
+    pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    total = 0
+    try:
+        while pending:
+            batch = pending[:IOV_MAX]
+            sent = sock.sendmsg(batch)
+            total += sent
+            pending = _advance(batch, sent) + pending[IOV_MAX:]
+    except (BrokenPipeError, ConnectionResetError) as e:
+        raise ChannelClosedError(f"peer closed the connection while sending: {e}") from None
+    return total
+
+
+def write_buffers(fd: int, buffers: Sequence[Buffer]) -> int:
+    """Write every byte of ``buffers`` to a file descriptor with ``writev``."""
+    pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    total = 0
+    while pending:
+        batch = pending[:IOV_MAX]
+        written = os.writev(fd, batch)
+        total += written
+        pending = _advance(batch, written) + pending[IOV_MAX:]
+    return total
+
+
+def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` completely from ``sock``; EOF first raises ChannelClosedError."""
+    got = 0
+    n = len(view)
+    try:
+        while got < n:
+            r = sock.recv_into(view[got:], n - got)
+            if r == 0:
+                raise ChannelClosedError(f"peer closed the connection after {got} of "
+                                         f"{n} bytes")
+            got += r
+    except ConnectionResetError as e:
+        raise ChannelClosedError(f"connection reset: {e}") from None
+
+
+def read_exact_into(fd: int, view: memoryview) -> None:
+    """Fill ``view`` completely from a file; EOF first raises ChannelClosedError."""
+    got = 0
+    while got < len(view):
+        r = os.readv(fd, [view[got:]])
+        if r == 0:
+            raise ChannelClosedError(f"file ended after {got} of {len(view)} bytes")
+        got += r
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def set_notsent_lowat(sock: socket.socket, nbytes: int) -> None:
+    """Keep at most ``nbytes`` unsent in the kernel (TCP only): a short send queue."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_NOTSENT_LOWAT", 25), nbytes)

@@ -1,0 +1,56 @@
+"""Bandwidth limiting and measurement for the migration stream.
+
+QEMU's rate limit counts bytes in 100 ms windows; so does :class:`RateLimiter`, sleeping
+at the end of a window whose budget is spent.  A limit of 0 means unlimited.
+:class:`BandwidthMeter` measures what a round actually achieved, which drives the
+convergence decision (expected downtime = remaining bytes / bandwidth).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+WINDOW_S = 0.1
+
+
+class RateLimiter:
+    def __init__(self, bytes_per_second: int, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.limit = bytes_per_second
+        self._clock = clock
+        self._sleep = sleep
+        self._window_start = clock()
+        self._used = 0
+
+    def account(self, nbytes: int) -> None:
+        """Record ``nbytes`` sent; sleep if this window's budget is spent."""
+        if self.limit <= 0:
+            return
+        self._used += nbytes
+        budget = self.limit * WINDOW_S
+        now = self._clock()
+        if now - self._window_start >= WINDOW_S:
+            self._window_start, self._used = now, nbytes
+        elif self._used >= budget:
+            self._sleep(self._window_start + WINDOW_S - now)
+            self._window_start, self._used = self._clock(), 0
+
+
+class BandwidthMeter:
+    """Bytes per second over an interval of the stream."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._t0 = clock()
+        self._b0 = 0
+        self.bytes_per_second = 0.0
+
+    def start(self, total_bytes: int) -> None:
+        self._t0, self._b0 = self._clock(), total_bytes
+
+    def stop(self, total_bytes: int) -> float:
+        dt = self._clock() - self._t0
+        if dt > 0 and total_bytes > self._b0:
+            self.bytes_per_second = (total_bytes - self._b0) / dt
+        return self.bytes_per_second

@@ -1,0 +1,229 @@
+"""The source side of a migration: setup, dirty-page rounds, stop-and-copy.
+
+Theory of operation
+-------------------
+A :class:`SourceMigration` is one outgoing migration of one VM, run by its own
+*migration thread* (:meth:`SourceMigration._run`)::
+
+    setup    connect, QEVM preamble, "ram" START section with the block list,
+             dirty logging on, every page marked dirty
+    active   rounds: sync the dirty log, decide whether to converge, send every
+             dirty page (PART sections); MIGRATION_PASS per round
+    stop     pause the vCPUs (runstate finish-migrate), last sync, send what is
+             left in the "ram" END section, then the CPU and serial state (FULL
+             sections) and EOF
+    done     completed (source runstate postmigrate) / failed / cancelled
+
+Convergence follows QEMU: when the time to send what remains at the bandwidth measured
+in the last round is below ``downtime-limit``, stop and copy.  The iteration cap
+(``x-max-iterations``) forces the stop-and-copy so a migration always ends.
+
+Failure or cancel in precopy leaves the source VM as it was: dirty logging off, the
+vCPUs running if they were, guest RAM untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from livemig.errors import LivemigError, MigrationCancelled
+from livemig.migration.channel import Channel, ChannelWriter, MigrationUri, connect
+from livemig.migration.ratelimit import BandwidthMeter, RateLimiter
+from livemig.migration.sender import PageSender
+from livemig.migration.state import (
+    Capabilities,
+    MigrationInfo,
+    MigrationStatus,
+    Parameters,
+    StatusMachine,
+)
+from livemig.vmm.vm import RunState, Vm
+from livemig.wire.blocks import BlockInfo
+from livemig.wire.encoder import Encoder
+
+log = logging.getLogger("livemig.source")
+
+RAM_SECTION_ID = 0
+CPU_SECTION_ID = 1
+SERIAL_SECTION_ID = 2
+
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+def block_table(vm: Vm) -> dict[str, BlockInfo]:
+    return {name: BlockInfo(b.size, b.host_page_size) for name, b in vm.blocks.items()}
+
+
+class SourceMigration:
+    """One outgoing migration (see the module docstring for its phases)."""
+
+    def __init__(self, vm: Vm, uri: MigrationUri, caps: Capabilities, params: Parameters,
+                 emit: EventSink | None = None) -> None:
+        self.vm = vm
+        self.uri = uri
+        self.caps = caps
+        self.params = params
+        self._emit = emit or (lambda _e, _d: None)
+        self.info = MigrationInfo()
+        self.status = StatusMachine(self._on_status)
+        self._cancel = threading.Event()
+        self._channel: Channel | None = None
+        self._paused_by_us = False
+        self._was_running = False
+        self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
+
+    # --- control (any thread) -------------------------------------------------------------
+    def start(self) -> None:
+        self.info.start_ns = time.monotonic_ns()
+        self.status.set(MigrationStatus.SETUP)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        if self.status.status.finished:
+            return
+        self._cancel.set()
+        self.status.try_set(MigrationStatus.CANCELLING)
+        if self._channel is not None:
+            self._channel.shutdown()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.status.wait_finished(timeout)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _on_status(self, status: MigrationStatus) -> None:
+        self.info.status = status
+        if self.caps.events:
+            self._emit("MIGRATION", {"status": status.value})
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise MigrationCancelled("migration cancelled")
+
+    # --- the migration thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        sender: PageSender | None = None
+        try:
+            self._was_running = self.vm.running
+            self._channel = connect(self.uri)
+            sender = self._setup(self._channel)
+            self.status.set(MigrationStatus.ACTIVE)
+            self._iterate(sender)
+            self._complete(sender)
+        except Exception as e:
+            self._fail(e)
+        finally:
+            if sender is not None:
+                sender.release()
+            if self._channel is not None:
+                self._channel.close()
+            self.info.end_ns = time.monotonic_ns()
+
+    def _setup(self, channel: Channel) -> PageSender:
+        enc = Encoder(postcopy=self.caps.postcopy_ram)
+        writer = ChannelWriter(channel)
+        stats = self.info.ram
+        stats.total = sum(b.size for b in self.vm.blocks.values())
+        stats.page_size = max(b.host_page_size for b in self.vm.blocks.values())
+        writer.write([enc.preamble(), enc.ram_start(RAM_SECTION_ID),
+                      enc.mem_size(block_table(self.vm)), enc.close_ram_section()])
+        writer.flush()
+        self.vm.set_dirty_logging(True)
+        sender = PageSender(self.vm.blocks, enc, writer, RAM_SECTION_ID, stats,
+                            RateLimiter(self.params.max_bandwidth))
+        self.info.setup_ns = time.monotonic_ns() - self.info.start_ns
+        return sender
+
+    def _iterate(self, sender: PageSender) -> None:
+        meter = BandwidthMeter()
+        limit_s = self.params.downtime_limit / 1000
+        while True:
+            self._check_cancel()
+            remaining = sender.sync() * 4096
+            self._update_stats(sender, remaining, meter.bytes_per_second)
+            converged = (self.info.rounds > 0 and meter.bytes_per_second > 0
+                         and remaining / meter.bytes_per_second <= limit_s)
+            if converged or self.info.rounds >= self.params.x_max_iterations:
+                log.info("converging after %d rounds, %d bytes left", self.info.rounds,
+                         remaining)
+                return
+            self.info.rounds += 1
+            if self.caps.events:
+                self._emit("MIGRATION_PASS", {"pass": self.info.rounds})
+            meter.start(sender.writer.bytes_sent)
+            sender.send_round(self._cancel.is_set)
+            meter.stop(sender.writer.bytes_sent)
+
+    def _update_stats(self, sender: PageSender, remaining: int, bandwidth: float) -> None:
+        st = self.info.ram
+        st.remaining = remaining
+        st.transferred = sender.writer.bytes_sent
+        st.precopy_bytes = st.transferred
+        st.mbps = bandwidth * 8 / 1e6
+        st.pages_per_second = int(bandwidth / 4096)
+        if bandwidth > 0:
+            self.info.expected_downtime_ms = int(remaining / bandwidth * 1000)
+
+    def _complete(self, sender: PageSender) -> None:
+        """Stop-and-copy: pause, send the rest and the device state, EOF."""
+        self._check_cancel()
+        t0 = time.monotonic()
+        if self._was_running:
+            self.vm.pause(RunState.FINISH_MIGRATE)
+            self._paused_by_us = True
+        else:
+            self.vm.set_runstate(RunState.FINISH_MIGRATE)
+        before = sender.writer.bytes_sent
+        sender.sync()
+        enc, writer = sender.encoder, sender.writer
+        writer.write([enc.ram_end(RAM_SECTION_ID)])
+        sender.send_all_remaining()
+        writer.write([enc.close_ram_section()])
+        self._send_device_state(enc, writer)
+        writer.write([enc.eof()])
+        writer.flush()
+        st = self.info.ram
+        st.transferred = writer.bytes_sent
+        st.downtime_bytes = writer.bytes_sent - before
+        st.precopy_bytes = before
+        st.remaining = 0
+        self.info.downtime_ms = int((time.monotonic() - t0) * 1000)
+        self.vm.set_dirty_logging(False)
+        self.vm.set_runstate(RunState.POSTMIGRATE)
+        self._paused_by_us = False
+        self.status.set(MigrationStatus.COMPLETED)
+
+    def _send_device_state(self, enc: Encoder, writer: ChannelWriter) -> None:
+        state = self.vm.save_state()
+        for i, cpu in enumerate(state.vcpus):
+            writer.write(enc.device_state(CPU_SECTION_ID + 16 * i, "livemig/cpu",
+                                          cpu.to_bytes(), instance_id=i))
+        writer.write(enc.device_state(SERIAL_SECTION_ID, "livemig/serial",
+                                      state.serial.to_bytes()))
+
+    def _fail(self, e: Exception) -> None:
+        """Leave the source VM exactly as it was before the migration."""
+        cancelled = isinstance(e, MigrationCancelled) or self._cancel.is_set()
+        if not cancelled:
+            level = logging.ERROR if isinstance(e, LivemigError) else logging.CRITICAL
+            log.log(level, "migration failed: %s", e, exc_info=not isinstance(e, LivemigError))
+        self.info.error_desc = "" if cancelled else str(e)
+        try:
+            self.vm.set_dirty_logging(False)
+            if self._paused_by_us:
+                self.vm.set_runstate(RunState.PAUSED)
+                self.vm.start()
+            elif self.vm.runstate is RunState.FINISH_MIGRATE:
+                self.vm.set_runstate(RunState.PAUSED)
+        finally:
+            self._paused_by_us = False
+            if cancelled:
+                self.status.try_set(MigrationStatus.CANCELLING)
+                self.status.try_set(MigrationStatus.CANCELLED)
+            else:
+                self.status.try_set(MigrationStatus.FAILED)

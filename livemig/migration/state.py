@@ -1,0 +1,213 @@
+"""Migration status, capabilities, parameters and statistics (QEMU's names).
+
+Theory of operation
+-------------------
+:class:`MigrationStatus` uses QEMU's status strings; :class:`StatusMachine` enforces the
+transitions of :data:`STATUS_TRANSITIONS`, logs each one, keeps the sequence (tests
+assert it) and calls a listener (which emits the QMP ``MIGRATION`` event).
+
+:class:`Capabilities` and :class:`Parameters` are what ``migrate-set-capabilities`` and
+``migrate-set-parameters`` change; they are frozen and replaced whole, so a running
+migration works on a consistent snapshot.  :class:`RamStats` and :class:`MigrationInfo`
+are the counters behind ``query-migrate``; ``to_qmp()`` produces QEMU's field names.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from enum import Enum
+from typing import Any
+
+from livemig.errors import MigrationError, QmpError
+
+log = logging.getLogger("livemig.migration")
+
+
+class MigrationStatus(Enum):
+    NONE = "none"
+    SETUP = "setup"
+    ACTIVE = "active"
+    POSTCOPY_ACTIVE = "postcopy-active"
+    DEVICE = "device"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (MigrationStatus.COMPLETED, MigrationStatus.FAILED,
+                        MigrationStatus.CANCELLED)
+
+
+_S = MigrationStatus
+STATUS_TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
+    _S.NONE: frozenset({_S.SETUP, _S.FAILED}),
+    _S.SETUP: frozenset({_S.ACTIVE, _S.FAILED, _S.CANCELLING}),
+    _S.ACTIVE: frozenset({_S.DEVICE, _S.POSTCOPY_ACTIVE, _S.COMPLETED, _S.FAILED,
+                          _S.CANCELLING}),
+    _S.DEVICE: frozenset({_S.COMPLETED, _S.FAILED, _S.CANCELLING, _S.POSTCOPY_ACTIVE}),
+    _S.POSTCOPY_ACTIVE: frozenset({_S.COMPLETED, _S.FAILED}),
+    _S.CANCELLING: frozenset({_S.CANCELLED, _S.FAILED}),
+    _S.CANCELLED: frozenset(),
+    _S.COMPLETED: frozenset(),
+    _S.FAILED: frozenset(),
+}
+
+
+class StatusMachine:
+    """The status of one migration, with enforced transitions and a history."""
+
+    def __init__(self, on_change: Callable[[MigrationStatus], None] | None = None) -> None:
+        self._status = MigrationStatus.NONE
+        self._cond = threading.Condition()
+        self.history: list[MigrationStatus] = [self._status]
+        self._on_change = on_change
+
+    @property
+    def status(self) -> MigrationStatus:
+        return self._status
+
+    def set(self, new: MigrationStatus) -> None:
+        with self._cond:
+            old = self._status
+            if new is old:
+                return
+            if new not in STATUS_TRANSITIONS[old]:
+                raise MigrationError(f"migration cannot go from {old.value} to {new.value}")
+            log.info("migration status %s -> %s", old.value, new.value)
+            self._status = new
+            self.history.append(new)
+            self._cond.notify_all()
+        if self._on_change is not None:
+            self._on_change(new)
+
+    def try_set(self, new: MigrationStatus) -> bool:
+        """Set if allowed (used on error paths that may race with cancel)."""
+        try:
+            self.set(new)
+        except MigrationError:
+            return False
+        return True
+
+    def wait_finished(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._status.finished, timeout)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """``migrate-set-capabilities`` (QEMU names with '-' turned into '_')."""
+
+    events: bool = False
+    postcopy_ram: bool = False
+    postcopy_blocktime: bool = False
+    postcopy_preempt: bool = False
+    return_path: bool = False
+
+    def to_qmp(self) -> list[dict[str, Any]]:
+        return [{"capability": f.name.replace("_", "-"), "state": getattr(self, f.name)}
+                for f in fields(self)]
+
+    def updated(self, changes: list[dict[str, Any]]) -> Capabilities:
+        known = {f.name.replace("_", "-"): f.name for f in fields(self)}
+        new: dict[str, bool] = {}
+        for item in changes:
+            name, state = item.get("capability"), item.get("state")
+            if name not in known or not isinstance(state, bool):
+                raise QmpError(f"Capability '{name}' not found" if name not in known
+                               else f"Invalid state for capability '{name}'")
+            new[known[name]] = state
+        caps = replace(self, **new)
+        if caps.postcopy_preempt and not caps.postcopy_ram:
+            raise QmpError("Postcopy preempt requires postcopy-ram")
+        return caps
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """``migrate-set-parameters``: bandwidth in bytes/s (0 = unlimited), times in ms."""
+
+    max_bandwidth: int = 0
+    downtime_limit: int = 300
+    max_postcopy_bandwidth: int = 0
+    x_max_iterations: int = 30  # ours: give up converging after this many rounds
+
+    def to_qmp(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def updated(self, args: dict[str, Any]) -> Parameters:
+        known = {f.name.replace("_", "-"): f.name for f in fields(self)}
+        new: dict[str, int] = {}
+        for name, value in args.items():
+            if name not in known:
+                raise QmpError(f"Parameter '{name}' is unexpected")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise QmpError(f"Parameter '{name}' expects a non-negative integer")
+            new[known[name]] = value
+        return replace(self, **new)
+
+
+@dataclass
+class RamStats:
+    """RAM counters of one migration (updated by the migration thread)."""
+
+    total: int = 0
+    transferred: int = 0
+    duplicate: int = 0  # zero pages
+    normal: int = 0  # full pages sent
+    dirty_sync_count: int = 0
+    remaining: int = 0
+    dirty_pages_rate: int = 0
+    precopy_bytes: int = 0
+    downtime_bytes: int = 0
+    postcopy_bytes: int = 0
+    postcopy_requests: int = 0
+    page_size: int = 4096
+    mbps: float = 0.0
+    pages_per_second: int = 0
+
+    def to_qmp(self) -> dict[str, Any]:
+        d = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        d["normal-bytes"] = self.normal * self.page_size
+        return d
+
+
+@dataclass
+class MigrationInfo:
+    """Everything ``query-migrate`` reports for one migration."""
+
+    status: MigrationStatus = MigrationStatus.NONE
+    ram: RamStats = field(default_factory=RamStats)
+    start_ns: int = 0
+    setup_ns: int = 0
+    end_ns: int = 0
+    downtime_ms: int = 0
+    expected_downtime_ms: int = 0
+    rounds: int = 0
+    error_desc: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def total_time_ms(self) -> int:
+        end = self.end_ns or time.monotonic_ns()
+        return (end - self.start_ns) // 1_000_000 if self.start_ns else 0
+
+    def to_qmp(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.status.value}
+        if self.status is MigrationStatus.NONE:
+            return out
+        out["total-time"] = self.total_time_ms()
+        out["setup-time"] = self.setup_ns // 1_000_000
+        if self.status is MigrationStatus.COMPLETED:
+            out["downtime"] = self.downtime_ms
+        else:
+            out["expected-downtime"] = self.expected_downtime_ms
+        out["ram"] = self.ram.to_qmp()
+        if self.error_desc:
+            out["error-desc"] = self.error_desc
+        out.update(self.extra)
+        return out

@@ -1,0 +1,42 @@
+"""Which migration channel a fresh connection is.
+
+Theory of operation: a postcopy-preempt migration opens two connections from
+source to destination, and the network may deliver them in either order.
+QEMU 7.2 assumes the first accepted connection is the main one; we do not.
+Every livemig channel starts with four distinctive bytes -- ``QEVM`` for the
+main channel (QEMU's own file magic) and ``LMPC`` for the postcopy channel --
+so the destination peeks at them and routes the connection, whatever order
+the connections arrived in.  The four bytes stay part of the stream: hand
+them to the channel's decoder too.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from livemig.errors import RemoteProtocolError
+from livemig.wire.constants import POSTCOPY_MAGIC, QEVM_MAGIC_BYTES
+
+
+class ChannelKind(Enum):
+    """The two kinds of source-to-destination channel."""
+
+    MAIN = "main"
+    POSTCOPY = "postcopy"
+
+
+def identify_channel(first4: bytes | bytearray | memoryview) -> ChannelKind:
+    """Classify a connection by its first four bytes, or raise RemoteProtocolError."""
+    head = bytes(first4)
+    if len(head) != 4:
+        raise RemoteProtocolError(
+            f"Cannot identify the channel from {len(head)} bytes; exactly 4 are needed."
+        )
+    if head == QEVM_MAGIC_BYTES:
+        return ChannelKind.MAIN
+    if head == POSTCOPY_MAGIC:
+        return ChannelKind.POSTCOPY
+    raise RemoteProtocolError(
+        f"Unknown channel magic {head!r}: expected {QEVM_MAGIC_BYTES!r} (main) "
+        f"or {POSTCOPY_MAGIC!r} (postcopy)."
+    )

@@ -1,0 +1,234 @@
+"""Sans-IO codec of the return path: destination-to-source messages (QEMU 7.2).
+
+Theory of operation: after MIG_CMD_OPEN_RETURN_PATH the destination writes
+messages back on the main connection: ``be16 type, be16 len, len bytes``
+(QEMU's migrate_send_rp_message).  livemig speaks four of QEMU's types:
+
+====  ============  ============================================
+type  name          payload
+====  ============  ============================================
+1     SHUT          be32 status (0 = fine); nothing may follow
+2     PONG          be32 value echoed from a PING
+3     REQ_PAGES_ID  be64 start, be32 length, u8 len + block name
+4     REQ_PAGES     be64 start, be32 length (same block as before)
+====  ============  ============================================
+
+Like QEMU, the encoder names the block only when it differs from the last one
+it requested, and the decoder resolves REQ_PAGES to the last named block
+(refusing it if none was named yet).  Both sides yield a single ``ReqPages``
+event/call, so callers never see the difference.  When the decoder knows the
+source's block table it also checks the block and that the range is made of
+whole pages inside the block; without one it checks 4096-byte alignment.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+
+from livemig.errors import (
+    ChannelClosedError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    StreamError,
+)
+from livemig.wire.blocks import BlockInfo, local_name
+from livemig.wire.buffer import PayloadReader, Reader, ReceiveBuffer, Short, decode_name
+from livemig.wire.constants import PAGE_SIZE
+from livemig.wire.events import NEED_DATA, Closed, NeedData
+
+_HEADER = struct.Struct(">HH")
+_REQ = struct.Struct(">QI")
+_BE32 = struct.Struct(">I")
+MAX_RP_PAYLOAD = 512  # QEMU's source_return_path_thread buffer
+
+
+class RpType(IntEnum):
+    """QEMU's MIG_RP_MSG_* values that livemig speaks."""
+
+    SHUT = 1
+    PONG = 2
+    REQ_PAGES_ID = 3
+    REQ_PAGES = 4
+
+
+_FIXED_LENGTHS = {RpType.SHUT: 4, RpType.PONG: 4, RpType.REQ_PAGES: 12}
+
+
+@dataclass(frozen=True, slots=True)
+class Shut:
+    """The destination will send nothing more; ``status`` 0 means success."""
+
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """Answer to MIG_CMD_PING."""
+
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReqPages:
+    """The destination faulted on ``length`` bytes at ``start`` of ``block``."""
+
+    block: str
+    start: int
+    length: int
+
+
+RpEvent = Shut | Pong | ReqPages | Closed
+
+
+class ReturnPathEncoder:
+    """Encode return-path messages (destination side)."""
+
+    def __init__(self) -> None:
+        self._last_block: str | None = None
+        self._shut = False
+
+    def shut(self, status: int = 0) -> bytes:
+        data = self._message(RpType.SHUT, _BE32.pack(status))
+        self._shut = True
+        return data
+
+    def pong(self, value: int) -> bytes:
+        return self._message(RpType.PONG, _BE32.pack(value))
+
+    def req_pages(self, block: str, start: int, length: int) -> bytes:
+        """Request pages; names the block only if it changed since the last request."""
+        if start % PAGE_SIZE or length <= 0 or length % PAGE_SIZE:
+            raise LocalProtocolError(
+                f"Page request {start:#x}+{length:#x} is not made of whole 4096-byte pages."
+            )
+        if block == self._last_block:
+            return self._message(RpType.REQ_PAGES, _REQ.pack(start, length))
+        raw = local_name(block)
+        payload = _REQ.pack(start, length) + bytes([len(raw)]) + raw
+        data = self._message(RpType.REQ_PAGES_ID, payload)
+        self._last_block = block
+        return data
+
+    def _message(self, kind: RpType, payload: bytes) -> bytes:
+        if self._shut:
+            raise LocalProtocolError("Nothing may be sent on the return path after SHUT.")
+        return _HEADER.pack(kind, len(payload)) + payload
+
+
+class ReturnPathDecoder:
+    """Decode return-path messages (source side); same calling style as ``Decoder``."""
+
+    def __init__(self, blocks: Mapping[str, BlockInfo] | None = None) -> None:
+        self._blocks = None if blocks is None else dict(blocks)
+        self._buf = ReceiveBuffer()
+        self._eof = False
+        self._done = False
+        self._error: StreamError | None = None
+        self._last_block: str | None = None
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Buffer received bytes; ``b""`` means EOF."""
+        if self._eof:
+            raise LocalProtocolError("receive_data() was called after receive_eof().")
+        if len(data) == 0:
+            self._eof = True
+            return
+        self._buf.feed(data if isinstance(data, bytes) else bytes(data))
+
+    def receive_eof(self) -> None:
+        self._eof = True
+
+    def next_event(self) -> RpEvent | NeedData:
+        """Return the next message event, or NEED_DATA; errors are sticky."""
+        if self._error is not None:
+            raise type(self._error)(*self._error.args)
+        try:
+            return self._next_event()
+        except (RemoteProtocolError, ChannelClosedError) as exc:
+            self._error = exc
+            raise
+
+    def _next_event(self) -> RpEvent | NeedData:
+        if self._done:
+            return self._after_shut()
+        while True:
+            start = self._buf.pos
+            reader = Reader(self._buf.head, start, len(self._buf.head))
+            try:
+                event = self._parse(reader)
+            except Short as short:
+                if not self._buf.contiguous(short.end - start):
+                    return self._starved()
+                continue
+            self._buf.advance(reader.pos - start)
+            return event
+
+    def _starved(self) -> NeedData:
+        if not self._eof:
+            return NEED_DATA
+        if self._buf.available() == 0:
+            raise ChannelClosedError("The return path closed before SHUT.")
+        raise RemoteProtocolError("The return path is truncated in the middle of a message.")
+
+    def _after_shut(self) -> Closed | NeedData:
+        if self._buf.available():
+            raise RemoteProtocolError("The return path carries data after SHUT.")
+        return Closed() if self._eof else NEED_DATA
+
+    def _parse(self, r: Reader) -> RpEvent:
+        number, length = r.be16(), r.be16()
+        try:
+            kind = RpType(number)
+        except ValueError:
+            raise RemoteProtocolError(f"Unknown return path message type {number}.") from None
+        expected = _FIXED_LENGTHS.get(kind)
+        if (expected is not None and length != expected) or length > MAX_RP_PAYLOAD:
+            raise RemoteProtocolError(f"Return path {kind.name} has bad length {length}.")
+        event = self._parse_payload(kind, PayloadReader(r.take(length), f"Return path {kind.name}"))
+        if kind is RpType.SHUT:
+            self._done = True
+        return event
+
+    def _parse_payload(self, kind: RpType, p: PayloadReader) -> RpEvent:
+        if kind is RpType.SHUT or kind is RpType.PONG:
+            value = p.be32()
+            p.finish()
+            return Shut(value) if kind is RpType.SHUT else Pong(value)
+        start, length = p.be64(), p.be32()
+        name = p.counted() if kind is RpType.REQ_PAGES_ID else None
+        p.finish()
+        block = self._request_block(name)
+        self._check_request(block, start, length)
+        self._last_block = block
+        return ReqPages(block, start, length)
+
+    def _request_block(self, raw: bytes | None) -> str:
+        if raw is None:
+            if self._last_block is None:
+                raise RemoteProtocolError(
+                    "REQ_PAGES arrived before any REQ_PAGES_ID named a block."
+                )
+            return self._last_block
+        block = decode_name(raw, "REQ_PAGES_ID block")
+        if not block:
+            raise RemoteProtocolError("REQ_PAGES_ID carries an empty block name.")
+        return block
+
+    def _check_request(self, block: str, start: int, length: int) -> None:
+        page = PAGE_SIZE
+        if self._blocks is not None:
+            info = self._blocks.get(block)
+            if info is None:
+                raise RemoteProtocolError(f"Page request for unknown RAM block {block!r}.")
+            if start + length > info.length:
+                raise RemoteProtocolError(
+                    f"Page request {start:#x}+{length:#x} lies outside block {block!r}."
+                )
+            page = info.page_size
+        if length == 0 or start % page or length % page:
+            raise RemoteProtocolError(
+                f"Page request {start:#x}+{length:#x} of {block!r} is not whole {page}-byte pages."
+            )
