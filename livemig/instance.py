@@ -97,6 +97,7 @@ class Instance:
         reg("migrate-incoming", lambda a: self.migrate_incoming(a["uri"]),
             params=(Param("uri", "str"),))
         reg("migrate_cancel", lambda _a: self.migrate_cancel(), params=())
+        reg("migrate-start-postcopy", lambda _a: self.migrate_start_postcopy(), params=())
         reg("query-migrate", lambda _a: self.query_migrate(), params=())
         reg("migrate-set-capabilities", lambda a: self._set_caps(a["capabilities"]),
             params=(Param("capabilities", "array"),))
@@ -148,9 +149,15 @@ class Instance:
         if self.outgoing is not None:
             self.outgoing.cancel()
 
+    def migrate_start_postcopy(self) -> None:
+        if self.outgoing is None or self.outgoing.status.status.finished:
+            raise QmpError("Postcopy must be started after migration has been started")
+        self.outgoing.start_postcopy()
+
     def query_migrate(self) -> dict[str, Any]:
-        mig = self.incoming if self.outgoing is None else self.outgoing
-        return {} if mig is None else mig.info.to_qmp()
+        if self.outgoing is not None:
+            return self.outgoing.info.to_qmp()
+        return {} if self.incoming is None else self.incoming.query()
 
     # --- lifecycle ------------------------------------------------------------------------
     def request_quit(self) -> None:

@@ -88,3 +88,20 @@ class MigrationBitmap:
         else:
             nonzero = np.asarray(self._words[first:last].any(axis=1), dtype=np.bool_)[idx - first]
         return Window(idx[nonzero], idx[~nonzero])
+
+    def expand_to_host_pages(self) -> None:
+        """Postcopy: a host page with any dirty piece must be re-sent whole (and is
+        discarded whole on the destination), so mark all of its pieces dirty."""
+        per = self.block.host_page_size // PAGE_SIZE
+        if per > 1:
+            with self.lock:
+                hp = self.bits.reshape(-1, per).any(axis=1)
+                self.bits[:] = np.repeat(hp, per)
+
+    def dirty_ranges(self) -> list[tuple[int, int]]:
+        """Runs of dirty pages as (start byte, length) pairs, for POSTCOPY_RAM_DISCARD."""
+        edges = np.diff(np.concatenate(([0], self.bits.view(np.int8), [0])))
+        starts = np.flatnonzero(edges == 1)
+        ends = np.flatnonzero(edges == -1)
+        return [(int(a) * PAGE_SIZE, int(b - a) * PAGE_SIZE) for a, b in zip(starts, ends,
+                                                                               strict=True)]

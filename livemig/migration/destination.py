@@ -24,6 +24,7 @@ bounds-checked view of a block).
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -34,7 +35,15 @@ import numpy.typing as npt
 
 from livemig.errors import LivemigError, MigrationError, RemoteProtocolError
 from livemig.kernel.mman import PAGE_SIZE
+from livemig.kernel.uffd import (
+    FEATURE_MISSING_HUGETLBFS,
+    FEATURE_THREAD_ID,
+    Userfaultfd,
+    feature_names,
+)
 from livemig.migration.channel import Channel, Listener, MigrationUri
+from livemig.migration.postcopy import ChannelPlacer, FaultThread, PostcopyState
+from livemig.migration.returnpath import ReturnPathWriter
 from livemig.migration.source import block_table
 from livemig.migration.state import Capabilities, MigrationInfo, MigrationStatus, StatusMachine
 from livemig.vmm.serial import SerialState
@@ -46,6 +55,9 @@ from livemig.wire.decoder import Decoder
 log = logging.getLogger("livemig.destination")
 
 RECV_CHUNK = 4 << 20
+# While postcopy runs, a thread woken by a fault must get the GIL quickly (the default
+# 5 ms switch interval would add up to 5 ms to every page request).
+POSTCOPY_SWITCH_INTERVAL = 50e-6
 EventSink = Callable[[str, dict[str, Any]], None]
 
 
@@ -104,7 +116,10 @@ class DestinationMigration:
         self.status = StatusMachine(self._on_status)
         self._listener = Listener(uri)  # bind now: errors reach the migrate-incoming caller
         self._channel: Channel | None = None
+        self._load: _Load | None = None
         self._thread = threading.Thread(target=self._run, name="incoming", daemon=True)
+        # Injectable so tests can play a host whose userfaultfd lacks features.
+        self.uffd_features: Callable[[], int] = Userfaultfd.supported_features
 
     @property
     def port(self) -> int:
@@ -130,20 +145,19 @@ class DestinationMigration:
 
     # --- the load thread ----------------------------------------------------------------
     def _run(self) -> None:
-        loader: RamLoader | None = None
         try:
             self.status.set(MigrationStatus.SETUP)
             self._channel = self._listener.accept()
             self.info.start_ns = time.monotonic_ns()
             self.status.set(MigrationStatus.ACTIVE)
-            loader = RamLoader(self.vm)
-            state = self._load(self._channel, loader)
-            self._finish(state, loader)
+            self._load = _Load(self, self._channel)
+            self._load.run()
+            self._finish(self._load)
         except Exception as e:
             self._fail(e)
         finally:
-            if loader is not None:
-                loader.release()
+            if self._load is not None:
+                self._load.close()
             self._listener.close()
             if self._channel is not None:
                 self._channel.close()
@@ -151,56 +165,16 @@ class DestinationMigration:
             if self._on_finished is not None:
                 self._on_finished(self)
 
-    def _load(self, channel: Channel, loader: RamLoader) -> VmState:
-        dec = Decoder(block_table(self.vm), postcopy=self.caps.postcopy_ram)
-        cpus: dict[int, VcpuState] = {}
-        serial: SerialState | None = None
-        while True:
-            e = dec.next_event()
-            if e is ev.NEED_DATA:
-                data = channel.recv(RECV_CHUNK)
-                dec.receive_data(data)  # b"" means EOF: the decoder judges truncation
-                continue
-            if isinstance(e, ev.PageBatch):
-                loader.batch(e)
-            elif isinstance(e, ev.ZeroPages):
-                loader.zero(e)
-            elif isinstance(e, ev.PageHeader):
-                self._read_payload(dec, channel, loader.page_slot(e))
-            elif isinstance(e, ev.DeviceState):
-                if e.idstr == "livemig/cpu":
-                    cpus[e.instance_id] = VcpuState.from_bytes(e.data)
-                elif e.idstr == "livemig/serial":
-                    serial = SerialState.from_bytes(e.data)
-                else:
-                    raise RemoteProtocolError(f"unknown device section {e.idstr!r}")
-            elif isinstance(e, ev.StreamEnd):
-                return self._vm_state(cpus, serial)
-            elif isinstance(e, (ev.StreamStart, ev.SectionBegin, ev.SectionComplete,
-                                ev.MemSize)):
-                continue
-            else:
-                raise RemoteProtocolError(f"unexpected {type(e).__name__} in a precopy stream")
-
-    @staticmethod
-    def _read_payload(dec: Decoder, channel: Channel, slot: memoryview) -> None:
-        n = dec.take_payload(slot)
-        if dec.payload_remaining:
-            channel.recv_exact_into(slot[n:])
-            dec.payload_received(len(slot) - n)
-
-    def _vm_state(self, cpus: dict[int, VcpuState], serial: SerialState | None) -> VmState:
-        if serial is None or sorted(cpus) != list(range(len(self.vm.vcpus))):
-            raise RemoteProtocolError("the stream ended without the CPU and serial state")
-        return VmState(tuple(cpus[i] for i in range(len(cpus))), serial)
-
-    def _finish(self, state: VmState, loader: RamLoader) -> None:
-        self.vm.restore_state(state)
+    def _finish(self, load: _Load) -> None:
         st = self.info.ram
-        st.normal, st.duplicate = loader.pages, loader.zeros
+        st.normal, st.duplicate = load.loader.pages, load.loader.zeros
+        if load.postcopy is not None:
+            st.normal += load.placer.pages if load.placer else 0
+            st.postcopy_requests = load.postcopy.requests
         st.total = sum(b.size for b in self.vm.blocks.values())
         st.transferred = self._channel.bytes_received if self._channel else 0
-        self.vm.start()
+        if not load.started:
+            self.vm.start()
         self.status.set(MigrationStatus.COMPLETED)
 
     def _fail(self, e: Exception) -> None:
@@ -210,6 +184,225 @@ class DestinationMigration:
             log.exception("incoming migration failed")
             e = MigrationError(f"internal error: {e}")
         self.info.error_desc = str(e)
+        self.status.try_set(MigrationStatus.FAILED)
         if self.vm.runstate is RunState.INMIGRATE:
             self.vm.set_runstate(RunState.PAUSED)
-        self.status.try_set(MigrationStatus.FAILED)
+        elif self.vm.running:
+            # Postcopy failed with the guest running here: its memory is incomplete, so
+            # stop it.  vCPUs blocked on missing pages can only stop once their faults
+            # are released, so: ask them to stop, release the faults, then wait.
+            for vcpu in self.vm.vcpus:
+                vcpu.request_pause()
+            if self._load is not None:
+                self._load.release_faults()
+            self.vm.pause()
+
+    def query(self) -> dict[str, Any]:
+        out = self.info.to_qmp()
+        load = self._load
+        if load is not None and load.postcopy is not None:
+            out.update(load.postcopy.stats.to_qmp(len(self.vm.vcpus)))
+        return out
+
+
+class _Load:
+    """The load thread's work on one incoming stream (precopy, then maybe postcopy)."""
+
+    def __init__(self, mig: DestinationMigration, channel: Channel) -> None:
+        self.mig = mig
+        self.vm = mig.vm
+        self.channel = channel
+        self.loader = RamLoader(self.vm)
+        self.dec = Decoder(block_table(self.vm), postcopy=mig.caps.postcopy_ram)
+        self.cpus: dict[int, VcpuState] = {}
+        self.serial: SerialState | None = None
+        self.rp: ReturnPathWriter | None = None
+        self.uffd: Userfaultfd | None = None
+        self.postcopy: PostcopyState | None = None
+        self.placer: ChannelPlacer | None = None
+        self.fault_thread: FaultThread | None = None
+        self.fault_error: Exception | None = None
+        self.started = False
+        self._old_switch: float | None = None
+
+    def run(self) -> None:
+        """Handle events until EOF; the guest may be started before (postcopy RUN)."""
+        while True:
+            if self.fault_error is not None:
+                raise self.fault_error
+            e = self.dec.next_event()
+            if e is ev.NEED_DATA:
+                self.dec.receive_data(self.channel.recv(RECV_CHUNK))  # b"" = EOF
+                continue
+            if isinstance(e, ev.StreamEnd):
+                self._end()
+                return
+            self._handle(e)
+
+    def _handle(self, e: ev.Event) -> None:  # noqa: C901 - one dispatch table
+        if isinstance(e, ev.PageBatch):
+            if self.placer is not None:
+                self.placer.batch(e)
+            else:
+                self.loader.batch(e)
+                self._mark_precopy(e.block, e.offsets)
+        elif isinstance(e, ev.ZeroPages):
+            if self.placer is not None:
+                self.placer.zeros(e)
+            else:
+                self.loader.zero(e)
+                self._mark_precopy(e.block, e.offsets)
+        elif isinstance(e, ev.PageHeader):
+            self._single_page(e)
+        elif isinstance(e, ev.DeviceState):
+            self._device_state(e)
+        elif isinstance(e, ev.OpenReturnPath):
+            self.rp = ReturnPathWriter(self.channel)
+        elif isinstance(e, ev.Ping):
+            self._require_rp("PING").pong(e.value)
+        elif isinstance(e, ev.PostcopyAdvise):
+            self._advise()
+        elif isinstance(e, ev.PostcopyRamDiscard):
+            pc = self._require_postcopy("DISCARD")
+            for start, length in e.ranges:
+                pc.discard(e.block, start, length)
+        elif isinstance(e, ev.PostcopyListen):
+            self._listen()
+        elif isinstance(e, ev.PostcopyRun):
+            self._run_guest()
+        elif not isinstance(e, (ev.StreamStart, ev.SectionBegin, ev.SectionComplete,
+                                ev.MemSize, ev.Packaged, ev.PackagedEnd)):
+            raise RemoteProtocolError(f"unexpected {type(e).__name__} in the main stream")
+
+    def _mark_precopy(self, block: str, offsets: npt.NDArray[np.uint64]) -> None:
+        if self.postcopy is not None:
+            self.postcopy.mark_precopy(block, offsets)
+
+    def _single_page(self, e: ev.PageHeader) -> None:
+        if self.placer is not None:
+            slot = self.placer.single_slot(e)
+            self._read_payload(slot)
+            self.placer.single_done(e)
+        else:
+            self._read_payload(self.loader.page_slot(e))
+            self._mark_precopy(e.block, np.array([e.offset], dtype=np.uint64))
+
+    def _read_payload(self, slot: memoryview) -> None:
+        n = self.dec.take_payload(slot)
+        if self.dec.payload_remaining:
+            self.channel.recv_exact_into(slot[n:])
+            self.dec.payload_received(len(slot) - n)
+
+    def _device_state(self, e: ev.DeviceState) -> None:
+        if e.idstr == "livemig/cpu":
+            self.cpus[e.instance_id] = VcpuState.from_bytes(e.data)
+        elif e.idstr == "livemig/serial":
+            self.serial = SerialState.from_bytes(e.data)
+        else:
+            raise RemoteProtocolError(f"unknown device section {e.idstr!r}")
+
+    def _vm_state(self) -> VmState:
+        if self.serial is None or sorted(self.cpus) != list(range(len(self.vm.vcpus))):
+            raise RemoteProtocolError("the stream ended without the CPU and serial state")
+        return VmState(tuple(self.cpus[i] for i in range(len(self.cpus))), self.serial)
+
+    # --- postcopy ------------------------------------------------------------------------
+    def _require_rp(self, what: str) -> ReturnPathWriter:
+        if self.rp is None:
+            raise RemoteProtocolError(f"{what} before OPEN_RETURN_PATH")
+        return self.rp
+
+    def _require_postcopy(self, what: str) -> PostcopyState:
+        if self.postcopy is None:
+            raise RemoteProtocolError(f"{what} without POSTCOPY_ADVISE")
+        return self.postcopy
+
+    def _advise(self) -> None:
+        """Refuse early (before the source stops its guest) if postcopy cannot work."""
+        if not self.mig.caps.postcopy_ram:
+            raise MigrationError("the source advised postcopy but postcopy-ram is not "
+                                 "enabled on the destination")
+        needed = FEATURE_THREAD_ID
+        for block in self.vm.blocks.values():
+            if block.backing.is_hugetlb:
+                needed |= FEATURE_MISSING_HUGETLBFS
+        have = self.mig.uffd_features()
+        if needed & ~have:
+            raise MigrationError("this host's userfaultfd lacks "
+                                 f"{', '.join(feature_names(needed & ~have))}, which postcopy "
+                                 "of this guest's RAM needs")
+        self._require_rp("POSTCOPY_ADVISE")
+        self.uffd = Userfaultfd.open()
+        self.uffd.api(needed)
+        tids = {i: v.native_id or 0 for i, v in enumerate(self.vm.vcpus)}
+        self.postcopy = PostcopyState(self.vm.blocks, self.uffd, tids)
+
+    def _listen(self) -> None:
+        """Register guest RAM with userfaultfd and start taking faults."""
+        pc = self._require_postcopy("LISTEN")
+        rp = self._require_rp("LISTEN")
+        for st in pc.blocks.values():
+            st.placer.register()
+        self.placer = ChannelPlacer(pc, "main")
+        self.fault_thread = FaultThread(pc, rp.request, self._fault_failed)
+        self.fault_thread.start()
+        # A fault wakes the fault thread, which then needs the GIL: keep the wait short.
+        self._old_switch = sys.getswitchinterval()
+        sys.setswitchinterval(POSTCOPY_SWITCH_INTERVAL)
+        self.mig.status.set(MigrationStatus.POSTCOPY_ACTIVE)
+
+    def _fault_failed(self, e: Exception) -> None:
+        self.fault_error = e
+        self.channel.shutdown()
+
+    def _run_guest(self) -> None:
+        if self.placer is None:
+            raise RemoteProtocolError("POSTCOPY_RUN before POSTCOPY_LISTEN")
+        self.vm.restore_state(self._vm_state())
+        self.vm.start()
+        self.started = True
+
+    def _end(self) -> None:
+        if self.placer is not None:
+            if self.placer.pending():
+                raise RemoteProtocolError(f"stream ended inside huge pages "
+                                          f"{self.placer.pending()}")
+            self._stop_postcopy()
+        else:
+            self.vm.restore_state(self._vm_state())
+        if self.rp is not None:
+            self.rp.shut(0)
+
+    def _stop_postcopy(self) -> None:
+        if self.fault_thread is not None:
+            self.fault_thread.stop()
+            self.fault_thread = None
+        if self.postcopy is not None:
+            for st in self.postcopy.blocks.values():
+                st.placer.unregister()
+        if self._old_switch is not None:
+            sys.setswitchinterval(self._old_switch)
+            self._old_switch = None
+
+    def release_faults(self) -> None:
+        """Close the userfaultfd: every thread blocked on a missing page wakes up."""
+        if self.fault_thread is not None:
+            self.fault_thread.stop()
+            self.fault_thread = None
+        if self.uffd is not None:
+            self.uffd.close()
+
+    def close(self) -> None:
+        if self.fault_thread is not None:
+            self.fault_thread.stop()
+            self.fault_thread = None
+        if self._old_switch is not None:
+            sys.setswitchinterval(self._old_switch)
+        if self.placer is not None:
+            self.placer.close()
+        if self.postcopy is not None:
+            self.postcopy.close()
+        if self.uffd is not None:
+            self.uffd.close()
+        self.loader.release()
+

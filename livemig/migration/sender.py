@@ -23,6 +23,7 @@ from livemig.kernel.mman import MIB, PAGE_SIZE
 from livemig.migration.bitmap import MigrationBitmap
 from livemig.migration.channel import ChannelWriter
 from livemig.migration.ratelimit import RateLimiter
+from livemig.migration.returnpath import PageRequest, RequestQueue
 from livemig.migration.state import RamStats
 from livemig.vmm.memory import RamBlock
 from livemig.wire.encoder import Encoder
@@ -72,8 +73,12 @@ class PageSender:
         return sum(bm.dirty_count() for bm in self.bitmaps.values())
 
     # --- sending ------------------------------------------------------------------------
-    def send_window(self, name: str, first: int, count: int) -> int:
-        """Send the dirty pages of one window on the main channel; returns bytes queued."""
+    def send_window(self, name: str, first: int, count: int, *, urgent: bool = False) -> int:
+        """Send the dirty pages of one window; returns bytes queued.
+
+        Urgent (requested) pages are flushed at once; background pages are batched and
+        rate limited.
+        """
         window = self.bitmaps[name].take_window(first, count)
         if not len(window):
             return 0
@@ -84,10 +89,13 @@ class PageSender:
         if len(window.pages):
             bufs += enc.pages(name, window.pages * PAGE_SIZE, self._views[name])
         nbytes = sum(len(b) for b in bufs)
-        self.writer.write(bufs)
         self.stats.normal += len(window.pages)
         self.stats.duplicate += len(window.zeros)
-        self.limiter.account(nbytes)
+        if urgent:
+            self.writer.write_now(bufs)
+        else:
+            self.writer.write(bufs)
+            self.limiter.account(nbytes)
         return nbytes
 
     def send_round(self, cancelled: Callable[[], bool]) -> int:
@@ -122,3 +130,54 @@ class PageSender:
             for first in range(0, block.pages, window):
                 total += self.send_window(name, first, window)
         return total
+
+    # --- postcopy -----------------------------------------------------------------------
+    def prepare_postcopy(self) -> list[tuple[str, list[tuple[int, int]]]]:
+        """At switchover: whole host pages dirty, and the ranges to discard per block."""
+        out = []
+        for name, bm in self.bitmaps.items():
+            bm.expand_to_host_pages()
+            out.append((name, bm.dirty_ranges()))
+        return out
+
+    def serve_request(self, req: PageRequest) -> int:
+        """Send a requested host page now, if it still has to be sent."""
+        self.stats.postcopy_requests += 1
+        return self.send_window(req.block, req.start // PAGE_SIZE, req.length // PAGE_SIZE,
+                                urgent=True)
+
+    def postcopy_loop(self, queue: RequestQueue, failed: Callable[[], bool]) -> None:
+        """Serve requests first; otherwise send background pages, continuing after the
+        last requested page (a faulting guest tends to touch its neighbours next)."""
+        cursor = {name: 0 for name in self.blocks}
+        while not failed():
+            self.writer.write([self.encoder.ram_part(self.section_id)])
+            deadline = time.monotonic() + PART_SECONDS
+            done = False
+            while time.monotonic() < deadline and not failed():
+                req = queue.pop()
+                if req is not None:
+                    self.serve_request(req)
+                    cursor[req.block] = (req.start + req.length) // PAGE_SIZE
+                    continue
+                if not self._send_background(cursor):
+                    done = True
+                    break
+            self.writer.write([self.encoder.close_ram_section()])
+            self.writer.flush()
+            if done:
+                return
+
+    def _send_background(self, cursor: dict[str, int]) -> bool:
+        """One background window on the first block with dirty pages; False when none."""
+        for name, block in self.blocks.items():
+            bm = self.bitmaps[name]
+            page = bm.next_dirty(cursor[name] % bm.pages)
+            if page < 0:
+                continue
+            window = max(WINDOW_BYTES, block.host_page_size) // PAGE_SIZE
+            first = page - page % window
+            self.send_window(name, first, window)
+            cursor[name] = first + window
+            return True
+        return False

@@ -30,9 +30,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from livemig.errors import LivemigError, MigrationCancelled
+from livemig.errors import LivemigError, MigrationCancelled, MigrationError, QmpError
 from livemig.migration.channel import Channel, ChannelWriter, MigrationUri, connect
 from livemig.migration.ratelimit import BandwidthMeter, RateLimiter
+from livemig.migration.returnpath import PageRequest, RequestQueue, ReturnPathReader
 from livemig.migration.sender import PageSender
 from livemig.migration.state import (
     Capabilities,
@@ -42,7 +43,7 @@ from livemig.migration.state import (
     StatusMachine,
 )
 from livemig.vmm.vm import RunState, Vm
-from livemig.wire.blocks import BlockInfo
+from livemig.wire.blocks import BlockInfo, host_page_summary
 from livemig.wire.encoder import Encoder
 
 log = logging.getLogger("livemig.source")
@@ -71,6 +72,9 @@ class SourceMigration:
         self.info = MigrationInfo()
         self.status = StatusMachine(self._on_status)
         self._cancel = threading.Event()
+        self._postcopy_requested = threading.Event()
+        self.requests = RequestQueue()
+        self._rp: ReturnPathReader | None = None
         self._channel: Channel | None = None
         self._paused_by_us = False
         self._was_running = False
@@ -82,9 +86,22 @@ class SourceMigration:
         self.status.set(MigrationStatus.SETUP)
         self._thread.start()
 
+    def start_postcopy(self) -> None:
+        """migrate-start-postcopy: switch at the next opportunity."""
+        if not self.caps.postcopy_ram:
+            raise QmpError("Enable postcopy with migrate-set-capabilities before the start "
+                           "of migration")
+        if self.status.status not in (MigrationStatus.SETUP, MigrationStatus.ACTIVE):
+            raise QmpError(f"Postcopy must be started after migration has been started "
+                           f"(status {self.status.status.value})")
+        self._postcopy_requested.set()
+
     def cancel(self) -> None:
         if self.status.status.finished:
             return
+        if self.status.status is MigrationStatus.POSTCOPY_ACTIVE:
+            raise QmpError("Postcopy is active: the guest's memory is split between the "
+                           "two hosts, cancel is not possible")
         self._cancel.set()
         self.status.try_set(MigrationStatus.CANCELLING)
         if self._channel is not None:
@@ -104,6 +121,13 @@ class SourceMigration:
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
             raise MigrationCancelled("migration cancelled")
+        if self._rp is not None and self._rp.finished:
+            raise MigrationError(f"the destination closed the return path: {self._rp.error}")
+
+    def _interrupted(self) -> bool:
+        """Stop the current round: cancel, a dead return path, or a postcopy switch."""
+        return (self._cancel.is_set() or self._postcopy_requested.is_set()
+                or (self._rp is not None and self._rp.finished))
 
     # --- the migration thread ---------------------------------------------------------------
     def _run(self) -> None:
@@ -114,14 +138,20 @@ class SourceMigration:
             sender = self._setup(self._channel)
             self.status.set(MigrationStatus.ACTIVE)
             self._iterate(sender)
-            self._complete(sender)
+            if self._postcopy_requested.is_set():
+                self._postcopy(sender)
+            else:
+                self._complete(sender)
         except Exception as e:
             self._fail(e)
         finally:
             if sender is not None:
                 sender.release()
             if self._channel is not None:
+                self._channel.shutdown()
                 self._channel.close()
+            if self._rp is not None:
+                self._rp.join(5)
             self.info.end_ns = time.monotonic_ns()
 
     def _setup(self, channel: Channel) -> PageSender:
@@ -129,9 +159,21 @@ class SourceMigration:
         writer = ChannelWriter(channel)
         stats = self.info.ram
         stats.total = sum(b.size for b in self.vm.blocks.values())
-        stats.page_size = max(b.host_page_size for b in self.vm.blocks.values())
-        writer.write([enc.preamble(), enc.ram_start(RAM_SECTION_ID),
-                      enc.mem_size(block_table(self.vm)), enc.close_ram_section()])
+        blocks = block_table(self.vm)
+        writer.write([enc.preamble()])
+        if self.caps.postcopy_ram:
+            writer.write([enc.open_return_path(),
+                          enc.postcopy_advise(host_page_summary(blocks))])
+        writer.write([enc.ram_start(RAM_SECTION_ID), enc.mem_size(blocks),
+                      enc.close_ram_section()])
+        if self.caps.postcopy_ram:
+            # The destination checks page sizes and userfaultfd at ADVISE; its PONG
+            # tells us it agreed, before anything could stop our guest.
+            writer.write([enc.ping(1)])
+            writer.flush()
+            self._rp = ReturnPathReader(channel, blocks, self._queue_request)
+            self._rp.start()
+            self._rp.wait_pong(1, timeout=30)
         writer.flush()
         self.vm.set_dirty_logging(True)
         sender = PageSender(self.vm.blocks, enc, writer, RAM_SECTION_ID, stats,
@@ -148,6 +190,8 @@ class SourceMigration:
             self._update_stats(sender, remaining, meter.bytes_per_second)
             converged = (self.info.rounds > 0 and meter.bytes_per_second > 0
                          and remaining / meter.bytes_per_second <= limit_s)
+            if self._postcopy_requested.is_set():
+                return
             if converged or self.info.rounds >= self.params.x_max_iterations:
                 log.info("converging after %d rounds, %d bytes left", self.info.rounds,
                          remaining)
@@ -156,7 +200,7 @@ class SourceMigration:
             if self.caps.events:
                 self._emit("MIGRATION_PASS", {"pass": self.info.rounds})
             meter.start(sender.writer.bytes_sent)
-            sender.send_round(self._cancel.is_set)
+            sender.send_round(self._interrupted)
             meter.stop(sender.writer.bytes_sent)
 
     def _update_stats(self, sender: PageSender, remaining: int, bandwidth: float) -> None:
@@ -184,9 +228,13 @@ class SourceMigration:
         writer.write([enc.ram_end(RAM_SECTION_ID)])
         sender.send_all_remaining()
         writer.write([enc.close_ram_section()])
-        self._send_device_state(enc, writer)
+        device: list[bytes | memoryview] = []
+        self._send_device_state(enc, device)
+        writer.write(device)
         writer.write([enc.eof()])
         writer.flush()
+        if self._rp is not None:
+            self._rp.wait_shut(timeout=60)
         st = self.info.ram
         st.transferred = writer.bytes_sent
         st.downtime_bytes = writer.bytes_sent - before
@@ -198,13 +246,66 @@ class SourceMigration:
         self._paused_by_us = False
         self.status.set(MigrationStatus.COMPLETED)
 
-    def _send_device_state(self, enc: Encoder, writer: ChannelWriter) -> None:
+    # --- postcopy ---------------------------------------------------------------------------
+    def _queue_request(self, req: PageRequest) -> None:
+        self.requests.put(req)
+
+    def _postcopy(self, sender: PageSender) -> None:
+        """Switch the guest over to the destination, then send the rest on demand."""
+        self._check_cancel()
+        assert self._rp is not None
+        t0 = time.monotonic()
+        if self._was_running:
+            self.vm.pause(RunState.FINISH_MIGRATE)
+            self._paused_by_us = True
+        else:
+            self.vm.set_runstate(RunState.FINISH_MIGRATE)
+        before = sender.writer.bytes_sent
+        sender.sync()
+        enc, writer = sender.encoder, sender.writer
+        for name, ranges in sender.prepare_postcopy():
+            if ranges:
+                writer.write([enc.postcopy_ram_discard(name, ranges)])
+        package = enc.package()
+        blob: list[bytes | memoryview] = [package.postcopy_listen()]
+        self._send_device_state(package, blob)
+        blob.append(package.postcopy_run())
+        writer.write(enc.packaged(b"".join(blob)))
+        writer.flush()
+        self.info.downtime_ms = int((time.monotonic() - t0) * 1000)
+        self.info.ram.downtime_bytes = writer.bytes_sent - before
+        self.info.ram.precopy_bytes = before
+        # From here the guest runs on the destination: failing no longer restarts it here.
+        self._paused_by_us = False
+        self.vm.set_dirty_logging(False)
+        self.status.set(MigrationStatus.POSTCOPY_ACTIVE)
+        sender.limiter = RateLimiter(self.params.max_postcopy_bandwidth)
+        sender.postcopy_loop(self.requests, self._postcopy_failed)
+        self._check_postcopy_alive()
+        writer.write([enc.ram_end(RAM_SECTION_ID), enc.close_ram_section(), enc.eof()])
+        writer.flush()
+        self._rp.wait_shut(timeout=60)
+        st = self.info.ram
+        st.transferred = writer.bytes_sent
+        st.postcopy_bytes = writer.bytes_sent - before - st.downtime_bytes
+        st.remaining = 0
+        self.vm.set_runstate(RunState.POSTMIGRATE)
+        self.status.set(MigrationStatus.COMPLETED)
+
+    def _postcopy_failed(self) -> bool:
+        return self._rp is None or (self._rp.finished and self._rp.shut_status is None)
+
+    def _check_postcopy_alive(self) -> None:
+        if self._postcopy_failed():
+            err = self._rp.error if self._rp is not None else None
+            raise MigrationError(f"the destination vanished during postcopy: {err}")
+
+    def _send_device_state(self, enc: Encoder, out: list[bytes | memoryview]) -> None:
         state = self.vm.save_state()
         for i, cpu in enumerate(state.vcpus):
-            writer.write(enc.device_state(CPU_SECTION_ID + 16 * i, "livemig/cpu",
-                                          cpu.to_bytes(), instance_id=i))
-        writer.write(enc.device_state(SERIAL_SECTION_ID, "livemig/serial",
-                                      state.serial.to_bytes()))
+            out += enc.device_state(CPU_SECTION_ID + 16 * i, "livemig/cpu", cpu.to_bytes(),
+                                    instance_id=i)
+        out += enc.device_state(SERIAL_SECTION_ID, "livemig/serial", state.serial.to_bytes())
 
     def _fail(self, e: Exception) -> None:
         """Leave the source VM exactly as it was before the migration."""

@@ -97,6 +97,22 @@ class Vcpu:
     def pause(self) -> None:
         self._command(VcpuRunState.PAUSED)
 
+    def request_pause(self) -> None:
+        """Ask a running vCPU to leave the guest, without waiting for it.
+
+        A vCPU blocked on a userfaultfd page inside KVM cannot acknowledge until the
+        fault is resolved; the postcopy failure path uses this, then releases the
+        faults, then waits with :meth:`pause`.
+        """
+        with self._cond:
+            if self.state is not VcpuRunState.RUNNING:
+                return
+            self._want = VcpuRunState.PAUSED
+            self.fd.set_immediate_exit(True)
+            self._cond.notify_all()
+        if self._thread.ident is not None:
+            signal.pthread_kill(self._thread.ident, KICK_SIGNAL)
+
     def stop(self) -> None:
         self._command(VcpuRunState.STOPPED)
         self._thread.join(timeout=10)

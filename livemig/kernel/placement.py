@@ -1,0 +1,60 @@
+"""Atomic page placement into userfaultfd-registered guest RAM, from Python buffers.
+
+Theory of operation
+-------------------
+Postcopy places each host page whole with ``UFFDIO_COPY`` (or ``UFFDIO_ZEROPAGE``),
+which also wakes every vCPU blocked on it.  The migration code works with buffers
+(NumPy rows of a received batch, a temporary huge page) and block offsets; this class
+is where those become raw addresses, so that no code outside ``kernel/`` handles one.
+
+Lifetimes: ``mapping`` is guest RAM owned by the VM's block and outlives this object
+(the destination closes the placer before the VM); the source buffer of each call is
+held by the caller for the duration of the (synchronous) ioctl.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+import numpy as np
+import numpy.typing as npt
+
+from livemig.kernel.mman import Mapping
+from livemig.kernel.uffd import Userfaultfd
+
+
+def buffer_address(buf: npt.NDArray[np.uint8] | mmap.mmap | bytearray) -> int:
+    """The address of a buffer's first byte (the caller keeps ``buf`` alive)."""
+    if isinstance(buf, np.ndarray):
+        return int(buf.ctypes.data)
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+class PagePlacer:
+    """Places host pages of one RAM block through one userfaultfd."""
+
+    def __init__(self, uffd: Userfaultfd, mapping: Mapping) -> None:
+        self.uffd = uffd
+        self.mapping = mapping
+        self._base = mapping.host_addr
+
+    def register(self) -> None:
+        self.uffd.register(self._base, self.mapping.size)
+
+    def unregister(self) -> None:
+        self.uffd.unregister(self._base, self.mapping.size)
+
+    def offset_of(self, address: int) -> int:
+        """Block offset of a faulting host address (-1 if outside this block)."""
+        off = address - self._base
+        return off if 0 <= off < self.mapping.size else -1
+
+    def copy(self, offset: int, src: npt.NDArray[np.uint8] | mmap.mmap | bytearray,
+             length: int) -> bool:
+        """UFFDIO_COPY ``length`` bytes of ``src`` to ``offset``; False if already there."""
+        return self.uffd.copy(self._base + offset, buffer_address(src), length) == length
+
+    def zero(self, offset: int, length: int) -> bool:
+        """UFFDIO_ZEROPAGE (4 KiB pages only); False if the page was already there."""
+        return self.uffd.zeropage(self._base + offset, length) == length

@@ -1,0 +1,155 @@
+"""The return path: destination -> source messages on the main connection.
+
+Theory of operation
+-------------------
+A TCP or unix socket is full duplex, so, as in QEMU, the return path reuses the main
+channel in the other direction.  On the destination several threads speak on it (the
+fault thread asks for pages, the load thread answers PINGs and sends SHUT), so
+:class:`ReturnPathWriter` serialises them with a lock.  On the source one thread,
+:class:`ReturnPathReader`, owns the receiving direction: it decodes messages with the
+sans-IO :class:`~livemig.wire.returnpath.ReturnPathDecoder` (which validates block names
+and ranges) and hands page requests to the sender's urgent queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from livemig.errors import ChannelClosedError, MigrationError
+from livemig.migration.channel import Channel
+from livemig.wire import events as ev
+from livemig.wire.blocks import BlockInfo
+from livemig.wire.returnpath import Pong, ReqPages, ReturnPathDecoder, ReturnPathEncoder, Shut
+
+log = logging.getLogger("livemig.returnpath")
+
+
+class ReturnPathWriter:
+    """Destination side: thread-safe sending of return-path messages."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._enc = ReturnPathEncoder()
+        self._lock = threading.Lock()
+
+    def request(self, block: str, start: int, length: int) -> None:
+        with self._lock:
+            self._channel.send([self._enc.req_pages(block, start, length)])
+
+    def pong(self, value: int) -> None:
+        with self._lock:
+            self._channel.send([self._enc.pong(value)])
+
+    def shut(self, status: int = 0) -> None:
+        with self._lock:
+            self._channel.send([self._enc.shut(status)])
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    """A page request queued on the source, with the time it arrived."""
+
+    block: str
+    start: int
+    length: int
+    received_ns: int
+
+
+class RequestQueue:
+    """The source's urgent queue: requests from the return path, served first."""
+
+    def __init__(self) -> None:
+        self._q: deque[PageRequest] = deque()
+        self._cond = threading.Condition()
+        self.total = 0
+
+    def put(self, req: PageRequest) -> None:
+        with self._cond:
+            self._q.append(req)
+            self.total += 1
+            self._cond.notify_all()
+
+    def pop(self) -> PageRequest | None:
+        with self._cond:
+            return self._q.popleft() if self._q else None
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def wait(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: bool(self._q), timeout)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
+class ReturnPathReader:
+    """Source side: the return-path thread."""
+
+    def __init__(self, channel: Channel, blocks: Mapping[str, BlockInfo],
+                 on_request: Callable[[PageRequest], None]) -> None:
+        self._channel = channel
+        self._dec = ReturnPathDecoder(blocks)
+        self._on_request = on_request
+        self._cond = threading.Condition()
+        self._pongs: set[int] = set()
+        self.shut_status: int | None = None
+        self.error: Exception | None = None
+        self.finished = False
+        self._thread = threading.Thread(target=self._run, name="return-path", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def wait_pong(self, value: int, timeout: float) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: value in self._pongs or self.finished, timeout):
+                raise MigrationError(f"the destination did not answer PING {value} "
+                                     f"within {timeout:.0f} s")
+            if value not in self._pongs:
+                raise MigrationError(f"the destination closed the return path: {self.error}")
+
+    def wait_shut(self, timeout: float) -> int:
+        with self._cond:
+            self._cond.wait_for(lambda: self.finished, timeout)
+            if self.shut_status is None:
+                raise MigrationError(f"no SHUT from the destination: {self.error}")
+            return self.shut_status
+
+    def _run(self) -> None:
+        try:
+            while True:
+                e = self._dec.next_event()
+                if e is ev.NEED_DATA:
+                    self._dec.receive_data(self._channel.recv(65536))
+                    continue
+                if isinstance(e, ReqPages):
+                    self._on_request(PageRequest(e.block, e.start, e.length,
+                                                 time.monotonic_ns()))
+                elif isinstance(e, Pong):
+                    with self._cond:
+                        self._pongs.add(e.value)
+                        self._cond.notify_all()
+                elif isinstance(e, Shut):
+                    with self._cond:
+                        self.shut_status = e.status
+                    return
+                else:  # Closed: a clean end without SHUT
+                    raise ChannelClosedError("return path closed without SHUT")
+        except Exception as e:
+            log.info("return path ended: %s", e)
+            self.error = e
+        finally:
+            with self._cond:
+                self.finished = True
+                self._cond.notify_all()
