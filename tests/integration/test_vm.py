@@ -64,7 +64,7 @@ def test_dirty_log_after_clear_marks_only_pages_the_guest_writes(ab_vm: Vm) -> N
     bitmap = new_bitmap(block.pages)
     block.sync_dirty(bitmap)  # everything before this clear is forgotten
     bitmap[:] = 0
-    ab_vm.serial.wait_for(1, timeout=30)  # at least one full pass, >= 50 ms here
+    ab_vm.serial.wait_for(2, timeout=30)  # a full pass since the clear (>= 50 ms here)
     block.sync_dirty(bitmap)
     dirty = np.flatnonzero(bitmap_to_bools(bitmap, block.pages))
     start, end = guest_range(ab_vm)
