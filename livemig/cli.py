@@ -134,7 +134,7 @@ def migrate(qmp_path: str, uri: str, watch: bool, max_bandwidth: int | None,
 
 @main.command()
 @click.option("--mode", default="precopy", show_default=True,
-              type=click.Choice(["precopy"]))
+              type=click.Choice(["precopy", "postcopy"]))
 @click.option("--guest", default="ab", show_default=True, type=click.Choice(GUEST_NAMES))
 @click.option("--mem", default="256M", show_default=True)
 @click.option("--page-size", default="4K", show_default=True,

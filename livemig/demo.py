@@ -30,7 +30,7 @@ from rich.table import Table
 from livemig.control.client import QmpClient
 from livemig.errors import MigrationError
 
-MODES = ("precopy",)
+MODES = ("precopy", "postcopy")
 
 
 @dataclass(frozen=True)
@@ -155,12 +155,15 @@ def run_demo(cfg: DemoConfig, console: Console) -> dict[str, Any]:
                 raise MigrationError(f"source guest did not run: {src.serial()[-80:]!r} "
                                      f"{src.log_text()}")
         caps = [{"capability": "events", "state": True}]
+        if cfg.mode != "precopy":
+            caps.append({"capability": "postcopy-ram", "state": True})
         for vmm in (src, dst):
             vmm.qmp.execute("migrate-set-capabilities", capabilities=caps)
         uri = f"unix:{Path(tmp) / 'migration.sock'}"
         dst.qmp.execute("migrate-incoming", uri=uri)
         src.qmp.execute("migrate", uri=uri)
-        source_info = watch_migration(src.qmp, console, cfg.timeout)
+        source_info = watch_migration(src.qmp, console, cfg.timeout,
+                                      _postcopy_after_one_round(src.qmp, cfg.mode))
         if source_info["status"] != "completed":
             raise MigrationError(f"migration {source_info['status']}: "
                                  f"{source_info.get('error-desc', '')} {dst.log_text()}")
@@ -174,6 +177,21 @@ def run_demo(cfg: DemoConfig, console: Console) -> dict[str, Any]:
                 "check": {"pages": check["pages"], "bad_pages": check["bad_pages"],
                           "guest_ran_on": ran_on,
                           "guest_error": b"E" in dst.serial()}}
+
+
+def _postcopy_after_one_round(qmp: QmpClient, mode: str) -> Any:
+    """A watch hook that switches to postcopy once the first round is done."""
+    if mode == "precopy":
+        return None
+    switched = False
+
+    def hook(info: dict[str, Any]) -> None:
+        nonlocal switched
+        if not switched and info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
+            qmp.execute("migrate-start-postcopy")
+            switched = True
+
+    return hook
 
 
 def _wait_destination(dst: VmmProcess, timeout: float) -> dict[str, Any]:
@@ -206,12 +224,28 @@ def report_table(report: dict[str, Any]) -> Table:
         ("rounds (dirty syncs)", str(ram.get("dirty-sync-count", 0))),
         ("bytes transferred", f"{ram.get('transferred', 0):,}"),
         ("pages sent / zero pages", f"{ram.get('normal', 0):,} / {ram.get('duplicate', 0):,}"),
+        *_postcopy_rows(src, dst),
         ("guest check", f"{'PASS' if ok else 'FAIL'}: {check['bad_pages']} bad of "
                         f"{check['pages']:,} pages"),
     ]
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _postcopy_rows(src: dict[str, Any], dst: dict[str, Any]) -> list[tuple[str, str]]:
+    pct = dst.get("x-postcopy-latency-percentiles")
+    if not pct:
+        return []
+    ram = src.get("ram", {})
+    return [
+        ("postcopy requests (source)", f"{ram.get('postcopy-requests', 0):,}"),
+        ("postcopy bytes", f"{ram.get('postcopy-bytes', 0):,}"),
+        ("page request latency p50 / p90 / p99",
+         f"{pct['p50']:.0f} / {pct['p90']:.0f} / {pct['p99']:.0f} us"),
+        ("latency max / count", f"{pct['max']:.0f} us / {pct['count']:,}"),
+        ("vCPU blocktime", f"{dst.get('postcopy-blocktime', 0)} ms"),
+    ]
 
 
 def write_json(report: dict[str, Any], path: str) -> None:

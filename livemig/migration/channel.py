@@ -31,6 +31,7 @@ from livemig.kernel.sock import (
     recv_exact_into,
     send_buffers,
     set_nodelay,
+    set_notsent_lowat,
     write_buffers,
 )
 
@@ -114,6 +115,20 @@ class Channel:
                 return b""
             raise ChannelClosedError(f"{self.name} channel: {e}") from None
         self.bytes_received += len(data)
+        return data
+
+    def peek(self, n: int, timeout: float = 30.0) -> bytes:
+        """The first ``n`` bytes of the stream, left in place (identifies a channel)."""
+        assert self.sock is not None
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(n, socket.MSG_PEEK | socket.MSG_WAITALL)
+        except OSError as e:
+            raise ChannelClosedError(f"{self.name} channel: no preamble: {e}") from None
+        finally:
+            self.sock.settimeout(None)
+        if len(data) < n:
+            raise ChannelClosedError(f"{self.name} channel closed before its preamble")
         return data
 
     def recv_exact_into(self, view: memoryview) -> None:
@@ -243,3 +258,14 @@ class ChannelWriter:
     @property
     def bytes_sent(self) -> int:
         return self.channel.bytes_sent
+
+
+# With preemption, background pages must not pile up in front of urgent ones: keep the
+# precopy socket's unsent queue short (TCP only; a unix socket has no such queue knob).
+BACKGROUND_NOTSENT_LOWAT = 256 * 1024
+
+
+def quiet_background(channel: Channel) -> None:
+    """Postcopy with preemption: keep the precopy channel's kernel queue short."""
+    if channel.sock is not None:
+        set_notsent_lowat(channel.sock, BACKGROUND_NOTSENT_LOWAT)

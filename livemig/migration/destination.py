@@ -50,6 +50,7 @@ from livemig.vmm.serial import SerialState
 from livemig.vmm.state import VcpuState, VmState
 from livemig.vmm.vm import RunState, Vm
 from livemig.wire import events as ev
+from livemig.wire.channel import ChannelKind, identify_channel
 from livemig.wire.decoder import Decoder
 
 log = logging.getLogger("livemig.destination")
@@ -116,6 +117,7 @@ class DestinationMigration:
         self.status = StatusMachine(self._on_status)
         self._listener = Listener(uri)  # bind now: errors reach the migrate-incoming caller
         self._channel: Channel | None = None
+        self._post_channel: Channel | None = None
         self._load: _Load | None = None
         self._thread = threading.Thread(target=self._run, name="incoming", daemon=True)
         # Injectable so tests can play a host whose userfaultfd lacks features.
@@ -135,8 +137,9 @@ class DestinationMigration:
     def abort(self) -> None:
         """Stop waiting or receiving (the process is shutting down)."""
         self._listener.close()
-        if self._channel is not None:
-            self._channel.shutdown()
+        for ch in (self._channel, self._post_channel):
+            if ch is not None:
+                ch.shutdown()
 
     def _on_status(self, status: MigrationStatus) -> None:
         self.info.status = status
@@ -147,10 +150,11 @@ class DestinationMigration:
     def _run(self) -> None:
         try:
             self.status.set(MigrationStatus.SETUP)
-            self._channel = self._listener.accept()
+            self._accept_channels()
+            assert self._channel is not None
             self.info.start_ns = time.monotonic_ns()
             self.status.set(MigrationStatus.ACTIVE)
-            self._load = _Load(self, self._channel)
+            self._load = _Load(self, self._channel, self._post_channel)
             self._load.run()
             self._finish(self._load)
         except Exception as e:
@@ -159,11 +163,31 @@ class DestinationMigration:
             if self._load is not None:
                 self._load.close()
             self._listener.close()
-            if self._channel is not None:
-                self._channel.close()
+            for ch in (self._channel, self._post_channel):
+                if ch is not None:
+                    ch.close()
             self.info.end_ns = time.monotonic_ns()
             if self._on_finished is not None:
                 self._on_finished(self)
+
+    def _accept_channels(self) -> None:
+        """Accept the main channel, and with preemption the postcopy channel too, in
+        whatever order they come: each is identified by its first four bytes.  Both are
+        up before anything is loaded, so nothing can fault before requests can be
+        answered on the postcopy channel."""
+        wanted = 2 if self.caps.postcopy_preempt else 1
+        for i in range(wanted):
+            ch = self._listener.accept(timeout=None if i == 0 else 30)
+            kind = ChannelKind.MAIN if ch.is_file else identify_channel(ch.peek(4))
+            if kind is ChannelKind.MAIN and self._channel is None:
+                self._channel = ch
+            elif kind is ChannelKind.POSTCOPY and self._post_channel is None and wanted == 2:
+                ch.name = "postcopy"
+                self._post_channel = ch
+            else:
+                ch.close()
+                raise RemoteProtocolError(f"unexpected second {kind.name.lower()} channel "
+                                          "(is postcopy-preempt set on both sides?)")
 
     def _finish(self, load: _Load) -> None:
         st = self.info.ram
@@ -171,6 +195,8 @@ class DestinationMigration:
         if load.postcopy is not None:
             st.normal += load.placer.pages if load.placer else 0
             st.postcopy_requests = load.postcopy.requests
+            if load.post_placer is not None:
+                st.normal += load.post_placer.pages
         st.total = sum(b.size for b in self.vm.blocks.values())
         st.transferred = self._channel.bytes_received if self._channel else 0
         if not load.started:
@@ -208,10 +234,14 @@ class DestinationMigration:
 class _Load:
     """The load thread's work on one incoming stream (precopy, then maybe postcopy)."""
 
-    def __init__(self, mig: DestinationMigration, channel: Channel) -> None:
+    def __init__(self, mig: DestinationMigration, channel: Channel,
+                 post_channel: Channel | None) -> None:
         self.mig = mig
         self.vm = mig.vm
         self.channel = channel
+        self.post_channel = post_channel
+        self.post_placer: ChannelPlacer | None = None
+        self.post_thread: threading.Thread | None = None
         self.loader = RamLoader(self.vm)
         self.dec = Decoder(block_table(self.vm), postcopy=mig.caps.postcopy_ram)
         self.cpus: dict[int, VcpuState] = {}
@@ -346,10 +376,47 @@ class _Load:
         self.placer = ChannelPlacer(pc, "main")
         self.fault_thread = FaultThread(pc, rp.request, self._fault_failed)
         self.fault_thread.start()
+        if self.post_channel is not None:
+            self.post_placer = ChannelPlacer(pc, "postcopy")
+            self.post_thread = threading.Thread(target=self._receive_postcopy_channel,
+                                                name="postcopy/recv", daemon=True)
+            self.post_thread.start()
         # A fault wakes the fault thread, which then needs the GIL: keep the wait short.
         self._old_switch = sys.getswitchinterval()
         sys.setswitchinterval(POSTCOPY_SWITCH_INTERVAL)
         self.mig.status.set(MigrationStatus.POSTCOPY_ACTIVE)
+
+    def _receive_postcopy_channel(self) -> None:
+        """The postcopy channel's own thread: requested pages only, until its EOS."""
+        assert self.post_channel is not None and self.post_placer is not None
+        ch, placer = self.post_channel, self.post_placer
+        dec = Decoder(block_table(self.vm), channel=ChannelKind.POSTCOPY, postcopy=True)
+        try:
+            while True:
+                e = dec.next_event()
+                if e is ev.NEED_DATA:
+                    dec.receive_data(ch.recv(RECV_CHUNK))
+                elif isinstance(e, ev.PageBatch):
+                    placer.batch(e)
+                elif isinstance(e, ev.ZeroPages):
+                    placer.zeros(e)
+                elif isinstance(e, ev.PageHeader):
+                    slot = placer.single_slot(e)
+                    n = dec.take_payload(slot)
+                    if dec.payload_remaining:
+                        ch.recv_exact_into(slot[n:])
+                        dec.payload_received(len(slot) - n)
+                    placer.single_done(e)
+                elif isinstance(e, ev.StreamEnd):
+                    if placer.pending():
+                        raise RemoteProtocolError(f"postcopy channel ended inside huge "
+                                                  f"pages {placer.pending()}")
+                    return
+                elif not isinstance(e, ev.StreamStart):
+                    raise RemoteProtocolError(f"unexpected {type(e).__name__} on the "
+                                              "postcopy channel")
+        except Exception as e:
+            self._fault_failed(e)
 
     def _fault_failed(self, e: Exception) -> None:
         self.fault_error = e
@@ -363,6 +430,13 @@ class _Load:
         self.started = True
 
     def _end(self) -> None:
+        if self.post_thread is not None:
+            # The source ends the postcopy channel before the main one.
+            self.post_thread.join(30)
+            if self.post_thread.is_alive():
+                raise MigrationError("the postcopy channel did not end")
+            if self.fault_error is not None:
+                raise self.fault_error
         if self.placer is not None:
             if self.placer.pending():
                 raise RemoteProtocolError(f"stream ended inside huge pages "
@@ -398,8 +472,13 @@ class _Load:
             self.fault_thread = None
         if self._old_switch is not None:
             sys.setswitchinterval(self._old_switch)
-        if self.placer is not None:
-            self.placer.close()
+        if self.post_channel is not None:
+            self.post_channel.shutdown()
+        if self.post_thread is not None:
+            self.post_thread.join(10)
+        for placer in (self.placer, self.post_placer):
+            if placer is not None:
+                placer.close()
         if self.postcopy is not None:
             self.postcopy.close()
         if self.uffd is not None:

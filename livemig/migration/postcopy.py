@@ -121,6 +121,8 @@ class PostcopyState:
         self.lock = threading.Lock()
         self.stats = LatencyStats()
         self.vcpu_of_tid = {tid: i for i, tid in vcpu_tids.items()}
+        # Huge pages being assembled, and by which channel: one may never be split.
+        self.assembling: dict[tuple[str, int], str] = {}
         self.placed = 0
         self.zero_filled = 0
         self.requests = 0
@@ -226,6 +228,7 @@ class ChannelPlacer:
         hp_off = offsets[0] - offsets[0] % st.host_page
         cur = self._cur.get(st.name)
         if cur is None:
+            self._claim(st, hp_off)
             cur = (hp_off, np.zeros(st.host_page // PAGE_SIZE, dtype=np.bool_))
             self._cur[st.name] = cur
         if cur[0] != hp_off or offsets[-1] - hp_off >= st.host_page:
@@ -240,11 +243,29 @@ class ChannelPlacer:
         cur[1][idx] = True
         return hp_off
 
+    def _claim(self, st: BlockState, hp_off: int) -> None:
+        """Start assembling a huge page on this channel; refuse one already started or
+        placed through another channel."""
+        key = (st.name, hp_off)
+        with self.state.lock:
+            owner = self.state.assembling.get(key)
+            if owner is not None and owner != self.channel:
+                raise RemoteProtocolError(
+                    f"huge page {st.name}@{hp_off:#x} arrives on the {self.channel} channel "
+                    f"while the {owner} channel is assembling it: a split huge page")
+            if st.received[hp_off // st.host_page]:
+                raise RemoteProtocolError(
+                    f"huge page {st.name}@{hp_off:#x} was already placed; the "
+                    f"{self.channel} channel sent it again")
+            self.state.assembling[key] = self.channel
+
     def _complete_if_full(self, st: BlockState) -> None:
         hp_off, got = self._cur[st.name]
         if got.all():
             del self._cur[st.name]
             self.state.place(st, hp_off, self._tmp_page(st))
+            with self.state.lock:
+                self.state.assembling.pop((st.name, hp_off), None)
 
     def _huge_run(self, st: BlockState, offs: list[int], i: int) -> int:
         """How many of ``offs[i:]`` belong to the same huge page as ``offs[i]``."""

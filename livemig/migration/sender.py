@@ -1,30 +1,56 @@
-"""The source's page sender: dirty windows of guest RAM -> encoded records -> channel.
+"""The source's page sender: dirty pages of guest RAM -> encoded records -> channels.
 
 Theory of operation
 -------------------
 The sender owns one :class:`~livemig.migration.bitmap.MigrationBitmap` per block and
-the main channel's encoder and writer.  A *round* walks every dirty page once, in
-windows of 2 MiB (or one host page, whichever is larger), inside ``ram`` PART
-sections of bounded size, so the destination sees steady progress and cancel is
-noticed quickly.  For each window the bitmap clears the dirty bits and splits the
-pages into zero pages (sent as ZERO records) and the rest (PAGE records whose payloads
-are memoryviews of guest RAM, sent with one ``sendmsg``).  Clearing a bit *before*
-reading the page is what makes this safe while the guest runs: a write after the read
-is caught by the next dirty-log sync.
+one :class:`OutChannel` per connection: the *precopy channel* (the main connection) and,
+with postcopy preemption, the *postcopy channel*.  Each channel has its own encoder, so
+the "last block sent" that the CONTINUE flag relies on is naturally per channel.
+
+Precopy
+    A round walks every dirty page once, in windows of 2 MiB (or one host page),
+    inside ``ram`` PART sections of bounded size.  A window's dirty bits are cleared
+    *before* its pages are read, so a write after the read is caught by the next
+    dirty-log sync.  Zero pages become ZERO records; the rest are PAGE records whose
+    payloads are memoryviews of guest RAM (no copies).
+
+Postcopy (:meth:`PageSender.postcopy_loop`)
+    Requested pages first, background pages otherwise (continuing after the last
+    requested page: a faulting guest touches neighbours next).  Without preemption
+    everything goes on the precopy channel.  With preemption a requested host page is
+    sent whole on the postcopy channel and flushed at once.
+
+Huge-page preemption (migration-thread mode, QEMU 7.1)
+    While a huge page is being sent on the precopy channel, the sender checks for
+    pending requests between chunks; if there is one it stops, remembers where
+    (:class:`Preempted`: block, host page, the pieces not yet sent), serves the requests
+    on the postcopy channel, then resumes the interrupted huge page on the precopy
+    channel.  A request that falls *inside* the interrupted huge page is never sent on
+    the postcopy channel (a huge page must not be split across channels): the
+    interrupted page is resumed at once instead, so that request cannot starve.
+
+Urgent pages from the return-path thread (QEMU 8.0)
+    With ``x-postcopy-urgent-sender=return-path`` the return-path thread sends requested
+    pages itself (:meth:`PageSender.send_urgent`) while the migration thread keeps
+    streaming background pages; the two share the bitmaps under their lock, so a page
+    taken by one is never sent by the other, and the migration thread never has to
+    break a huge page.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from livemig.kernel.mman import MIB, PAGE_SIZE
-from livemig.migration.bitmap import MigrationBitmap
+from livemig.migration.bitmap import IndexArray, MigrationBitmap
 from livemig.migration.channel import ChannelWriter
 from livemig.migration.ratelimit import RateLimiter
 from livemig.migration.returnpath import PageRequest, RequestQueue
 from livemig.migration.state import RamStats
+from livemig.migration.trace import Tracer
 from livemig.vmm.memory import RamBlock
 from livemig.wire.encoder import Encoder
 
@@ -32,29 +58,59 @@ from livemig.wire.encoder import Encoder
 PART_BYTES = 64 * MIB
 PART_SECONDS = 0.05
 WINDOW_BYTES = 2 * MIB
+# In postcopy, background work is cut into pieces this small between request checks.
+POSTCOPY_CHUNK_PAGES = 32
 
 
 @dataclass
-class SendCounters:
-    pages: int = 0
-    zeros: int = 0
-    bytes: int = 0
+class OutChannel:
+    """One outgoing connection with its own encoder (and so its own last block)."""
+
+    name: str  # "precopy" or "postcopy"
+    encoder: Encoder
+    writer: ChannelWriter
+
+
+@dataclass
+class Preempted:
+    """Where the precopy channel stopped inside a huge page (one fact per field)."""
+
+    block: str
+    host_page: int  # index of the huge page's first 4 KiB page
+    pages: IndexArray  # pieces not yet sent (non-zero)
+    zeros: IndexArray  # pieces not yet sent (zero)
 
 
 class PageSender:
-    """Sends dirty pages of every block on the main channel."""
+    """Sends dirty pages of every block (see the module docstring)."""
 
-    def __init__(self, blocks: Mapping[str, RamBlock], encoder: Encoder,
-                 writer: ChannelWriter, section_id: int, stats: RamStats,
-                 limiter: RateLimiter) -> None:
+    def __init__(self, blocks: Mapping[str, RamBlock], main: OutChannel, section_id: int,
+                 stats: RamStats, limiter: RateLimiter, tracer: Tracer | None = None) -> None:
         self.blocks = dict(blocks)
         self.bitmaps = {name: MigrationBitmap(b) for name, b in self.blocks.items()}
-        self.encoder = encoder
-        self.writer = writer
+        self.main = main
+        self.post: OutChannel | None = None
         self.section_id = section_id
         self.stats = stats
         self.limiter = limiter
+        self.trace = tracer or Tracer()
+        self.break_huge = True
+        self.locality = True
+        self.current = main.name  # the channel in use, for switch/reset traces
+        self.preempted: Preempted | None = None
         self._views = {name: b.view() for name, b in self.blocks.items()}
+        self._stats_lock = threading.Lock()
+        self._post_lock = threading.Lock()  # the postcopy channel may have two writers
+        self._hint: tuple[str, int] | None = None  # locality hint from the last request
+
+    # compatibility accessors used by the source state machine
+    @property
+    def encoder(self) -> Encoder:
+        return self.main.encoder
+
+    @property
+    def writer(self) -> ChannelWriter:
+        return self.main.writer
 
     def release(self) -> None:
         """Drop every view of guest RAM so the VM can unmap it."""
@@ -72,66 +128,73 @@ class PageSender:
     def dirty_pages(self) -> int:
         return sum(bm.dirty_count() for bm in self.bitmaps.values())
 
-    # --- sending ------------------------------------------------------------------------
-    def send_window(self, name: str, first: int, count: int, *, urgent: bool = False) -> int:
-        """Send the dirty pages of one window; returns bytes queued.
+    def _window_pages(self, block: RamBlock) -> int:
+        return max(WINDOW_BYTES, block.host_page_size) // PAGE_SIZE
 
-        Urgent (requested) pages are flushed at once; background pages are batched and
-        rate limited.
-        """
-        window = self.bitmaps[name].take_window(first, count)
-        if not len(window):
-            return 0
-        enc = self.encoder
+    # --- encoding -------------------------------------------------------------------------
+    def _emit(self, ch: OutChannel, name: str, pages: IndexArray, zeros: IndexArray, *,
+              urgent: bool) -> int:
+        """Encode pages of one block on ``ch``; urgent data is flushed at once."""
+        enc = ch.encoder
         bufs: list[bytes | memoryview] = []
-        if len(window.zeros):
-            bufs.append(enc.zero_pages(name, window.zeros * PAGE_SIZE))
-        if len(window.pages):
-            bufs += enc.pages(name, window.pages * PAGE_SIZE, self._views[name])
+        if len(zeros):
+            bufs.append(enc.zero_pages(name, zeros * PAGE_SIZE))
+        if len(pages):
+            bufs += enc.pages(name, pages * PAGE_SIZE, self._views[name])
         nbytes = sum(len(b) for b in bufs)
-        self.stats.normal += len(window.pages)
-        self.stats.duplicate += len(window.zeros)
+        with self._stats_lock:
+            self.stats.normal += len(pages)
+            self.stats.duplicate += len(zeros)
         if urgent:
-            self.writer.write_now(bufs)
+            ch.writer.write_now(bufs)
         else:
-            self.writer.write(bufs)
+            ch.writer.write(bufs)
             self.limiter.account(nbytes)
         return nbytes
 
-    def send_round(self, cancelled: Callable[[], bool]) -> int:
+    def send_window(self, name: str, first: int, count: int) -> int:
+        """Send the dirty pages of one window on the precopy channel."""
+        w = self.bitmaps[name].take_window(first, count)
+        return self._emit(self.main, name, w.pages, w.zeros, urgent=False) if len(w) else 0
+
+    # --- precopy --------------------------------------------------------------------------
+    def send_round(self, interrupted: Callable[[], bool]) -> int:
         """Send every page that is dirty now, in PART sections; returns bytes sent."""
         total = 0
         for name, block in self.blocks.items():
-            window = max(WINDOW_BYTES, block.host_page_size) // PAGE_SIZE
+            window = self._window_pages(block)
             page = self.bitmaps[name].next_dirty(0)
-            while page >= 0 and not cancelled():
+            while page >= 0 and not interrupted():
                 total += self._send_part(name, page - page % window, window)
                 page = self.bitmaps[name].next_dirty(0)
         return total
 
     def _send_part(self, name: str, first: int, window: int) -> int:
         """One PART section: windows from ``first`` on, until the size/time budget."""
-        self.writer.write([self.encoder.ram_part(self.section_id)])
+        self.main.writer.write([self.main.encoder.ram_part(self.section_id)])
         deadline = time.monotonic() + PART_SECONDS
         sent = 0
         bm = self.bitmaps[name]
         while first < bm.pages and sent < PART_BYTES and time.monotonic() < deadline:
             sent += self.send_window(name, first, window)
             first += window
-        self.writer.write([self.encoder.close_ram_section()])
-        self.writer.flush()
+        self._close_part()
         return sent
+
+    def _close_part(self) -> None:
+        self.main.writer.write([self.main.encoder.close_ram_section()])
+        self.main.writer.flush()
 
     def send_all_remaining(self) -> int:
         """Stop-and-copy: every dirty page, inside the already open END section."""
         total = 0
         for name, block in self.blocks.items():
-            window = max(WINDOW_BYTES, block.host_page_size) // PAGE_SIZE
+            window = self._window_pages(block)
             for first in range(0, block.pages, window):
                 total += self.send_window(name, first, window)
         return total
 
-    # --- postcopy -----------------------------------------------------------------------
+    # --- postcopy: switchover -------------------------------------------------------------
     def prepare_postcopy(self) -> list[tuple[str, list[tuple[int, int]]]]:
         """At switchover: whole host pages dirty, and the ranges to discard per block."""
         out = []
@@ -140,44 +203,154 @@ class PageSender:
             out.append((name, bm.dirty_ranges()))
         return out
 
-    def serve_request(self, req: PageRequest) -> int:
-        """Send a requested host page now, if it still has to be sent."""
-        self.stats.postcopy_requests += 1
-        return self.send_window(req.block, req.start // PAGE_SIZE, req.length // PAGE_SIZE,
-                                urgent=True)
+    # --- postcopy: urgent pages -----------------------------------------------------------
+    def _switch(self, channel: str) -> None:
+        if self.current != channel:
+            self.trace("postcopy_preempt_switch_channel", channel=channel)
+            self.current = channel
 
+    def reset_channel(self) -> None:
+        """End of a round or completion: back to the precopy channel."""
+        if self.post is not None:
+            self.trace("postcopy_preempt_reset_channel")
+        self.current = self.main.name
+
+    def _hits_preempted(self, req: PageRequest) -> bool:
+        p = self.preempted
+        if p is None or p.block != req.block:
+            return False
+        per = self.blocks[req.block].host_page_size // PAGE_SIZE
+        first = req.start // PAGE_SIZE
+        return p.host_page <= first < p.host_page + per
+
+    def serve_request(self, req: PageRequest) -> None:
+        """Migration-thread mode: send one requested host page, or resume the
+        interrupted huge page if the request lies inside it."""
+        with self._stats_lock:
+            self.stats.postcopy_requests += 1
+        self._hint = (req.block, (req.start + req.length) // PAGE_SIZE)
+        if self._hits_preempted(req):
+            self.trace("postcopy_preempt_hit", block=req.block, offset=req.start)
+            self._resume_preempted(interruptible=False)
+            return
+        self._send_requested(req)
+
+    def send_urgent(self, req: PageRequest) -> None:
+        """Return-path-thread mode: send a requested host page on the postcopy channel."""
+        with self._stats_lock:
+            self.stats.postcopy_requests += 1
+        self._hint = (req.block, (req.start + req.length) // PAGE_SIZE)
+        self._send_requested(req)
+
+    def _send_requested(self, req: PageRequest) -> None:
+        ch = self.post or self.main
+        # Take the pages and write them under one lock, so the postcopy channel cannot
+        # be ended (finish_postcopy_channel) between the two.
+        with self._post_lock:
+            w = self.bitmaps[req.block].take_window(req.start // PAGE_SIZE,
+                                                    req.length // PAGE_SIZE)
+            if not len(w):
+                return  # already sent (or on its way on the precopy channel)
+            self._switch(ch.name)
+            self.trace("postcopy_preempt_send_host_page", channel=ch.name, block=req.block,
+                       offset=req.start)
+            nbytes = self._emit(ch, req.block, w.pages, w.zeros, urgent=True)
+        with self._stats_lock:
+            self.stats.x_postcopy_urgent_bytes += nbytes
+
+    def finish_postcopy_channel(self) -> None:
+        """All pages are sent: end the postcopy channel (after any urgent send)."""
+        if self.post is not None:
+            with self._post_lock:
+                self.post.writer.write_now([self.post.encoder.eof()])
+
+    # --- postcopy: the migration thread ---------------------------------------------------
     def postcopy_loop(self, queue: RequestQueue, failed: Callable[[], bool]) -> None:
-        """Serve requests first; otherwise send background pages, continuing after the
-        last requested page (a faulting guest tends to touch its neighbours next)."""
+        """Requests first (unless the return-path thread serves them), background
+        pages otherwise, in PART sections on the precopy channel."""
         cursor = {name: 0 for name in self.blocks}
         while not failed():
-            self.writer.write([self.encoder.ram_part(self.section_id)])
+            self.main.writer.write([self.main.encoder.ram_part(self.section_id)])
             deadline = time.monotonic() + PART_SECONDS
             done = False
             while time.monotonic() < deadline and not failed():
-                req = queue.pop()
-                if req is not None:
-                    self.serve_request(req)
-                    cursor[req.block] = (req.start + req.length) // PAGE_SIZE
+                if self._serve_queue(queue):
                     continue
-                if not self._send_background(cursor):
+                if self.preempted is not None:
+                    self.trace("postcopy_preempt_restored", block=self.preempted.block,
+                               page=self.preempted.host_page)
+                    self._resume_preempted(interruptible=True, queue=queue)
+                    continue
+                if not self._send_background(cursor, queue):
                     done = True
                     break
-            self.writer.write([self.encoder.close_ram_section()])
-            self.writer.flush()
+            self._close_part()
+            self.reset_channel()
             if done:
                 return
 
-    def _send_background(self, cursor: dict[str, int]) -> bool:
-        """One background window on the first block with dirty pages; False when none."""
+    def _serve_queue(self, queue: RequestQueue) -> bool:
+        served = False
+        while (req := queue.pop()) is not None:
+            self.serve_request(req)
+            served = True
+        return served
+
+    def _send_background(self, cursor: dict[str, int], queue: RequestQueue) -> bool:
+        """One background piece on the first block with dirty pages; False when none."""
+        hint, self._hint = self._hint, None
+        if hint is not None and self.locality:
+            cursor[hint[0]] = hint[1]
         for name, block in self.blocks.items():
             bm = self.bitmaps[name]
             page = bm.next_dirty(cursor[name] % bm.pages)
             if page < 0:
                 continue
-            window = max(WINDOW_BYTES, block.host_page_size) // PAGE_SIZE
-            first = page - page % window
-            self.send_window(name, first, window)
-            cursor[name] = first + window
+            self._switch(self.main.name)
+            per = block.host_page_size // PAGE_SIZE
+            if per > 1:
+                self._send_huge(name, page - page % per, queue)
+                cursor[name] = page - page % per + per
+            else:
+                # Small pieces when requests have their own channel (they only wait for
+                # the piece in hand); big windows otherwise (they wait behind the socket
+                # queue anyway, and big windows cost less Python per byte).
+                chunk = POSTCOPY_CHUNK_PAGES if self.post is not None else \
+                    self._window_pages(block)
+                first = page - page % chunk
+                self.send_window(name, first, chunk)
+                cursor[name] = first + chunk
             return True
         return False
+
+    def _send_huge(self, name: str, first: int, queue: RequestQueue) -> None:
+        per = self.blocks[name].host_page_size // PAGE_SIZE
+        w = self.bitmaps[name].take_window(first, per)
+        self.preempted = Preempted(name, first, w.pages, w.zeros)
+        self._resume_preempted(interruptible=True, queue=queue)
+
+    def _resume_preempted(self, *, interruptible: bool,
+                          queue: RequestQueue | None = None) -> None:
+        """Send the rest of the interrupted huge page on the precopy channel, in chunks;
+        stop again (keeping the position) if a request is pending and we may."""
+        p = self.preempted
+        assert p is not None
+        self._switch(self.main.name)
+        may_break = interruptible and self.break_huge and self.post is not None
+        while len(p.pages) or len(p.zeros):
+            if may_break and queue is not None and len(queue):
+                # Pieces are sent in order, zero pages first: report the next piece.
+                nxt = int(p.zeros[0] if len(p.zeros) else p.pages[0])
+                self.trace("postcopy_preempt_triggered", block=p.block, page=nxt)
+                return
+            if len(p.zeros):
+                self._emit(self.main, p.block, p.zeros[:0], p.zeros, urgent=False)
+                p.zeros = p.zeros[:0]
+                continue
+            chunk, p.pages = p.pages[:POSTCOPY_CHUNK_PAGES], p.pages[POSTCOPY_CHUNK_PAGES:]
+            self._emit(self.main, p.block, chunk, chunk[:0], urgent=False)
+            if may_break:
+                # Push the chunk out so a request need not wait behind queued data.
+                self.main.writer.flush()
+        self.preempted = None
+

@@ -31,10 +31,16 @@ from collections.abc import Callable
 from typing import Any
 
 from livemig.errors import LivemigError, MigrationCancelled, MigrationError, QmpError
-from livemig.migration.channel import Channel, ChannelWriter, MigrationUri, connect
+from livemig.migration.channel import (
+    Channel,
+    ChannelWriter,
+    MigrationUri,
+    connect,
+    quiet_background,
+)
 from livemig.migration.ratelimit import BandwidthMeter, RateLimiter
 from livemig.migration.returnpath import PageRequest, RequestQueue, ReturnPathReader
-from livemig.migration.sender import PageSender
+from livemig.migration.sender import OutChannel, PageSender
 from livemig.migration.state import (
     Capabilities,
     MigrationInfo,
@@ -42,8 +48,10 @@ from livemig.migration.state import (
     Parameters,
     StatusMachine,
 )
+from livemig.migration.trace import Tracer
 from livemig.vmm.vm import RunState, Vm
 from livemig.wire.blocks import BlockInfo, host_page_summary
+from livemig.wire.channel import ChannelKind
 from livemig.wire.encoder import Encoder
 
 log = logging.getLogger("livemig.source")
@@ -63,7 +71,8 @@ class SourceMigration:
     """One outgoing migration (see the module docstring for its phases)."""
 
     def __init__(self, vm: Vm, uri: MigrationUri, caps: Capabilities, params: Parameters,
-                 emit: EventSink | None = None) -> None:
+                 emit: EventSink | None = None, tracer: Tracer | None = None, *,
+                 postcopy_channel_first: bool = False) -> None:
         self.vm = vm
         self.uri = uri
         self.caps = caps
@@ -76,6 +85,12 @@ class SourceMigration:
         self.requests = RequestQueue()
         self._rp: ReturnPathReader | None = None
         self._channel: Channel | None = None
+        self._post_channel: Channel | None = None
+        self._sender: PageSender | None = None
+        self.trace = tracer or Tracer()
+        # Test hook: connect the postcopy channel before the main one (the destination
+        # must tell them apart whatever order they arrive in).
+        self.postcopy_channel_first = postcopy_channel_first
         self._paused_by_us = False
         self._was_running = False
         self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
@@ -147,39 +162,55 @@ class SourceMigration:
         finally:
             if sender is not None:
                 sender.release()
-            if self._channel is not None:
-                self._channel.shutdown()
-                self._channel.close()
+            for ch in (self._channel, self._post_channel):
+                if ch is not None:
+                    ch.shutdown()
+                    ch.close()
             if self._rp is not None:
                 self._rp.join(5)
             self.info.end_ns = time.monotonic_ns()
 
     def _setup(self, channel: Channel) -> PageSender:
-        enc = Encoder(postcopy=self.caps.postcopy_ram)
-        writer = ChannelWriter(channel)
         stats = self.info.ram
         stats.total = sum(b.size for b in self.vm.blocks.values())
         blocks = block_table(self.vm)
+        main = OutChannel("precopy", Encoder(postcopy=self.caps.postcopy_ram),
+                          ChannelWriter(channel))
+        enc, writer = main.encoder, main.writer
+        sender = PageSender(self.vm.blocks, main, RAM_SECTION_ID, stats,
+                            RateLimiter(self.params.max_bandwidth), self.trace)
+        self._sender = sender
+        if self.caps.postcopy_preempt and self.postcopy_channel_first:
+            sender.post = self._open_postcopy_channel()
         writer.write([enc.preamble()])
         if self.caps.postcopy_ram:
             writer.write([enc.open_return_path(),
                           enc.postcopy_advise(host_page_summary(blocks))])
         writer.write([enc.ram_start(RAM_SECTION_ID), enc.mem_size(blocks),
                       enc.close_ram_section()])
+        writer.flush()
+        if self.caps.postcopy_preempt and sender.post is None:
+            sender.post = self._open_postcopy_channel()
         if self.caps.postcopy_ram:
             # The destination checks page sizes and userfaultfd at ADVISE; its PONG
             # tells us it agreed, before anything could stop our guest.
             writer.write([enc.ping(1)])
             writer.flush()
-            self._rp = ReturnPathReader(channel, blocks, self._queue_request)
+            self._rp = ReturnPathReader(channel, blocks, self._on_request)
             self._rp.start()
             self._rp.wait_pong(1, timeout=30)
-        writer.flush()
         self.vm.set_dirty_logging(True)
-        sender = PageSender(self.vm.blocks, enc, writer, RAM_SECTION_ID, stats,
-                            RateLimiter(self.params.max_bandwidth))
         self.info.setup_ns = time.monotonic_ns() - self.info.start_ns
         return sender
+
+    def _open_postcopy_channel(self) -> OutChannel:
+        """The second connection, for requested pages only (postcopy preemption)."""
+        self.trace("postcopy_preempt_enabled")
+        self._post_channel = connect(self.uri, name="postcopy")
+        enc = Encoder(channel=ChannelKind.POSTCOPY, postcopy=True)
+        ch = OutChannel("postcopy", enc, ChannelWriter(self._post_channel))
+        ch.writer.write_now([enc.preamble()])
+        return ch
 
     def _iterate(self, sender: PageSender) -> None:
         meter = BandwidthMeter()
@@ -247,8 +278,15 @@ class SourceMigration:
         self.status.set(MigrationStatus.COMPLETED)
 
     # --- postcopy ---------------------------------------------------------------------------
-    def _queue_request(self, req: PageRequest) -> None:
-        self.requests.put(req)
+    def _on_request(self, req: PageRequest) -> None:
+        """Return-path thread: queue a request for the migration thread, or (QEMU 8.0
+        style, with preemption) send the page right here on the postcopy channel."""
+        sender = self._sender
+        if (sender is not None and sender.post is not None
+                and self.params.x_postcopy_urgent_sender == "return-path"):
+            sender.send_urgent(req)
+        else:
+            self.requests.put(req)
 
     def _postcopy(self, sender: PageSender) -> None:
         """Switch the guest over to the destination, then send the rest on demand."""
@@ -280,10 +318,17 @@ class SourceMigration:
         self.vm.set_dirty_logging(False)
         self.status.set(MigrationStatus.POSTCOPY_ACTIVE)
         sender.limiter = RateLimiter(self.params.max_postcopy_bandwidth)
+        sender.break_huge = (self.params.x_postcopy_preempt_break_huge
+                             and self.params.x_postcopy_urgent_sender == "migration")
+        sender.locality = self.params.x_postcopy_locality
+        if sender.post is not None and self._channel is not None:
+            quiet_background(self._channel)
         sender.postcopy_loop(self.requests, self._postcopy_failed)
         self._check_postcopy_alive()
+        sender.finish_postcopy_channel()
         writer.write([enc.ram_end(RAM_SECTION_ID), enc.close_ram_section(), enc.eof()])
         writer.flush()
+        sender.reset_channel()
         self._rp.wait_shut(timeout=60)
         st = self.info.ram
         st.transferred = writer.bytes_sent

@@ -136,20 +136,37 @@ class Parameters:
     downtime_limit: int = 300
     max_postcopy_bandwidth: int = 0
     x_max_iterations: int = 30  # ours: give up converging after this many rounds
+    # Postcopy preemption knobs (ours, "x-" as QEMU marks experimental properties):
+    # break huge pages for urgent requests (QEMU's x-postcopy-preempt-break-huge) ...
+    x_postcopy_preempt_break_huge: bool = True
+    # ... who sends requested pages: the "migration" thread (QEMU 7.1) or the
+    # "return-path" thread (QEMU 8.0) ...
+    x_postcopy_urgent_sender: str = "return-path"
+    # ... and whether the background scan continues after the last requested page.
+    x_postcopy_locality: bool = True
 
     def to_qmp(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
     def updated(self, args: dict[str, Any]) -> Parameters:
-        known = {f.name.replace("_", "-"): f.name for f in fields(self)}
-        new: dict[str, int] = {}
+        known = {f.name.replace("_", "-"): f for f in fields(self)}
+        new: dict[str, Any] = {}
         for name, value in args.items():
             if name not in known:
                 raise QmpError(f"Parameter '{name}' is unexpected")
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            kind = type(getattr(self, known[name].name))
+            if kind is bool and not isinstance(value, bool):
+                raise QmpError(f"Parameter '{name}' expects a boolean")
+            if kind is int and (not isinstance(value, int) or isinstance(value, bool)
+                                or value < 0):
                 raise QmpError(f"Parameter '{name}' expects a non-negative integer")
-            new[known[name]] = value
+            if kind is str and value not in URGENT_SENDERS:
+                raise QmpError(f"Parameter '{name}' expects one of {', '.join(URGENT_SENDERS)}")
+            new[known[name].name] = value
         return replace(self, **new)
+
+
+URGENT_SENDERS = ("migration", "return-path")
 
 
 @dataclass
@@ -167,6 +184,7 @@ class RamStats:
     downtime_bytes: int = 0
     postcopy_bytes: int = 0
     postcopy_requests: int = 0
+    x_postcopy_urgent_bytes: int = 0  # ours: bytes of requested pages
     page_size: int = 4096
     mbps: float = 0.0
     pages_per_second: int = 0
