@@ -77,10 +77,13 @@ def _quit_on_signals(instance: Instance) -> None:
 @click.option("-S", "paused", is_flag=True, help="Do not start the vCPUs (cont over QMP).")
 @click.option("--incoming", help="Wait for a migration on this URI (tcp:HOST:PORT, "
               "unix:PATH, file:PATH), or 'defer' to wait for QMP migrate-incoming.")
+@click.option("--trace", "trace", multiple=True, metavar="PATTERN",
+              help="Write trace events matching PATTERN (e.g. 'postcopy_preempt*') as JSON "
+                   "lines to stderr, as QEMU's -trace.")
 @_friendly_errors
 def run(guest: str | None, image: str | None, mem: str, page_size: str, qmp_path: str | None,
         serial: str | None, duration: float | None, paused: bool,
-        incoming: str | None) -> None:
+        incoming: str | None, trace: tuple[str, ...]) -> None:
     """Run a VM until `quit` over QMP, a signal, or --duration."""
     if incoming is None and (guest is None) == (image is None):
         raise click.UsageError("give exactly one of --guest or --image")
@@ -88,7 +91,8 @@ def run(guest: str | None, image: str | None, mem: str, page_size: str, qmp_path
         raise click.UsageError("--incoming receives its guest: no --guest or --image")
     config = VmConfig(parse_size(mem), Backing.parse(page_size))
     with _serial_sink(serial) as sink, \
-            Instance(Vm(config, sink), qmp_path, exit_after_incoming=incoming is not None) as inst:
+            Instance(Vm(config, sink), qmp_path, exit_after_incoming=incoming is not None,
+                     trace=trace, trace_sink=sys.stderr) as inst:
         _quit_on_signals(inst)
         if incoming is not None:
             if incoming != "defer":
@@ -134,7 +138,7 @@ def migrate(qmp_path: str, uri: str, watch: bool, max_bandwidth: int | None,
 
 @main.command()
 @click.option("--mode", default="precopy", show_default=True,
-              type=click.Choice(["precopy", "postcopy"]))
+              type=click.Choice(["precopy", "postcopy", "preempt"]))
 @click.option("--guest", default="ab", show_default=True, type=click.Choice(GUEST_NAMES))
 @click.option("--mem", default="256M", show_default=True)
 @click.option("--page-size", default="4K", show_default=True,

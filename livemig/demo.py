@@ -30,7 +30,7 @@ from rich.table import Table
 from livemig.control.client import QmpClient
 from livemig.errors import MigrationError
 
-MODES = ("precopy", "postcopy")
+MODES = ("precopy", "postcopy", "preempt")
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,8 @@ def run_demo(cfg: DemoConfig, console: Console) -> dict[str, Any]:
         caps = [{"capability": "events", "state": True}]
         if cfg.mode != "precopy":
             caps.append({"capability": "postcopy-ram", "state": True})
+        if cfg.mode == "preempt":
+            caps.append({"capability": "postcopy-preempt", "state": True})
         for vmm in (src, dst):
             vmm.qmp.execute("migrate-set-capabilities", capabilities=caps)
         uri = f"unix:{Path(tmp) / 'migration.sock'}"

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TextIO
 
 from livemig.control.commands import CommandTable, Param
 from livemig.control.qmp import QmpServer
@@ -23,6 +24,7 @@ from livemig.migration.channel import MigrationUri
 from livemig.migration.destination import DestinationMigration
 from livemig.migration.source import SourceMigration
 from livemig.migration.state import Capabilities, MigrationStatus, Parameters
+from livemig.migration.trace import Tracer
 from livemig.vmm.boot import guest_range
 from livemig.vmm.checks import ab_check, random_check
 from livemig.vmm.vm import RunState, Vm
@@ -34,8 +36,11 @@ class Instance:
     """A VM plus its QMP control socket."""
 
     def __init__(self, vm: Vm, qmp_path: str | None = None, *,
-                 exit_after_incoming: bool = False) -> None:
+                 exit_after_incoming: bool = False, trace: Sequence[str] = (),
+                 trace_sink: TextIO | None = None) -> None:
         self.vm = vm
+        self.trace_patterns = tuple(trace)
+        self.trace_sink = trace_sink
         self.commands = CommandTable()
         self._quit = threading.Event()
         self.caps = Capabilities()
@@ -127,7 +132,8 @@ class Instance:
         if self.vm.runstate not in (RunState.RUNNING, RunState.PAUSED, RunState.PRELAUNCH):
             raise QmpError(f"Cannot migrate a VM that is {self.vm.runstate.value}")
         self.outgoing = SourceMigration(self.vm, MigrationUri.parse(uri), self.caps,
-                                        self.params, self._emit)
+                                        self.params, self._emit,
+                                        Tracer(self.trace_patterns, self.trace_sink))
         self.outgoing.start()
 
     def migrate_incoming(self, uri: str) -> None:
@@ -156,7 +162,8 @@ class Instance:
 
     def query_migrate(self) -> dict[str, Any]:
         if self.outgoing is not None:
-            return self.outgoing.info.to_qmp()
+            return {**self.outgoing.info.to_qmp(),
+                    **self.outgoing.trace.to_qmp("postcopy_preempt")}
         return {} if self.incoming is None else self.incoming.query()
 
     # --- lifecycle ------------------------------------------------------------------------

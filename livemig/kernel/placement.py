@@ -55,6 +55,10 @@ class PagePlacer:
         """UFFDIO_COPY ``length`` bytes of ``src`` to ``offset``; False if already there."""
         return self.uffd.copy(self._base + offset, buffer_address(src), length) == length
 
+    def discard(self, offset: int, length: int) -> None:
+        """Drop pages so that they fault again (postcopy discard of stale pages)."""
+        self.mapping.discard(offset, length)
+
     def zero(self, offset: int, length: int) -> bool:
         """UFFDIO_ZEROPAGE (4 KiB pages only); False if the page was already there."""
         return self.uffd.zeropage(self._base + offset, length) == length

@@ -18,14 +18,30 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from livemig.kernel.mman import PAGE_SIZE
-from livemig.vmm.memory import RamBlock, bitmap_to_bools, new_bitmap
+from livemig.vmm.memory import Bitmap, bitmap_to_bools, new_bitmap
 
 IndexArray = npt.NDArray[np.int64]
+
+
+class SourceBlock(Protocol):
+    """What the source needs of a RAM block (a vmm RamBlock, or a plain buffer in tests)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def pages(self) -> int: ...
+    @property
+    def host_page_size(self) -> int: ...
+    def view(self) -> memoryview: ...
+    def sync_dirty(self, into: Bitmap) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -42,7 +58,7 @@ class Window:
 class MigrationBitmap:
     """Dirty pages still to send for one RAM block."""
 
-    def __init__(self, block: RamBlock) -> None:
+    def __init__(self, block: SourceBlock) -> None:
         self.block = block
         self.pages = block.pages
         self.bits = np.ones(self.pages, dtype=np.bool_)
@@ -50,7 +66,7 @@ class MigrationBitmap:
         self._log = new_bitmap(self.pages)
         # Guest RAM as one row of 64-bit words per page: zero checks read RAM in place.
         # This view pins the mapping: drop the bitmap when the migration ends.
-        self._words = np.frombuffer(block.mapping.mm, dtype=np.uint64).reshape(
+        self._words = np.frombuffer(block.view(), dtype=np.uint64).reshape(
             self.pages, PAGE_SIZE // 8)
 
     def sync(self) -> int:

@@ -42,7 +42,12 @@ from livemig.kernel.uffd import (
     feature_names,
 )
 from livemig.migration.channel import Channel, Listener, MigrationUri
-from livemig.migration.postcopy import ChannelPlacer, FaultThread, PostcopyState
+from livemig.migration.postcopy import (
+    ChannelPlacer,
+    FaultThread,
+    PostcopyState,
+    uffd_block_states,
+)
 from livemig.migration.returnpath import ReturnPathWriter
 from livemig.migration.source import block_table
 from livemig.migration.state import Capabilities, MigrationInfo, MigrationStatus, StatusMachine
@@ -365,7 +370,8 @@ class _Load:
         self.uffd = Userfaultfd.open()
         self.uffd.api(needed)
         tids = {i: v.native_id or 0 for i, v in enumerate(self.vm.vcpus)}
-        self.postcopy = PostcopyState(self.vm.blocks, self.uffd, tids)
+        self.postcopy = PostcopyState(uffd_block_states(self.vm.blocks, self.uffd),
+                                      self.uffd, tids)
 
     def _listen(self) -> None:
         """Register guest RAM with userfaultfd and start taking faults."""

@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -97,27 +98,46 @@ class LatencyStats:
         }
 
 
+class Placer(Protocol):
+    """Where a block's pages are placed: PagePlacer (userfaultfd) in livemig; a plain
+    buffer in protocol tests (1 GiB pages cannot be reserved on a test machine)."""
+
+    def register(self) -> None: ...
+    def unregister(self) -> None: ...
+    def offset_of(self, address: int) -> int: ...
+    def copy(self, offset: int, src: npt.NDArray[np.uint8] | mmap.mmap | bytearray,
+             length: int) -> bool: ...
+    def zero(self, offset: int, length: int) -> bool: ...
+    def discard(self, offset: int, length: int) -> None: ...
+
+
 class BlockState:
     """Per-block postcopy bookkeeping, one entry per host page."""
 
-    def __init__(self, block: RamBlock, uffd: Userfaultfd) -> None:
-        self.block = block
-        self.name = block.name
-        self.host_page = block.host_page_size
-        n = block.size // self.host_page
+    def __init__(self, name: str, size: int, host_page: int, placer: Placer) -> None:
+        self.name = name
+        self.host_page = host_page
+        n = size // self.host_page
         self.received = np.zeros(n, dtype=np.bool_)
         self.precopy_present = np.zeros(n, dtype=np.bool_)
         self.requested: dict[int, tuple[int, int | None]] = {}  # hp -> (fault ns, vCPU)
-        self.placer = PagePlacer(uffd, block.mapping)
+        self.placer = placer
+
+
+def uffd_block_states(blocks: Mapping[str, RamBlock],
+                      uffd: Userfaultfd) -> dict[str, BlockState]:
+    """Block states that place through ``uffd`` into the VM's guest RAM."""
+    return {name: BlockState(name, b.size, b.host_page_size, PagePlacer(uffd, b.mapping))
+            for name, b in blocks.items()}
 
 
 class PostcopyState:
     """What the fault thread and every channel placer share (see module docstring)."""
 
-    def __init__(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
+    def __init__(self, blocks: Mapping[str, BlockState], uffd: Userfaultfd | None,
                  vcpu_tids: Mapping[int, int]) -> None:
         self.uffd = uffd
-        self.blocks = {name: BlockState(b, uffd) for name, b in blocks.items()}
+        self.blocks = dict(blocks)
         self.lock = threading.Lock()
         self.stats = LatencyStats()
         self.vcpu_of_tid = {tid: i for i, tid in vcpu_tids.items()}
@@ -136,7 +156,7 @@ class PostcopyState:
     def discard(self, name: str, start: int, length: int) -> None:
         st = self.blocks[name]
         first, last = start // st.host_page, (start + length - 1) // st.host_page
-        st.block.mapping.discard(first * st.host_page, (last - first + 1) * st.host_page)
+        st.placer.discard(first * st.host_page, (last - first + 1) * st.host_page)
         st.precopy_present[first : last + 1] = False
 
     # --- placement ----------------------------------------------------------------------
@@ -355,6 +375,7 @@ class FaultThread:
 
     def _run(self) -> None:
         uffd = self.state.uffd
+        assert uffd is not None
         try:
             while True:
                 ready, _, _ = select.select([uffd.fileno(), self._stop_r], [], [])

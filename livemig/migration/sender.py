@@ -45,13 +45,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from livemig.kernel.mman import MIB, PAGE_SIZE
-from livemig.migration.bitmap import IndexArray, MigrationBitmap
+from livemig.migration.bitmap import IndexArray, MigrationBitmap, SourceBlock
 from livemig.migration.channel import ChannelWriter
 from livemig.migration.ratelimit import RateLimiter
 from livemig.migration.returnpath import PageRequest, RequestQueue
 from livemig.migration.state import RamStats
 from livemig.migration.trace import Tracer
-from livemig.vmm.memory import RamBlock
 from livemig.wire.encoder import Encoder
 
 # A PART section ends after this much data or time, like QEMU's 50 ms iterations.
@@ -84,7 +83,7 @@ class Preempted:
 class PageSender:
     """Sends dirty pages of every block (see the module docstring)."""
 
-    def __init__(self, blocks: Mapping[str, RamBlock], main: OutChannel, section_id: int,
+    def __init__(self, blocks: Mapping[str, SourceBlock], main: OutChannel, section_id: int,
                  stats: RamStats, limiter: RateLimiter, tracer: Tracer | None = None) -> None:
         self.blocks = dict(blocks)
         self.bitmaps = {name: MigrationBitmap(b) for name, b in self.blocks.items()}
@@ -128,7 +127,7 @@ class PageSender:
     def dirty_pages(self) -> int:
         return sum(bm.dirty_count() for bm in self.bitmaps.values())
 
-    def _window_pages(self, block: RamBlock) -> int:
+    def _window_pages(self, block: SourceBlock) -> int:
         return max(WINDOW_BYTES, block.host_page_size) // PAGE_SIZE
 
     # --- encoding -------------------------------------------------------------------------
