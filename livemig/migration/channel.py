@@ -30,12 +30,14 @@ from livemig.kernel.sock import (
     read_exact_into,
     recv_exact_into,
     send_buffers,
+    set_buffer_sizes,
     set_nodelay,
     set_notsent_lowat,
     write_buffers,
 )
 
 Scheme = Literal["tcp", "unix", "file"]
+SOCKET_BUFFER = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,7 @@ def connect(uri: MigrationUri, name: str = "main", timeout: float = 10.0) -> Cha
             sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
             set_nodelay(sock)
         sock.settimeout(None)
+        set_buffer_sizes(sock, SOCKET_BUFFER)
         return Channel(sock=sock, name=name)
     except OSError as e:
         raise ChannelClosedError(f"cannot connect to {uri}: {e.strerror or e}") from None
@@ -215,6 +218,7 @@ class Listener:
             raise ChannelClosedError(f"no connection on {self.uri}: {e}") from None
         conn.settimeout(None)
         set_nodelay(conn)
+        set_buffer_sizes(conn, SOCKET_BUFFER)
         return Channel(sock=conn, name=name)
 
     def close(self) -> None:
@@ -261,11 +265,12 @@ class ChannelWriter:
 
 
 # With preemption, background pages must not pile up in front of urgent ones: keep the
-# precopy socket's unsent queue short (TCP only; a unix socket has no such queue knob).
-BACKGROUND_NOTSENT_LOWAT = 256 * 1024
+# precopy socket's queue short (its unsent part too, for TCP) once postcopy runs.
+BACKGROUND_QUEUE = 256 * 1024
 
 
 def quiet_background(channel: Channel) -> None:
     """Postcopy with preemption: keep the precopy channel's kernel queue short."""
     if channel.sock is not None:
-        set_notsent_lowat(channel.sock, BACKGROUND_NOTSENT_LOWAT)
+        set_buffer_sizes(channel.sock, BACKGROUND_QUEUE)
+        set_notsent_lowat(channel.sock, BACKGROUND_QUEUE // 2)
