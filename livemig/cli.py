@@ -65,11 +65,10 @@ def _quit_on_signals(instance: Instance) -> None:
 
 
 @main.command()
-@click.option("--guest", type=click.Choice(GUEST_NAMES), help="Built-in guest program.")
+@click.option("--guest", help=f"Built-in guest program: {', '.join(GUEST_NAMES)}.")
 @click.option("--image", type=click.Path(dir_okay=False), help="Any 512-byte boot sector.")
 @click.option("--mem", default="256M", show_default=True, help="Guest RAM size.")
 @click.option("--page-size", default="4K", show_default=True,
-              type=click.Choice([b.value for b in Backing], case_sensitive=False),
               help="Guest RAM backing: 4K pages, THP, or hugetlbfs 2M / 1G pages.")
 @click.option("--qmp", "qmp_path", type=click.Path(), help="QMP unix socket path.")
 @click.option("--serial", type=click.Path(dir_okay=False), help="Serial output file.")

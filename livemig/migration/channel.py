@@ -210,10 +210,12 @@ class Listener:
             except OSError as e:
                 raise ChannelClosedError(f"cannot open {self.uri}: {e.strerror}") from None
             return Channel(fd=fd, name=name)
-        assert self._sock is not None
-        self._sock.settimeout(timeout)
+        sock = self._sock
+        if sock is None:
+            raise ChannelClosedError(f"stopped listening on {self.uri}")
+        sock.settimeout(timeout)
         try:
-            conn, _ = self._sock.accept()
+            conn, _ = sock.accept()
         except (TimeoutError, OSError) as e:
             raise ChannelClosedError(f"no connection on {self.uri}: {e}") from None
         conn.settimeout(None)
@@ -222,11 +224,13 @@ class Listener:
         return Channel(sock=conn, name=name)
 
     def close(self) -> None:
-        if self._sock is not None:
+        # Called from the load thread and from abort() (quit): swap under the lock.
+        with self._lock:
+            sock, self._sock = self._sock, None
+        if sock is not None:
             with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
-            self._sock.close()
-            self._sock = None
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
             if self.uri.scheme == "unix":
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.uri.path)

@@ -50,7 +50,13 @@ from livemig.migration.postcopy import (
 )
 from livemig.migration.returnpath import ReturnPathWriter
 from livemig.migration.source import block_table
-from livemig.migration.state import Capabilities, MigrationInfo, MigrationStatus, StatusMachine
+from livemig.migration.state import (
+    Capabilities,
+    MigrationInfo,
+    MigrationStatus,
+    StatusMachine,
+    log_failure,
+)
 from livemig.vmm.serial import SerialState
 from livemig.vmm.state import VcpuState, VmState
 from livemig.vmm.vm import RunState, Vm
@@ -205,14 +211,12 @@ class DestinationMigration:
         st.total = sum(b.size for b in self.vm.blocks.values())
         st.transferred = self._channel.bytes_received if self._channel else 0
         if not load.started:
-            self.vm.start()
+            load.start_or_keep_paused()
         self.status.set(MigrationStatus.COMPLETED)
 
     def _fail(self, e: Exception) -> None:
-        if isinstance(e, LivemigError):
-            log.error("incoming migration failed: %s", e)
-        else:
-            log.exception("incoming migration failed")
+        log_failure(log, "incoming migration failed", e)
+        if not isinstance(e, LivemigError):
             e = MigrationError(f"internal error: {e}")
         self.info.error_desc = str(e)
         self.status.try_set(MigrationStatus.FAILED)
@@ -258,6 +262,7 @@ class _Load:
         self.fault_thread: FaultThread | None = None
         self.fault_error: Exception | None = None
         self.started = False
+        self.runstate: str | None = None  # the source's run state (globalstate section)
         self._old_switch: float | None = None
 
     def run(self) -> None:
@@ -270,9 +275,22 @@ class _Load:
                 self.dec.receive_data(self.channel.recv(RECV_CHUNK))  # b"" = EOF
                 continue
             if isinstance(e, ev.StreamEnd):
+                self._check_nothing_follows()
                 self._end()
                 return
             self._handle(e)
+
+    def _check_nothing_follows(self) -> None:
+        """A saved stream (file:) must end at its EOF record: trailing bytes mean a
+        corrupt or concatenated file.  (A socket stays open for the return path.)"""
+        if not self.channel.is_file:
+            return
+        while data := self.channel.recv(RECV_CHUNK):
+            self.dec.receive_data(data)
+        self.dec.receive_eof()
+        e = self.dec.next_event()
+        if not isinstance(e, ev.Closed):
+            raise RemoteProtocolError(f"data after the end of the stream ({type(e).__name__})")
 
     def _handle(self, e: ev.Event) -> None:  # noqa: C901 - one dispatch table
         if isinstance(e, ev.PageBatch):
@@ -333,6 +351,8 @@ class _Load:
             self.cpus[e.instance_id] = VcpuState.from_bytes(e.data)
         elif e.idstr == "livemig/serial":
             self.serial = SerialState.from_bytes(e.data)
+        elif e.idstr == "livemig/globalstate":
+            self.runstate = e.data.decode("ascii", "replace")
         else:
             raise RemoteProtocolError(f"unknown device section {e.idstr!r}")
 
@@ -425,15 +445,26 @@ class _Load:
             self._fault_failed(e)
 
     def _fault_failed(self, e: Exception) -> None:
-        self.fault_error = e
+        # Without its traceback: the frames would pin memoryviews of guest RAM.
+        self.fault_error = e.with_traceback(None)
         self.channel.shutdown()
 
     def _run_guest(self) -> None:
         if self.placer is None:
             raise RemoteProtocolError("POSTCOPY_RUN before POSTCOPY_LISTEN")
         self.vm.restore_state(self._vm_state())
-        self.vm.start()
+        self.start_or_keep_paused()
+
+    def start_or_keep_paused(self) -> None:
+        """Start the guest if it was running on the source; else keep its run state."""
         self.started = True
+        if self.runstate in (None, RunState.RUNNING.value):
+            self.vm.start()
+            return
+        try:
+            self.vm.set_runstate(RunState(self.runstate))
+        except ValueError:
+            raise RemoteProtocolError(f"unknown run state {self.runstate!r}") from None
 
     def _end(self) -> None:
         if self.post_thread is not None:

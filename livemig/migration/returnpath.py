@@ -147,8 +147,8 @@ class ReturnPathReader:
                 else:  # Closed: a clean end without SHUT
                     raise ChannelClosedError("return path closed without SHUT")
         except Exception as e:
-            log.info("return path ended: %s", e)
-            self.error = e
+            log.info("return path ended: %s", str(e))
+            self.error = e.with_traceback(None)  # keep no frames alive
         finally:
             with self._cond:
                 self.finished = True

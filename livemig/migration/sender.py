@@ -125,7 +125,7 @@ class PageSender:
         return sum(bm.sync() for bm in self.bitmaps.values())
 
     def dirty_pages(self) -> int:
-        return sum(bm.dirty_count() for bm in self.bitmaps.values())
+        return sum(bm.dirty_count() for bm in list(self.bitmaps.values()))
 
     def _window_pages(self, block: SourceBlock) -> int:
         return max(WINDOW_BYTES, block.host_page_size) // PAGE_SIZE

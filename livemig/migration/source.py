@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from livemig.errors import LivemigError, MigrationCancelled, MigrationError, QmpError
+from livemig.errors import MigrationCancelled, MigrationError, QmpError
 from livemig.migration.channel import (
     Channel,
     ChannelWriter,
@@ -48,6 +48,7 @@ from livemig.migration.state import (
     MigrationStatus,
     Parameters,
     StatusMachine,
+    log_failure,
 )
 from livemig.migration.trace import Tracer
 from livemig.vmm.vm import RunState, Vm
@@ -61,6 +62,7 @@ RAM_SECTION_ID = 0
 POSTCOPY_SWITCH_INTERVAL = 50e-6
 CPU_SECTION_ID = 1
 SERIAL_SECTION_ID = 2
+GLOBALSTATE_SECTION_ID = 3
 
 EventSink = Callable[[str, dict[str, Any]], None]
 
@@ -95,6 +97,7 @@ class SourceMigration:
         self.postcopy_channel_first = postcopy_channel_first
         self._paused_by_us = False
         self._was_running = False
+        self._runstate_before = RunState.PAUSED.value
         self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
 
     # --- control (any thread) -------------------------------------------------------------
@@ -124,6 +127,18 @@ class SourceMigration:
         if self._channel is not None:
             self._channel.shutdown()
 
+    def refresh_stats(self) -> None:
+        """Live counters for query-migrate (the migration thread updates the rest once a
+        round; a throttled round can last seconds)."""
+        sender = self._sender
+        if sender is None or self.status.status not in (MigrationStatus.ACTIVE,
+                                                          MigrationStatus.POSTCOPY_ACTIVE):
+            return
+        st = self.info.ram
+        st.transferred = sender.main.writer.bytes_sent + (
+            sender.post.writer.bytes_sent if sender.post is not None else 0)
+        st.remaining = sender.dirty_pages() * 4096
+
     def wait(self, timeout: float | None = None) -> bool:
         return self.status.wait_finished(timeout)
 
@@ -151,6 +166,7 @@ class SourceMigration:
         sender: PageSender | None = None
         try:
             self._was_running = self.vm.running
+            self._runstate_before = self.vm.runstate.value
             self._channel = connect(self.uri)
             sender = self._setup(self._channel)
             self.status.set(MigrationStatus.ACTIVE)
@@ -355,6 +371,11 @@ class SourceMigration:
             raise MigrationError(f"the destination vanished during postcopy: {err}")
 
     def _send_device_state(self, enc: Encoder, out: list[bytes | memoryview]) -> None:
+        # The run state the guest had before migration (QEMU's "globalstate"): the
+        # destination starts the guest only if it was running here.
+        runstate = RunState.RUNNING.value if self._was_running else self._runstate_before
+        out += enc.device_state(GLOBALSTATE_SECTION_ID, "livemig/globalstate",
+                                runstate.encode())
         state = self.vm.save_state()
         for i, cpu in enumerate(state.vcpus):
             out += enc.device_state(CPU_SECTION_ID + 16 * i, "livemig/cpu", cpu.to_bytes(),
@@ -365,8 +386,7 @@ class SourceMigration:
         """Leave the source VM exactly as it was before the migration."""
         cancelled = isinstance(e, MigrationCancelled) or self._cancel.is_set()
         if not cancelled:
-            level = logging.ERROR if isinstance(e, LivemigError) else logging.CRITICAL
-            log.log(level, "migration failed: %s", e, exc_info=not isinstance(e, LivemigError))
+            log_failure(log, "migration failed", e)
         self.info.error_desc = "" if cancelled else str(e)
         try:
             self.vm.set_dirty_logging(False)

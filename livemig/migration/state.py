@@ -17,14 +17,30 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
 
-from livemig.errors import MigrationError, QmpError
+from livemig.errors import LivemigError, MigrationError, QmpError
 
 log = logging.getLogger("livemig.migration")
+
+
+def log_failure(logger: logging.Logger, what: str, e: BaseException) -> None:
+    """Log a failure as text only.
+
+    A log record that kept the exception would keep its traceback, whose frames hold
+    memoryviews of guest RAM: a handler that stores records (pytest's, a MemoryHandler)
+    would then stop the VM from ever unmapping its memory.  Unexpected errors get their
+    traceback formatted into the message instead.
+    """
+    if isinstance(e, LivemigError):
+        logger.error("%s: %s", what, str(e))
+    else:
+        tb = "".join(traceback.format_exception(e))
+        logger.critical("%s: internal error: %s\n%s", what, str(e), tb)
 
 
 class MigrationStatus(Enum):

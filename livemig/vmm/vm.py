@@ -57,13 +57,15 @@ class RunState(Enum):
 
 _R = RunState
 RUN_TRANSITIONS: dict[RunState, frozenset[RunState]] = {
-    _R.PRELAUNCH: frozenset({_R.RUNNING, _R.PAUSED, _R.INMIGRATE, _R.SHUTDOWN}),
+    _R.PRELAUNCH: frozenset({_R.RUNNING, _R.PAUSED, _R.INMIGRATE, _R.FINISH_MIGRATE,
+                             _R.SHUTDOWN}),
     _R.INMIGRATE: frozenset({_R.RUNNING, _R.PAUSED, _R.PRELAUNCH, _R.SHUTDOWN,
                              _R.INTERNAL_ERROR}),
     _R.RUNNING: frozenset({_R.PAUSED, _R.FINISH_MIGRATE, _R.SHUTDOWN, _R.INTERNAL_ERROR}),
     _R.PAUSED: frozenset({_R.RUNNING, _R.FINISH_MIGRATE, _R.POSTMIGRATE, _R.SHUTDOWN,
                           _R.INMIGRATE}),
-    _R.FINISH_MIGRATE: frozenset({_R.RUNNING, _R.PAUSED, _R.POSTMIGRATE, _R.SHUTDOWN}),
+    _R.FINISH_MIGRATE: frozenset({_R.RUNNING, _R.PAUSED, _R.PRELAUNCH, _R.POSTMIGRATE,
+                                  _R.SHUTDOWN}),
     _R.POSTMIGRATE: frozenset({_R.RUNNING, _R.PAUSED, _R.SHUTDOWN}),
     _R.INTERNAL_ERROR: frozenset({_R.PAUSED, _R.RUNNING, _R.SHUTDOWN}),
     _R.SHUTDOWN: frozenset(),

@@ -1,0 +1,113 @@
+"""The ``livemig`` command line, run as a user runs it: ``python -m livemig ...``.
+
+Errors the user can fix are one ``Error:`` line and a non-zero exit status, never a
+traceback; ``run`` really runs a guest; ``migrate`` and ``demo`` really migrate one.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import livemig_process, wait_migration
+
+pytestmark = pytest.mark.kvm
+
+
+def livemig(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "livemig", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def error_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+
+
+def test_run_prints_the_guest_passes_to_the_serial_file(tmp_path: Path) -> None:
+    serial = tmp_path / "serial.out"
+    result = livemig("run", "--guest", "ab", "--mem", "32M", "--duration", "2",
+                     "--serial", str(serial))
+    assert result.returncode == 0, result.stderr
+    out = serial.read_bytes()
+    assert out.count(b"B") >= 2
+    assert b"E" not in out
+
+
+@pytest.fixture
+def short_image(tmp_path: Path) -> Path:
+    path = tmp_path / "short.img"
+    path.write_bytes(b"\x90" * 100)
+    return path
+
+
+# Bad values are one-line errors with exit status 1; a missing required choice is a
+# usage error (exit status 2, click's convention).
+BAD_RUNS = [
+    pytest.param(["--guest", "nope", "--mem", "32M"], 1, "nope", id="unknown guest"),
+    pytest.param(["--guest", "ab", "--mem", "32M", "--page-size", "3M"], 1, "3M",
+                 id="unknown page size"),
+    pytest.param(["--guest", "ab", "--mem", "3M", "--page-size", "2M"], 1, "multiple",
+                 id="3M of 2M pages"),
+    pytest.param(["--guest", "ab", "--mem", "lots"], 1, "lots", id="bad size"),
+    pytest.param(["--image", "{short_image}", "--mem", "32M"], 1, "512", id="short image"),
+    pytest.param(["--image", "{tmp_path}/missing.img", "--mem", "32M"], 1, "missing.img",
+                 id="missing image"),
+    pytest.param(["--mem", "32M"], 2, "--guest", id="no guest"),
+]
+
+
+@pytest.mark.parametrize("args,status,hint", BAD_RUNS)
+def test_bad_run_input_is_one_error_line_without_traceback(
+        tmp_path: Path, short_image: Path, args: list[str], status: int, hint: str) -> None:
+    args = [a.format(short_image=short_image, tmp_path=tmp_path) for a in args]
+    result = livemig("run", *args, "--duration", "1")
+    assert result.returncode == status, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = error_lines(result)
+    assert len(errors) == 1, result.stderr
+    assert hint in errors[0]
+    if status == 1:  # livemig's own errors: nothing but that line
+        assert result.stderr.strip() == errors[0]
+
+
+def test_migrate_command_moves_a_running_guest(tmp_path: Path) -> None:
+    uri = f"unix:{tmp_path / 'mig.sock'}"
+    with livemig_process(tmp_path, "src", ["--guest", "ab", "--mem", "32M"]) as src, \
+            livemig_process(tmp_path, "dst", ["--incoming", uri, "--mem", "32M"]) as dst:
+        assert src.wait_serial(2)
+        wait_migration(dst.qmp, 30, until=("setup",))  # listening
+        result = livemig("migrate", "--qmp", src.qmp_path, "--to", uri,
+                         "--downtime-limit", "5000", timeout=120)
+        assert result.returncode == 0, result.stderr + result.stdout
+        assert wait_migration(dst.qmp)["status"] == "completed"
+        assert dst.wait_serial(3), dst.serial()[-80:]
+        assert dst.qmp.execute("query-status")["status"] == "running"
+
+
+def test_migrate_command_to_nobody_is_one_error_line(tmp_path: Path) -> None:
+    with livemig_process(tmp_path, "src", ["--guest", "ab", "--mem", "32M"]) as src:
+        result = livemig("migrate", "--qmp", src.qmp_path,
+                         "--to", f"unix:{tmp_path / 'nobody.sock'}", timeout=60)
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr
+        errors = error_lines(result)
+        assert len(errors) == 1 and "failed" in errors[0], result.stderr
+        assert src.wait_serial(2)  # the source runs on
+
+
+def test_demo_migrates_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "demo.json"
+    result = livemig("demo", "--mem", "64M", "--json", str(out), timeout=240)
+    assert result.returncode == 0, result.stderr + result.stdout[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report) >= {"mode", "guest", "mem", "page_size", "source", "destination",
+                           "check"}
+    assert (report["mode"], report["guest"], report["mem"]) == ("precopy", "ab", "64M")
+    assert report["source"]["status"] == "completed"
+    assert report["destination"]["status"] == "completed"
+    assert report["check"]["bad_pages"] == 0
+    assert report["check"]["pages"] == (64 - 1) * 256
+    assert report["check"]["guest_ran_on"] and not report["check"]["guest_error"]
