@@ -73,6 +73,16 @@ POSTCOPY_SWITCH_INTERVAL = 50e-6
 EventSink = Callable[[str, dict[str, Any]], None]
 
 
+def read_payload(dec: Decoder, channel: Channel, slot: memoryview) -> None:
+    """A PageHeader's payload: what the decoder has buffered, then the rest straight
+    from the socket into ``slot`` (guest RAM or a temporary huge page)."""
+    n = dec.take_payload(slot)
+    if dec.payload_remaining:
+        with slot[n:] as rest:
+            channel.recv_exact_into(rest)
+        dec.payload_received(len(slot) - n)
+
+
 class RamLoader:
     """Places decoded pages into guest RAM (precopy: straight into the final place)."""
 
@@ -333,18 +343,16 @@ class _Load:
 
     def _single_page(self, e: ev.PageHeader) -> None:
         if self.placer is not None:
-            slot = self.placer.single_slot(e)
-            self._read_payload(slot)
+            # `with` releases the view at once, even on error: a view left in a
+            # traceback would keep the temporary huge page (or guest RAM) mapped.
+            with self.placer.single_slot(e) as slot:
+                read_payload(self.dec, self.channel, slot)
             self.placer.single_done(e)
         else:
-            self._read_payload(self.loader.page_slot(e))
+            with self.loader.page_slot(e) as slot:
+                read_payload(self.dec, self.channel, slot)
             self._mark_precopy(e.block, np.array([e.offset], dtype=np.uint64))
 
-    def _read_payload(self, slot: memoryview) -> None:
-        n = self.dec.take_payload(slot)
-        if self.dec.payload_remaining:
-            self.channel.recv_exact_into(slot[n:])
-            self.dec.payload_received(len(slot) - n)
 
     def _device_state(self, e: ev.DeviceState) -> None:
         if e.idstr == "livemig/cpu":
@@ -427,11 +435,8 @@ class _Load:
                 elif isinstance(e, ev.ZeroPages):
                     placer.zeros(e)
                 elif isinstance(e, ev.PageHeader):
-                    slot = placer.single_slot(e)
-                    n = dec.take_payload(slot)
-                    if dec.payload_remaining:
-                        ch.recv_exact_into(slot[n:])
-                        dec.payload_received(len(slot) - n)
+                    with placer.single_slot(e) as slot:
+                        read_payload(dec, ch, slot)
                     placer.single_done(e)
                 elif isinstance(e, ev.StreamEnd):
                     if placer.pending():
@@ -445,7 +450,9 @@ class _Load:
             self._fault_failed(e)
 
     def _fault_failed(self, e: Exception) -> None:
-        # Without its traceback: the frames would pin memoryviews of guest RAM.
+        # Without its traceback or chained exceptions: their frames would pin
+        # memoryviews of guest RAM or of a temporary huge page.
+        e.__context__ = e.__cause__ = None
         self.fault_error = e.with_traceback(None)
         self.channel.shutdown()
 
@@ -513,12 +520,17 @@ class _Load:
             self.post_channel.shutdown()
         if self.post_thread is not None:
             self.post_thread.join(10)
-        for placer in (self.placer, self.post_placer):
-            if placer is not None:
-                placer.close()
+        # Every step runs even if one fails: a view still held somewhere must not
+        # leave the userfaultfd open or the loader's views of guest RAM alive.
+        steps = [p.close for p in (self.placer, self.post_placer) if p is not None]
         if self.postcopy is not None:
-            self.postcopy.close()
+            steps.append(self.postcopy.close)
         if self.uffd is not None:
-            self.uffd.close()
-        self.loader.release()
+            steps.append(self.uffd.close)
+        steps.append(self.loader.release)
+        for step in steps:
+            try:
+                step()
+            except BufferError as err:
+                log.error("cleanup: %s", str(err))
 

@@ -231,6 +231,7 @@ class PageSender:
         if self._hits_preempted(req):
             self.trace("postcopy_preempt_hit", block=req.block, offset=req.start)
             self._resume_preempted(interruptible=False)
+            self.main.writer.flush()  # the faulting vCPU waits for exactly this
             return
         self._send_requested(req)
 
