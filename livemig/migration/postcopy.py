@@ -296,6 +296,20 @@ class ChannelPlacer:
             n += 1
         return n - i
 
+    def _fill_huge(self, st: BlockState, offsets: npt.NDArray[np.uint64],
+                   data: npt.NDArray[np.uint8] | None) -> None:
+        """Copy pieces (``data`` rows, or zeroes) into the temporary huge page, one
+        huge page's run at a time, placing each huge page as it completes."""
+        offs = offsets.tolist()
+        i = 0
+        while i < len(offs):
+            run = self._huge_run(st, offs, i)
+            hp_off = self._pieces(st, offs[i : i + run])
+            rows = (offsets[i : i + run] - np.uint64(hp_off)) // np.uint64(PAGE_SIZE)
+            self._tmp_page(st)[rows] = 0 if data is None else data[i : i + run]
+            self._complete_if_full(st)
+            i += run
+
     def batch(self, e: ev.PageBatch) -> None:
         st = self.state.blocks[e.block]
         self.pages += len(e.offsets)
@@ -304,14 +318,7 @@ class ChannelPlacer:
             for i, off in enumerate(offs):
                 self.state.place(st, off, e.data[i])
             return
-        i = 0
-        while i < len(offs):
-            run = self._huge_run(st, offs, i)
-            hp_off = self._pieces(st, offs[i : i + run])
-            rows = (e.offsets[i : i + run] - np.uint64(hp_off)) // np.uint64(PAGE_SIZE)
-            self._tmp_page(st)[rows] = e.data[i : i + run]
-            self._complete_if_full(st)
-            i += run
+        self._fill_huge(st, e.offsets, e.data)
 
     def zeros(self, e: ev.ZeroPages) -> None:
         st = self.state.blocks[e.block]
@@ -322,14 +329,7 @@ class ChannelPlacer:
                 st.placer.zero(off, PAGE_SIZE)
                 self.state.placed_zero(st, off // PAGE_SIZE)
             return
-        i = 0
-        while i < len(offs):
-            run = self._huge_run(st, offs, i)
-            hp_off = self._pieces(st, offs[i : i + run])
-            rows = (e.offsets[i : i + run] - np.uint64(hp_off)) // np.uint64(PAGE_SIZE)
-            self._tmp_page(st)[rows] = 0
-            self._complete_if_full(st)
-            i += run
+        self._fill_huge(st, e.offsets, None)
 
     def single_slot(self, e: ev.PageHeader) -> memoryview:
         """Where a single page's payload is read to (then :meth:`single_done`)."""

@@ -233,9 +233,16 @@ class SourceMigration:
     def _iterate(self, sender: PageSender) -> None:
         meter = BandwidthMeter()
         limit_s = self.params.downtime_limit / 1000
+        last_sync = time.monotonic()
         while True:
             self._check_cancel()
+            before = sender.dirty_pages()
             remaining = sender.sync() * 4096
+            now = time.monotonic()
+            # Pages that became dirty since the last sync (ours: new bits only).
+            self.info.ram.dirty_pages_rate = int(max(0, remaining // 4096 - before)
+                                                 / max(now - last_sync, 1e-3))
+            last_sync = now
             self._update_stats(sender, remaining, meter.bytes_per_second)
             converged = (self.info.rounds > 0 and meter.bytes_per_second > 0
                          and remaining / meter.bytes_per_second <= limit_s)
@@ -262,8 +269,9 @@ class SourceMigration:
         if bandwidth > 0:
             self.info.expected_downtime_ms = int(remaining / bandwidth * 1000)
 
-    def _complete(self, sender: PageSender) -> None:
-        """Stop-and-copy: pause, send the rest and the device state, EOF."""
+    def _stop_guest(self, sender: PageSender) -> float:
+        """Downtime starts: pause the vCPUs (finish-migrate) and take the last dirty
+        pages.  Returns the time it started."""
         self._check_cancel()
         t0 = time.monotonic()
         if self._was_running:
@@ -271,8 +279,13 @@ class SourceMigration:
             self._paused_by_us = True
         else:
             self.vm.set_runstate(RunState.FINISH_MIGRATE)
-        before = sender.writer.bytes_sent
         sender.sync()
+        return t0
+
+    def _complete(self, sender: PageSender) -> None:
+        """Stop-and-copy: pause, send the rest and the device state, EOF."""
+        t0 = self._stop_guest(sender)
+        before = sender.writer.bytes_sent
         enc, writer = sender.encoder, sender.writer
         writer.write([enc.ram_end(RAM_SECTION_ID)])
         sender.send_all_remaining()
@@ -308,16 +321,9 @@ class SourceMigration:
 
     def _postcopy(self, sender: PageSender) -> None:
         """Switch the guest over to the destination, then send the rest on demand."""
-        self._check_cancel()
         assert self._rp is not None
-        t0 = time.monotonic()
-        if self._was_running:
-            self.vm.pause(RunState.FINISH_MIGRATE)
-            self._paused_by_us = True
-        else:
-            self.vm.set_runstate(RunState.FINISH_MIGRATE)
+        t0 = self._stop_guest(sender)
         before = sender.writer.bytes_sent
-        sender.sync()
         enc, writer = sender.encoder, sender.writer
         for name, ranges in sender.prepare_postcopy():
             if ranges:
