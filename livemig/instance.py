@@ -129,7 +129,8 @@ class Instance:
     def migrate(self, uri: str) -> None:
         if self._migration_active():
             raise QmpError("There's a migration process in progress")
-        if self.vm.runstate not in (RunState.RUNNING, RunState.PAUSED, RunState.PRELAUNCH):
+        if self.vm.runstate not in (RunState.RUNNING, RunState.PAUSED, RunState.PRELAUNCH,
+                                    RunState.POSTMIGRATE):
             raise QmpError(f"Cannot migrate a VM that is {self.vm.runstate.value}")
         self.outgoing = SourceMigration(self.vm, MigrationUri.parse(uri), self.caps,
                                         self.params, self._emit,

@@ -469,9 +469,11 @@ class _Load:
             self.vm.start()
             return
         try:
-            self.vm.set_runstate(RunState(self.runstate))
+            state = RunState(self.runstate)
         except ValueError:
             raise RemoteProtocolError(f"unknown run state {self.runstate!r}") from None
+        # A guest that had not started yet stays so; any other stopped guest is paused.
+        self.vm.set_runstate(state if state is RunState.PRELAUNCH else RunState.PAUSED)
 
     def _end(self) -> None:
         if self.post_thread is not None:

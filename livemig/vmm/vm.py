@@ -66,7 +66,7 @@ RUN_TRANSITIONS: dict[RunState, frozenset[RunState]] = {
                           _R.INMIGRATE}),
     _R.FINISH_MIGRATE: frozenset({_R.RUNNING, _R.PAUSED, _R.PRELAUNCH, _R.POSTMIGRATE,
                                   _R.SHUTDOWN}),
-    _R.POSTMIGRATE: frozenset({_R.RUNNING, _R.PAUSED, _R.SHUTDOWN}),
+    _R.POSTMIGRATE: frozenset({_R.RUNNING, _R.PAUSED, _R.FINISH_MIGRATE, _R.SHUTDOWN}),
     _R.INTERNAL_ERROR: frozenset({_R.PAUSED, _R.RUNNING, _R.SHUTDOWN}),
     _R.SHUTDOWN: frozenset(),
 }
