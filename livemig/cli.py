@@ -19,7 +19,7 @@ import click
 from livemig.errors import LivemigError
 from livemig.guests import GUEST_NAMES, load_image, load_image_file
 from livemig.instance import Instance
-from livemig.kernel.mman import Backing
+from livemig.kernel.mman import Backing, keep_freed_buffers
 from livemig.vmm.boot import boot_image
 from livemig.vmm.vm import Vm, VmConfig, parse_size
 
@@ -89,6 +89,7 @@ def run(guest: str | None, image: str | None, mem: str, page_size: str, qmp_path
     if incoming is not None and (guest or image):
         raise click.UsageError("--incoming receives its guest: no --guest or --image")
     config = VmConfig(parse_size(mem), Backing.parse(page_size))
+    keep_freed_buffers()
     with _serial_sink(serial) as sink, \
             Instance(Vm(config, sink), qmp_path, exit_after_incoming=incoming is not None,
                      trace=trace, trace_sink=sys.stderr) as inst:

@@ -25,8 +25,16 @@ class QmpClient:
             if time.monotonic() > deadline:
                 raise QmpError(f"no QMP socket at {path} after {timeout:.0f} s")
             time.sleep(0.05)
-        self._qmp = QEMUMonitorProtocol(path)
-        self._qmp.connect(negotiate=True)
+        # The socket file can exist a moment before the server listens on it.
+        while True:
+            self._qmp = QEMUMonitorProtocol(path)
+            try:
+                self._qmp.connect(negotiate=True)
+                break
+            except (ConnectionRefusedError, OSError):
+                if time.monotonic() > deadline:
+                    raise QmpError(f"cannot connect to QMP at {path}") from None
+                time.sleep(0.05)
 
     def execute(self, command: str, **args: Any) -> Any:
         reply = self._qmp.cmd_obj({"execute": command, "arguments": args} if args
@@ -39,7 +47,10 @@ class QmpClient:
     def events(self, wait: float = 0.0) -> list[dict[str, Any]]:
         """Events received so far (waiting up to ``wait`` s for the first one)."""
         if wait:
-            first = self._qmp.pull_event(wait=wait)
+            try:
+                first = self._qmp.pull_event(wait=wait)
+            except TimeoutError:
+                return []
             if first is None:
                 return []
             return [first, *self._qmp.get_events()]

@@ -98,11 +98,13 @@ class MigrationBitmap:
                 return Window(idx, idx)
             sl[idx] = False
         idx += first
-        # Few pages: look at just those; many: scan the window in place (no copies).
-        if len(idx) < 64:
-            nonzero = np.asarray(self._words[idx].any(axis=1), dtype=np.bool_)
-        else:
-            nonzero = np.asarray(self._words[first:last].any(axis=1), dtype=np.bool_)[idx - first]
+        # Most pages that hold data have a non-zero first word: decide those from one
+        # word each, and read whole pages only for the rest (QEMU's buffer_is_zero
+        # also bails out at the first non-zero byte).
+        nonzero = self._words[idx, 0] != 0
+        maybe_zero = idx[~nonzero]
+        if len(maybe_zero):
+            nonzero[~nonzero] = np.asarray(self._words[maybe_zero].any(axis=1), dtype=np.bool_)
         return Window(idx[nonzero], idx[~nonzero])
 
     def expand_to_host_pages(self) -> None:

@@ -30,11 +30,13 @@ from livemig.kernel.sock import (
     read_exact_into,
     recv_exact_into,
     send_buffers,
+    send_pages,
     set_buffer_sizes,
     set_nodelay,
     set_notsent_lowat,
     write_buffers,
 )
+from livemig.wire.encoder import PageRecords
 
 Scheme = Literal["tcp", "unix", "file"]
 SOCKET_BUFFER = 4 << 20
@@ -90,6 +92,21 @@ class Channel:
             self.bytes_sent += send_buffers(self.sock, buffers)
         else:
             self.bytes_sent += write_buffers(self.fd, buffers)
+
+    def send_pages(self, rec: PageRecords, ram: memoryview) -> None:
+        """PAGE records with payloads straight from guest RAM (one scatter-gather
+        sendmsg per IOV_MAX buffers on a socket; writev of views for a file)."""
+        if self.sock is not None:
+            self.bytes_sent += send_pages(self.sock, rec.words, rec.prefix, ram, rec.offsets)
+            return
+        hdr = memoryview(rec.words.data).cast("B")
+        bufs: list[Buffer] = []
+        for i, off in enumerate(rec.offsets.tolist()):
+            bufs.append(hdr[8 * i : 8 * i + 8])
+            if i == 0 and rec.prefix:
+                bufs.append(rec.prefix)
+            bufs.append(ram[off : off + 4096])
+        self.bytes_sent += write_buffers(self.fd, bufs)
 
     def recv_into(self, view: memoryview) -> int:
         """Read what is available (at least one byte); 0 means EOF."""
@@ -252,6 +269,14 @@ class ChannelWriter:
         self._queued_bytes += sum(len(b) for b in buffers)
         if len(self._queue) >= self._flush_buffers or self._queued_bytes >= self._flush_bytes:
             self.flush()
+
+    def write_pages(self, rec: PageRecords, ram: memoryview,
+                    lead: Sequence[Buffer] = ()) -> None:
+        """Send ``lead`` (e.g. the window's ZERO records) and page records now, after
+        whatever is queued (stream order is kept)."""
+        self._queue.extend(lead)
+        self.flush()
+        self.channel.send_pages(rec, ram)
 
     def write_now(self, buffers: Sequence[Buffer]) -> None:
         """Queue and flush at once (urgent data)."""

@@ -134,20 +134,22 @@ class PageSender:
     def _emit(self, ch: OutChannel, name: str, pages: IndexArray, zeros: IndexArray, *,
               urgent: bool) -> int:
         """Encode pages of one block on ``ch``; urgent data is flushed at once."""
-        enc = ch.encoder
-        bufs: list[bytes | memoryview] = []
-        if len(zeros):
-            bufs.append(enc.zero_pages(name, zeros * PAGE_SIZE))
-        if len(pages):
-            bufs += enc.pages(name, pages * PAGE_SIZE, self._views[name])
-        nbytes = sum(len(b) for b in bufs)
         with self._stats_lock:
             self.stats.normal += len(pages)
             self.stats.duplicate += len(zeros)
+        enc, view = ch.encoder, self._views[name]
+        zero_records = enc.zero_pages(name, zeros * PAGE_SIZE) if len(zeros) else b""
+        nbytes = len(zero_records)
+        if len(pages):
+            rec = enc.page_records(name, pages * PAGE_SIZE, len(view))
+            nbytes += rec.nbytes
+            # Sent now, payloads straight from guest RAM, after the ZERO records.
+            ch.writer.write_pages(rec, view, [zero_records] if zero_records else [])
+        elif zero_records:
+            ch.writer.write([zero_records])
         if urgent:
-            ch.writer.write_now(bufs)
+            ch.writer.flush()
         else:
-            ch.writer.write(bufs)
             self.limiter.account(nbytes)
         return nbytes
 

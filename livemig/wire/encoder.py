@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from enum import Enum, auto
 
 import numpy as np
@@ -59,6 +60,20 @@ _BE64 = struct.Struct(">Q")
 _FOOTER = struct.Struct(">BI")
 _SECTION_ID = struct.Struct(">BI")
 _ZERO_DTYPE = np.dtype([("word", ">u8"), ("fill", "u1")])  # packed: 9 bytes a record
+
+
+@dataclass(frozen=True, eq=False)
+class PageRecords:
+    """PAGE record headers for a batch: ``words[i]`` precedes the page at
+    ``offsets[i]``; ``prefix`` (the block idstr, or b"") follows ``words[0]``."""
+
+    offsets: npt.NDArray[np.uint64]
+    words: npt.NDArray[np.generic]  # big-endian u64
+    prefix: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.offsets) * (8 + PAGE_SIZE) + len(self.prefix)
 
 
 class _State(Enum):
@@ -214,6 +229,22 @@ class Encoder:
         self._mem_size_sent = True
         return b"".join(parts)
 
+    def page_records(self, block: str, offsets: npt.ArrayLike, ram_size: int) -> PageRecords:
+        """The headers of PAGE records for ``offsets`` of ``block``, without payloads.
+
+        For the zero-copy fast path: the caller sends ``words[i]`` (8 bytes, the block
+        idstr ``prefix`` after the first one) followed by the 4096 bytes of guest RAM at
+        ``offsets[i]``, e.g. with one scatter-gather ``sendmsg`` built without a Python
+        object per page.  ``pages()`` is the same, as a list of buffers.
+        """
+        self._require_ram_records()
+        offs = _offsets(offsets)
+        if offs.size and int(offs.max()) > ram_size - PAGE_SIZE:
+            raise LocalProtocolError(f"A page offset lies outside the {ram_size}-byte buffer.")
+        words = (offs | np.uint64(PAGE_CONT)).astype(">u8")
+        prefix = self._block_prefix(block, words) if offs.size else b""
+        return PageRecords(offs, words, prefix)
+
     def pages(
         self, block: str, offsets: npt.ArrayLike, ram: memoryview | bytearray | bytes
     ) -> Buffers:
@@ -221,17 +252,13 @@ class Encoder:
 
         Returns header views interleaved with ``ram[off:off+4096]`` slices.
         """
-        self._require_ram_records()
-        offs = _offsets(offsets)
-        if not offs.size:
-            return []
         mem = memoryview(ram)
         if mem.format != "B" or mem.ndim != 1:
             mem = mem.cast("B")
-        if int(offs.max()) > len(mem) - PAGE_SIZE:
-            raise LocalProtocolError(f"A page offset lies outside the {len(mem)}-byte buffer.")
-        words = (offs | np.uint64(PAGE_CONT)).astype(">u8")
-        prefix = self._block_prefix(block, words)
+        rec = self.page_records(block, offsets, len(mem))
+        offs, words, prefix = rec.offsets, rec.words, rec.prefix
+        if not offs.size:
+            return []
         hdr = memoryview(words.data).cast("B")
         out: Buffers = [b""] * (2 * len(words))
         out[0::2] = [hdr[i : i + 8] for i in range(0, 8 * len(words), 8)]

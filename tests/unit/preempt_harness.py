@@ -63,7 +63,7 @@ from livemig.wire import events as ev
 from livemig.wire.blocks import BlockInfo
 from livemig.wire.channel import ChannelKind
 from livemig.wire.decoder import Decoder
-from livemig.wire.encoder import Encoder
+from livemig.wire.encoder import Encoder, PageRecords
 
 PAGE = 4096
 MIB = 1 << 20
@@ -179,6 +179,10 @@ class RecordingChannel(Channel):
         super().send(buffers)
         self._timeline.marks.append(Send(self.name, self.bytes_sent))
 
+    def send_pages(self, rec: PageRecords, ram: memoryview) -> None:
+        super().send_pages(rec, ram)
+        self._timeline.marks.append(Send(self.name, self.bytes_sent))
+
 
 class RecordingWriter(ChannelWriter):
     """A channel writer that marks every write, then runs the write hooks."""
@@ -199,6 +203,13 @@ class RecordingWriter(ChannelWriter):
     def write_now(self, buffers: Sequence[Buffer]) -> None:
         self._mark(buffers)
         super().write_now(buffers)
+        self._after()
+
+    def write_pages(self, rec: PageRecords, ram: memoryview,
+                    lead: Sequence[Buffer] = ()) -> None:
+        self.written += rec.nbytes + sum(len(b) for b in lead)
+        self._timeline.marks.append(Write(self._name, self.written))
+        super().write_pages(rec, ram, lead)
         self._after()
 
     def _mark(self, buffers: Sequence[Buffer]) -> None:
