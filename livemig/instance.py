@@ -125,6 +125,8 @@ class Instance:
 
     def _set_params(self, args: dict[str, Any]) -> None:
         self.params = self.params.updated(args)
+        if self.outgoing is not None and not self.outgoing.status.status.finished:
+            self.outgoing.update_params(self.params)
 
     def migrate(self, uri: str) -> None:
         if self._migration_active():
@@ -178,11 +180,11 @@ class Instance:
 
     def close(self) -> None:
         if self.outgoing is not None:
-            self.outgoing.cancel()
+            self.outgoing.abort()
             self.outgoing.join(10)
         if self.incoming is not None:
             self.incoming.abort()
-            self.incoming.wait(10)
+            self.incoming.join(30)
         self.vm.shutdown()
         if self.qmp is not None:
             self.qmp.close()

@@ -24,15 +24,38 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="/dev/kvm is not available"))
 
 
+def hugetlb_kib(pid: str) -> int:
+    """Huge pages a process maps (HugetlbPages in /proc/PID/status), in KiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("HugetlbPages:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def others_map_hugepages() -> bool:
+    me = str(os.getpid())
+    return any(hugetlb_kib(d.name) for d in Path("/proc").iterdir()
+               if d.name.isdigit() and d.name != me)
+
+
 @pytest.fixture
 def hugepages_restored() -> Iterator[None]:
-    """Assert that a test gives back every huge page it reserved."""
+    """Assert that a test gives back every huge page it reserved.
+
+    The pool is machine-wide: when another process (a benchmark, another test run)
+    maps huge pages at the end, a changed pool size may be theirs, so then only this
+    process's own mappings are checked.
+    """
     knobs = [f"/sys/kernel/mm/hugepages/{d}/nr_hugepages"
              for d in ("hugepages-2048kB", "hugepages-1048576kB")]
+
     def read() -> list[str]:
         return [Path(k).read_text() for k in knobs if os.path.exists(k)]
 
     before = read()
     yield
-    after = read()
-    assert before == after, "huge pages were not given back"
+    assert hugetlb_kib("self") == 0, "this process still maps huge pages"
+    assert read() == before or others_map_hugepages(), "huge pages were not given back"

@@ -49,7 +49,7 @@ from livemig.migration.postcopy import (
     uffd_block_states,
 )
 from livemig.migration.returnpath import ReturnPathWriter
-from livemig.migration.source import block_table
+from livemig.migration.source import agreed_capabilities, block_table
 from livemig.migration.state import (
     Capabilities,
     MigrationInfo,
@@ -155,6 +155,11 @@ class DestinationMigration:
     def wait(self, timeout: float | None = None) -> bool:
         return self.status.wait_finished(timeout)
 
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the load thread to finish its cleanup (after wait())."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
     def abort(self) -> None:
         """Stop waiting or receiving (the process is shutting down)."""
         self._listener.close()
@@ -175,7 +180,7 @@ class DestinationMigration:
             assert self._channel is not None
             self.info.start_ns = time.monotonic_ns()
             self.status.set(MigrationStatus.ACTIVE)
-            self._load = _Load(self, self._channel, self._post_channel)
+            self._load = _Load(self, self._channel)
             self._load.run()
             self._finish(self._load)
         except Exception as e:
@@ -192,23 +197,35 @@ class DestinationMigration:
                 self._on_finished(self)
 
     def _accept_channels(self) -> None:
-        """Accept the main channel, and with preemption the postcopy channel too, in
-        whatever order they come: each is identified by its first four bytes.  Both are
-        up before anything is loaded, so nothing can fault before requests can be
-        answered on the postcopy channel."""
-        wanted = 2 if self.caps.postcopy_preempt else 1
-        for i in range(wanted):
-            ch = self._listener.accept(timeout=None if i == 0 else 30)
-            kind = ChannelKind.MAIN if ch.is_file else identify_channel(ch.peek(4))
-            if kind is ChannelKind.MAIN and self._channel is None:
-                self._channel = ch
-            elif kind is ChannelKind.POSTCOPY and self._post_channel is None and wanted == 2:
-                ch.name = "postcopy"
-                self._post_channel = ch
-            else:
-                ch.close()
-                raise RemoteProtocolError(f"unexpected second {kind.name.lower()} channel "
-                                          "(is postcopy-preempt set on both sides?)")
+        """Accept the main channel; with preemption the postcopy channel may come first.
+        Each is identified by its first four bytes, so the order does not matter."""
+        while self._channel is None:
+            self._accept_one(timeout=None)
+
+    def accept_postcopy_channel(self) -> Channel:
+        """Preemption: the postcopy channel, accepted now if it has not come yet.
+        Called before anything that can fault is loaded (see _Load)."""
+        if self._post_channel is None:
+            self._accept_one(timeout=30)
+        if self._post_channel is None:
+            raise RemoteProtocolError("a second main channel arrived instead of the "
+                                      "postcopy channel")
+        return self._post_channel
+
+    def _accept_one(self, timeout: float | None) -> None:
+        ch = self._listener.accept(timeout=timeout)
+        kind = ChannelKind.MAIN if ch.is_file else identify_channel(ch.peek(4))
+        if kind is ChannelKind.MAIN and self._channel is None:
+            self._channel = ch
+        elif (kind is ChannelKind.POSTCOPY and self._post_channel is None
+              and self.caps.postcopy_preempt):
+            ch.name = "postcopy"
+            self._post_channel = ch
+        else:
+            ch.close()
+            raise RemoteProtocolError(
+                f"unexpected {kind.name.lower()} channel: is postcopy-preempt set on both "
+                "sides?")
 
     def _finish(self, load: _Load) -> None:
         st = self.info.ram
@@ -229,7 +246,6 @@ class DestinationMigration:
         if not isinstance(e, LivemigError):
             e = MigrationError(f"internal error: {e}")
         self.info.error_desc = str(e)
-        self.status.try_set(MigrationStatus.FAILED)
         if self.vm.runstate is RunState.INMIGRATE:
             self.vm.set_runstate(RunState.PAUSED)
         elif self.vm.running:
@@ -241,6 +257,8 @@ class DestinationMigration:
             if self._load is not None:
                 self._load.release_faults()
             self.vm.pause()
+        # Last, so that whoever waits for "failed" finds the guest already stopped.
+        self.status.try_set(MigrationStatus.FAILED)
 
     def query(self) -> dict[str, Any]:
         out = self.info.to_qmp()
@@ -253,12 +271,11 @@ class DestinationMigration:
 class _Load:
     """The load thread's work on one incoming stream (precopy, then maybe postcopy)."""
 
-    def __init__(self, mig: DestinationMigration, channel: Channel,
-                 post_channel: Channel | None) -> None:
+    def __init__(self, mig: DestinationMigration, channel: Channel) -> None:
         self.mig = mig
         self.vm = mig.vm
         self.channel = channel
-        self.post_channel = post_channel
+        self.post_channel: Channel | None = None
         self.post_placer: ChannelPlacer | None = None
         self.post_thread: threading.Thread | None = None
         self.loader = RamLoader(self.vm)
@@ -361,6 +378,8 @@ class _Load:
             self.serial = SerialState.from_bytes(e.data)
         elif e.idstr == "livemig/globalstate":
             self.runstate = e.data.decode("ascii", "replace")
+        elif e.idstr == "livemig/capabilities":
+            self._check_capabilities(e.data.decode("ascii", "replace"))
         else:
             raise RemoteProtocolError(f"unknown device section {e.idstr!r}")
 
@@ -368,6 +387,16 @@ class _Load:
         if self.serial is None or sorted(self.cpus) != list(range(len(self.vm.vcpus))):
             raise RemoteProtocolError("the stream ended without the CPU and serial state")
         return VmState(tuple(self.cpus[i] for i in range(len(self.cpus))), self.serial)
+
+    def _check_capabilities(self, theirs: str) -> None:
+        """Both sides must agree on postcopy-ram and postcopy-preempt (QEMU 7.2 trusts
+        the user; a mismatch there loses pages sent on a connection nobody reads)."""
+        ours = agreed_capabilities(self.mig.caps)
+        if theirs != ours:
+            raise MigrationError(f"capability mismatch: the source has [{theirs}], this "
+                                 f"destination has [{ours}]; set the same on both sides")
+        if self.mig.caps.postcopy_preempt:
+            self.post_channel = self.mig.accept_postcopy_channel()
 
     # --- postcopy ------------------------------------------------------------------------
     def _require_rp(self, what: str) -> ReturnPathWriter:
@@ -405,6 +434,8 @@ class _Load:
         """Register guest RAM with userfaultfd and start taking faults."""
         pc = self._require_postcopy("LISTEN")
         rp = self._require_rp("LISTEN")
+        if self.mig.caps.postcopy_preempt and self.post_channel is None:
+            raise RemoteProtocolError("POSTCOPY_LISTEN before the postcopy channel is up")
         for st in pc.blocks.values():
             st.placer.register()
         self.placer = ChannelPlacer(pc, "main")

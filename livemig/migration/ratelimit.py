@@ -28,13 +28,15 @@ class RateLimiter:
         if self.limit <= 0:
             return
         self._used += nbytes
-        budget = self.limit * WINDOW_S
         now = self._clock()
+        # Sleep until the bytes sent in this window are paid for at the limit; a
+        # window may be overdrawn by one batch, which the sleep then covers.
+        due = self._window_start + self._used / self.limit
+        if due > now:
+            self._sleep(due - now)
+            now = self._clock()
         if now - self._window_start >= WINDOW_S:
-            self._window_start, self._used = now, nbytes
-        elif self._used >= budget:
-            self._sleep(self._window_start + WINDOW_S - now)
-            self._window_start, self._used = self._clock(), 0
+            self._window_start, self._used = now, 0
 
 
 class BandwidthMeter:

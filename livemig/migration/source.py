@@ -63,6 +63,14 @@ POSTCOPY_SWITCH_INTERVAL = 50e-6
 CPU_SECTION_ID = 1
 SERIAL_SECTION_ID = 2
 GLOBALSTATE_SECTION_ID = 3
+CAPS_SECTION_ID = 4
+
+
+def agreed_capabilities(caps: Capabilities) -> str:
+    """The capabilities source and destination must both have (or both lack)."""
+    names = [name for name, on in (("postcopy-ram", caps.postcopy_ram),
+                                   ("postcopy-preempt", caps.postcopy_preempt)) if on]
+    return ",".join(names)
 
 EventSink = Callable[[str, dict[str, Any]], None]
 
@@ -116,6 +124,22 @@ class SourceMigration:
                            f"(status {self.status.status.value})")
         self._postcopy_requested.set()
 
+    def abort(self) -> None:
+        """The process is shutting down: stop whatever phase we are in."""
+        self._cancel.set()
+        for ch in (self._channel, self._post_channel):
+            if ch is not None:
+                ch.shutdown()
+
+    def update_params(self, params: Parameters) -> None:
+        """migrate-set-parameters during a migration: bandwidth applies at once."""
+        self.params = params
+        sender = self._sender
+        if sender is not None:
+            postcopy = self.status.status is MigrationStatus.POSTCOPY_ACTIVE
+            sender.limiter.limit = (params.max_postcopy_bandwidth if postcopy
+                                    else params.max_bandwidth)
+
     def cancel(self) -> None:
         if self.status.status.finished:
             return
@@ -163,12 +187,10 @@ class SourceMigration:
 
     # --- the migration thread ---------------------------------------------------------------
     def _run(self) -> None:
-        sender: PageSender | None = None
         try:
             self._was_running = self.vm.running
             self._runstate_before = self.vm.runstate.value
-            self._channel = connect(self.uri)
-            sender = self._setup(self._channel)
+            sender = self._setup()
             self.status.set(MigrationStatus.ACTIVE)
             self._iterate(sender)
             if self._postcopy_requested.is_set():
@@ -178,8 +200,8 @@ class SourceMigration:
         except Exception as e:
             self._fail(e)
         finally:
-            if sender is not None:
-                sender.release()
+            if self._sender is not None:
+                self._sender.release()
             for ch in (self._channel, self._post_channel):
                 if ch is not None:
                     ch.shutdown()
@@ -188,7 +210,10 @@ class SourceMigration:
                 self._rp.join(5)
             self.info.end_ns = time.monotonic_ns()
 
-    def _setup(self, channel: Channel) -> PageSender:
+    def _setup(self) -> PageSender:
+        preempt_first = self.caps.postcopy_preempt and self.postcopy_channel_first
+        post = self._open_postcopy_channel() if preempt_first else None
+        channel = self._channel = connect(self.uri)
         stats = self.info.ram
         stats.total = sum(b.size for b in self.vm.blocks.values())
         blocks = block_table(self.vm)
@@ -198,9 +223,13 @@ class SourceMigration:
         sender = PageSender(self.vm.blocks, main, RAM_SECTION_ID, stats,
                             RateLimiter(self.params.max_bandwidth), self.trace)
         self._sender = sender
-        if self.caps.postcopy_preempt and self.postcopy_channel_first:
-            sender.post = self._open_postcopy_channel()
+        sender.post = post
         writer.write([enc.preamble()])
+        # Capabilities both sides must agree on, before anything else (QEMU validates
+        # its own in the configuration section): a preempt/no-preempt mismatch would
+        # otherwise lose the pages sent on a connection nobody reads.
+        writer.write(enc.device_state(CAPS_SECTION_ID, "livemig/capabilities",
+                                      self._agreed_caps().encode()))
         if self.caps.postcopy_ram:
             writer.write([enc.open_return_path(),
                           enc.postcopy_advise(host_page_summary(blocks))])
@@ -220,6 +249,9 @@ class SourceMigration:
         self.vm.set_dirty_logging(True)
         self.info.setup_ns = time.monotonic_ns() - self.info.start_ns
         return sender
+
+    def _agreed_caps(self) -> str:
+        return agreed_capabilities(self.caps)
 
     def _open_postcopy_channel(self) -> OutChannel:
         """The second connection, for requested pages only (postcopy preemption)."""

@@ -105,8 +105,8 @@ class Vcpu:
         faults, then waits with :meth:`pause`.
         """
         with self._cond:
-            if self.state is not VcpuRunState.RUNNING:
-                return
+            if self.state is not VcpuRunState.RUNNING or self._want is not self.state:
+                return  # not running, or already told to pause or stop
             self._want = VcpuRunState.PAUSED
             self.fd.set_immediate_exit(True)
             self._cond.notify_all()

@@ -1,0 +1,410 @@
+"""Helpers for the postcopy and preemption integration tests: VM pairs, QMP waits,
+the switch to postcopy, and a hostile destination.
+
+Theory of operation
+-------------------
+A test builds a :class:`Pair`: two in-process :class:`~livemig.instance.Instance`
+objects (a running source guest and an empty destination), each with its QMP socket
+and a real ``qemu.qmp`` client (:class:`~livemig.control.client.QmpClient`), and
+drives the migration only through QMP, as one drives QEMU.  The Python objects stay
+reachable for what QMP cannot show (serial output, RAM, test hooks).
+
+Postcopy is started the way ``livemig demo`` does it: a bandwidth limit keeps precopy
+from converging, and ``migrate-start-postcopy`` is sent once ``query-migrate`` shows
+that the first round is over (``ram.dirty-sync-count >= 2``).
+
+Every wait is bounded (this machine is a nested VM: bounds are generous) so a hang
+becomes a failure, and clean-up must work even after a failed or hung migration:
+:func:`close_instance` cuts a source's channels itself when ``quit`` would be refused
+(``migrate_cancel`` is refused during postcopy).
+
+:class:`FakeDestination` is a raw socket that accepts a source's main channel,
+decodes it with livemig's sans-IO decoder, answers PINGs on the return path and lets
+a test send whatever it wants back at chosen points of the stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from livemig.control.client import QmpClient
+from livemig.errors import ChannelClosedError, QmpError
+from livemig.guests import DEFAULT_RANGE_START
+from livemig.instance import Instance
+from livemig.kernel.mman import MIB, Backing
+from livemig.vmm.boot import boot_guest
+from livemig.vmm.vm import Vm, VmConfig
+from livemig.wire import events as ev
+from livemig.wire.blocks import BlockInfo
+from livemig.wire.decoder import Decoder
+from livemig.wire.returnpath import ReturnPathEncoder
+
+MEM = 32 * MIB
+GUEST_PAGES = (MEM - DEFAULT_RANGE_START) // 4096  # what x-guest-check covers
+FINISHED = ("completed", "failed", "cancelled")
+# Precopy must not converge before the test switches to postcopy: with this limit a
+# round over 32 MiB of pages the guests keep dirtying takes about a second.
+SLOW_PRECOPY = 30_000_000
+# ... and a downtime limit no stop-and-copy can meet keeps it from converging even when
+# the guest dirties little during a round (a busy machine slows the guest down).
+NO_CONVERGENCE = {"max-bandwidth": SLOW_PRECOPY, "downtime-limit": 1}
+LATENCY_KEYS = ("postcopy-blocktime", "postcopy-vcpu-blocktime", "postcopy-latency",
+                "postcopy-latency-dist", "x-postcopy-latency-percentiles")
+
+
+def capabilities(*, postcopy: bool = True, preempt: bool = False,
+                 events: bool = True) -> list[dict[str, Any]]:
+    """The ``migrate-set-capabilities`` argument for this combination."""
+    return [{"capability": "events", "state": events},
+            {"capability": "postcopy-ram", "state": postcopy},
+            {"capability": "postcopy-preempt", "state": preempt}]
+
+
+def quiet_livemig_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep livemig's log records away from pytest's capture.
+
+    livemig logs failed migrations with the exception as an argument; a handler that
+    keeps records (pytest's) keeps the traceback, whose frames may hold views of guest
+    RAM, and the VM then cannot unmap it (BufferError at close).  That bug is tested
+    by the precopy tests; here it must not break unrelated clean-up.  Records still
+    reach stderr through logging's last-resort handler."""
+    monkeypatch.setattr(logging.getLogger("livemig"), "propagate", False)
+
+
+def hugepages_checked(request: pytest.FixtureRequest, *backings: Backing) -> None:
+    """Use conftest's ``hugepages_restored`` check when a VM reserves huge pages.
+
+    Only then: the check reads the system-wide pool, which anything else running on the
+    machine may change, so tests that reserve nothing do not take that risk."""
+    if any(b.is_hugetlb for b in backings):
+        request.getfixturevalue("hugepages_restored")
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+# --- instances ----------------------------------------------------------------------------
+def _shut_outgoing(inst: Instance) -> None:
+    """Cut a source's channels so its migration thread ends (cancel is refused in
+    postcopy); the channel attributes are private, this is clean-up of last resort."""
+    out = inst.outgoing
+    if out is None:
+        return
+    for ch in (out._channel, out._post_channel):
+        if ch is not None:
+            ch.shutdown()
+    out.join(30)
+
+
+def release_failed_setup(inst: Instance) -> None:
+    """Work around a known bug (tested on its own): a source whose setup failed after
+    its page sender was built keeps the sender's views of guest RAM, so the VM cannot
+    unmap it.  Release them once the migration thread is gone."""
+    out = inst.outgoing
+    if out is None:
+        return
+    out.join(30)
+    sender = out._sender
+    if sender is not None and out.status.status.finished:
+        sender.release()
+
+
+def join_incoming(inst: Instance) -> None:
+    """Work around a known bug (tested on its own): Instance.close() only waits for the
+    incoming status, which is set before the load thread has stopped the guest and
+    dropped its views of guest RAM; so stop the load thread and join it first."""
+    inc = inst.incoming
+    if inc is None:
+        return
+    if not inc.status.status.finished:
+        inc.abort()
+    inc._thread.join(30)
+
+
+def close_instance(inst: Instance) -> None:
+    """Close an instance whatever state its migrations are in.
+
+    Instance.close() raises when a source is still in postcopy-active (its cancel is
+    refused): then cut the channels and close the parts ourselves.  An AttributeError
+    is the Listener.close race of a destination (a known bug with its own test); the
+    two other known bugs are worked around first (see the functions called)."""
+    if inst.outgoing is not None and inst.outgoing.status.status.finished:
+        release_failed_setup(inst)
+    join_incoming(inst)
+    try:
+        inst.close()
+        return
+    except QmpError:
+        _shut_outgoing(inst)
+        release_failed_setup(inst)
+    except AttributeError:
+        pass
+    inst.vm.shutdown()
+    if inst.qmp is not None:
+        inst.qmp.close()
+    inst.vm.close()
+
+
+@contextlib.contextmanager
+def guest_instance(tmp_path: Path, guest: str | None, name: str, mem: int = MEM,
+                   backing: Backing = Backing.ANON_4K) -> Iterator[Instance]:
+    """An instance with a QMP socket: running ``guest`` (two passes done), or empty."""
+    inst = Instance(Vm(VmConfig(mem, backing)), str(tmp_path / f"{name}.qmp"))
+    try:
+        if guest is not None:
+            boot_guest(inst.vm, guest)
+            inst.vm.start()
+            assert inst.vm.serial.wait_for(2, timeout=60), inst.vm.serial.output[-80:]
+        yield inst
+    finally:
+        close_instance(inst)
+
+
+@contextlib.contextmanager
+def client(inst: Instance) -> Iterator[QmpClient]:
+    assert inst.qmp is not None
+    c = QmpClient(str(inst.qmp.path), timeout=30)
+    try:
+        yield c
+    finally:
+        with contextlib.suppress(Exception):
+            c.close()
+
+
+@dataclass
+class Pair:
+    """A source and a destination instance with their QMP clients."""
+
+    src: Instance
+    dst: Instance
+    sq: QmpClient
+    dq: QmpClient
+    uri: str
+    guest: str
+
+    def listen(self) -> None:
+        self.dq.execute("migrate-incoming", uri=self.uri)
+
+    def migrate(self) -> None:
+        self.sq.execute("migrate", uri=self.uri)
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    guest: str = "ab"
+    backing: Backing = Backing.ANON_4K
+    dst_backing: Backing | None = None  # None: same as the source
+    mem: int = MEM
+    src_caps: tuple[tuple[str, bool], ...] = ()
+    dst_caps: tuple[tuple[str, bool], ...] = ()
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+def caps_of(**flags: bool) -> tuple[tuple[str, bool], ...]:
+    """``caps_of(postcopy=True, preempt=True)`` for :class:`PairConfig`."""
+    return tuple(flags.items())
+
+
+@contextlib.contextmanager
+def migration_pair(tmp_path: Path, cfg: PairConfig) -> Iterator[Pair]:
+    """A running source and a waiting destination, capabilities and parameters set.
+
+    The destination is closed first, so a source still streaming to it fails (and
+    ends) instead of waiting for a peer that is gone."""
+    with guest_instance(tmp_path, cfg.guest, "src", cfg.mem, cfg.backing) as src, \
+            client(src) as sq:
+        dst = Instance(Vm(VmConfig(cfg.mem, cfg.dst_backing or cfg.backing)),
+                       str(tmp_path / "dst.qmp"))
+        try:
+            with client(dst) as dq:
+                sq.execute("migrate-set-capabilities", capabilities=capabilities(
+                    **dict(cfg.src_caps or caps_of(postcopy=True))))
+                dq.execute("migrate-set-capabilities", capabilities=capabilities(
+                    **dict(cfg.dst_caps or cfg.src_caps or caps_of(postcopy=True))))
+                if cfg.params:
+                    sq.execute("migrate-set-parameters", **dict(cfg.params))
+                yield Pair(src, dst, sq, dq, f"unix:{tmp_path / 'mig.sock'}", cfg.guest)
+        finally:
+            close_instance(dst)
+            if src.outgoing is not None:
+                src.outgoing.wait(30)
+
+
+# --- QMP waits ----------------------------------------------------------------------------
+def wait_migration(qmp: QmpClient, timeout: float = 90,
+                   until: tuple[str, ...] = FINISHED) -> dict[str, Any]:
+    """Poll query-migrate until its status is in ``until``; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info: dict[str, Any] = qmp.execute("query-migrate")
+        if info.get("status") in until:
+            return info
+        assert time.monotonic() < deadline, f"migration still {info.get('status')}: {info}"
+        time.sleep(0.02)
+
+
+def start_postcopy_after_first_round(qmp: QmpClient, timeout: float = 90) -> dict[str, Any]:
+    """Send migrate-start-postcopy once the first precopy round is over."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info: dict[str, Any] = qmp.execute("query-migrate")
+        assert info.get("status") in ("setup", "active"), f"no postcopy switch: {info}"
+        if info["status"] == "active" and info["ram"]["dirty-sync-count"] >= 2:
+            qmp.execute("migrate-start-postcopy")
+            return info
+        assert time.monotonic() < deadline, f"first round not over: {info}"
+        time.sleep(0.02)
+
+
+def run_postcopy(pair: Pair, timeout: float = 90) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Listen, migrate, switch after one round; the final query-migrate of both sides."""
+    pair.listen()
+    pair.migrate()
+    start_postcopy_after_first_round(pair.sq, timeout)
+    src_info = wait_migration(pair.sq, timeout)
+    dst_info = wait_migration(pair.dq, timeout)
+    return src_info, dst_info
+
+
+def events(qmp: QmpClient, until: Callable[[list[dict[str, Any]]], bool] = lambda _e: True,
+           timeout: float = 10) -> list[dict[str, Any]]:
+    """Events received so far, plus any arriving until ``until(events)`` holds."""
+    got: list[dict[str, Any]] = list(qmp.events())
+    deadline = time.monotonic() + timeout
+    while not until(got) and time.monotonic() < deadline:
+        got += qmp.events(wait=0.1)
+    return got
+
+
+def migration_statuses(evs: list[dict[str, Any]]) -> list[str]:
+    return [e["data"]["status"] for e in evs if e["event"] == "MIGRATION"]
+
+
+def ends_migration(evs: list[dict[str, Any]]) -> bool:
+    return any(s in FINISHED for s in migration_statuses(evs))
+
+
+def guest_check(qmp: QmpClient, guest: str) -> dict[str, Any]:
+    """Pause the VM if it runs, then run the host-side check of ``guest``'s RAM."""
+    if qmp.execute("query-status")["running"]:
+        qmp.execute("stop")
+    result: dict[str, Any] = qmp.execute("x-guest-check", guest=guest)
+    return result
+
+
+def runs_on(vm: Vm, passes: int = 2, timeout: float = 60) -> bool:
+    """The guest prints ``passes`` more B's, and never an E, within ``timeout``."""
+    before = vm.serial.output.count(b"B")
+    vm.serial.wait_for(passes, timeout=timeout)  # also returns at an E
+    out = vm.serial.output
+    return b"E" not in out and out.count(b"B") - before >= passes
+
+
+# --- a hostile destination ----------------------------------------------------------------
+def raw_request(block: str, start: int, length: int) -> bytes:
+    """A REQ_PAGES_ID message built by hand: ReturnPathEncoder refuses bad requests."""
+    name = block.encode()
+    payload = struct.pack(">QI", start, length) + bytes([len(name)]) + name
+    return struct.pack(">HH", 3, len(payload)) + payload
+
+
+Attack = Callable[[ev.Event | ev.NeedData], bytes | None]
+
+
+class FakeDestination:
+    """Accepts one main channel on a unix socket and plays a destination (see module doc).
+
+    ``attack(event)`` is called for every decoded event; bytes it returns are sent on
+    the return path at once.  ``error`` is what the decoder refused (None: every record
+    the source sent was valid for ``blocks``); ``ended`` says the source closed.
+    """
+
+    def __init__(self, path: str, blocks: Mapping[str, BlockInfo], attack: Attack) -> None:
+        self.path = path
+        self._dec = Decoder(blocks, postcopy=True)
+        self._rp = ReturnPathEncoder()
+        self._attack = attack
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self._listener.bind(path)
+        self._listener.listen(4)
+        self._conn: socket.socket | None = None
+        self.seen: list[str] = []
+        self.error: Exception | None = None
+        self.ended = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fake-destination", daemon=True)
+        self._thread.start()
+
+    @property
+    def uri(self) -> str:
+        return f"unix:{self.path}"
+
+    def _run(self) -> None:
+        try:
+            self._listener.settimeout(60)
+            conn, _ = self._listener.accept()
+            conn.settimeout(120)
+            self._conn = conn
+            self._serve(conn)
+        except (ChannelClosedError, OSError):
+            pass  # the source went away: what the tests expect in the end
+        except Exception as e:
+            self.error = e
+        finally:
+            self.ended.set()
+
+    def _serve(self, conn: socket.socket) -> None:
+        page = bytearray(4096)
+        while True:
+            e = self._dec.next_event()
+            if e is ev.NEED_DATA:
+                self._dec.receive_data(conn.recv(1 << 20))
+                continue
+            self.seen.append(type(e).__name__)
+            if isinstance(e, ev.PageHeader):
+                self._payload(conn, page)
+            elif isinstance(e, ev.Ping):
+                conn.sendall(self._rp.pong(e.value))
+            reply = self._attack(e)
+            if reply:
+                conn.sendall(reply)
+            if isinstance(e, ev.StreamEnd):
+                return
+
+    def _payload(self, conn: socket.socket, page: bytearray) -> None:
+        got = self._dec.take_payload(page)
+        while self._dec.payload_remaining:
+            data = conn.recv(1 << 20)
+            if not data:
+                raise ChannelClosedError("source closed inside a page")
+            self._dec.receive_data(data)
+            got += self._dec.take_payload(memoryview(page)[got:])
+
+    def close(self) -> None:
+        for s in (self._conn, self._listener):
+            if s is not None:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+        self._thread.join(30)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
