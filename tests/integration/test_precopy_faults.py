@@ -171,10 +171,14 @@ def _landmarks(stream: bytes) -> dict[str, int]:
     first_record = stream.index(b"\x06pc.ram", block + 1) - 1  # flags of the first page
     cpu = stream.index(b"livemig/cpu")
     serial = stream.index(b"livemig/serial")
-    assert stream[:4] == b"QEVM" and stream[20] == 0x01 and stream[-1] == 0x00
+    caps = stream.index(b"livemig/capabilities")
+    ram_start = stream.index(b"\x03ram") - 5
+    assert stream[:4] == b"QEVM" and stream[20] == 0x04 and stream[ram_start] == 0x01
+    assert stream[-1] == 0x00
     return {
         "magic": 0, "version": 7, "configuration": 8, "machine name": 13,
-        "ram START": 20, "ram idstr": stream.index(b"\x03ram") + 1,
+        "capabilities FULL": 20, "capabilities idstr": caps + 2,
+        "ram START": ram_start, "ram idstr": ram_start + 6,
         "MEM_SIZE total": block - 4, "block name": block + 1,
         "record flags": first_record, "cpu idstr": cpu + 2,
         "cpu state length": cpu + len("livemig/cpu") + 8, "serial idstr": serial + 9,
