@@ -59,6 +59,11 @@ class PagePlacer:
         """Drop pages so that they fault again (postcopy discard of stale pages)."""
         self.mapping.discard(offset, length)
 
+    def copy_prefix(self, offset: int, src: npt.NDArray[np.uint8], length: int) -> int:
+        """UFFDIO_COPY a run of pages; returns how many bytes were placed before the
+        first page that was already there (the kernel stops at it)."""
+        return self.uffd.copy(self._base + offset, buffer_address(src), length)
+
     def zero(self, offset: int, length: int) -> bool:
         """UFFDIO_ZEROPAGE (4 KiB pages only); False if the page was already there."""
         return self.uffd.zeropage(self._base + offset, length) == length

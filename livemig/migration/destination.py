@@ -41,7 +41,7 @@ from livemig.kernel.uffd import (
     Userfaultfd,
     feature_names,
 )
-from livemig.migration.channel import Channel, Listener, MigrationUri
+from livemig.migration.channel import Channel, Listener, MigrationUri, quiet_background
 from livemig.migration.postcopy import (
     ChannelPlacer,
     FaultThread,
@@ -439,6 +439,7 @@ class _Load:
         for st in pc.blocks.values():
             st.placer.register()
         self.placer = ChannelPlacer(pc, "main")
+        quiet_background(self.channel)  # a short queue of background pages here too
         self.fault_thread = FaultThread(pc, rp.request, self._fault_failed)
         self.fault_thread.start()
         if self.post_channel is not None:

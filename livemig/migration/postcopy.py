@@ -107,6 +107,7 @@ class Placer(Protocol):
     def offset_of(self, address: int) -> int: ...
     def copy(self, offset: int, src: npt.NDArray[np.uint8] | mmap.mmap | bytearray,
              length: int) -> bool: ...
+    def copy_prefix(self, offset: int, src: npt.NDArray[np.uint8], length: int) -> int: ...
     def zero(self, offset: int, length: int) -> bool: ...
     def discard(self, offset: int, length: int) -> None: ...
 
@@ -166,6 +167,25 @@ class PostcopyState:
         hp = offset // st.host_page
         st.placer.copy(offset, src, st.host_page)  # False = already there: fine
         self._placed(st, hp)
+
+    def place_run(self, st: BlockState, offset: int, data: npt.NDArray[np.uint8]) -> None:
+        """Place consecutive 4 KiB pages (rows of ``data``) with as few UFFDIO_COPYs as
+        possible: one for the whole run, then page by page past any page that was
+        already there (the kernel stops at the first one)."""
+        n = len(data)
+        buf = np.ascontiguousarray(data)
+        done = st.placer.copy_prefix(offset, buf, n * PAGE_SIZE) // PAGE_SIZE
+        for i in range(done + 1, n):  # page `done` exists; try the rest one by one
+            st.placer.copy(offset + i * PAGE_SIZE, buf[i], PAGE_SIZE)
+        first = offset // PAGE_SIZE
+        now = time.monotonic_ns()
+        with self.lock:
+            st.received[first : first + n] = True
+            self.placed += n
+            answered = [hp for hp in st.requested if first <= hp < first + n]
+            asked = [st.requested.pop(hp) for hp in answered]
+        for t_ns, vcpu in asked:
+            self.stats.record(now - t_ns, vcpu)
 
     def placed_zero(self, st: BlockState, hp: int) -> None:
         """A 4 KiB zero page was placed with UFFDIO_ZEROPAGE."""
@@ -313,10 +333,13 @@ class ChannelPlacer:
     def batch(self, e: ev.PageBatch) -> None:
         st = self.state.blocks[e.block]
         self.pages += len(e.offsets)
-        offs = e.offsets.tolist()
         if st.host_page == PAGE_SIZE:
-            for i, off in enumerate(offs):
-                self.state.place(st, off, e.data[i])
+            # Background pages come in runs of consecutive offsets: one ioctl a run.
+            breaks = np.flatnonzero(np.diff(e.offsets) != PAGE_SIZE) + 1
+            starts = [0, *breaks.tolist()]
+            ends = [*breaks.tolist(), len(e.offsets)]
+            for a, b in zip(starts, ends, strict=True):
+                self.state.place_run(st, int(e.offsets[a]), e.data[a:b])
             return
         self._fill_huge(st, e.offsets, e.data)
 

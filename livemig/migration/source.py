@@ -377,7 +377,9 @@ class SourceMigration:
         sender.break_huge = (self.params.x_postcopy_preempt_break_huge
                              and self.params.x_postcopy_urgent_sender == "migration")
         sender.locality = self.params.x_postcopy_locality
-        if sender.post is not None and self._channel is not None:
+        if self._channel is not None:
+            # Requests (vanilla) or the background stream (preempt) must not wait
+            # behind megabytes queued in the kernel.
             quiet_background(self._channel)
         # The return-path thread must get the GIL quickly when a request arrives; the
         # default 5 ms switch interval would add up to 5 ms to every request.

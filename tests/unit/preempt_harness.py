@@ -575,6 +575,10 @@ class BufferPlacer:
             dst[need] = part[need]
         return True
 
+    def copy_prefix(self, offset: int, src: npt.NDArray[np.uint8], length: int) -> int:
+        self.copy(offset, src, length)
+        return length
+
     def zero(self, offset: int, length: int) -> bool:
         self.placements.append((offset, length))
         self.mem[offset : offset + length] = 0
