@@ -205,3 +205,14 @@ def _sendmsg_all(fd: int, iov: npt.NDArray[np.void]) -> int:
             chunk["len"][done] -= np.uint64(into)
         start += done
     return total
+
+
+TIOCOUTQ: Final = 0x5411  # SIOCOUTQ: bytes in the send queue (unsent + unacked, TCP)
+
+
+def queued_bytes(sock: socket.socket) -> int:
+    """Bytes this socket has not yet had acknowledged (SIOCOUTQ)."""
+    import fcntl
+    import struct
+    buf = fcntl.ioctl(sock.fileno(), TIOCOUTQ, b"\0\0\0\0")
+    return int(struct.unpack("i", buf)[0])

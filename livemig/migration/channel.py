@@ -27,6 +27,7 @@ from typing import Literal
 from livemig.errors import ChannelClosedError, ConfigError
 from livemig.kernel.sock import (
     Buffer,
+    queued_bytes,
     read_exact_into,
     recv_exact_into,
     send_buffers,
@@ -121,6 +122,10 @@ class Channel:
             raise ChannelClosedError(f"{self.name} channel: {e}") from None
         self.bytes_received += n
         return n
+
+    def queued(self) -> int:
+        """Bytes sent but not yet acknowledged by the peer (0 for files)."""
+        return queued_bytes(self.sock) if self.sock is not None else 0
 
     def recv(self, max_bytes: int) -> bytes:
         """Read up to ``max_bytes`` (at least one); ``b""`` means EOF."""
@@ -295,7 +300,7 @@ class ChannelWriter:
 
 # With preemption, background pages must not pile up in front of urgent ones: keep the
 # precopy socket's queue short (its unsent part too, for TCP) once postcopy runs.
-BACKGROUND_QUEUE = 256 * 1024
+BACKGROUND_QUEUE = 64 * 1024
 
 
 def quiet_background(channel: Channel) -> None:

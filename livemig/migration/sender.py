@@ -59,6 +59,11 @@ PART_SECONDS = 0.05
 WINDOW_BYTES = 2 * MIB
 # In postcopy, background work is cut into pieces this small between request checks.
 POSTCOPY_CHUNK_PAGES = 32
+# Background pages wait while the postcopy channel has more than this unacknowledged
+# (an urgent page on its way), for at most URGENT_HOLD_MAX_S at a time.
+URGENT_QUEUED_BYTES = 16 * 1024
+URGENT_HOLD_MAX_S = 0.05
+URGENT_POLL_S = 0.0002
 
 
 @dataclass
@@ -298,8 +303,21 @@ class PageSender:
             served = True
         return served
 
+    def _yield_to_urgent(self) -> None:
+        """Hold background pages while requested pages are still on their way: on a
+        slow link both channels share one queue (the qdisc), and an urgent huge page
+        would otherwise get only part of the link.  Bounded, so the background stream
+        cannot starve; a faulting vCPU has at most one request in flight anyway."""
+        if self.post is None:
+            return
+        deadline = time.monotonic() + URGENT_HOLD_MAX_S
+        while (self.post.writer.channel.queued() > URGENT_QUEUED_BYTES
+               and time.monotonic() < deadline):
+            time.sleep(URGENT_POLL_S)
+
     def _send_background(self, cursor: dict[str, int], queue: RequestQueue) -> bool:
         """One background piece on the first block with dirty pages; False when none."""
+        self._yield_to_urgent()
         hint, self._hint = self._hint, None
         if hint is not None and self.locality:
             cursor[hint[0]] = hint[1]
@@ -349,6 +367,8 @@ class PageSender:
                 self._emit(self.main, p.block, p.zeros[:0], p.zeros, urgent=False)
                 p.zeros = p.zeros[:0]
                 continue
+            if interruptible:
+                self._yield_to_urgent()
             chunk, p.pages = p.pages[:POSTCOPY_CHUNK_PAGES], p.pages[POSTCOPY_CHUNK_PAGES:]
             self._emit(self.main, p.block, chunk, chunk[:0], urgent=False)
             if may_break:
