@@ -100,6 +100,7 @@ class PageSender:
         self.trace = tracer or Tracer()
         self.break_huge = True
         self.locality = True
+        self.yield_to_urgent = True  # see _yield_to_urgent
         self.current = main.name  # the channel in use, for switch/reset traces
         self.preempted: Preempted | None = None
         self._views = {name: b.view() for name, b in self.blocks.items()}
@@ -308,7 +309,7 @@ class PageSender:
         slow link both channels share one queue (the qdisc), and an urgent huge page
         would otherwise get only part of the link.  Bounded, so the background stream
         cannot starve; a faulting vCPU has at most one request in flight anyway."""
-        if self.post is None:
+        if self.post is None or not self.yield_to_urgent:
             return
         deadline = time.monotonic() + URGENT_HOLD_MAX_S
         while (self.post.writer.channel.queued() > URGENT_QUEUED_BYTES
