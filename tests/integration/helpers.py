@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import hugetlb_kib, others_map_hugepages
 
 from livemig.control.client import QmpClient
 from livemig.errors import KvmError
@@ -62,23 +63,6 @@ def keep_livemig_logs_from_pytest(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 HUGEPAGE_POOL = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
-
-
-def hugetlb_kib(pid: str) -> int:
-    """Huge pages a process maps (HugetlbPages in /proc/PID/status), in KiB."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("HugetlbPages:"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def others_map_hugepages() -> bool:
-    me = str(os.getpid())
-    return any(hugetlb_kib(d.name) for d in Path("/proc").iterdir()
-               if d.name.isdigit() and d.name != me)
 
 
 @contextlib.contextmanager

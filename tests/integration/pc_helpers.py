@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 
 from livemig.control.client import QmpClient
@@ -53,7 +54,7 @@ from livemig.wire.returnpath import ReturnPathEncoder
 
 MEM = 32 * MIB
 GUEST_PAGES = (MEM - DEFAULT_RANGE_START) // 4096  # what x-guest-check covers
-FINISHED = ("completed", "failed", "cancelled")
+FINISHED = helpers.FINISHED
 # Precopy must not converge before the test switches to postcopy: with this limit a
 # round over 32 MiB of pages the guests keep dirtying takes about a second.
 SLOW_PRECOPY = 30_000_000
@@ -251,14 +252,8 @@ def migration_pair(tmp_path: Path, cfg: PairConfig) -> Iterator[Pair]:
 # --- QMP waits ----------------------------------------------------------------------------
 def wait_migration(qmp: QmpClient, timeout: float = 90,
                    until: tuple[str, ...] = FINISHED) -> dict[str, Any]:
-    """Poll query-migrate until its status is in ``until``; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        info: dict[str, Any] = qmp.execute("query-migrate")
-        if info.get("status") in until:
-            return info
-        assert time.monotonic() < deadline, f"migration still {info.get('status')}: {info}"
-        time.sleep(0.02)
+    """helpers.wait_migration with the longer default postcopy runs need."""
+    return helpers.wait_migration(qmp, timeout, until)
 
 
 def start_postcopy_after_first_round(qmp: QmpClient, timeout: float = 90) -> dict[str, Any]:
