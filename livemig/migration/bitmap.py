@@ -27,6 +27,7 @@ from livemig.kernel.mman import PAGE_SIZE
 from livemig.vmm.memory import Bitmap, bitmap_to_bools, new_bitmap
 
 IndexArray = npt.NDArray[np.int64]
+SCAN_SLICE = 1 << 14  # pages (64 MiB of guest RAM) per step of next_dirty
 
 
 class SourceBlock(Protocol):
@@ -81,11 +82,17 @@ class MigrationBitmap:
         return int(np.count_nonzero(self.bits))
 
     def next_dirty(self, start: int) -> int:
-        """First dirty page at or after ``start`` (wrapping), or -1 if none."""
+        """First dirty page at or after ``start`` (wrapping), or -1 if none.
+
+        Scans in bounded slices: postcopy asks this for every small chunk, and a scan of
+        the whole rest of a 1 GiB bitmap each time cost a fifth of the sending thread.
+        """
         for lo, hi in ((start, self.pages), (0, start)):
-            hits = np.flatnonzero(self.bits[lo:hi])
-            if len(hits):
-                return lo + int(hits[0])
+            for a in range(lo, hi, SCAN_SLICE):
+                b = min(a + SCAN_SLICE, hi)
+                hit = int(np.argmax(self.bits[a:b]))
+                if self.bits[a + hit]:
+                    return a + hit
         return -1
 
     def take_window(self, first: int, count: int) -> Window:

@@ -333,11 +333,9 @@ class PageSender:
                 self._send_huge(name, page - page % per, queue)
                 cursor[name] = page - page % per + per
             else:
-                # Small pieces when requests have their own channel (they only wait for
-                # the piece in hand); big windows otherwise (they wait behind the socket
-                # queue anyway, and big windows cost less Python per byte).
-                chunk = POSTCOPY_CHUNK_PAGES if self.post is not None else \
-                    self._window_pages(block)
+                # Small pieces, so a request waits at most for the piece in hand (QEMU
+                # checks before every page; a 2 MiB window made requests wait for it).
+                chunk = POSTCOPY_CHUNK_PAGES
                 first = page - page % chunk
                 self.send_window(name, first, chunk)
                 cursor[name] = first + chunk
