@@ -15,11 +15,14 @@ held by the caller for the duration of the (synchronous) ioctl.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
+from livemig.errors import UffdError
 from livemig.kernel.mman import Mapping
 from livemig.kernel.uffd import Userfaultfd
 
@@ -31,10 +34,24 @@ def buffer_address(buf: npt.NDArray[np.uint8] | mmap.mmap | bytearray) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
+@dataclass(frozen=True)
+class RemoteRange:
+    """Guest RAM of another process, known only by its address there: a helper that
+    was handed the VM's userfaultfd places pages into it (UFFDIO_COPY writes into the
+    address space the userfaultfd belongs to, from a buffer of the caller's)."""
+
+    host_addr: int
+    size: int
+
+    def discard(self, offset: int, length: int) -> None:
+        raise UffdError("discard in another process's RAM", errno.EPERM,
+                        "only the VMM itself discards pages")
+
+
 class PagePlacer:
     """Places host pages of one RAM block through one userfaultfd."""
 
-    def __init__(self, uffd: Userfaultfd, mapping: Mapping) -> None:
+    def __init__(self, uffd: Userfaultfd, mapping: Mapping | RemoteRange) -> None:
         self.uffd = uffd
         self.mapping = mapping
         self._base = mapping.host_addr

@@ -10,15 +10,16 @@ dirty page indexes of a window in one NumPy step and splits them into zero and n
 pages by looking at guest RAM as 64-bit words (no copy of page data).
 
 A lock guards the bitmap because in postcopy two senders (the migration thread and
-the return-path thread serving urgent requests) may take pages concurrently; a page
-taken by one is never sent by the other.
+the return-path thread, or the urgent helper process, serving requests) may take pages
+concurrently; a page taken by one is never sent by the other.  For the helper process
+the bits live in shared memory and the lock is a ProcessLock.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +46,23 @@ class SourceBlock(Protocol):
     def sync_dirty(self, into: Bitmap) -> int: ...
 
 
+class BitmapLock(Protocol):
+    def __enter__(self) -> object: ...
+    def __exit__(self, *exc: Any) -> Any: ...
+
+
+def take_bits(bits: npt.NDArray[np.bool_], first: int, count: int,
+              lock: BitmapLock) -> IndexArray:
+    """Clear the set bits in [first, first+count) and return their indexes: under
+    ``lock``, so two senders never take the same page."""
+    with lock:
+        sl = bits[first : first + count]
+        idx = np.flatnonzero(sl)
+        if len(idx):
+            sl[idx] = False
+    return idx + first
+
+
 @dataclass(frozen=True)
 class Window:
     """Pages taken from one window: indexes of non-zero and of all-zero pages."""
@@ -59,11 +77,17 @@ class Window:
 class MigrationBitmap:
     """Dirty pages still to send for one RAM block."""
 
-    def __init__(self, block: SourceBlock) -> None:
+    def __init__(self, block: SourceBlock, bits: npt.NDArray[np.bool_] | None = None,
+                 lock: BitmapLock | None = None) -> None:
+        """``bits``/``lock``: shared with the urgent helper process (see urgent.py)."""
         self.block = block
         self.pages = block.pages
-        self.bits = np.ones(self.pages, dtype=np.bool_)
-        self.lock = threading.Lock()
+        if bits is None:
+            bits = np.ones(self.pages, dtype=np.bool_)
+        else:
+            bits[:] = True
+        self.bits = bits
+        self.lock: BitmapLock = lock or threading.Lock()
         self._log = new_bitmap(self.pages)
         # Guest RAM as one row of 64-bit words per page: zero checks read RAM in place.
         # This view pins the mapping: drop the bitmap when the migration ends.
@@ -89,22 +113,20 @@ class MigrationBitmap:
         """
         for lo, hi in ((start, self.pages), (0, start)):
             for a in range(lo, hi, SCAN_SLICE):
-                b = min(a + SCAN_SLICE, hi)
-                hit = int(np.argmax(self.bits[a:b]))
-                if self.bits[a + hit]:
-                    return a + hit
+                sl = self.bits[a : min(a + SCAN_SLICE, hi)]
+                # Another sender may clear the bit argmax found before we look at it:
+                # then look again, or the rest of this slice would be skipped.
+                while sl.any():
+                    hit = int(np.argmax(sl))
+                    if sl[hit]:
+                        return a + hit
         return -1
 
     def take_window(self, first: int, count: int) -> Window:
         """Clear and return the dirty pages in [first, first+count)."""
-        last = min(first + count, self.pages)
-        with self.lock:
-            sl = self.bits[first:last]
-            idx = np.flatnonzero(sl)
-            if not len(idx):
-                return Window(idx, idx)
-            sl[idx] = False
-        idx += first
+        idx = take_bits(self.bits, first, count, self.lock)
+        if not len(idx):
+            return Window(idx, idx)
         # Most pages that hold data have a non-zero first word: decide those from one
         # word each, and read whole pages only for the rest (QEMU's buffer_is_zero
         # also bails out at the first non-zero byte).

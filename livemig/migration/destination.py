@@ -35,6 +35,7 @@ import numpy.typing as npt
 
 from livemig.errors import LivemigError, MigrationError, RemoteProtocolError
 from livemig.kernel.mman import PAGE_SIZE
+from livemig.kernel.shared import ProcessLock, SharedMemory
 from livemig.kernel.uffd import (
     FEATURE_MISSING_HUGETLBFS,
     FEATURE_THREAD_ID,
@@ -42,14 +43,19 @@ from livemig.kernel.uffd import (
     feature_names,
 )
 from livemig.migration.channel import Channel, Listener, MigrationUri, quiet_background
+from livemig.migration.faultserver import FaultServer
 from livemig.migration.postcopy import (
+    RECV_CHUNK,
     ChannelPlacer,
     FaultThread,
+    PostcopyChannelReceiver,
     PostcopyState,
+    read_payload,
+    shared_layout,
     uffd_block_states,
 )
 from livemig.migration.returnpath import ReturnPathWriter
-from livemig.migration.source import agreed_capabilities, block_table
+from livemig.migration.source import URGENT_PROCESS_OPTION, agreed_capabilities, block_table
 from livemig.migration.state import (
     Capabilities,
     MigrationInfo,
@@ -66,21 +72,10 @@ from livemig.wire.decoder import Decoder
 
 log = logging.getLogger("livemig.destination")
 
-RECV_CHUNK = 4 << 20
 # While postcopy runs, a thread woken by a fault must get the GIL quickly (the default
 # 5 ms switch interval would add up to 5 ms to every page request).
 POSTCOPY_SWITCH_INTERVAL = 50e-6
 EventSink = Callable[[str, dict[str, Any]], None]
-
-
-def read_payload(dec: Decoder, channel: Channel, slot: memoryview) -> None:
-    """A PageHeader's payload: what the decoder has buffered, then the rest straight
-    from the socket into ``slot`` (guest RAM or a temporary huge page)."""
-    n = dec.take_payload(slot)
-    if dec.payload_remaining:
-        with slot[n:] as rest:
-            channel.recv_exact_into(rest)
-        dec.payload_received(len(slot) - n)
 
 
 class RamLoader:
@@ -235,6 +230,8 @@ class DestinationMigration:
             st.postcopy_requests = load.postcopy.requests
             if load.post_placer is not None:
                 st.normal += load.post_placer.pages
+            if load.fault_server is not None:
+                st.normal += load.fault_server.pages
         st.total = sum(b.size for b in self.vm.blocks.values())
         st.transferred = self._channel.bytes_received if self._channel else 0
         if not load.started:
@@ -287,6 +284,9 @@ class _Load:
         self.postcopy: PostcopyState | None = None
         self.placer: ChannelPlacer | None = None
         self.fault_thread: FaultThread | None = None
+        # x-postcopy-urgent-sender=process: a helper owns the uffd and postcopy channel.
+        self.fault_server: FaultServer | None = None
+        self.shared: SharedMemory | None = None
         self.fault_error: Exception | None = None
         self.started = False
         self.runstate: str | None = None  # the source's run state (globalstate section)
@@ -392,10 +392,13 @@ class _Load:
         """Both sides must agree on postcopy-ram and postcopy-preempt (QEMU 7.2 trusts
         the user; a mismatch there loses pages sent on a connection nobody reads)."""
         ours = agreed_capabilities(self.mig.caps)
+        theirs, _, options = theirs.partition(";")
         if theirs != ours:
             raise MigrationError(f"capability mismatch: the source has [{theirs}], this "
                                  f"destination has [{ours}]; set the same on both sides")
         if self.mig.caps.postcopy_preempt:
+            if URGENT_PROCESS_OPTION in options.split(","):
+                self.fault_server = FaultServer()  # imports while precopy runs
             self.post_channel = self.mig.accept_postcopy_channel()
 
     # --- postcopy ------------------------------------------------------------------------
@@ -427,8 +430,17 @@ class _Load:
         self.uffd = Userfaultfd.open()
         self.uffd.api(needed)
         tids = {i: v.native_id or 0 for i, v in enumerate(self.vm.vcpus)}
-        self.postcopy = PostcopyState(uffd_block_states(self.vm.blocks, self.uffd),
-                                      self.uffd, tids)
+        if self.fault_server is None:
+            self.postcopy = PostcopyState(uffd_block_states(self.vm.blocks, self.uffd),
+                                          self.uffd, tids)
+            return
+        # Shared with the fault server, which places the requested pages.
+        size, _ = shared_layout({n: b.size // b.host_page_size
+                                 for n, b in self.vm.blocks.items()})
+        self.shared = SharedMemory.create("livemig-postcopy", size)
+        self.postcopy = PostcopyState(uffd_block_states(self.vm.blocks, self.uffd, self.shared),
+                                      self.uffd, tids, lock=ProcessLock(self.shared.fd),
+                                      shared=self.shared)
 
     def _listen(self) -> None:
         """Register guest RAM with userfaultfd and start taking faults."""
@@ -440,6 +452,14 @@ class _Load:
             st.placer.register()
         self.placer = ChannelPlacer(pc, "main")
         quiet_background(self.channel)  # a short queue of background pages here too
+        if self.fault_server is not None:
+            assert self.uffd is not None and self.shared is not None
+            assert self.post_channel is not None
+            tids = {i: v.native_id or 0 for i, v in enumerate(self.vm.vcpus)}
+            self.fault_server.start(self.vm.blocks, self.uffd, self.post_channel,
+                                    self.shared, tids, self._fault_failed)
+            self.mig.status.set(MigrationStatus.POSTCOPY_ACTIVE)
+            return
         self.fault_thread = FaultThread(pc, rp.request, self._fault_failed)
         self.fault_thread.start()
         if self.post_channel is not None:
@@ -455,29 +475,9 @@ class _Load:
     def _receive_postcopy_channel(self) -> None:
         """The postcopy channel's own thread: requested pages only, until its EOS."""
         assert self.post_channel is not None and self.post_placer is not None
-        ch, placer = self.post_channel, self.post_placer
-        dec = Decoder(block_table(self.vm), channel=ChannelKind.POSTCOPY, postcopy=True)
         try:
-            while True:
-                e = dec.next_event()
-                if e is ev.NEED_DATA:
-                    dec.receive_data(ch.recv(RECV_CHUNK))
-                elif isinstance(e, ev.PageBatch):
-                    placer.batch(e)
-                elif isinstance(e, ev.ZeroPages):
-                    placer.zeros(e)
-                elif isinstance(e, ev.PageHeader):
-                    with placer.single_slot(e) as slot:
-                        read_payload(dec, ch, slot)
-                    placer.single_done(e)
-                elif isinstance(e, ev.StreamEnd):
-                    if placer.pending():
-                        raise RemoteProtocolError(f"postcopy channel ended inside huge "
-                                                  f"pages {placer.pending()}")
-                    return
-                elif not isinstance(e, ev.StreamStart):
-                    raise RemoteProtocolError(f"unexpected {type(e).__name__} on the "
-                                              "postcopy channel")
+            PostcopyChannelReceiver(self.post_channel, self.post_placer,
+                                    block_table(self.vm)).run()
         except Exception as e:
             self._fault_failed(e)
 
@@ -508,6 +508,8 @@ class _Load:
         self.vm.set_runstate(state if state is RunState.PRELAUNCH else RunState.PAUSED)
 
     def _end(self) -> None:
+        if self.fault_server is not None and self.placer is not None:
+            self.fault_server.wait_done(30)  # the source ends the postcopy channel first
         if self.post_thread is not None:
             # The source ends the postcopy channel before the main one.
             self.post_thread.join(30)
@@ -529,6 +531,7 @@ class _Load:
         if self.fault_thread is not None:
             self.fault_thread.stop()
             self.fault_thread = None
+        self._stop_fault_server()
         if self.postcopy is not None:
             for st in self.postcopy.blocks.values():
                 st.placer.unregister()
@@ -536,11 +539,22 @@ class _Load:
             sys.setswitchinterval(self._old_switch)
             self._old_switch = None
 
+    def _stop_fault_server(self) -> None:
+        """Stop the helper, then keep the postcopy statistics in our own memory."""
+        if self.fault_server is not None:
+            self.fault_server.close()
+        if self.postcopy is not None and self.shared is not None:
+            self.postcopy.unshare()
+            self.shared.close()
+            self.shared = None
+
     def release_faults(self) -> None:
         """Close the userfaultfd: every thread blocked on a missing page wakes up."""
         if self.fault_thread is not None:
             self.fault_thread.stop()
             self.fault_thread = None
+        if self.fault_server is not None:
+            self.fault_server.close()  # its copy of the userfaultfd too
         if self.uffd is not None:
             self.uffd.close()
 
@@ -548,6 +562,7 @@ class _Load:
         if self.fault_thread is not None:
             self.fault_thread.stop()
             self.fault_thread = None
+        self._stop_fault_server()
         if self._old_switch is not None:
             sys.setswitchinterval(self._old_switch)
         if self.post_channel is not None:

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -41,13 +41,19 @@ import numpy.typing as npt
 from livemig.errors import RemoteProtocolError
 from livemig.kernel.mman import PAGE_SIZE
 from livemig.kernel.placement import PagePlacer
+from livemig.kernel.shared import SharedMemory
 from livemig.kernel.uffd import Userfaultfd
+from livemig.migration.channel import Channel
 from livemig.vmm.memory import RamBlock
 from livemig.wire import events as ev
+from livemig.wire.blocks import BlockInfo
+from livemig.wire.channel import ChannelKind
+from livemig.wire.decoder import Decoder
 
 log = logging.getLogger("livemig.postcopy")
 
 LATENCY_BUCKETS = 24
+RECV_CHUNK = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -61,22 +67,115 @@ class LatencySummary:
     dist: tuple[int, ...]  # power-of-two microsecond buckets
 
 
+class PageArrays:
+    """Per host page of one block: what the placers and the fault handler share.
+
+    Plain NumPy arrays, either private or laid over a :class:`SharedMemory` that a
+    helper process maps too (``x-postcopy-urgent-sender=process``).  Times are
+    ``CLOCK_MONOTONIC`` nanoseconds, which every process on the host shares.
+    """
+
+    FIELDS: tuple[tuple[str, type[np.generic]], ...] = (
+        ("fault_ns", np.int64),      # the first fault on the page was read (0: none)
+        ("placed_ns", np.int64),     # the page was placed (0: not yet)
+        ("fault_vcpu", np.int16),    # 1 + the vCPU that faulted (0: none / not a vCPU)
+        ("received", np.bool_),
+        ("precopy_present", np.bool_),
+        ("owner", np.int8),          # the channel assembling this huge page (0: none)
+    )
+
+    def __init__(self, arrays: Mapping[str, npt.NDArray[Any]]) -> None:
+        self.fault_ns: npt.NDArray[np.int64] = arrays["fault_ns"]
+        self.placed_ns: npt.NDArray[np.int64] = arrays["placed_ns"]
+        self.fault_vcpu: npt.NDArray[np.int16] = arrays["fault_vcpu"]
+        self.received: npt.NDArray[np.bool_] = arrays["received"]
+        self.precopy_present: npt.NDArray[np.bool_] = arrays["precopy_present"]
+        self.owner: npt.NDArray[np.int8] = arrays["owner"]
+
+    @classmethod
+    def nbytes(cls, n: int) -> int:
+        return sum(_align8(np.dtype(t).itemsize * n) for _, t in cls.FIELDS)
+
+    @classmethod
+    def private(cls, n: int) -> PageArrays:
+        return cls({name: np.zeros(n, dtype=t) for name, t in cls.FIELDS})
+
+    @classmethod
+    def shared(cls, mem: SharedMemory, offset: int, n: int) -> PageArrays:
+        arrays = {}
+        for name, t in cls.FIELDS:
+            arrays[name] = mem.array(offset, t, n)
+            offset += _align8(np.dtype(t).itemsize * n)
+        return cls(arrays)
+
+
+def _align8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+COUNTERS = ("placed", "zero_filled", "requests")
+
+
+def shared_layout(host_pages: Mapping[str, int]) -> tuple[int, dict[str, int]]:
+    """Size of the shared postcopy state for blocks of so many host pages, and where
+    each block's arrays start (the counters come first)."""
+    offset = 8 * len(COUNTERS)
+    where = {}
+    for name, n in host_pages.items():
+        where[name] = offset
+        offset += PageArrays.nbytes(n)
+    return offset, where
+
+
+class BlockState:
+    """Per-block postcopy bookkeeping, one entry per host page."""
+
+    def __init__(self, name: str, size: int, host_page: int, placer: Placer,
+                 arrays: PageArrays | None = None) -> None:
+        self.name = name
+        self.host_page = host_page
+        self.pages = size // self.host_page
+        self.arrays = arrays or PageArrays.private(self.pages)
+        self.received = self.arrays.received
+        self.precopy_present = self.arrays.precopy_present
+        self.placer = placer
+
+
+def uffd_block_states(blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
+                      shared: SharedMemory | None = None) -> dict[str, BlockState]:
+    """Block states that place through ``uffd`` into the VM's guest RAM (their arrays
+    in ``shared`` if given, laid out by :func:`shared_layout`)."""
+    _, where = shared_layout({n: b.size // b.host_page_size for n, b in blocks.items()})
+    out = {}
+    for name, b in blocks.items():
+        n = b.size // b.host_page_size
+        arrays = PageArrays.shared(shared, where[name], n) if shared is not None else None
+        out[name] = BlockState(name, b.size, b.host_page_size, PagePlacer(uffd, b.mapping),
+                               arrays)
+    return out
+
+
 class LatencyStats:
-    """Fault-to-placement latencies (ns) and vCPU blocktime."""
+    """Fault-to-placement latencies and vCPU blocktime, from the page arrays."""
 
-    def __init__(self) -> None:
-        self.samples: list[int] = []
-        self.vcpu_blocktime_ns: dict[int, int] = {}
+    def __init__(self, blocks: Mapping[str, BlockState]) -> None:
+        self._blocks = blocks
 
-    def record(self, latency_ns: int, vcpu: int | None) -> None:
-        self.samples.append(latency_ns)
-        if vcpu is not None:
-            self.vcpu_blocktime_ns[vcpu] = self.vcpu_blocktime_ns.get(vcpu, 0) + latency_ns
+    def _samples(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]:
+        lat, vcpu = [], []
+        for st in self._blocks.values():
+            a = st.arrays
+            done = np.flatnonzero((a.fault_ns > 0) & (a.placed_ns > 0))
+            # A fault read just after its page was placed waited for nothing.
+            lat.append(np.maximum(a.placed_ns[done] - a.fault_ns[done], 0))
+            vcpu.append(a.fault_vcpu[done])
+        return (np.concatenate(lat) if lat else np.zeros(0, np.int64),
+                np.concatenate(vcpu) if vcpu else np.zeros(0, np.int16))
 
     def summary(self) -> LatencySummary:
-        if not self.samples:
+        ns, _ = self._samples()
+        if not len(ns):
             return LatencySummary(0, 0, 0.0, 0.0, 0.0, 0.0, (0,) * LATENCY_BUCKETS)
-        ns = np.asarray(self.samples, dtype=np.int64)
         us = ns / 1000.0
         p50, p90, p99 = np.percentile(us, [50, 90, 99])
         buckets = np.clip(np.floor(np.log2(np.maximum(us, 1.0))), 0, LATENCY_BUCKETS - 1)
@@ -86,9 +185,11 @@ class LatencyStats:
 
     def to_qmp(self, nvcpus: int) -> dict[str, object]:
         s = self.summary()
-        per_vcpu = [self.vcpu_blocktime_ns.get(i, 0) // 1_000_000 for i in range(nvcpus)]
+        ns, vcpu = self._samples()
+        per = np.bincount(vcpu.astype(np.int64), weights=ns, minlength=nvcpus + 1)
+        per_vcpu = [int(per[i + 1]) // 1_000_000 for i in range(nvcpus)]
         return {
-            "postcopy-blocktime": sum(self.vcpu_blocktime_ns.values()) // 1_000_000,
+            "postcopy-blocktime": sum(per_vcpu),
             "postcopy-vcpu-blocktime": per_vcpu,
             "postcopy-latency": s.mean_ns,
             "postcopy-latency-dist": list(s.dist),
@@ -112,42 +213,54 @@ class Placer(Protocol):
     def discard(self, offset: int, length: int) -> None: ...
 
 
-class BlockState:
-    """Per-block postcopy bookkeeping, one entry per host page."""
-
-    def __init__(self, name: str, size: int, host_page: int, placer: Placer) -> None:
-        self.name = name
-        self.host_page = host_page
-        n = size // self.host_page
-        self.received = np.zeros(n, dtype=np.bool_)
-        self.precopy_present = np.zeros(n, dtype=np.bool_)
-        self.requested: dict[int, tuple[int, int | None]] = {}  # hp -> (fault ns, vCPU)
-        self.placer = placer
+class StateLock(Protocol):
+    def __enter__(self) -> object: ...
+    def __exit__(self, *exc: Any) -> Any: ...
 
 
-def uffd_block_states(blocks: Mapping[str, RamBlock],
-                      uffd: Userfaultfd) -> dict[str, BlockState]:
-    """Block states that place through ``uffd`` into the VM's guest RAM."""
-    return {name: BlockState(name, b.size, b.host_page_size, PagePlacer(uffd, b.mapping))
-            for name, b in blocks.items()}
+# Channel numbers in PageArrays.owner.
+CHANNEL_IDS = {"main": 1, "postcopy": 2}
 
 
 class PostcopyState:
-    """What the fault thread and every channel placer share (see module docstring)."""
+    """What the fault handler and every channel placer share (see module docstring).
+
+    ``shared``: the arrays and counters live in that memory (a helper process maps it
+    too) and ``lock`` must then exclude that process as well (a ProcessLock)."""
 
     def __init__(self, blocks: Mapping[str, BlockState], uffd: Userfaultfd | None,
-                 vcpu_tids: Mapping[int, int]) -> None:
+                 vcpu_tids: Mapping[int, int], *, lock: StateLock | None = None,
+                 shared: SharedMemory | None = None) -> None:
         self.uffd = uffd
         self.blocks = dict(blocks)
-        self.lock = threading.Lock()
-        self.stats = LatencyStats()
+        self.lock: StateLock = lock or threading.Lock()
+        self.stats = LatencyStats(self.blocks)
         self.vcpu_of_tid = {tid: i for i, tid in vcpu_tids.items()}
-        # Huge pages being assembled, and by which channel: one may never be split.
-        self.assembling: dict[tuple[str, int], str] = {}
-        self.placed = 0
-        self.zero_filled = 0
-        self.requests = 0
+        self._counters = (shared.array(0, np.int64, len(COUNTERS)) if shared is not None
+                          else np.zeros(len(COUNTERS), dtype=np.int64))
         self._zero_page = mmap.mmap(-1, max(b.host_page for b in self.blocks.values()))
+
+    def unshare(self) -> None:
+        """Copy the arrays and counters into private memory (the shared memory is about
+        to go; the statistics must outlive it)."""
+        for st in self.blocks.values():
+            st.arrays = PageArrays({name: getattr(st.arrays, name).copy()
+                                    for name, _ in PageArrays.FIELDS})
+            st.received, st.precopy_present = st.arrays.received, st.arrays.precopy_present
+        self._counters = self._counters.copy()
+        self.lock = threading.Lock()
+
+    @property
+    def placed(self) -> int:
+        return int(self._counters[0])
+
+    @property
+    def zero_filled(self) -> int:
+        return int(self._counters[1])
+
+    @property
+    def requests(self) -> int:
+        return int(self._counters[2])
 
     # --- precopy bookkeeping ----------------------------------------------------------
     def mark_precopy(self, name: str, offsets: npt.NDArray[np.uint64]) -> None:
@@ -164,9 +277,8 @@ class PostcopyState:
     def place(self, st: BlockState, offset: int, src: npt.NDArray[np.uint8] | mmap.mmap
               ) -> None:
         """Place one whole host page and account for a request it answers."""
-        hp = offset // st.host_page
         st.placer.copy(offset, src, st.host_page)  # False = already there: fine
-        self._placed(st, hp)
+        self._mark_placed(st, offset // st.host_page, 1)
 
     def place_run(self, st: BlockState, offset: int, data: npt.NDArray[np.uint8]) -> None:
         """Place consecutive 4 KiB pages (rows of ``data``) with as few UFFDIO_COPYs as
@@ -177,28 +289,20 @@ class PostcopyState:
         done = st.placer.copy_prefix(offset, buf, n * PAGE_SIZE) // PAGE_SIZE
         for i in range(done + 1, n):  # page `done` exists; try the rest one by one
             st.placer.copy(offset + i * PAGE_SIZE, buf[i], PAGE_SIZE)
-        first = offset // PAGE_SIZE
-        now = time.monotonic_ns()
-        with self.lock:
-            st.received[first : first + n] = True
-            self.placed += n
-            answered = [hp for hp in st.requested if first <= hp < first + n]
-            asked = [st.requested.pop(hp) for hp in answered]
-        for t_ns, vcpu in asked:
-            self.stats.record(now - t_ns, vcpu)
+        self._mark_placed(st, offset // PAGE_SIZE, n)
 
     def placed_zero(self, st: BlockState, hp: int) -> None:
         """A 4 KiB zero page was placed with UFFDIO_ZEROPAGE."""
-        self._placed(st, hp)
+        self._mark_placed(st, hp, 1)
 
-    def _placed(self, st: BlockState, hp: int) -> None:
+    def _mark_placed(self, st: BlockState, first: int, n: int) -> None:
         now = time.monotonic_ns()
+        a = st.arrays
         with self.lock:
-            st.received[hp] = True
-            self.placed += 1
-            asked = st.requested.pop(hp, None)
-        if asked is not None:
-            self.stats.record(now - asked[0], asked[1])
+            placed = a.placed_ns[first : first + n]
+            placed[placed == 0] = now  # the first placement answers a fault
+            st.received[first : first + n] = True
+            self._counters[0] += n
 
     # --- faults ---------------------------------------------------------------------------
     def locate(self, address: int) -> tuple[BlockState, int] | None:
@@ -216,15 +320,15 @@ class PostcopyState:
             return
         st, offset = found
         hp = offset // st.host_page
+        a = st.arrays
         with self.lock:
-            if st.received[hp] or hp in st.requested:
-                return
+            if st.received[hp] or a.fault_ns[hp]:
+                return  # placed, or already asked for
             zero_fill = bool(st.precopy_present[hp])
-            st.requested[hp] = (now_ns, self.vcpu_of_tid.get(tid))
-            if not zero_fill:
-                self.requests += 1
+            a.fault_ns[hp] = now_ns
+            a.fault_vcpu[hp] = self.vcpu_of_tid.get(tid, -1) + 1
+            self._counters[1 if zero_fill else 2] += 1
         if zero_fill:
-            self.zero_filled += 1
             self.place(st, offset, self._zero_page)
         else:
             request(st.name, offset, st.host_page)
@@ -239,6 +343,7 @@ class ChannelPlacer:
     def __init__(self, state: PostcopyState, channel: str) -> None:
         self.state = state
         self.channel = channel
+        self._id = CHANNEL_IDS[channel]
         self._tmp: dict[str, npt.NDArray[np.uint8]] = {}
         self._tmp_maps: list[mmap.mmap] = []
         # block -> (offset of the huge page being assembled, which pieces arrived)
@@ -286,18 +391,19 @@ class ChannelPlacer:
     def _claim(self, st: BlockState, hp_off: int) -> None:
         """Start assembling a huge page on this channel; refuse one already started or
         placed through another channel."""
-        key = (st.name, hp_off)
+        hp = hp_off // st.host_page
         with self.state.lock:
-            owner = self.state.assembling.get(key)
-            if owner is not None and owner != self.channel:
+            owner = int(st.arrays.owner[hp])
+            if owner and owner != self._id:
+                other = next(n for n, i in CHANNEL_IDS.items() if i == owner)
                 raise RemoteProtocolError(
                     f"huge page {st.name}@{hp_off:#x} arrives on the {self.channel} channel "
-                    f"while the {owner} channel is assembling it: a split huge page")
-            if st.received[hp_off // st.host_page]:
+                    f"while the {other} channel is assembling it: a split huge page")
+            if st.received[hp]:
                 raise RemoteProtocolError(
                     f"huge page {st.name}@{hp_off:#x} was already placed; the "
                     f"{self.channel} channel sent it again")
-            self.state.assembling[key] = self.channel
+            st.arrays.owner[hp] = self._id
 
     def _complete_if_full(self, st: BlockState) -> None:
         hp_off, got = self._cur[st.name]
@@ -305,7 +411,7 @@ class ChannelPlacer:
             del self._cur[st.name]
             self.state.place(st, hp_off, self._tmp_page(st))
             with self.state.lock:
-                self.state.assembling.pop((st.name, hp_off), None)
+                st.arrays.owner[hp_off // st.host_page] = 0
 
     def _huge_run(self, st: BlockState, offs: list[int], i: int) -> int:
         """How many of ``offs[i:]`` belong to the same huge page as ``offs[i]``."""
@@ -374,6 +480,62 @@ class ChannelPlacer:
         self._tmp.clear()
         for m in self._tmp_maps:
             m.close()
+
+
+def read_payload(dec: Decoder, channel: Channel, slot: memoryview) -> None:
+    """A PageHeader's payload: what the decoder has buffered, then the rest straight
+    from the socket into ``slot`` (guest RAM or a temporary huge page)."""
+    n = dec.take_payload(slot)
+    if dec.payload_remaining:
+        with slot[n:] as rest:
+            channel.recv_exact_into(rest)
+        dec.payload_received(len(slot) - n)
+
+
+class PostcopyChannelReceiver:
+    """The postcopy channel's receiving end: requested pages only, until its EOS."""
+
+    def __init__(self, channel: Channel, placer: ChannelPlacer,
+                 blocks: Mapping[str, BlockInfo]) -> None:
+        self.channel = channel
+        self.placer = placer
+        self.dec = Decoder(blocks, channel=ChannelKind.POSTCOPY, postcopy=True)
+        self.ended = False
+
+    def run(self) -> None:
+        """Blocking: receive and place until the channel's end."""
+        while not self.pump():
+            self.receive()
+
+    def receive(self) -> None:
+        self.dec.receive_data(self.channel.recv(RECV_CHUNK))  # b"" = EOF
+
+    def pump(self) -> bool:
+        """Place what has been received; True once the channel has ended."""
+        placer, dec = self.placer, self.dec
+        while not self.ended:
+            e = dec.next_event()
+            if e is ev.NEED_DATA:
+                return False
+            if isinstance(e, ev.PageBatch):
+                placer.batch(e)
+            elif isinstance(e, ev.ZeroPages):
+                placer.zeros(e)
+            elif isinstance(e, ev.PageHeader):
+                # `with` releases the view at once, even on error: a view left in a
+                # traceback would keep the temporary huge page mapped.
+                with placer.single_slot(e) as slot:
+                    read_payload(dec, self.channel, slot)
+                placer.single_done(e)
+            elif isinstance(e, ev.StreamEnd):
+                if placer.pending():
+                    raise RemoteProtocolError(f"postcopy channel ended inside huge "
+                                              f"pages {placer.pending()}")
+                self.ended = True
+            elif not isinstance(e, ev.StreamStart):
+                raise RemoteProtocolError(f"unexpected {type(e).__name__} on the "
+                                          "postcopy channel")
+        return True
 
 
 class FaultThread:

@@ -44,8 +44,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from livemig.kernel.mman import MIB, PAGE_SIZE
-from livemig.migration.bitmap import IndexArray, MigrationBitmap, SourceBlock
+from livemig.migration.bitmap import BitmapLock, IndexArray, MigrationBitmap, SourceBlock
 from livemig.migration.channel import ChannelWriter
 from livemig.migration.ratelimit import RateLimiter
 from livemig.migration.returnpath import PageRequest, RequestQueue
@@ -89,9 +92,14 @@ class PageSender:
     """Sends dirty pages of every block (see the module docstring)."""
 
     def __init__(self, blocks: Mapping[str, SourceBlock], main: OutChannel, section_id: int,
-                 stats: RamStats, limiter: RateLimiter, tracer: Tracer | None = None) -> None:
+                 stats: RamStats, limiter: RateLimiter, tracer: Tracer | None = None, *,
+                 bits: Mapping[str, npt.NDArray[np.bool_]] | None = None,
+                 lock: BitmapLock | None = None) -> None:
+        """``bits``/``lock``: the bitmaps' bits in memory shared with the urgent helper
+        process, and the lock that also excludes it."""
         self.blocks = dict(blocks)
-        self.bitmaps = {name: MigrationBitmap(b) for name, b in self.blocks.items()}
+        self.bitmaps = {name: MigrationBitmap(b, bits[name] if bits else None, lock)
+                        for name, b in self.blocks.items()}
         self.main = main
         self.post: OutChannel | None = None
         self.section_id = section_id

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from livemig.errors import MigrationCancelled, MigrationError, QmpError
+from livemig.errors import MigrationCancelled, MigrationError, QmpError, RemoteProtocolError
 from livemig.migration.channel import (
     Channel,
     ChannelWriter,
@@ -51,6 +51,7 @@ from livemig.migration.state import (
     log_failure,
 )
 from livemig.migration.trace import Tracer
+from livemig.migration.urgent import SharedBits, UrgentServer
 from livemig.vmm.vm import RunState, Vm
 from livemig.wire.blocks import BlockInfo, host_page_summary
 from livemig.wire.channel import ChannelKind
@@ -71,6 +72,11 @@ def agreed_capabilities(caps: Capabilities) -> str:
     names = [name for name, on in (("postcopy-ram", caps.postcopy_ram),
                                    ("postcopy-preempt", caps.postcopy_preempt)) if on]
     return ",".join(names)
+
+
+# In the capabilities section, after the capabilities: the destination's fault handler
+# must send its page requests on the postcopy channel (urgent.py reads them there).
+URGENT_PROCESS_OPTION = "urgent=process"
 
 EventSink = Callable[[str, dict[str, Any]], None]
 
@@ -99,6 +105,8 @@ class SourceMigration:
         self._channel: Channel | None = None
         self._post_channel: Channel | None = None
         self._sender: PageSender | None = None
+        self._urgent: UrgentServer | None = None
+        self._shared_bits: SharedBits | None = None
         self.trace = tracer or Tracer()
         # Test hook: connect the postcopy channel before the main one (the destination
         # must tell them apart whatever order they arrive in).
@@ -162,6 +170,15 @@ class SourceMigration:
         st.transferred = sender.main.writer.bytes_sent + (
             sender.post.writer.bytes_sent if sender.post is not None else 0)
         st.remaining = sender.dirty_pages() * 4096
+        self._urgent_stats()
+
+    def _urgent_stats(self) -> None:
+        """The urgent helper's counters (shared memory) into our statistics."""
+        if self._shared_bits is not None:
+            st = self.info.ram
+            st.postcopy_requests = self._shared_bits.counter("requests")
+            st.x_postcopy_urgent_bytes = self._shared_bits.counter("urgent_bytes")
+            st.transferred += st.x_postcopy_urgent_bytes
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.status.wait_finished(timeout)
@@ -200,8 +217,13 @@ class SourceMigration:
         except Exception as e:
             self._fail(e)
         finally:
+            if self._urgent is not None:
+                self._urgent.close()
             if self._sender is not None:
                 self._sender.release()
+            if self._shared_bits is not None:
+                self._urgent_stats()
+                self._shared_bits.close()
             for ch in (self._channel, self._post_channel):
                 if ch is not None:
                     ch.shutdown()
@@ -211,6 +233,10 @@ class SourceMigration:
             self.info.end_ns = time.monotonic_ns()
 
     def _setup(self) -> PageSender:
+        if self.caps.postcopy_preempt and self.params.x_postcopy_urgent_sender == "process":
+            # Started first: the helper imports while we set up.
+            self._urgent = UrgentServer()
+            self._shared_bits = SharedBits({n: b.pages for n, b in self.vm.blocks.items()})
         preempt_first = self.caps.postcopy_preempt and self.postcopy_channel_first
         post = self._open_postcopy_channel() if preempt_first else None
         channel = self._channel = connect(self.uri)
@@ -220,8 +246,11 @@ class SourceMigration:
         main = OutChannel("precopy", Encoder(postcopy=self.caps.postcopy_ram),
                           ChannelWriter(channel))
         enc, writer = main.encoder, main.writer
+        shared = self._shared_bits
         sender = PageSender(self.vm.blocks, main, RAM_SECTION_ID, stats,
-                            RateLimiter(self.params.max_bandwidth), self.trace)
+                            RateLimiter(self.params.max_bandwidth), self.trace,
+                            bits=shared.bits if shared else None,
+                            lock=shared.lock if shared else None)
         self._sender = sender
         sender.post = post
         writer.write([enc.preamble()])
@@ -246,12 +275,17 @@ class SourceMigration:
             self._rp = ReturnPathReader(channel, blocks, self._on_request)
             self._rp.start()
             self._rp.wait_pong(1, timeout=30)
+        if self._urgent is not None and self._shared_bits is not None:
+            assert self._post_channel is not None
+            self._urgent.start(self.vm.blocks, self._shared_bits, self._post_channel,
+                               self.trace.patterns)
         self.vm.set_dirty_logging(True)
         self.info.setup_ns = time.monotonic_ns() - self.info.start_ns
         return sender
 
     def _agreed_caps(self) -> str:
-        return agreed_capabilities(self.caps)
+        caps = agreed_capabilities(self.caps)
+        return f"{caps};{URGENT_PROCESS_OPTION}" if self._urgent is not None else caps
 
     def _open_postcopy_channel(self) -> OutChannel:
         """The second connection, for requested pages only (postcopy preemption)."""
@@ -344,6 +378,9 @@ class SourceMigration:
     def _on_request(self, req: PageRequest) -> None:
         """Return-path thread: queue a request for the migration thread, or (QEMU 8.0
         style, with preemption) send the page right here on the postcopy channel."""
+        if self._urgent is not None:
+            raise RemoteProtocolError("a page request on the return path, but the "
+                                      "destination was told to use the postcopy channel")
         sender = self._sender
         if (sender is not None and sender.post is not None
                 and self.params.x_postcopy_urgent_sender == "return-path"):
@@ -390,7 +427,10 @@ class SourceMigration:
         finally:
             sys.setswitchinterval(old_switch)
         self._check_postcopy_alive()
-        sender.finish_postcopy_channel()
+        if self._urgent is not None:
+            self.trace.counts.update(self._urgent.finish())
+        else:
+            sender.finish_postcopy_channel()
         writer.write([enc.ram_end(RAM_SECTION_ID), enc.close_ram_section(), enc.eof()])
         writer.flush()
         sender.reset_channel()

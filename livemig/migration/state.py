@@ -182,7 +182,7 @@ class Parameters:
         return replace(self, **new)
 
 
-URGENT_SENDERS = ("migration", "return-path")
+URGENT_SENDERS = ("migration", "return-path", "process")
 
 
 @dataclass

@@ -45,7 +45,7 @@ pytestmark = pytest.mark.kvm
 
 BACKINGS = [pytest.param(Backing.ANON_4K, id="4K"), pytest.param(Backing.THP, id="THP"),
             pytest.param(Backing.HUGETLB_2M, id="2M")]
-SENDERS = ["migration", "return-path"]
+SENDERS = ["migration", "return-path", "process"]
 ORDERS = [pytest.param(False, id="main-first"), pytest.param(True, id="postcopy-first")]
 
 
@@ -105,7 +105,7 @@ def assert_preempt_traced(src_info: dict[str, Any], guest: str, sender: str) -> 
         # the scan, so its requests may all be for pages already on their way.)
         assert counters.get("send-host-page", 0) >= 1, counters
         assert src_info["ram"]["x-postcopy-urgent-bytes"] > 0
-    if sender == "return-path":
+    if sender in ("return-path", "process"):
         # The return-path thread sends whole host pages itself: the migration thread
         # never has to interrupt a huge page.
         assert not {"triggered", "hit", "restored"} & set(counters), counters

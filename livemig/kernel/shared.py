@@ -1,0 +1,129 @@
+"""What livemig shares with its helper processes: memory, a lock, and reads of the
+parent's memory.
+
+Theory of operation
+-------------------
+Postcopy's urgent path runs in helper processes (``migration/helper.py``): a Python
+thread woken by a fault would otherwise wait for the GIL held by the thread streaming
+background pages.  A helper and its parent share state through a :class:`SharedMemory`
+(a memfd mapped shared by both, NumPy arrays laid over it) and guard it with a
+:class:`ProcessLock`.  The source's helper reads guest RAM either from a shared memfd
+(hugetlb backings) or, for private anonymous RAM, with :func:`read_process_memory`
+(``process_vm_readv``: one copy of at most one host page).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import struct
+import threading
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from livemig.errors import KernelError, MemoryMapError
+
+_F_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)
+# struct flock on Linux x86-64: l_type, l_whence, l_start, l_len, l_pid (+ padding).
+_FLOCK = "hhqqi4x"
+
+
+class SharedMemory:
+    """A memfd mapped shared; hand :attr:`fd` to a helper, which calls :meth:`attach`."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    @classmethod
+    def create(cls, name: str, size: int) -> SharedMemory:
+        try:
+            fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            os.ftruncate(fd, max(size, 1))
+        except OSError as e:
+            raise MemoryMapError("memfd_create (shared state)", e.errno or errno.EIO) from None
+        return cls(fd, max(size, 1))
+
+    @classmethod
+    def attach(cls, fd: int, size: int) -> SharedMemory:
+        return cls(fd, size)
+
+    def array(self, offset: int, dtype: Any, count: int) -> npt.NDArray[Any]:
+        """``count`` items of ``dtype`` at byte ``offset`` (a view: writes are shared)."""
+        return np.frombuffer(self._mm, dtype=dtype, count=count, offset=offset)
+
+    def close(self) -> None:
+        """Unmap (every array view must be gone) and close the memfd."""
+        self._mm.close()
+        os.close(self.fd)
+
+
+class ProcessLock:
+    """Mutual exclusion between processes (an open-file-description lock on a memfd)
+    and between the threads of this process (a threading lock, as OFD locks do not
+    exclude threads that share the description)."""
+
+    def __init__(self, fd: int) -> None:
+        # Our own open file description: locks held through another one exclude us.
+        self._fd = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+        self._thread_lock = threading.Lock()
+        self._lock = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+        self._unlock = struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, 0, 1, 0)
+
+    def __enter__(self) -> ProcessLock:
+        self._thread_lock.acquire()
+        try:
+            fcntl.fcntl(self._fd, _F_OFD_SETLKW, self._lock)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            fcntl.fcntl(self._fd, _F_OFD_SETLKW, self._unlock)
+        finally:
+            self._thread_lock.release()
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+_libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong,
+                                   ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_ulong]
+
+
+def read_process_memory(pid: int, address: int, into: npt.NDArray[np.uint8]) -> None:
+    """Copy ``len(into)`` bytes at ``address`` of process ``pid`` into ``into``
+    (``process_vm_readv``; the GIL is released during the copy)."""
+    local = _Iovec(into.ctypes.data, into.nbytes)
+    remote = _Iovec(address, into.nbytes)
+    n = _libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if n != into.nbytes:
+        err = ctypes.get_errno() if n < 0 else errno.EFAULT
+        raise MemoryMapError(f"process_vm_readv of {into.nbytes} bytes at {address:#x} "
+                             f"of pid {pid}", err)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Get SIGKILL when the thread that started this process exits: a helper must
+    never outlive the migration it serves."""
+    if _libc.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0) != 0:
+        raise KernelError("prctl(PR_SET_PDEATHSIG)", ctypes.get_errno())
+    if os.getppid() == 1:  # the parent died before the prctl
+        os._exit(1)

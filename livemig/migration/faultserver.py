@@ -1,0 +1,178 @@
+"""The destination's fault server: a helper process that owns the userfaultfd and the
+postcopy channel (``x-postcopy-urgent-sender=process``).
+
+Theory of operation
+-------------------
+One thread, one ``poll`` over three descriptors, nothing else in the process to take
+the GIL:
+
+* the **userfaultfd**: a fault becomes a REQ_PAGES_ID sent straight back on the
+  *postcopy channel* (not on the return path: the source's helper reads requests where
+  it sends pages, so a request crosses no other thread on either side);
+* the **postcopy channel**: requested pages are decoded and placed (temporary huge
+  page, then UFFDIO_COPY into the VMM's guest RAM, which wakes the vCPU);
+* the **control socket** to the VMM.
+
+State shared with the VMM (which places the background pages of the main channel)
+lives in a memfd both map: the per-host-page arrays of
+:class:`~livemig.migration.postcopy.PostcopyState` under a
+:class:`~livemig.kernel.shared.ProcessLock`.  Latency statistics come from those arrays,
+so the VMM reports them for both processes.
+
+After the postcopy channel ends, faults are still read (pages still on their way on
+the main channel fault until the VMM places them) but no longer requested.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from livemig.errors import ChannelClosedError, LivemigError, MigrationError
+from livemig.kernel.placement import PagePlacer, RemoteRange
+from livemig.kernel.shared import ProcessLock, SharedMemory
+from livemig.kernel.uffd import Userfaultfd
+from livemig.migration.channel import Channel
+from livemig.migration.helper import HelperConn, HelperProcess, helper_main
+from livemig.migration.postcopy import (
+    BlockState,
+    ChannelPlacer,
+    PageArrays,
+    PostcopyChannelReceiver,
+    PostcopyState,
+    shared_layout,
+)
+from livemig.vmm.memory import RamBlock
+from livemig.wire.blocks import BlockInfo
+from livemig.wire.returnpath import ReturnPathEncoder
+
+log = logging.getLogger("livemig.faultserver")
+
+MODULE = "livemig.migration.faultserver"
+START_TIMEOUT = 30.0
+
+
+class FaultServer:
+    """VMM side: start the helper early (it imports for a few hundred ms), hand it the
+    userfaultfd and the postcopy channel at POSTCOPY_LISTEN, hear when it is done."""
+
+    def __init__(self) -> None:
+        self.helper = HelperProcess(MODULE)
+        self._done = threading.Event()
+        self._error: LivemigError | None = None
+        self._watcher: threading.Thread | None = None
+        self.pages = 0  # placed from the postcopy channel (reported at its end)
+
+    def start(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd, channel: Channel,
+              shared: SharedMemory, vcpu_tids: Mapping[int, int],
+              on_error: Callable[[Exception], None]) -> None:
+        if channel.sock is None:
+            raise MigrationError("the postcopy channel must be a socket")
+        config = {
+            "msg": "start",
+            "blocks": [[n, b.size, b.host_page_size, b.mapping.host_addr]
+                       for n, b in blocks.items()],
+            "vcpu_tids": {str(i): t for i, t in vcpu_tids.items()},
+            "shared_size": shared.size,
+        }
+        self.helper.send(config, [uffd.fileno(), channel.sock.fileno(), shared.fd])
+        self.helper.expect("ready", START_TIMEOUT)
+        self._watcher = threading.Thread(target=self._watch, args=(on_error,),
+                                         name="postcopy/fault-server", daemon=True)
+        self._watcher.start()
+
+    def _watch(self, on_error: Callable[[Exception], None]) -> None:
+        """Wait for the helper's end-of-channel report (or its failure)."""
+        try:
+            msg = self.helper.recv()
+            if msg.get("msg") != "done":
+                raise MigrationError(f"fault server sent {msg.get('msg')!r}")
+            self.pages = int(msg.get("pages", 0))
+        except LivemigError as e:
+            self._error = e
+            on_error(e)
+        except OSError as e:
+            self._error = ChannelClosedError(f"fault server: {e}")
+            on_error(self._error)
+        finally:
+            self._done.set()
+
+    def wait_done(self, timeout: float) -> None:
+        """Until the postcopy channel has ended and every page on it is placed."""
+        if not self._done.wait(timeout):
+            raise MigrationError("the postcopy channel did not end")
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        self.helper.close()
+        if self._watcher is not None:
+            self._watcher.join(5)
+
+
+# --- the helper process ---------------------------------------------------------------
+
+
+class _Server:
+    def __init__(self, conn: HelperConn, msg: dict[str, Any], fds: list[int]) -> None:
+        uffd_fd, sock_fd, shm_fd = fds
+        self.conn = conn
+        self.uffd = Userfaultfd(uffd_fd)
+        self.shared = SharedMemory.attach(shm_fd, int(msg["shared_size"]))
+        blocks = [(str(n), int(size), int(hp), int(addr)) for n, size, hp, addr in msg["blocks"]]
+        _, where = shared_layout({n: size // hp for n, size, hp, _ in blocks})
+        states = {n: BlockState(n, size, hp, PagePlacer(self.uffd, RemoteRange(addr, size)),
+                                PageArrays.shared(self.shared, where[n], size // hp))
+                  for n, size, hp, addr in blocks}
+        tids = {int(i): int(t) for i, t in msg["vcpu_tids"].items()}
+        self.state = PostcopyState(states, self.uffd, tids, lock=ProcessLock(shm_fd),
+                                   shared=self.shared)
+        self.sock = socket.socket(fileno=sock_fd)
+        self.channel = Channel(self.sock, name="postcopy")
+        self.receiver = PostcopyChannelReceiver(
+            self.channel, ChannelPlacer(self.state, "postcopy"),
+            {n: BlockInfo(size, hp) for n, size, hp, _ in blocks})
+        self.requests = ReturnPathEncoder()
+
+    def request(self, block: str, offset: int, length: int) -> None:
+        if self.receiver.ended:
+            return  # every page has been sent; this one is on the main channel
+        self.channel.send([self.requests.req_pages(block, offset, length)])
+
+    def serve(self) -> None:
+        poll = select.poll()
+        uffd, sock, ctl = self.uffd.fileno(), self.sock.fileno(), self.conn.fileno()
+        for fd in (uffd, sock, ctl):
+            poll.register(fd, select.POLLIN)
+        self.conn.send({"msg": "ready"})
+        while True:
+            ready = {fd for fd, _ in poll.poll()}
+            if uffd in ready:
+                now = time.monotonic_ns()
+                for fault in self.uffd.read_events():
+                    self.state.on_fault(fault.address, fault.thread_id, now, self.request)
+            if sock in ready:
+                self.receiver.receive()
+                if self.receiver.pump():
+                    poll.unregister(sock)
+                    self.conn.send({"msg": "done", "pages": self.receiver.placer.pages})
+            if ctl in ready:
+                msg, _ = self.conn.recv()  # "stop" (EOF raises)
+                if msg.get("msg") == "stop":
+                    return
+
+
+def _serve(conn: HelperConn) -> None:
+    msg, fds = conn.recv()
+    if msg.get("msg") == "stop":
+        return
+    _Server(conn, msg, fds).serve()
+
+
+if __name__ == "__main__":
+    helper_main(_serve)

@@ -1,0 +1,160 @@
+"""Helper processes: the urgent side of postcopy runs in a process of its own.
+
+Theory of operation
+-------------------
+A CPython thread that a fault wakes must take the GIL from whichever thread is busy
+streaming background pages, and on a 2-CPU host every hop of a page request (fault
+thread, return path, urgent sender, postcopy channel receiver) paid that price.  With
+``x-postcopy-urgent-sender=process`` each side hands the postcopy channel to a helper
+process with one thread and nothing else to do (as Firecracker hands its userfaultfd to
+an external page-fault handler): the destination's helper owns the userfaultfd and the
+postcopy channel, the source's helper owns its end of that channel.
+
+:class:`HelperProcess` (parent side) starts ``python -m <module> <fd>`` with one end
+of a ``SOCK_SEQPACKET`` control socket; messages are JSON objects, and file
+descriptors (a userfaultfd, a socket, a memfd) ride along with ``SCM_RIGHTS``.
+:func:`helper_main` (child side) runs a helper's ``serve`` function and reports an
+exception as ``{"error": ..., "type": ...}``, which the parent raises again as the same
+livemig error class.  The child dies with its parent (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from livemig import errors
+from livemig.errors import ChannelClosedError, LivemigError, MigrationError
+from livemig.kernel.shared import die_with_parent
+
+log = logging.getLogger("livemig.helper")
+
+MAX_MESSAGE = 1 << 20
+MAX_FDS = 16
+
+
+def _send(sock: socket.socket, msg: dict[str, Any], fds: Sequence[int]) -> None:
+    socket.send_fds(sock, [json.dumps(msg).encode()], list(fds))
+
+
+def _recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        raise ChannelClosedError("the helper process closed its control socket")
+    msg = json.loads(data)
+    if not isinstance(msg, dict):
+        raise MigrationError(f"bad helper message {data[:80]!r}")
+    return msg, fds
+
+
+def error_from(msg: dict[str, Any]) -> LivemigError:
+    """The livemig error a helper reported (its class when it is one of ours)."""
+    cls = getattr(errors, str(msg.get("type")), None)
+    text = str(msg.get("error"))
+    if isinstance(cls, type) and issubclass(cls, LivemigError):
+        try:
+            return cls(text)
+        except TypeError:  # a KernelError needs (op, errno)
+            pass
+    return MigrationError(f"helper process failed: {msg.get('type')}: {text}")
+
+
+class HelperProcess:
+    """Parent side: one helper process and its control socket."""
+
+    def __init__(self, module: str) -> None:
+        self.module = module
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", module, str(child.fileno())],
+                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self.ctl = parent
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        try:
+            _send(self.ctl, msg, fds)
+        except OSError as e:
+            raise ChannelClosedError(f"helper {self.module} is gone: {e}") from None
+
+    def recv(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next message; a reported error is raised as such."""
+        if timeout is not None and not select.select([self.ctl], [], [], timeout)[0]:
+            raise MigrationError(f"helper {self.module} did not answer in {timeout:.0f} s")
+        msg, fds = _recv(self.ctl)
+        for fd in fds:
+            os.close(fd)
+        if "error" in msg:
+            raise error_from(msg)
+        return msg
+
+    def expect(self, kind: str, timeout: float | None = None) -> dict[str, Any]:
+        msg = self.recv(timeout)
+        if msg.get("msg") != kind:
+            raise MigrationError(f"helper {self.module} sent {msg.get('msg')!r}, "
+                                 f"expected {kind!r}")
+        return msg
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Ask the helper to stop, then make sure it has (again: nothing)."""
+        if self.ctl.fileno() < 0:
+            return
+        with contextlib.suppress(OSError):
+            _send(self.ctl, {"msg": "stop"}, ())
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.ctl.close()
+
+
+class HelperConn:
+    """Child side of the control socket."""
+
+    def __init__(self, fd: int) -> None:
+        self.sock = socket.socket(fileno=fd)
+
+    def send(self, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        _send(self.sock, msg, fds)
+
+    def recv(self) -> tuple[dict[str, Any], list[int]]:
+        return _recv(self.sock)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+
+def helper_main(serve: Callable[[HelperConn], None]) -> None:
+    """Entry point of a helper process: ``python -m module <control fd>``."""
+    die_with_parent()
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    conn = HelperConn(int(sys.argv[1]))
+    try:
+        serve(conn)
+    except ChannelClosedError:
+        os._exit(0)  # the parent went away: nothing to report to
+    except Exception as e:
+        with contextlib.suppress(OSError):
+            conn.send({"error": str(e), "type": type(e).__name__})
+        os._exit(1)
+    os._exit(0)

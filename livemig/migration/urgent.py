@@ -1,0 +1,249 @@
+"""The source's urgent server: a helper process that owns the source end of the
+postcopy channel (``x-postcopy-urgent-sender=process``).
+
+Theory of operation
+-------------------
+The destination's fault server sends page requests on the postcopy channel itself;
+this helper reads them there and answers on the same socket: take the requested host
+page's dirty bits (shared with the migration thread, under a
+:class:`~livemig.kernel.shared.ProcessLock`, so a page is sent by one of the two only),
+read the page, send it.  Nothing else runs in this process, so no thread streaming
+background pages holds a GIL that a request would wait for.
+
+Guest RAM is read from the VMM's hugetlb memfd when there is one (mapped here, sent
+without a copy) and otherwise with ``process_vm_readv`` into a buffer of one host page
+(private anonymous RAM cannot be mapped by another process).
+
+The VMM keeps the precopy channel and the migration thread as they are; it sends the
+postcopy channel's preamble before handing the socket over, and at the end asks this
+helper to end the channel (:meth:`UrgentServer.finish`), after its last urgent page.
+Counters live in the shared memory so ``query-migrate`` sees them while postcopy runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+import select
+import socket
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from livemig.errors import ChannelClosedError, MigrationError, RemoteProtocolError
+from livemig.kernel.mman import PAGE_SIZE
+from livemig.kernel.shared import ProcessLock, SharedMemory, read_process_memory
+from livemig.migration.bitmap import take_bits
+from livemig.migration.channel import Channel, ChannelWriter
+from livemig.migration.helper import HelperConn, HelperProcess, helper_main
+from livemig.migration.trace import Tracer
+from livemig.vmm.memory import RamBlock
+from livemig.wire.blocks import BlockInfo
+from livemig.wire.channel import ChannelKind
+from livemig.wire.encoder import Encoder
+from livemig.wire.events import NEED_DATA
+from livemig.wire.returnpath import ReqPages, ReturnPathDecoder
+
+MODULE = "livemig.migration.urgent"
+START_TIMEOUT = 30.0
+# Shared counters, in front of the bits.
+COUNTERS = ("requests", "urgent_bytes", "host_pages")
+
+
+def shared_bits_layout(pages: Mapping[str, int]) -> tuple[int, dict[str, int]]:
+    """Size of the shared dirty bits (one byte per 4 KiB page) and each block's start."""
+    offset = 8 * len(COUNTERS)
+    where = {}
+    for name, n in pages.items():
+        where[name] = offset
+        offset += (n + 7) & ~7
+    return offset, where
+
+
+class SharedBits:
+    """The migration bitmaps' bits and the urgent counters, in memory both processes
+    map, with the lock that makes taking pages exclusive."""
+
+    def __init__(self, pages: Mapping[str, int]) -> None:
+        size, self._where = shared_bits_layout(pages)
+        self.memory = SharedMemory.create("livemig-bits", size)
+        self.lock = ProcessLock(self.memory.fd)
+        self.counters = self.memory.array(0, np.int64, len(COUNTERS))
+        self.bits = {n: self.memory.array(self._where[n], np.bool_, p) for n, p in pages.items()}
+
+    def counter(self, name: str) -> int:
+        return int(self.counters[COUNTERS.index(name)])
+
+    def close(self) -> None:
+        self.bits.clear()
+        del self.counters
+        self.lock.close()
+        self.memory.close()
+
+
+class UrgentServer:
+    """VMM side of the source's urgent helper."""
+
+    def __init__(self) -> None:
+        self.helper = HelperProcess(MODULE)
+
+    def start(self, blocks: Mapping[str, RamBlock], shared: SharedBits, channel: Channel,
+              trace_patterns: tuple[str, ...]) -> None:
+        if channel.sock is None:
+            raise MigrationError("the postcopy channel must be a socket")
+        fds = [channel.sock.fileno(), shared.memory.fd]
+        table = []
+        for name, b in blocks.items():
+            if b.mapping.fd >= 0:
+                table.append([name, b.size, b.host_page_size, "memfd", len(fds)])
+                fds.append(b.mapping.fd)
+            else:
+                table.append([name, b.size, b.host_page_size, "pid", b.mapping.host_addr])
+        self.helper.send({"msg": "start", "blocks": table, "pid": os.getpid(),
+                          "shared_size": shared.memory.size, "trace": list(trace_patterns)},
+                         fds)
+        self.helper.expect("ready", START_TIMEOUT)
+
+    def finish(self, timeout: float = 60.0) -> dict[str, int]:
+        """End the postcopy channel after the last urgent page; the helper's trace
+        counters come back."""
+        self.helper.send({"msg": "finish"})
+        msg = self.helper.expect("finished", timeout)
+        return {str(k): int(v) for k, v in dict(msg.get("trace", {})).items()}
+
+    def close(self) -> None:
+        self.helper.close()
+
+
+# --- the helper process ---------------------------------------------------------------
+
+
+class _Ram:
+    """One block's guest RAM as seen from the helper."""
+
+    def __init__(self, size: int, host_page: int, kind: str, where: int, pid: int,
+                 fds: list[int]) -> None:
+        self.size = size
+        self.host_page = host_page
+        self._pid = pid
+        self._addr = where
+        self._map: mmap.mmap | None = None
+        if kind == "memfd":
+            # Writable only because sendmsg's iovec is built from a writable buffer.
+            self._map = mmap.mmap(fds[where], size, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)
+            self._pages = np.frombuffer(self._map, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        else:
+            self._scratch = np.empty((host_page // PAGE_SIZE, PAGE_SIZE), dtype=np.uint8)
+
+    def host_page_at(self, start: int) -> tuple[npt.NDArray[np.uint8], int]:
+        """The 4 KiB rows of the host page at ``start``, and the block offset that
+        row 0 of the returned buffer's memory stands for."""
+        if self._map is not None:
+            return self._pages, 0
+        read_process_memory(self._pid, self._addr + start, self._scratch)
+        return self._scratch, start
+
+
+class _Server:
+    def __init__(self, conn: HelperConn, msg: dict[str, Any], fds: list[int]) -> None:
+        self.conn = conn
+        self.sock = socket.socket(fileno=fds[0])
+        self.channel = Channel(self.sock, name="postcopy")
+        self.writer = ChannelWriter(self.channel)
+        shared = SharedMemory.attach(fds[1], int(msg["shared_size"]))
+        self.lock = ProcessLock(fds[1])
+        blocks = {str(b[0]): b for b in msg["blocks"]}
+        _, where = shared_bits_layout({n: int(b[1]) // PAGE_SIZE for n, b in blocks.items()})
+        self.counters = shared.array(0, np.int64, len(COUNTERS))
+        self.bits = {n: shared.array(where[n], np.bool_, int(b[1]) // PAGE_SIZE)
+                     for n, b in blocks.items()}
+        self.ram = {n: _Ram(int(b[1]), int(b[2]), str(b[3]), int(b[4]), int(msg["pid"]), fds)
+                    for n, b in blocks.items()}
+        self.requests = ReturnPathDecoder({n: BlockInfo(int(b[1]), int(b[2]))
+                                           for n, b in blocks.items()})
+        # The VMM already sent this channel's preamble: start past it.
+        self.enc = Encoder(channel=ChannelKind.POSTCOPY, postcopy=True)
+        self.enc.preamble()
+        self.trace = Tracer(tuple(msg.get("trace", ())), sys.stderr)
+        self.finished = False
+
+    def serve_request(self, req: ReqPages) -> None:
+        ram = self.ram[req.block]
+        first = req.start // PAGE_SIZE
+        idx = take_bits(self.bits[req.block], first, req.length // PAGE_SIZE, self.lock)
+        if not len(idx):
+            return  # already sent (or on its way on the precopy channel)
+        rows, base = ram.host_page_at(req.start)
+        local = idx - base // PAGE_SIZE
+        nonzero = rows[local].any(axis=1)
+        pages, zeros = idx[nonzero], idx[~nonzero]
+        self.trace("postcopy_preempt_send_host_page", channel="postcopy", block=req.block,
+                   offset=req.start)
+        lead = [self.enc.zero_pages(req.block, zeros * PAGE_SIZE)] if len(zeros) else []
+        nbytes = sum(len(b) for b in lead)
+        if len(pages):
+            rec = self.enc.page_records(req.block, pages * PAGE_SIZE, ram.size)
+            nbytes += rec.nbytes
+            rec = dataclasses.replace(rec, offsets=rec.offsets - np.uint64(base))
+            self.writer.write_pages(rec, rows.data.cast("B"), lead)
+        else:
+            self.writer.write_now(lead)
+        self.counters[0] += 1
+        self.counters[1] += nbytes
+        self.counters[2] += 1
+
+    def on_requests(self) -> bool:
+        """Serve the requests received; False once the destination closed its end."""
+        data = self.channel.recv(65536)
+        if not data:
+            if self.finished:
+                return False
+            raise ChannelClosedError("the destination closed the postcopy channel")
+        self.requests.receive_data(data)
+        while (e := self.requests.next_event()) is not NEED_DATA:
+            if not isinstance(e, ReqPages):
+                raise RemoteProtocolError(f"unexpected {type(e).__name__} on the "
+                                          "postcopy channel's return direction")
+            if not self.finished:  # after the end every page has been sent already
+                self.serve_request(e)
+        return True
+
+    def serve(self) -> None:
+        poll = select.poll()
+        sock, ctl = self.sock.fileno(), self.conn.fileno()
+        poll.register(sock, select.POLLIN)
+        poll.register(ctl, select.POLLIN)
+        self.conn.send({"msg": "ready"})
+        while True:
+            ready = {fd for fd, _ in poll.poll()}
+            if sock in ready and not self.on_requests():
+                poll.unregister(sock)
+            if ctl in ready:
+                msg, _ = self.conn.recv()
+                if msg.get("msg") == "finish":
+                    self.finished = True
+                    self.writer.write_now([self.enc.eof()])
+                    self.conn.send({"msg": "finished", "trace": dict(self.trace.counts)})
+                elif msg.get("msg") == "stop":
+                    return
+
+
+def _serve(conn: HelperConn) -> None:
+    msg, fds = conn.recv()
+    if msg.get("msg") == "stop":
+        return
+    try:
+        _Server(conn, msg, fds).serve()
+    except ChannelClosedError as e:
+        # The destination closed the postcopy channel: that is an error to report,
+        # not the parent going away.
+        raise MigrationError(f"postcopy channel: {e}") from None
+
+
+if __name__ == "__main__":
+    helper_main(_serve)
