@@ -11,7 +11,8 @@ and its latency is what a vCPU waits for.
 
 Modes (:data:`MODES`) name an implementation and its settings: livemig ``vanilla``
 (postcopy-ram), ``preempt`` (+ postcopy-preempt, urgent pages sent by the migration
-thread, which breaks huge pages: QEMU 7.1 style) and ``preempt-rp`` (urgent pages sent
+thread, which breaks huge pages: QEMU 7.1 style), ``preempt-proc`` (urgent pages handled
+by a helper process on each side that owns the postcopy channel) and ``preempt-rp`` (urgent pages sent
 by the return-path thread: QEMU 8.0 style); QEMU 7.2 ``qemu-vanilla`` and
 ``qemu-preempt``.  Capabilities go to both sides before ``migrate-incoming`` (QEMU 7.2
 needs postcopy-preempt on both; no QEMU version needs ``return-path`` for postcopy, the
@@ -318,6 +319,8 @@ MODES: tuple[Mode, ...] = (
          "livemig + postcopy-preempt, migration thread breaks huge pages (QEMU 7.1 style)"),
     Mode("preempt-rp", "livemig", True, "return-path",
          "livemig + postcopy-preempt, return-path thread sends urgent pages (QEMU 8.0 style)"),
+    Mode("preempt-proc", "livemig", True, "process",
+         "livemig + postcopy-preempt, urgent pages by a helper process on each side"),
     Mode("qemu-vanilla", "qemu", False, about="QEMU 7.2 postcopy-ram"),
     Mode("qemu-preempt", "qemu", True, about="QEMU 7.2 + postcopy-preempt"),
 )
@@ -673,7 +676,7 @@ class GoalCheck:
         return self.value_us <= self.limit_us
 
 
-PREEMPT_MODES = ("preempt", "preempt-rp")
+PREEMPT_MODES = ("preempt", "preempt-rp", "preempt-proc")
 GOALS: tuple[Goal, ...] = (
     Goal("1 Gbit/s, 4K: p50 <= 1 ms", "1gbit", "4K", "p50", PREEMPT_MODES, 1000.0),
     Goal("1 Gbit/s, 4K: p99 <= 5 ms", "1gbit", "4K", "p99", PREEMPT_MODES, 5000.0),
@@ -681,7 +684,7 @@ GOALS: tuple[Goal, ...] = (
     Goal("loopback, 4K: p50 no worse than QEMU's", "loopback", "4K", "p50",
          ("vanilla", *PREEMPT_MODES),
          versus={"vanilla": "qemu-vanilla", "preempt": "qemu-preempt",
-                 "preempt-rp": "qemu-preempt"}),
+                 "preempt-rp": "qemu-preempt", "preempt-proc": "qemu-preempt"}),
 )
 
 

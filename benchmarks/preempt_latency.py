@@ -46,7 +46,7 @@ from _latency import (
 from _peers import qemu_available
 from rich.console import Console
 
-DEFAULT_MODES = "vanilla,preempt,preempt-rp,qemu-vanilla,qemu-preempt"
+DEFAULT_MODES = "vanilla,preempt,preempt-rp,preempt-proc,qemu-vanilla,qemu-preempt"
 
 
 @click.command()

@@ -8,8 +8,8 @@ thread woken by a fault would otherwise wait for the GIL held by the thread stre
 background pages.  A helper and its parent share state through a :class:`SharedMemory`
 (a memfd mapped shared by both, NumPy arrays laid over it) and guard it with a
 :class:`ProcessLock`.  The source's helper reads guest RAM either from a shared memfd
-(hugetlb backings) or, for private anonymous RAM, with :func:`read_process_memory`
-(``process_vm_readv``: one copy of at most one host page).
+(hugetlb backings) or, for private anonymous RAM, through :class:`ProcessMemory`
+(``/proc/PID/mem``: one copy of at most one host page).
 """
 
 from __future__ import annotations
@@ -95,28 +95,33 @@ class ProcessLock:
         os.close(self._fd)
 
 
-class _Iovec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+class ProcessMemory:
+    """Reads another process's memory through ``/proc/PID/mem`` (one ``preadv`` a read,
+    the GIL released; the same permission as ptrace, which the VMM's own helper has)."""
+
+    def __init__(self, pid: int) -> None:
+        try:
+            self._fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise MemoryMapError(f"open /proc/{pid}/mem", e.errno or errno.EIO) from None
+        self.pid = pid
+
+    def read_into(self, address: int, into: memoryview) -> None:
+        """Fill ``into`` with the bytes at ``address`` of the process."""
+        try:
+            n = os.preadv(self._fd, [into], address)
+        except OSError as e:
+            raise MemoryMapError(f"read {len(into)} bytes at {address:#x} of pid {self.pid}",
+                                 e.errno or errno.EIO) from None
+        if n != len(into):
+            raise MemoryMapError(f"read {len(into)} bytes at {address:#x} of pid "
+                                 f"{self.pid}", errno.EFAULT, f"got {n}")
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.process_vm_readv.restype = ctypes.c_ssize_t
-_libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong,
-                                   ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_ulong]
-
-
-def read_process_memory(pid: int, address: int, into: npt.NDArray[np.uint8]) -> None:
-    """Copy ``len(into)`` bytes at ``address`` of process ``pid`` into ``into``
-    (``process_vm_readv``; the GIL is released during the copy)."""
-    local = _Iovec(into.ctypes.data, into.nbytes)
-    remote = _Iovec(address, into.nbytes)
-    n = _libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-    if n != into.nbytes:
-        err = ctypes.get_errno() if n < 0 else errno.EFAULT
-        raise MemoryMapError(f"process_vm_readv of {into.nbytes} bytes at {address:#x} "
-                             f"of pid {pid}", err)
-
-
 _PR_SET_PDEATHSIG = 1
 
 

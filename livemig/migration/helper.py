@@ -33,6 +33,7 @@ from typing import Any
 
 from livemig import errors
 from livemig.errors import ChannelClosedError, LivemigError, MigrationError
+from livemig.kernel.mman import keep_freed_buffers
 from livemig.kernel.shared import die_with_parent
 
 log = logging.getLogger("livemig.helper")
@@ -147,6 +148,7 @@ class HelperConn:
 def helper_main(serve: Callable[[HelperConn], None]) -> None:
     """Entry point of a helper process: ``python -m module <control fd>``."""
     die_with_parent()
+    keep_freed_buffers()  # receive buffers are reused, not mapped and faulted in anew
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     conn = HelperConn(int(sys.argv[1]))
     try:

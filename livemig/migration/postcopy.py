@@ -16,8 +16,11 @@ then on a page must never be written in place: a vCPU could see half of it.  Ins
   return path.  A page that was received in precopy, not discarded, and still faults
   was a zero page we never wrote (so it stayed unallocated): it is placed as zeroes
   locally instead of being requested.
-* :class:`PostcopyState` is what both share, under one lock: per-block ``received`` and
-  ``precopy_present`` flags per host page, the request times, and the statistics.
+* :class:`PostcopyState` is what both share: per host page ``received`` and
+  ``precopy_present`` flags, fault and placement times, the vCPU that faulted, the
+  channel assembling a huge page (:class:`PageArrays`).  Each field has one writer per
+  page, so only the huge-page ownership needs the lock.  With the fault server
+  (faultserver.py) the arrays live in memory shared with that process.
 
 Latency is measured from the moment the fault thread reads the fault to the moment the
 page is placed (which wakes the vCPU); blocktime sums it for faults raised by vCPUs.
@@ -113,7 +116,8 @@ def _align8(n: int) -> int:
     return (n + 7) & ~7
 
 
-COUNTERS = ("placed", "zero_filled", "requests")
+# Written by the fault handler only (one thread or the fault server), so without a lock.
+COUNTERS = ("zero_filled", "requests")
 
 
 def shared_layout(host_pages: Mapping[str, int]) -> tuple[int, dict[str, int]]:
@@ -252,15 +256,15 @@ class PostcopyState:
 
     @property
     def placed(self) -> int:
-        return int(self._counters[0])
+        return sum(int(np.count_nonzero(st.received)) for st in self.blocks.values())
 
     @property
     def zero_filled(self) -> int:
-        return int(self._counters[1])
+        return int(self._counters[0])
 
     @property
     def requests(self) -> int:
-        return int(self._counters[2])
+        return int(self._counters[1])
 
     # --- precopy bookkeeping ----------------------------------------------------------
     def mark_precopy(self, name: str, offsets: npt.NDArray[np.uint64]) -> None:
@@ -296,13 +300,12 @@ class PostcopyState:
         self._mark_placed(st, hp, 1)
 
     def _mark_placed(self, st: BlockState, first: int, n: int) -> None:
+        """Record placed host pages.  No lock: each element is written by whoever
+        placed that page (twice at worst, for a page sent on both channels)."""
         now = time.monotonic_ns()
-        a = st.arrays
-        with self.lock:
-            placed = a.placed_ns[first : first + n]
-            placed[placed == 0] = now  # the first placement answers a fault
-            st.received[first : first + n] = True
-            self._counters[0] += n
+        placed = st.arrays.placed_ns[first : first + n]
+        placed[placed == 0] = now  # the first placement answers a fault
+        st.received[first : first + n] = True
 
     # --- faults ---------------------------------------------------------------------------
     def locate(self, address: int) -> tuple[BlockState, int] | None:
@@ -321,13 +324,15 @@ class PostcopyState:
         st, offset = found
         hp = offset // st.host_page
         a = st.arrays
-        with self.lock:
-            if st.received[hp] or a.fault_ns[hp]:
-                return  # placed, or already asked for
-            zero_fill = bool(st.precopy_present[hp])
-            a.fault_ns[hp] = now_ns
-            a.fault_vcpu[hp] = self.vcpu_of_tid.get(tid, -1) + 1
-            self._counters[1 if zero_fill else 2] += 1
+        # No lock: only the fault handler writes fault_ns and these counters.  A page
+        # placed while we look may still be requested; the source then finds it sent
+        # already, and the latency recorded is (about) zero, which it was.
+        if st.received[hp] or a.fault_ns[hp]:
+            return  # placed, or already asked for
+        zero_fill = bool(st.precopy_present[hp])
+        a.fault_ns[hp] = now_ns
+        a.fault_vcpu[hp] = self.vcpu_of_tid.get(tid, -1) + 1
+        self._counters[0 if zero_fill else 1] += 1
         if zero_fill:
             self.place(st, offset, self._zero_page)
         else:
@@ -439,6 +444,9 @@ class ChannelPlacer:
     def batch(self, e: ev.PageBatch) -> None:
         st = self.state.blocks[e.block]
         self.pages += len(e.offsets)
+        if st.host_page == PAGE_SIZE and len(e.offsets) == 1:
+            self.state.place(st, int(e.offsets[0]), e.data[0])  # a requested page
+            return
         if st.host_page == PAGE_SIZE:
             # Background pages come in runs of consecutive offsets: one ioctl a run.
             breaks = np.flatnonzero(np.diff(e.offsets) != PAGE_SIZE) + 1
@@ -496,8 +504,9 @@ class PostcopyChannelReceiver:
     """The postcopy channel's receiving end: requested pages only, until its EOS."""
 
     def __init__(self, channel: Channel, placer: ChannelPlacer,
-                 blocks: Mapping[str, BlockInfo]) -> None:
+                 blocks: Mapping[str, BlockInfo], recv_chunk: int = RECV_CHUNK) -> None:
         self.channel = channel
+        self.recv_chunk = recv_chunk
         self.placer = placer
         self.dec = Decoder(blocks, channel=ChannelKind.POSTCOPY, postcopy=True)
         self.ended = False
@@ -508,7 +517,7 @@ class PostcopyChannelReceiver:
             self.receive()
 
     def receive(self) -> None:
-        self.dec.receive_data(self.channel.recv(RECV_CHUNK))  # b"" = EOF
+        self.dec.receive_data(self.channel.recv(self.recv_chunk))  # b"" = EOF
 
     def pump(self) -> bool:
         """Place what has been received; True once the channel has ended."""

@@ -11,7 +11,7 @@ read the page, send it.  Nothing else runs in this process, so no thread streami
 background pages holds a GIL that a request would wait for.
 
 Guest RAM is read from the VMM's hugetlb memfd when there is one (mapped here, sent
-without a copy) and otherwise with ``process_vm_readv`` into a buffer of one host page
+without a copy) and otherwise through ``/proc/PID/mem`` into a buffer of one host page
 (private anonymous RAM cannot be mapped by another process).
 
 The VMM keeps the precopy channel and the migration thread as they are; it sends the
@@ -36,7 +36,7 @@ import numpy.typing as npt
 
 from livemig.errors import ChannelClosedError, MigrationError, RemoteProtocolError
 from livemig.kernel.mman import PAGE_SIZE
-from livemig.kernel.shared import ProcessLock, SharedMemory, read_process_memory
+from livemig.kernel.shared import ProcessLock, ProcessMemory, SharedMemory
 from livemig.migration.bitmap import take_bits
 from livemig.migration.channel import Channel, ChannelWriter
 from livemig.migration.helper import HelperConn, HelperProcess, helper_main
@@ -52,6 +52,7 @@ MODULE = "livemig.migration.urgent"
 START_TIMEOUT = 30.0
 # Shared counters, in front of the bits.
 COUNTERS = ("requests", "urgent_bytes", "host_pages")
+_ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 def shared_bits_layout(pages: Mapping[str, int]) -> tuple[int, dict[str, int]]:
@@ -125,11 +126,11 @@ class UrgentServer:
 class _Ram:
     """One block's guest RAM as seen from the helper."""
 
-    def __init__(self, size: int, host_page: int, kind: str, where: int, pid: int,
-                 fds: list[int]) -> None:
+    def __init__(self, size: int, host_page: int, kind: str, where: int,
+                 mem: ProcessMemory, fds: list[int]) -> None:
         self.size = size
         self.host_page = host_page
-        self._pid = pid
+        self._mem = mem
         self._addr = where
         self._map: mmap.mmap | None = None
         if kind == "memfd":
@@ -139,14 +140,22 @@ class _Ram:
             self._pages = np.frombuffer(self._map, dtype=np.uint8).reshape(-1, PAGE_SIZE)
         else:
             self._scratch = np.empty((host_page // PAGE_SIZE, PAGE_SIZE), dtype=np.uint8)
+            self._scratch_view = self._scratch.data.cast("B")
 
     def host_page_at(self, start: int) -> tuple[npt.NDArray[np.uint8], int]:
         """The 4 KiB rows of the host page at ``start``, and the block offset that
         row 0 of the returned buffer's memory stands for."""
         if self._map is not None:
             return self._pages, 0
-        read_process_memory(self._pid, self._addr + start, self._scratch)
+        self._mem.read_into(self._addr + start, self._scratch_view)
         return self._scratch, start
+
+    def small_page(self, start: int) -> memoryview:
+        """The 4 KiB page at ``start`` (4 KiB host pages only)."""
+        if self._map is not None:
+            return memoryview(self._map)[start : start + PAGE_SIZE]
+        self._mem.read_into(self._addr + start, self._scratch_view)
+        return self._scratch_view
 
 
 class _Server:
@@ -162,7 +171,8 @@ class _Server:
         self.counters = shared.array(0, np.int64, len(COUNTERS))
         self.bits = {n: shared.array(where[n], np.bool_, int(b[1]) // PAGE_SIZE)
                      for n, b in blocks.items()}
-        self.ram = {n: _Ram(int(b[1]), int(b[2]), str(b[3]), int(b[4]), int(msg["pid"]), fds)
+        mem = ProcessMemory(int(msg["pid"]))
+        self.ram = {n: _Ram(int(b[1]), int(b[2]), str(b[3]), int(b[4]), mem, fds)
                     for n, b in blocks.items()}
         self.requests = ReturnPathDecoder({n: BlockInfo(int(b[1]), int(b[2]))
                                            for n, b in blocks.items()})
@@ -173,17 +183,49 @@ class _Server:
         self.finished = False
 
     def serve_request(self, req: ReqPages) -> None:
+        self.trace("postcopy_preempt_send_host_page", channel="postcopy", block=req.block,
+                   offset=req.start)
+        if self.ram[req.block].host_page == PAGE_SIZE:
+            nbytes = self._send_small(req.block, req.start)
+        else:
+            nbytes = self._send_huge(req)
+        if nbytes:
+            self.counters[1] += nbytes
+            self.counters[2] += 1
+        self.counters[0] += 1
+
+    def _send_small(self, block: str, start: int) -> int:
+        """One 4 KiB page, with scalar steps only (this is the latency that counts).
+
+        No lock: the migration thread clears only the bits it takes, so the worst a race
+        can do is send this page on both channels, and the destination places a 4 KiB
+        page atomically and ignores the second copy."""
+        bits = self.bits[block]
+        i = start // PAGE_SIZE
+        if not bits[i]:
+            return 0  # already sent (or on its way on the precopy channel)
+        bits[i] = False
+        page = self.ram[block].small_page(start)
+        if page.tobytes() == _ZERO_PAGE:
+            record = self.enc.page_header(block, start, zero=True)
+            self.channel.send([record])
+            return len(record)
+        header = self.enc.page_header(block, start)
+        self.channel.send([header, page])
+        return len(header) + PAGE_SIZE
+
+    def _send_huge(self, req: ReqPages) -> int:
+        """A huge page: its bits under the lock (it must never be split between two
+        senders), zero pieces as ZERO records, the rest straight from RAM."""
         ram = self.ram[req.block]
         first = req.start // PAGE_SIZE
         idx = take_bits(self.bits[req.block], first, req.length // PAGE_SIZE, self.lock)
         if not len(idx):
-            return  # already sent (or on its way on the precopy channel)
+            return 0  # already sent (or on its way on the precopy channel)
         rows, base = ram.host_page_at(req.start)
         local = idx - base // PAGE_SIZE
         nonzero = rows[local].any(axis=1)
         pages, zeros = idx[nonzero], idx[~nonzero]
-        self.trace("postcopy_preempt_send_host_page", channel="postcopy", block=req.block,
-                   offset=req.start)
         lead = [self.enc.zero_pages(req.block, zeros * PAGE_SIZE)] if len(zeros) else []
         nbytes = sum(len(b) for b in lead)
         if len(pages):
@@ -193,9 +235,7 @@ class _Server:
             self.writer.write_pages(rec, rows.data.cast("B"), lead)
         else:
             self.writer.write_now(lead)
-        self.counters[0] += 1
-        self.counters[1] += nbytes
-        self.counters[2] += 1
+        return nbytes
 
     def on_requests(self) -> bool:
         """Serve the requests received; False once the destination closed its end."""

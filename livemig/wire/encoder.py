@@ -279,6 +279,23 @@ class Encoder:
         raw = records.tobytes()
         return raw[:8] + prefix + raw[8:] if prefix else raw
 
+    def page_header(self, block: str, offset: int, *, zero: bool = False) -> bytes:
+        """One PAGE record's header (its 4 KiB payload must follow), or one whole ZERO
+        record: the same bytes as :meth:`page_records` / :meth:`zero_pages` for a single
+        page, without NumPy (the path of one requested page, where each µs counts)."""
+        self._require_ram_records()
+        if offset < 0 or offset % PAGE_SIZE:
+            raise LocalProtocolError(f"page offset {offset:#x} is not 4 KiB aligned")
+        word = offset | (ZERO_CONT if zero else PAGE_CONT)
+        prefix = b""
+        if block != self._last_block:
+            raw = local_name(block)
+            word &= ~int(RamFlag.CONTINUE)
+            prefix = bytes([len(raw)]) + raw
+            self._last_block = block
+        head = _BE64.pack(word) + prefix
+        return head + b"\0" if zero else head
+
     def _block_prefix(self, block: str, words: npt.NDArray[np.generic]) -> bytes:
         """Clear CONTINUE on the first word and return the idstr if the block changed."""
         if block == self._last_block:

@@ -296,3 +296,27 @@ def test_encoder_refuses_sections_and_commands_on_the_postcopy_channel() -> None
                  lambda: enc.device_state(1, "livemig/cpu", b"")):
         with pytest.raises(LocalProtocolError):
             call()
+
+
+def test_page_header_is_the_single_page_form_of_page_records_and_zero_pages() -> None:
+    """The scalar path of one requested page writes the bytes the batch path writes,
+    naming the block only when it changes, and decodes to the same events."""
+    enc = Encoder(channel=ChannelKind.POSTCOPY)
+    preamble = enc.preamble()
+    headers = [enc.page_header("pc.ram", 0), enc.page_header("pc.ram", PAGE_SIZE, zero=True),
+               enc.page_header("mem-huge", 0), enc.page_header("pc.ram", 2 * PAGE_SIZE)]
+    assert headers == [be64(0x08) + b"\x06pc.ram", be64(PAGE_SIZE | 0x22) + b"\0",
+                       be64(0x08) + b"\x08mem-huge", be64(2 * PAGE_SIZE | 0x08) + b"\x06pc.ram"]
+    batch = Encoder(channel=ChannelKind.POSTCOPY)
+    batch.preamble()
+    assert joined(batch.pages("pc.ram", [0], RAM.data))[:-PAGE_SIZE] == headers[0]
+    assert batch.zero_pages("pc.ram", [PAGE_SIZE]) == headers[1]
+    page = RAM[:PAGE_SIZE].tobytes()
+    events = decode_all(b"".join([preamble, headers[0], page, headers[1], headers[2], page,
+                                  headers[3], page, enc.eof()]), channel=ChannelKind.POSTCOPY)
+    assert [(type(e).__name__, e.block, e.offsets.tolist())
+            for e in events if isinstance(e, (PageBatch, ZeroPages))] == [
+        ("PageBatch", "pc.ram", [0]), ("ZeroPages", "pc.ram", [PAGE_SIZE]),
+        ("PageBatch", "mem-huge", [0]), ("PageBatch", "pc.ram", [2 * PAGE_SIZE])]
+    with pytest.raises(LocalProtocolError):
+        enc.page_header("pc.ram", 100)
