@@ -11,9 +11,9 @@ and its latency is what a vCPU waits for.
 
 Modes (:data:`MODES`) name an implementation and its settings: livemig ``vanilla``
 (postcopy-ram), ``preempt`` (+ postcopy-preempt, urgent pages sent by the migration
-thread, which breaks huge pages: QEMU 7.1 style), ``preempt-proc`` (urgent pages handled
-by a helper process on each side that owns the postcopy channel) and ``preempt-rp`` (urgent pages sent
-by the return-path thread: QEMU 8.0 style); QEMU 7.2 ``qemu-vanilla`` and
+thread, which breaks huge pages: QEMU 7.1 style), ``preempt-rp`` (urgent pages sent by
+the return-path thread: QEMU 8.0 style), ``preempt-proc`` (urgent pages handled by a
+helper process on each side that owns the postcopy channel); QEMU 7.2 ``qemu-vanilla`` and
 ``qemu-preempt``.  Capabilities go to both sides before ``migrate-incoming`` (QEMU 7.2
 needs postcopy-preempt on both; no QEMU version needs ``return-path`` for postcopy, the
 return path is opened by postcopy-ram itself).
