@@ -38,7 +38,7 @@ from livemig.kernel.placement import PagePlacer, RemoteRange
 from livemig.kernel.shared import ProcessLock, SharedMemory
 from livemig.kernel.uffd import Userfaultfd
 from livemig.migration.channel import Channel
-from livemig.migration.helper import HelperConn, HelperProcess, helper_main
+from livemig.migration.helper import HelperBlock, HelperConn, HelperProcess, helper_main
 from livemig.migration.postcopy import (
     BlockState,
     ChannelPlacer,
@@ -47,7 +47,6 @@ from livemig.migration.postcopy import (
     PostcopyState,
     shared_layout,
 )
-from livemig.vmm.memory import RamBlock
 from livemig.wire.blocks import BlockInfo
 from livemig.wire.returnpath import ReturnPathEncoder
 
@@ -70,7 +69,7 @@ class FaultServer:
         self._watcher: threading.Thread | None = None
         self.pages = 0  # placed from the postcopy channel (reported at its end)
 
-    def start(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd, channel: Channel,
+    def start(self, blocks: Mapping[str, HelperBlock], uffd: Userfaultfd, channel: Channel,
               shared: SharedMemory, vcpu_tids: Mapping[int, int],
               on_error: Callable[[Exception], None]) -> None:
         if channel.sock is None:

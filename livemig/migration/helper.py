@@ -29,17 +29,28 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from livemig import errors
 from livemig.errors import ChannelClosedError, LivemigError, MigrationError
-from livemig.kernel.mman import keep_freed_buffers
+from livemig.kernel.mman import Mapping, keep_freed_buffers
 from livemig.kernel.shared import die_with_parent
 
 log = logging.getLogger("livemig.helper")
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 16
+
+
+class HelperBlock(Protocol):
+    """What a helper needs of a RAM block (a vmm RamBlock; a plain mapping in tests)."""
+
+    @property
+    def size(self) -> int: ...
+    @property
+    def host_page_size(self) -> int: ...
+    @property
+    def mapping(self) -> Mapping: ...
 
 
 def _send(sock: socket.socket, msg: dict[str, Any], fds: Sequence[int]) -> None:

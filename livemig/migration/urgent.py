@@ -39,9 +39,8 @@ from livemig.kernel.mman import PAGE_SIZE
 from livemig.kernel.shared import ProcessLock, ProcessMemory, SharedMemory
 from livemig.migration.bitmap import take_bits
 from livemig.migration.channel import Channel, ChannelWriter
-from livemig.migration.helper import HelperConn, HelperProcess, helper_main
+from livemig.migration.helper import HelperBlock, HelperConn, HelperProcess, helper_main
 from livemig.migration.trace import Tracer
-from livemig.vmm.memory import RamBlock
 from livemig.wire.blocks import BlockInfo
 from livemig.wire.channel import ChannelKind
 from livemig.wire.encoder import Encoder
@@ -92,7 +91,7 @@ class UrgentServer:
     def __init__(self) -> None:
         self.helper = HelperProcess(MODULE)
 
-    def start(self, blocks: Mapping[str, RamBlock], shared: SharedBits, channel: Channel,
+    def start(self, blocks: Mapping[str, HelperBlock], shared: SharedBits, channel: Channel,
               trace_patterns: tuple[str, ...]) -> None:
         if channel.sock is None:
             raise MigrationError("the postcopy channel must be a socket")
@@ -183,16 +182,17 @@ class _Server:
         self.finished = False
 
     def serve_request(self, req: ReqPages) -> None:
-        self.trace("postcopy_preempt_send_host_page", channel="postcopy", block=req.block,
-                   offset=req.start)
         if self.ram[req.block].host_page == PAGE_SIZE:
             nbytes = self._send_small(req.block, req.start)
         else:
             nbytes = self._send_huge(req)
+        self.counters[0] += 1
         if nbytes:
             self.counters[1] += nbytes
             self.counters[2] += 1
-        self.counters[0] += 1
+            # After the send: the trace line is not on the request's path.
+            self.trace("postcopy_preempt_send_host_page", channel="postcopy",
+                       block=req.block, offset=req.start)
 
     def _send_small(self, block: str, start: int) -> int:
         """One 4 KiB page, with scalar steps only (this is the latency that counts).
