@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import struct
@@ -27,6 +28,8 @@ import numpy as np
 import numpy.typing as npt
 
 from livemig.errors import KernelError, MemoryMapError
+
+log = logging.getLogger("livemig.shared")
 
 _F_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)
 # struct flock on Linux x86-64: l_type, l_whence, l_start, l_len, l_pid (+ padding).
@@ -59,9 +62,15 @@ class SharedMemory:
         return np.frombuffer(self._mm, dtype=dtype, count=count, offset=offset)
 
     def close(self) -> None:
-        """Unmap (every array view must be gone) and close the memfd."""
-        self._mm.close()
-        os.close(self.fd)
+        """Close the memfd and unmap.  A NumPy view still alive somewhere keeps the
+        mapping (it goes with the last view): say so, but do not fail a cleanup."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            self._mm.close()
+        except BufferError:
+            log.warning("shared memory still has views; it is unmapped when they go")
 
 
 class ProcessLock:

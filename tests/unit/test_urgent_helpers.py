@@ -120,8 +120,8 @@ def source_side() -> Iterator[tuple[dict[str, Block], SharedBits, PostcopyPeer, 
     content = {"pc.ram": fill(blocks["pc.ram"].mapping, {5}),
                "mem-huge": fill(blocks["mem-huge"].mapping, set(range(512, 512 + 100)))}
     shared = SharedBits({n: b.size // PAGE_SIZE for n, b in blocks.items()})
-    for bits in shared.bits.values():
-        bits[:] = True  # the migration bitmap starts all dirty
+    for name in blocks:
+        shared.bits[name][:] = True  # the migration bitmap starts all dirty
     src, dst = socket.socketpair()
     src.sendall(Encoder(channel=ChannelKind.POSTCOPY).preamble())  # the VMM's part
     server = UrgentServer()
@@ -291,6 +291,10 @@ def test_fault_server_requests_a_faulting_page_and_its_answer_wakes_the_thread(
     page = bytes(range(256)) * 16
     d.source.sendall(enc.page_header("pc.ram", 7 * PAGE_SIZE) + page)
     assert toucher.result() == page
+    # The helper records the placement just after UFFDIO_COPY has woken the thread.
+    deadline = time.monotonic() + TIMEOUT
+    while d.state.stats.summary().count == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
     summary = d.state.stats.summary()
     assert summary.count == 1 and summary.max_us > 0
     assert d.state.requests == 1 and d.state.blocks["pc.ram"].received[7]
