@@ -104,6 +104,8 @@ class Instance:
         reg("migrate_cancel", lambda _a: self.migrate_cancel(), params=())
         reg("migrate-start-postcopy", lambda _a: self.migrate_start_postcopy(), params=())
         reg("query-migrate", lambda _a: self.query_migrate(), params=())
+        # Ours: every page-request latency of the incoming postcopy, for exact CDFs.
+        reg("x-query-postcopy-latency-samples", lambda _a: self.latency_samples(), params=())
         reg("migrate-set-capabilities", lambda a: self._set_caps(a["capabilities"]),
             params=(Param("capabilities", "array"),))
         reg("query-migrate-capabilities", lambda _a: self.caps.to_qmp(), params=())
@@ -169,6 +171,10 @@ class Instance:
             return {**self.outgoing.info.to_qmp(),
                     **self.outgoing.trace.to_qmp("postcopy_preempt")}
         return {} if self.incoming is None else self.incoming.query()
+
+    def latency_samples(self) -> dict[str, Any]:
+        samples = self.incoming.latency_samples() if self.incoming is not None else []
+        return {"samples-ns": samples}
 
     # --- lifecycle ------------------------------------------------------------------------
     def request_quit(self) -> None:

@@ -257,6 +257,13 @@ class DestinationMigration:
         # Last, so that whoever waits for "failed" finds the guest already stopped.
         self.status.try_set(MigrationStatus.FAILED)
 
+    def latency_samples(self) -> list[int]:
+        """Raw postcopy page-request latencies (ns); empty without postcopy."""
+        load = self._load
+        if load is None or load.postcopy is None:
+            return []
+        return load.postcopy.stats.samples_ns()
+
     def query(self) -> dict[str, Any]:
         out = self.info.to_qmp()
         load = self._load
@@ -521,6 +528,14 @@ class _Load:
             if self.placer.pending():
                 raise RemoteProtocolError(f"stream ended inside huge pages "
                                           f"{self.placer.pending()}")
+            assert self.postcopy is not None
+            missing = self.postcopy.missing()
+            if missing:
+                # The guest would hang on these forever: fail loudly instead.
+                raise RemoteProtocolError(
+                    "the stream ended without " + ", ".join(
+                        f"{n} host pages of {name} (first at {off:#x})"
+                        for name, (n, off) in missing.items()))
             self._stop_postcopy()
         else:
             self.vm.restore_state(self._vm_state())

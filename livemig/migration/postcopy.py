@@ -176,6 +176,10 @@ class LatencyStats:
         return (np.concatenate(lat) if lat else np.zeros(0, np.int64),
                 np.concatenate(vcpu) if vcpu else np.zeros(0, np.int16))
 
+    def samples_ns(self) -> list[int]:
+        """Every fault-to-placement latency so far (ns), for exact distributions."""
+        return [int(x) for x in self._samples()[0]]
+
     def summary(self) -> LatencySummary:
         ns, _ = self._samples()
         if not len(ns):
@@ -265,6 +269,16 @@ class PostcopyState:
     @property
     def requests(self) -> int:
         return int(self._counters[1])
+
+    def missing(self) -> dict[str, tuple[int, int]]:
+        """Host pages that came neither in precopy nor in postcopy, per block: (how
+        many, offset of the first).  At the end of the stream there must be none."""
+        out = {}
+        for name, st in self.blocks.items():
+            absent = np.flatnonzero(~(st.received | st.precopy_present))
+            if len(absent):
+                out[name] = (len(absent), int(absent[0]) * st.host_page)
+        return out
 
     # --- precopy bookkeeping ----------------------------------------------------------
     def mark_precopy(self, name: str, offsets: npt.NDArray[np.uint64]) -> None:

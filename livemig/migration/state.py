@@ -155,9 +155,10 @@ class Parameters:
     # Postcopy preemption knobs (ours, "x-" as QEMU marks experimental properties):
     # break huge pages for urgent requests (QEMU's x-postcopy-preempt-break-huge) ...
     x_postcopy_preempt_break_huge: bool = True
-    # ... who sends requested pages: the "migration" thread (QEMU 7.1) or the
-    # "return-path" thread (QEMU 8.0) ...
-    x_postcopy_urgent_sender: str = "return-path"
+    # ... who sends requested pages: the "migration" thread (QEMU 7.1), the
+    # "return-path" thread (QEMU 8.0), or a helper "process" on each side that owns the
+    # postcopy channel (ours; the fastest here, see docs/BENCHMARKS.md) ...
+    x_postcopy_urgent_sender: str = "process"
     # ... and whether the background scan continues after the last requested page.
     x_postcopy_locality: bool = True
 

@@ -99,6 +99,11 @@ def test_postcopy_after_one_round_moves_a_running_guest(
         check = guest_check(p.dq, guest)
         assert (check["bad_pages"], check["pages"]) == (0, GUEST_PAGES), check
         assert_postcopy_statistics(src_info, dst_info)
+        # The raw samples behind the percentiles (for exact CDFs in the benchmarks).
+        samples = p.dq.execute("x-query-postcopy-latency-samples")["samples-ns"]
+        pct = dst_info["x-postcopy-latency-percentiles"]
+        assert len(samples) == pct["count"]
+        assert round(max(samples) / 1000, 1) == pct["max"]
 
 
 def assert_postcopy_statistics(src_info: dict[str, Any], dst_info: dict[str, Any]) -> None:

@@ -542,3 +542,19 @@ def test_postcopy_continue_before_any_block_named_on_that_channel_is_refused(
     assert len(errors) == 1 and isinstance(errors[0], RemoteProtocolError)
     assert "CONTINUE" in str(errors[0])
     assert d.placements(BLK) == []
+
+
+def test_destination_names_host_pages_that_never_arrived(block: Blocks, dest: Dest) -> None:
+    """At the end of the stream every host page came in precopy or in postcopy; the
+    destination can name the ones that did not (it fails the migration with them)."""
+    blk = block("2M", 3)
+    table = {BLK: BlockInfo(blk.size, blk.host_page_size)}
+    d = dest(table)
+    d.state.mark_precopy(BLK, np.array([0, 4096], dtype=np.uint64))  # host page 0
+    penc, phead = post_head()
+    pieces = piece_records(penc, blk, range(2 * blk.per, 3 * blk.per))  # host page 2
+    assert receive_postcopy_channel(phead + pieces + penc.eof(), table,
+                                    d.channels[POSTCOPY]) == []
+    assert d.state.missing() == {BLK: (1, blk.host_page_size)}
+    d.state.discard(BLK, 0, blk.host_page_size)  # stale in precopy: must come again
+    assert d.state.missing() == {BLK: (2, 0)}
