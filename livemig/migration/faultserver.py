@@ -168,10 +168,7 @@ class _Server:
                     return
 
 
-def _serve(conn: HelperConn) -> None:
-    msg, fds = conn.recv()
-    if msg.get("msg") == "stop":
-        return
+def _serve(conn: HelperConn, msg: dict[str, Any], fds: list[int]) -> None:
     _Server(conn, msg, fds).serve()
 
 

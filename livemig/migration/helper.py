@@ -140,6 +140,10 @@ class HelperProcess:
         self.ctl.close()
 
 
+class ParentGone(ChannelClosedError):
+    """The VMM closed the control socket: nobody is left to report to."""
+
+
 class HelperConn:
     """Child side of the control socket."""
 
@@ -147,27 +151,37 @@ class HelperConn:
         self.sock = socket.socket(fileno=fd)
 
     def send(self, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
-        _send(self.sock, msg, fds)
+        try:
+            _send(self.sock, msg, fds)
+        except OSError as e:
+            raise ParentGone(str(e)) from None
 
     def recv(self) -> tuple[dict[str, Any], list[int]]:
-        return _recv(self.sock)
+        try:
+            return _recv(self.sock)
+        except ChannelClosedError as e:
+            raise ParentGone(str(e)) from None
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
 
-def helper_main(serve: Callable[[HelperConn], None]) -> None:
-    """Entry point of a helper process: ``python -m module <control fd>``."""
+def helper_main(serve: Callable[[HelperConn, dict[str, Any], list[int]], None]) -> None:
+    """Entry point of a helper process: ``python -m module <control fd>``.  Waits for
+    the VMM's first message (its "start", with the fds) and runs ``serve``; a "stop"
+    before that just ends the helper."""
     die_with_parent()
     keep_freed_buffers()  # receive buffers are reused, not mapped and faulted in anew
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     conn = HelperConn(int(sys.argv[1]))
     try:
-        serve(conn)
-    except ChannelClosedError:
-        os._exit(0)  # the parent went away: nothing to report to
+        msg, fds = conn.recv()
+        if msg.get("msg") != "stop":
+            serve(conn, msg, fds)
+    except ParentGone:
+        os._exit(0)
     except Exception as e:
         with contextlib.suppress(OSError):
-            conn.send({"error": str(e), "type": type(e).__name__})
+            _send(conn.sock, {"error": str(e), "type": type(e).__name__}, ())
         os._exit(1)
     os._exit(0)

@@ -273,16 +273,8 @@ class _Server:
                     return
 
 
-def _serve(conn: HelperConn) -> None:
-    msg, fds = conn.recv()
-    if msg.get("msg") == "stop":
-        return
-    try:
-        _Server(conn, msg, fds).serve()
-    except ChannelClosedError as e:
-        # The destination closed the postcopy channel: that is an error to report,
-        # not the parent going away.
-        raise MigrationError(f"postcopy channel: {e}") from None
+def _serve(conn: HelperConn, msg: dict[str, Any], fds: list[int]) -> None:
+    _Server(conn, msg, fds).serve()
 
 
 if __name__ == "__main__":

@@ -338,3 +338,10 @@ def test_fault_server_death_is_reported_to_the_vmm(dest_side: Dest) -> None:
     with pytest.raises(ChannelClosedError):
         d.server.wait_done(TIMEOUT)
     assert len(d.errors) == 1
+
+
+def test_urgent_server_reports_a_destination_that_closed_the_channel(source_side) -> None:  # type: ignore[no-untyped-def]
+    _, _, peer, server, _ = source_side
+    peer.sock.shutdown(socket.SHUT_RDWR)
+    with pytest.raises(ChannelClosedError, match="closed the postcopy channel"):
+        server.finish()
