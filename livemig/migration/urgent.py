@@ -23,7 +23,6 @@ Counters live in the shared memory so ``query-migrate`` sees them while postcopy
 from __future__ import annotations
 
 import dataclasses
-import mmap
 import os
 import select
 import socket
@@ -131,12 +130,11 @@ class _Ram:
         self.host_page = host_page
         self._mem = mem
         self._addr = where
-        self._map: mmap.mmap | None = None
+        self._shared: SharedMemory | None = None
         if kind == "memfd":
-            # Writable only because sendmsg's iovec is built from a writable buffer.
-            self._map = mmap.mmap(fds[where], size, mmap.MAP_SHARED,
-                                  mmap.PROT_READ | mmap.PROT_WRITE)
-            self._pages = np.frombuffer(self._map, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+            # The VMM's own memfd, mapped here too: pages are sent without a copy.
+            self._shared = SharedMemory.attach(fds[where], size)
+            self._pages = self._shared.array(0, np.uint8, size).reshape(-1, PAGE_SIZE)
         else:
             self._scratch = np.empty((host_page // PAGE_SIZE, PAGE_SIZE), dtype=np.uint8)
             self._scratch_view = self._scratch.data.cast("B")
@@ -144,15 +142,16 @@ class _Ram:
     def host_page_at(self, start: int) -> tuple[npt.NDArray[np.uint8], int]:
         """The 4 KiB rows of the host page at ``start``, and the block offset that
         row 0 of the returned buffer's memory stands for."""
-        if self._map is not None:
+        if self._shared is not None:
             return self._pages, 0
         self._mem.read_into(self._addr + start, self._scratch_view)
         return self._scratch, start
 
     def small_page(self, start: int) -> memoryview:
         """The 4 KiB page at ``start`` (4 KiB host pages only)."""
-        if self._map is not None:
-            return memoryview(self._map)[start : start + PAGE_SIZE]
+        if self._shared is not None:
+            row: memoryview = self._pages[start // PAGE_SIZE].data
+            return row
         self._mem.read_into(self._addr + start, self._scratch_view)
         return self._scratch_view
 
