@@ -63,6 +63,19 @@ def take_bits(bits: npt.NDArray[np.bool_], first: int, count: int,
     return idx + first
 
 
+def split_zero_pages(words: npt.NDArray[np.uint64], rows: IndexArray,
+                     idx: IndexArray) -> Window:
+    """Split pages ``idx`` (at ``rows`` of ``words``, one row of 64-bit words per page)
+    into non-zero and zero pages.  Most pages that hold data have a non-zero first word:
+    decide those from one word each, and read whole pages only for the rest (QEMU's
+    buffer_is_zero also bails out at the first non-zero byte)."""
+    nonzero = words[rows, 0] != 0
+    maybe_zero = rows[~nonzero]
+    if len(maybe_zero):
+        nonzero[~nonzero] = np.asarray(words[maybe_zero].any(axis=1), dtype=np.bool_)
+    return Window(idx[nonzero], idx[~nonzero])
+
+
 @dataclass(frozen=True)
 class Window:
     """Pages taken from one window: indexes of non-zero and of all-zero pages."""
@@ -127,14 +140,7 @@ class MigrationBitmap:
         idx = take_bits(self.bits, first, count, self.lock)
         if not len(idx):
             return Window(idx, idx)
-        # Most pages that hold data have a non-zero first word: decide those from one
-        # word each, and read whole pages only for the rest (QEMU's buffer_is_zero
-        # also bails out at the first non-zero byte).
-        nonzero = self._words[idx, 0] != 0
-        maybe_zero = idx[~nonzero]
-        if len(maybe_zero):
-            nonzero[~nonzero] = np.asarray(self._words[maybe_zero].any(axis=1), dtype=np.bool_)
-        return Window(idx[nonzero], idx[~nonzero])
+        return split_zero_pages(self._words, idx, idx)
 
     def expand_to_host_pages(self) -> None:
         """Postcopy: a host page with any dirty piece must be re-sent whole (and is

@@ -54,8 +54,6 @@ log = logging.getLogger("livemig.faultserver")
 
 MODULE = "livemig.migration.faultserver"
 START_TIMEOUT = 30.0
-# Requested pages come one host page at a time; larger payloads are read in place.
-RECV_CHUNK = 256 * 1024
 
 
 class FaultServer:
@@ -137,7 +135,7 @@ class _Server:
         self.channel = Channel(self.sock, name="postcopy")
         self.receiver = PostcopyChannelReceiver(
             self.channel, ChannelPlacer(self.state, "postcopy"),
-            {n: BlockInfo(size, hp) for n, size, hp, _ in blocks}, recv_chunk=RECV_CHUNK)
+            {n: BlockInfo(size, hp) for n, size, hp, _ in blocks})
         self.requests = ReturnPathEncoder()
 
     def request(self, block: str, offset: int, length: int) -> None:

@@ -36,7 +36,7 @@ import numpy.typing as npt
 from livemig.errors import ChannelClosedError, MigrationError, RemoteProtocolError
 from livemig.kernel.mman import PAGE_SIZE
 from livemig.kernel.shared import ProcessLock, ProcessMemory, SharedMemory
-from livemig.migration.bitmap import take_bits
+from livemig.migration.bitmap import split_zero_pages, take_bits
 from livemig.migration.channel import Channel, ChannelWriter
 from livemig.migration.helper import HelperBlock, HelperConn, HelperProcess, helper_main
 from livemig.migration.trace import Tracer
@@ -222,9 +222,8 @@ class _Server:
         if not len(idx):
             return 0  # already sent (or on its way on the precopy channel)
         rows, base = ram.host_page_at(req.start)
-        local = idx - base // PAGE_SIZE
-        nonzero = rows[local].any(axis=1)
-        pages, zeros = idx[nonzero], idx[~nonzero]
+        w = split_zero_pages(rows.view(np.uint64), idx - base // PAGE_SIZE, idx)
+        pages, zeros = w.pages, w.zeros
         lead = [self.enc.zero_pages(req.block, zeros * PAGE_SIZE)] if len(zeros) else []
         nbytes = sum(len(b) for b in lead)
         if len(pages):
