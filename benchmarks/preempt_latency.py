@@ -1,7 +1,8 @@
 """Postcopy preemption: page-request latency of vanilla postcopy vs preempt, livemig vs QEMU.
 
     python benchmarks/preempt_latency.py [--mem 1G] [--page-sizes 4K,2M]
-        [--links loopback,1gbit] [--modes vanilla,preempt,preempt-rp,preempt-proc,qemu-vanilla,qemu-preempt]
+        [--links loopback,1gbit]
+        [--modes vanilla,preempt,preempt-rp,preempt-proc,qemu-vanilla,qemu-preempt]
         [--repeat 3] [--precopy-ms 0] [--json PATH] [--png results/preempt_latency.png]
         [--profile DIR]
 
