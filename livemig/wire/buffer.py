@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from typing import NoReturn
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
 
-from livemig.errors import RemoteProtocolError
+from livemig.errors import ChannelClosedError, RemoteProtocolError, StreamError
 
 _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
@@ -184,3 +185,23 @@ class ReceiveBuffer:
         if self.pos == len(self.head) and self._chunks:
             self.head, self.pos = self._chunks.popleft(), 0
             self._tail -= len(self.head)
+
+
+T = TypeVar("T")
+
+
+class StickyError:
+    """A decoder's first protocol error is final: every later call raises it again
+    (a stream that broke once cannot be resynchronised; h11 has its ERROR state)."""
+
+    def __init__(self) -> None:
+        self._error: StreamError | None = None
+
+    def guard(self, step: Callable[[], T]) -> T:
+        if self._error is not None:
+            raise type(self._error)(*self._error.args)
+        try:
+            return step()
+        except (RemoteProtocolError, ChannelClosedError) as exc:
+            self._error = exc
+            raise

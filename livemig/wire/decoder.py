@@ -56,10 +56,9 @@ from livemig.errors import (
     ChannelClosedError,
     LocalProtocolError,
     RemoteProtocolError,
-    StreamError,
 )
 from livemig.wire.blocks import BlockInfo
-from livemig.wire.buffer import Reader, ReceiveBuffer, Short, decode_name
+from livemig.wire.buffer import Reader, ReceiveBuffer, Short, StickyError, decode_name
 from livemig.wire.channel import ChannelKind
 from livemig.wire.commands import parse_command
 from livemig.wire.constants import (
@@ -155,7 +154,7 @@ class Decoder:
         self._buf = ReceiveBuffer()
         self._state = _State.PREAMBLE
         self._eof = False
-        self._error: StreamError | None = None
+        self._sticky = StickyError()
         self._last_block: str | None = None  # per channel, like QEMU's last_recv_block
         self._iterables: dict[int, bool] = {}  # START section id -> has ENDed
         self._device_ids: set[int] = set()
@@ -190,13 +189,7 @@ class Decoder:
     # ----------------------------------------------------------------- events
     def next_event(self) -> Event | NeedData:
         """Return the next event, or NEED_DATA; raise StreamError subclasses."""
-        if self._error is not None:
-            raise type(self._error)(*self._error.args)
-        try:
-            return self._next_event()
-        except (RemoteProtocolError, ChannelClosedError) as exc:
-            self._error = exc
-            raise
+        return self._sticky.guard(self._next_event)
 
     def _next_event(self) -> Event | NeedData:
         if self._state is _State.PAYLOAD:

@@ -32,10 +32,16 @@ from livemig.errors import (
     ChannelClosedError,
     LocalProtocolError,
     RemoteProtocolError,
-    StreamError,
 )
 from livemig.wire.blocks import BlockInfo, local_name
-from livemig.wire.buffer import PayloadReader, Reader, ReceiveBuffer, Short, decode_name
+from livemig.wire.buffer import (
+    PayloadReader,
+    Reader,
+    ReceiveBuffer,
+    Short,
+    StickyError,
+    decode_name,
+)
 from livemig.wire.constants import PAGE_SIZE
 from livemig.wire.events import NEED_DATA, Closed, NeedData
 
@@ -126,7 +132,7 @@ class ReturnPathDecoder:
         self._buf = ReceiveBuffer()
         self._eof = False
         self._done = False
-        self._error: StreamError | None = None
+        self._sticky = StickyError()
         self._last_block: str | None = None
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
@@ -143,13 +149,7 @@ class ReturnPathDecoder:
 
     def next_event(self) -> RpEvent | NeedData:
         """Return the next message event, or NEED_DATA; errors are sticky."""
-        if self._error is not None:
-            raise type(self._error)(*self._error.args)
-        try:
-            return self._next_event()
-        except (RemoteProtocolError, ChannelClosedError) as exc:
-            self._error = exc
-            raise
+        return self._sticky.guard(self._next_event)
 
     def _next_event(self) -> RpEvent | NeedData:
         if self._done:
