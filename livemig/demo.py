@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -46,7 +47,9 @@ class DemoConfig:
 class VmmProcess:
     """A ``livemig run`` child process with its QMP client and serial file."""
 
-    def __init__(self, workdir: Path, name: str, args: list[str]) -> None:
+    def __init__(self, workdir: Path, name: str, args: list[str],
+                 start_timeout: float = 60.0) -> None:
+        self.name = name
         self.qmp_path = str(workdir / f"{name}.qmp")
         self.serial_path = workdir / f"{name}.serial"
         self.log_path = workdir / f"{name}.log"
@@ -55,14 +58,24 @@ class VmmProcess:
         with open(self.log_path, "wb") as logf:
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
         try:
-            self.qmp = QmpClient(self.qmp_path, timeout=60)
+            self._wait_for_qmp_socket(start_timeout)
+            self.qmp = QmpClient(self.qmp_path, timeout=start_timeout)
         except Exception:
-            self.stop()
+            self.kill()
             raise MigrationError(f"{name} VMM did not start: {self.log_text()}") from None
+
+    def _wait_for_qmp_socket(self, timeout: float) -> None:
+        """Until the QMP socket exists; at once if the process exits first (a bad
+        argument must not cost a whole timeout)."""
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.qmp_path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise MigrationError(f"{self.name} exited")
+            time.sleep(0.02)
 
     def log_text(self) -> str:
         try:
-            return self.log_path.read_text().strip()[-2000:]
+            return self.log_path.read_text(errors="replace").strip()[-3000:]
         except OSError:
             return ""
 
@@ -72,28 +85,43 @@ class VmmProcess:
         except OSError:
             return b""
 
-    def wait_serial(self, count: int, timeout: float, byte: bytes = b"B") -> bool:
+    def wait_serial(self, count: int, timeout: float = 30.0, byte: bytes = b"B") -> bool:
+        """``count`` more ``byte``s than now; False at once on an E or an exit."""
         start = self.serial().count(byte)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             out = self.serial()
             if out.count(byte) - start >= count or b"E" in out:
-                return out.count(byte) - start >= count
+                return out.count(byte) - start >= count and b"E" not in out
             if self.proc.poll() is not None:
                 return False
             time.sleep(0.05)
         return False
 
-    def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self.qmp.execute("quit")
-        with contextlib.suppress(Exception):
-            self.qmp.close()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
+    def kill(self) -> None:
+        if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+        self.proc.wait(30)
+        self._close_qmp()
+
+    def stop(self) -> int:
+        """Quit over QMP (SIGKILL if that does not work); returns the exit status."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                self.qmp.execute("quit")
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+        self._close_qmp()
+        return int(self.proc.returncode)
+
+    def _close_qmp(self) -> None:
+        qmp = getattr(self, "qmp", None)  # absent if the process never started
+        if qmp is not None:
+            with contextlib.suppress(Exception):
+                qmp.close()
 
 
 def watch_migration(client: QmpClient, console: Console, timeout: float,

@@ -13,11 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +24,7 @@ import pytest
 from conftest import hugetlb_kib, others_map_hugepages
 
 from livemig.control.client import QmpClient
+from livemig.demo import VmmProcess
 from livemig.errors import KvmError
 from livemig.guests import DEFAULT_RANGE_START
 from livemig.instance import Instance
@@ -231,66 +228,8 @@ def dirty_logging_off(vm: Vm) -> bool:
     return True
 
 
-class LivemigProcess:
-    """A ``python -m livemig run`` child with a QMP socket and a serial file."""
-
-    def __init__(self, workdir: Path, name: str, args: list[str]) -> None:
-        self.name = name
-        self.qmp_path = str(workdir / f"{name}.qmp")
-        self.serial_path = workdir / f"{name}.serial"
-        self.log_path = workdir / f"{name}.log"
-        cmd = [sys.executable, "-m", "livemig", "run", "--qmp", self.qmp_path,
-               "--serial", str(self.serial_path), *args]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            started = wait_until(lambda: os.path.exists(self.qmp_path)
-                                 or self.proc.poll() is not None, 60)
-            assert started and self.proc.poll() is None, f"{name} did not start: {self.log()}"
-            self.qmp = QmpClient(self.qmp_path, timeout=10)
-        except BaseException:
-            self.kill()
-            raise
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-3000:]
-        except OSError:
-            return ""
-
-    def serial(self) -> bytes:
-        try:
-            return self.serial_path.read_bytes()
-        except OSError:
-            return b""
-
-    def wait_serial(self, count: int, timeout: float = 30) -> bool:
-        """``count`` more B's than now (False at once on an E)."""
-        before = self.serial().count(b"B")
-        wait_until(lambda: self.serial().count(b"B") - before >= count
-                   or b"E" in self.serial(), timeout, 0.05)
-        return self.serial().count(b"B") - before >= count and b"E" not in self.serial()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-        with contextlib.suppress(Exception):
-            self.qmp.close()
-
-    def stop(self) -> int:
-        """Quit over QMP (SIGKILL if that does not work); returns the exit status."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(Exception):
-                self.qmp.execute("quit")
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-        with contextlib.suppress(Exception):
-            self.qmp.close()
-        return int(self.proc.returncode)
+# One implementation of "a livemig run child with QMP": the demo's.
+LivemigProcess = VmmProcess
 
 
 @contextlib.contextmanager

@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from helpers import livemig_process, wait_migration
+
+from livemig.demo import VmmProcess
+from livemig.errors import MigrationError
 
 pytestmark = pytest.mark.kvm
 
@@ -111,3 +115,12 @@ def test_demo_migrates_and_reports(tmp_path: Path) -> None:
     assert report["check"]["bad_pages"] == 0
     assert report["check"]["pages"] == (64 - 1) * 256
     assert report["check"]["guest_ran_on"] and not report["check"]["guest_error"]
+
+
+def test_a_vmm_that_cannot_start_is_reported_at_once_with_its_error(tmp_path: Path) -> None:
+    """The demo's process wrapper does not wait out its timeout for a VMM that exited."""
+    start = time.monotonic()
+    with pytest.raises(MigrationError, match="did not start") as info:
+        VmmProcess(tmp_path, "bad", ["--mem", "3M", "--page-size", "2M"])
+    assert time.monotonic() - start < 20
+    assert "Error:" in str(info.value)
