@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from conftest import hugetlb_kib, others_map_hugepages
 
 from livemig.control.client import QmpClient
@@ -48,15 +46,6 @@ def _boot_sector(code: bytes) -> bytes:
 # cli; hlt; jmp back to hlt: a guest that never writes RAM, so a destination that runs
 # it keeps the RAM it received byte for byte.
 HALT_IMAGE = _boot_sector(bytes([0xFA, 0xF4, 0xEB, 0xFD]))
-
-
-def keep_livemig_logs_from_pytest(monkeypatch: pytest.MonkeyPatch) -> None:
-    """livemig logs migration errors with the exception as an argument; pytest's log
-    capture keeps such records, their tracebacks keep the frames that held views of
-    guest RAM, and the VM can then not unmap its RAM (BufferError at close).  That bug
-    has its own test; elsewhere records stop at the "livemig" logger (they still reach
-    stderr through logging's last-resort handler)."""
-    monkeypatch.setattr(logging.getLogger("livemig"), "propagate", False)
 
 
 HUGEPAGE_POOL = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")

@@ -26,7 +26,6 @@ a test send whatever it wants back at chosen points of the stream.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import socket
 import struct
@@ -71,17 +70,6 @@ def capabilities(*, postcopy: bool = True, preempt: bool = False,
     return [{"capability": "events", "state": events},
             {"capability": "postcopy-ram", "state": postcopy},
             {"capability": "postcopy-preempt", "state": preempt}]
-
-
-def quiet_livemig_logs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep livemig's log records away from pytest's capture.
-
-    livemig logs failed migrations with the exception as an argument; a handler that
-    keeps records (pytest's) keeps the traceback, whose frames may hold views of guest
-    RAM, and the VM then cannot unmap it (BufferError at close).  That bug is tested
-    by the precopy tests; here it must not break unrelated clean-up.  Records still
-    reach stderr through logging's last-resort handler."""
-    monkeypatch.setattr(logging.getLogger("livemig"), "propagate", False)
 
 
 def hugepages_checked(request: pytest.FixtureRequest, *backings: Backing) -> None:

@@ -42,7 +42,6 @@ from pc_helpers import (
     hugepages_checked,
     migration_pair,
     migration_statuses,
-    quiet_livemig_logs,
     raw_request,
     run_postcopy,
     runs_on,
@@ -68,11 +67,6 @@ BACKINGS = [pytest.param(Backing.ANON_4K, id="4K"), pytest.param(Backing.THP, id
             pytest.param(Backing.HUGETLB_2M, id="2M")]
 # Keeps the postcopy phase going for a while (several seconds of background pages).
 SLOW_POSTCOPY = 2_000_000
-
-
-@pytest.fixture(autouse=True)
-def _quiet_logs(monkeypatch: pytest.MonkeyPatch) -> None:
-    quiet_livemig_logs(monkeypatch)
 
 
 def postcopy_config(guest: str = "ab", backing: Backing = Backing.ANON_4K,

@@ -25,7 +25,6 @@ from helpers import (
     guest_check,
     halt_instance,
     hugepages_given_back,
-    keep_livemig_logs_from_pytest,
     migration_statuses,
     nonzero_bytes,
     qmp_path,
@@ -39,11 +38,6 @@ from livemig.instance import Instance
 from livemig.kernel.mman import MIB, Backing
 
 pytestmark = pytest.mark.kvm
-
-
-@pytest.fixture(autouse=True)
-def _logs_not_retained(monkeypatch: pytest.MonkeyPatch) -> None:
-    keep_livemig_logs_from_pytest(monkeypatch)
 
 
 BACKINGS = [pytest.param(Backing.ANON_4K, id="4K"), pytest.param(Backing.THP, id="THP"),

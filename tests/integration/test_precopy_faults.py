@@ -33,7 +33,6 @@ from helpers import (
     free_tcp_port,
     guest_check,
     halt_instance,
-    keep_livemig_logs_from_pytest,
     livemig_process,
     migration_statuses,
     nonzero_bytes,
@@ -51,11 +50,6 @@ from livemig.kernel.mman import MIB
 from livemig.vmm.vm import RunState, Vm, VmConfig
 
 pytestmark = pytest.mark.kvm
-
-
-@pytest.fixture(autouse=True)
-def _logs_not_retained(monkeypatch: pytest.MonkeyPatch) -> None:
-    keep_livemig_logs_from_pytest(monkeypatch)
 
 
 def assert_source_intact(inst: Instance, qmp: QmpClient) -> None:

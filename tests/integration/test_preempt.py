@@ -29,7 +29,6 @@ from pc_helpers import (
     hugepages_checked,
     migration_pair,
     migration_statuses,
-    quiet_livemig_logs,
     run_postcopy,
     runs_on,
     wait_migration,
@@ -47,11 +46,6 @@ BACKINGS = [pytest.param(Backing.ANON_4K, id="4K"), pytest.param(Backing.THP, id
             pytest.param(Backing.HUGETLB_2M, id="2M")]
 SENDERS = ["migration", "return-path", "process"]
 ORDERS = [pytest.param(False, id="main-first"), pytest.param(True, id="postcopy-first")]
-
-
-@pytest.fixture(autouse=True)
-def _quiet_logs(monkeypatch: pytest.MonkeyPatch) -> None:
-    quiet_livemig_logs(monkeypatch)
 
 
 def preempt_config(guest: str, backing: Backing, sender: str) -> PairConfig:
