@@ -39,6 +39,7 @@ Urgent pages from the return-path thread (QEMU 8.0)
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -48,7 +49,13 @@ import numpy as np
 import numpy.typing as npt
 
 from livemig.kernel.mman import MIB, PAGE_SIZE
-from livemig.migration.bitmap import BitmapLock, IndexArray, MigrationBitmap, SourceBlock
+from livemig.migration.bitmap import (
+    BitmapLock,
+    IndexArray,
+    MigrationBitmap,
+    SourceBlock,
+    Window,
+)
 from livemig.migration.channel import ChannelWriter
 from livemig.migration.ratelimit import RateLimiter
 from livemig.migration.returnpath import PageRequest, RequestQueue
@@ -67,6 +74,24 @@ POSTCOPY_CHUNK_PAGES = 32
 URGENT_QUEUED_BYTES = 16 * 1024
 URGENT_HOLD_MAX_S = 0.05
 URGENT_POLL_S = 0.0002
+
+
+def write_window(enc: Encoder, writer: ChannelWriter, block: str, w: Window, ram: memoryview,
+                 block_size: int, base: int = 0) -> int:
+    """Encode a window: ZERO records for its zero pages, then PAGE records whose payloads
+    go straight from ``ram`` (guest RAM, or a copy of it whose first byte is block
+    offset ``base``).  Pages are sent now, zero records alone are queued.  Returns the
+    bytes encoded."""
+    zero_records = enc.zero_pages(block, w.zeros * PAGE_SIZE) if len(w.zeros) else b""
+    lead = [zero_records] if zero_records else []
+    if not len(w.pages):
+        writer.write(lead)
+        return len(zero_records)
+    rec = enc.page_records(block, w.pages * PAGE_SIZE, block_size)
+    if base:
+        rec = dataclasses.replace(rec, offsets=rec.offsets - np.uint64(base))
+    writer.write_pages(rec, ram, lead)  # after the ZERO records
+    return len(zero_records) + rec.nbytes
 
 
 @dataclass
@@ -151,16 +176,8 @@ class PageSender:
         with self._stats_lock:
             self.stats.normal += len(pages)
             self.stats.duplicate += len(zeros)
-        enc, view = ch.encoder, self._views[name]
-        zero_records = enc.zero_pages(name, zeros * PAGE_SIZE) if len(zeros) else b""
-        nbytes = len(zero_records)
-        if len(pages):
-            rec = enc.page_records(name, pages * PAGE_SIZE, len(view))
-            nbytes += rec.nbytes
-            # Sent now, payloads straight from guest RAM, after the ZERO records.
-            ch.writer.write_pages(rec, view, [zero_records] if zero_records else [])
-        elif zero_records:
-            ch.writer.write([zero_records])
+        view = self._views[name]
+        nbytes = write_window(ch.encoder, ch.writer, name, Window(pages, zeros), view, len(view))
         if urgent:
             ch.writer.flush()
         else:

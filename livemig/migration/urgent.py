@@ -22,7 +22,6 @@ Counters live in the shared memory so ``query-migrate`` sees them while postcopy
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import select
 import socket
@@ -39,6 +38,7 @@ from livemig.kernel.shared import ProcessLock, ProcessMemory, SharedMemory
 from livemig.migration.bitmap import split_zero_pages, take_bits
 from livemig.migration.channel import Channel, ChannelWriter
 from livemig.migration.helper import HelperBlock, HelperConn, HelperProcess, helper_main
+from livemig.migration.sender import write_window
 from livemig.migration.trace import Tracer
 from livemig.wire.blocks import BlockInfo
 from livemig.wire.channel import ChannelKind
@@ -223,16 +223,9 @@ class _Server:
             return 0  # already sent (or on its way on the precopy channel)
         rows, base = ram.host_page_at(req.start)
         w = split_zero_pages(rows.view(np.uint64), idx - base // PAGE_SIZE, idx)
-        pages, zeros = w.pages, w.zeros
-        lead = [self.enc.zero_pages(req.block, zeros * PAGE_SIZE)] if len(zeros) else []
-        nbytes = sum(len(b) for b in lead)
-        if len(pages):
-            rec = self.enc.page_records(req.block, pages * PAGE_SIZE, ram.size)
-            nbytes += rec.nbytes
-            rec = dataclasses.replace(rec, offsets=rec.offsets - np.uint64(base))
-            self.writer.write_pages(rec, rows.data.cast("B"), lead)
-        else:
-            self.writer.write_now(lead)
+        nbytes = write_window(self.enc, self.writer, req.block, w, rows.data.cast("B"),
+                              ram.size, base)
+        self.writer.flush()
         return nbytes
 
     def on_requests(self) -> bool:
