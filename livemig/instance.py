@@ -167,9 +167,7 @@ class Instance:
 
     def query_migrate(self) -> dict[str, Any]:
         if self.outgoing is not None:
-            self.outgoing.refresh_stats()
-            return {**self.outgoing.info.to_qmp(),
-                    **self.outgoing.trace.to_qmp("postcopy_preempt")}
+            return self.outgoing.query()
         return {} if self.incoming is None else self.incoming.query()
 
     def latency_samples(self) -> dict[str, Any]:

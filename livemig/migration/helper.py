@@ -183,5 +183,15 @@ def helper_main(serve: Callable[[HelperConn, dict[str, Any], list[int]], None]) 
     except Exception as e:
         with contextlib.suppress(OSError):
             _send(conn.sock, {"error": str(e), "type": type(e).__name__}, ())
+        # Stay until the VMM has read the report and says stop (or goes): a helper that
+        # exits with a message of the VMM's unread makes the VMM's next read fail with
+        # ECONNRESET instead of returning the report.
+        _linger(conn)
         os._exit(1)
     os._exit(0)
+
+
+def _linger(conn: HelperConn) -> None:
+    with contextlib.suppress(Exception):
+        while conn.recv()[0].get("msg") != "stop":
+            pass

@@ -47,6 +47,7 @@ from livemig.kernel.placement import PagePlacer
 from livemig.kernel.shared import SharedMemory
 from livemig.kernel.uffd import Userfaultfd
 from livemig.migration.channel import Channel
+from livemig.migration.pagesink import dispatch_page_event, read_payload
 from livemig.vmm.memory import RamBlock
 from livemig.wire import events as ev
 from livemig.wire.blocks import BlockInfo
@@ -504,16 +505,6 @@ class ChannelPlacer:
             m.close()
 
 
-def read_payload(dec: Decoder, channel: Channel, slot: memoryview) -> None:
-    """A PageHeader's payload: what the decoder has buffered, then the rest straight
-    from the socket into ``slot`` (guest RAM or a temporary huge page)."""
-    n = dec.take_payload(slot)
-    if dec.payload_remaining:
-        with slot[n:] as rest:
-            channel.recv_exact_into(rest)
-        dec.payload_received(len(slot) - n)
-
-
 class PostcopyChannelReceiver:
     """The postcopy channel's receiving end: requested pages only, until its EOS."""
 
@@ -540,17 +531,9 @@ class PostcopyChannelReceiver:
             e = dec.next_event()
             if e is ev.NEED_DATA:
                 return False
-            if isinstance(e, ev.PageBatch):
-                placer.batch(e)
-            elif isinstance(e, ev.ZeroPages):
-                placer.zeros(e)
-            elif isinstance(e, ev.PageHeader):
-                # `with` releases the view at once, even on error: a view left in a
-                # traceback would keep the temporary huge page mapped.
-                with placer.single_slot(e) as slot:
-                    read_payload(dec, self.channel, slot)
-                placer.single_done(e)
-            elif isinstance(e, ev.StreamEnd):
+            if dispatch_page_event(e, placer, self._fill):
+                continue
+            if isinstance(e, ev.StreamEnd):
                 if placer.pending():
                     raise RemoteProtocolError(f"postcopy channel ended inside huge "
                                               f"pages {placer.pending()}")
@@ -559,6 +542,9 @@ class PostcopyChannelReceiver:
                 raise RemoteProtocolError(f"unexpected {type(e).__name__} on the "
                                           "postcopy channel")
         return True
+
+    def _fill(self, slot: memoryview) -> None:
+        read_payload(self.dec, self.channel, slot)
 
 
 class FaultThread:

@@ -12,7 +12,16 @@ A :class:`SourceMigration` is one outgoing migration of one VM, run by its own
     stop     pause the vCPUs (runstate finish-migrate), last sync, send what is
              left in the "ram" END section, then the CPU and serial state (FULL
              sections) and EOF
+    postcopy (migrate-start-postcopy) pause, discard what the destination must not
+             keep, the device state in a package with LISTEN and RUN; then send
+             background pages while the urgent-sender design answers requests
     done     completed (source runstate postmigrate) / failed / cancelled
+
+The order of the stream is written by module-level functions (:func:`write_stream_head`,
+:func:`device_sections`, :func:`end_postcopy_stream`) that the protocol tests drive too.
+How page requests are served is one :class:`~livemig.migration.urgent_sender.UrgentSender`
+chosen in the constructor from the parameters at ``migrate``; a later
+``migrate-set-parameters`` changes only bandwidth and the downtime limit.
 
 Convergence follows QEMU: when the time to send what remains at the bandwidth measured
 in the last round is below ``downtime-limit``, stop and copy.  The iteration cap
@@ -28,10 +37,13 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from livemig.errors import MigrationCancelled, MigrationError, QmpError, RemoteProtocolError
+from livemig.errors import MigrationCancelled, MigrationError
+from livemig.kernel.mman import PAGE_SIZE
+from livemig.kernel.sock import Buffer
+from livemig.migration import handshake as hs
 from livemig.migration.channel import (
     Channel,
     ChannelWriter,
@@ -39,6 +51,7 @@ from livemig.migration.channel import (
     connect,
     quiet_background,
 )
+from livemig.migration.handshake import Handshake, block_table
 from livemig.migration.ratelimit import BandwidthMeter, RateLimiter
 from livemig.migration.returnpath import PageRequest, RequestQueue, ReturnPathReader
 from livemig.migration.sender import OutChannel, PageSender
@@ -51,7 +64,8 @@ from livemig.migration.state import (
     log_failure,
 )
 from livemig.migration.trace import Tracer
-from livemig.migration.urgent import SharedBits, UrgentServer
+from livemig.migration.urgent_sender import UrgentSender, choose_urgent_sender
+from livemig.vmm.state import VmState
 from livemig.vmm.vm import RunState, Vm
 from livemig.wire.blocks import BlockInfo, host_page_summary
 from livemig.wire.channel import ChannelKind
@@ -59,34 +73,67 @@ from livemig.wire.encoder import Encoder
 
 log = logging.getLogger("livemig.source")
 
-RAM_SECTION_ID = 0
 POSTCOPY_SWITCH_INTERVAL = 50e-6
-CPU_SECTION_ID = 1
-SERIAL_SECTION_ID = 2
-GLOBALSTATE_SECTION_ID = 3
-CAPS_SECTION_ID = 4
-
-
-def agreed_capabilities(caps: Capabilities) -> str:
-    """The capabilities source and destination must both have (or both lack)."""
-    names = [name for name, on in (("postcopy-ram", caps.postcopy_ram),
-                                   ("postcopy-preempt", caps.postcopy_preempt)) if on]
-    return ",".join(names)
-
-
-# In the capabilities section, after the capabilities: the destination's fault handler
-# must send its page requests on the postcopy channel (urgent.py reads them there).
-URGENT_PROCESS_OPTION = "urgent=process"
 
 EventSink = Callable[[str, dict[str, Any]], None]
 
 
-def block_table(vm: Vm) -> dict[str, BlockInfo]:
-    return {name: BlockInfo(b.size, b.host_page_size) for name, b in vm.blocks.items()}
+# --- the order of the stream (docs/STREAM.md); also driven by the protocol tests -------
+def write_stream_head(main: OutChannel, blocks: Mapping[str, BlockInfo],
+                      handshake: Handshake) -> None:
+    """Preamble, the capabilities section, the return path and postcopy advice, and
+    the ``ram`` section's START with the block table."""
+    enc, writer = main.encoder, main.writer
+    writer.write([enc.preamble()])
+    # Capabilities both sides must agree on, before anything else (QEMU validates its
+    # own in the configuration section).
+    writer.write(enc.device_state(hs.CAPABILITIES.section_id, hs.CAPABILITIES.name,
+                                  handshake.encode()))
+    if handshake.postcopy_ram:
+        writer.write([enc.open_return_path(), enc.postcopy_advise(host_page_summary(blocks))])
+    writer.write([enc.ram_start(hs.RAM.section_id), enc.mem_size(blocks),
+                  enc.close_ram_section()])
+    writer.flush()
+
+
+def postcopy_out_channel(writer: ChannelWriter) -> OutChannel:
+    """The postcopy channel's sending end, its preamble sent."""
+    enc = Encoder(channel=ChannelKind.POSTCOPY, postcopy=True)
+    ch = OutChannel("postcopy", enc, writer)
+    ch.writer.write_now([enc.preamble()])
+    return ch
+
+
+def device_sections(enc: Encoder, state: VmState, runstate: str) -> list[Buffer]:
+    """The run state the guest had before migration (QEMU's "globalstate": the
+    destination starts the guest only if it was running here), each vCPU, the serial."""
+    out: list[Buffer] = []
+    out += enc.device_state(hs.GLOBALSTATE.section_id, hs.GLOBALSTATE.name,
+                            runstate.encode())
+    for i, cpu in enumerate(state.vcpus):
+        sec = hs.cpu_section(i)
+        out += enc.device_state(sec.section_id, sec.name, cpu.to_bytes(), instance_id=i)
+    out += enc.device_state(hs.SERIAL.section_id, hs.SERIAL.name, state.serial.to_bytes())
+    return out
+
+
+def end_postcopy_stream(sender: PageSender, urgent: UrgentSender) -> dict[str, int]:
+    """Every page is sent: end the postcopy channel (after the last urgent page), then
+    the ``ram`` section and the main stream.  Returns the urgent design's trace counts."""
+    counts = urgent.finish()
+    enc, writer = sender.main.encoder, sender.main.writer
+    writer.write([enc.ram_end(hs.RAM.section_id), enc.close_ram_section(), enc.eof()])
+    writer.flush()
+    sender.reset_channel()
+    return counts
 
 
 class SourceMigration:
-    """One outgoing migration (see the module docstring for its phases)."""
+    """One outgoing migration (see the module docstring for its phases).
+
+    ``params`` is the snapshot taken at ``migrate``: the urgent-sender design is chosen
+    from it once, here; :meth:`update_params` later changes only the live fields.
+    """
 
     def __init__(self, vm: Vm, uri: MigrationUri, caps: Capabilities, params: Parameters,
                  emit: EventSink | None = None, tracer: Tracer | None = None, *,
@@ -95,6 +142,7 @@ class SourceMigration:
         self.uri = uri
         self.caps = caps
         self.params = params
+        self.urgent = choose_urgent_sender(caps, params)
         self._emit = emit or (lambda _e, _d: None)
         self.info = MigrationInfo()
         self.status = StatusMachine(self._on_status)
@@ -102,11 +150,9 @@ class SourceMigration:
         self._postcopy_requested = threading.Event()
         self.requests = RequestQueue()
         self._rp: ReturnPathReader | None = None
-        self._channel: Channel | None = None
-        self._post_channel: Channel | None = None
+        self._channels: list[Channel] = []  # every connection, for shutdown
+        self._main: Channel | None = None
         self._sender: PageSender | None = None
-        self._urgent: UrgentServer | None = None
-        self._shared_bits: SharedBits | None = None
         self.trace = tracer or Tracer()
         # Test hook: connect the postcopy channel before the main one (the destination
         # must tell them apart whatever order they arrive in).
@@ -125,39 +171,43 @@ class SourceMigration:
     def start_postcopy(self) -> None:
         """migrate-start-postcopy: switch at the next opportunity."""
         if not self.caps.postcopy_ram:
-            raise QmpError("Enable postcopy with migrate-set-capabilities before the start "
-                           "of migration")
+            raise MigrationError("Enable postcopy with migrate-set-capabilities before the "
+                                 "start of migration")
         if self.status.status not in (MigrationStatus.SETUP, MigrationStatus.ACTIVE):
-            raise QmpError(f"Postcopy must be started after migration has been started "
-                           f"(status {self.status.status.value})")
+            raise MigrationError(f"Postcopy must be started after migration has been "
+                                 f"started (status {self.status.status.value})")
         self._postcopy_requested.set()
 
     def abort(self) -> None:
         """The process is shutting down: stop whatever phase we are in."""
         self._cancel.set()
-        for ch in (self._channel, self._post_channel):
-            if ch is not None:
-                ch.shutdown()
+        self.disconnect()
+
+    def disconnect(self) -> None:
+        """Shut down every connection of this migration, as a dead network would."""
+        for ch in list(self._channels):
+            ch.shutdown()
 
     def update_params(self, params: Parameters) -> None:
-        """migrate-set-parameters during a migration: bandwidth applies at once."""
-        self.params = params
+        """migrate-set-parameters during a migration: only the live fields change;
+        bandwidth applies at once."""
+        self.params = self.params.live_update(params)
         sender = self._sender
         if sender is not None:
             postcopy = self.status.status is MigrationStatus.POSTCOPY_ACTIVE
-            sender.limiter.limit = (params.max_postcopy_bandwidth if postcopy
-                                    else params.max_bandwidth)
+            sender.limiter.limit = (self.params.max_postcopy_bandwidth if postcopy
+                                    else self.params.max_bandwidth)
 
     def cancel(self) -> None:
         if self.status.status.finished:
             return
         if self.status.status is MigrationStatus.POSTCOPY_ACTIVE:
-            raise QmpError("Postcopy is active: the guest's memory is split between the "
-                           "two hosts, cancel is not possible")
+            raise MigrationError("Postcopy is active: the guest's memory is split between "
+                                 "the two hosts, cancel is not possible")
         self._cancel.set()
         self.status.try_set(MigrationStatus.CANCELLING)
-        if self._channel is not None:
-            self._channel.shutdown()
+        if self._main is not None:
+            self._main.shutdown()
 
     def refresh_stats(self) -> None:
         """Live counters for query-migrate (the migration thread updates the rest once a
@@ -167,18 +217,20 @@ class SourceMigration:
                                                           MigrationStatus.POSTCOPY_ACTIVE):
             return
         st = self.info.ram
-        st.transferred = sender.main.writer.bytes_sent + (
-            sender.post.writer.bytes_sent if sender.post is not None else 0)
-        st.remaining = sender.dirty_pages() * 4096
-        self._urgent_stats()
+        st.transferred = self._transferred(sender)
+        st.remaining = sender.dirty_pages() * PAGE_SIZE
+        self.urgent.update_stats(st)
 
-    def _urgent_stats(self) -> None:
-        """The urgent helper's counters (shared memory) into our statistics."""
-        if self._shared_bits is not None:
-            st = self.info.ram
-            st.postcopy_requests = self._shared_bits.counter("requests")
-            st.x_postcopy_urgent_bytes = self._shared_bits.counter("urgent_bytes")
-            st.transferred += st.x_postcopy_urgent_bytes
+    def _transferred(self, sender: PageSender) -> int:
+        """Bytes sent on every channel of this migration (one definition for the live
+        and the final figure)."""
+        return sender.main.writer.bytes_sent + self.urgent.bytes_sent()
+
+    def query(self) -> dict[str, Any]:
+        """query-migrate's answer for this migration."""
+        self.refresh_stats()
+        return {**self.info.to_qmp(), "x-postcopy-urgent-sender": self.urgent.mode.value,
+                **self.trace.to_qmp("postcopy_preempt")}
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.status.wait_finished(timeout)
@@ -217,99 +269,75 @@ class SourceMigration:
         except Exception as e:
             self._fail(e)
         finally:
-            if self._urgent is not None:
-                self._urgent.close()
+            self.urgent.close()
             if self._sender is not None:
+                self.urgent.update_stats(self.info.ram)
                 self._sender.release()
-            if self._shared_bits is not None:
-                self._urgent_stats()
-                self._shared_bits.close()
-            for ch in (self._channel, self._post_channel):
-                if ch is not None:
-                    ch.shutdown()
-                    ch.close()
+            for ch in self._channels:
+                ch.shutdown()
+                ch.close()
             if self._rp is not None:
                 self._rp.join(5)
             self.info.end_ns = time.monotonic_ns()
 
+    def _connect(self, name: str) -> Channel:
+        ch = connect(self.uri, name=name)
+        self._channels.append(ch)
+        return ch
+
     def _setup(self) -> PageSender:
-        if self.caps.postcopy_preempt and self.params.x_postcopy_urgent_sender == "process":
-            # Started first: the helper imports while we set up.
-            self._urgent = UrgentServer()
-            self._shared_bits = SharedBits({n: b.pages for n, b in self.vm.blocks.items()})
+        self.urgent.prepare(self.vm.blocks)
         preempt_first = self.caps.postcopy_preempt and self.postcopy_channel_first
         post = self._open_postcopy_channel() if preempt_first else None
-        channel = self._channel = connect(self.uri)
-        stats = self.info.ram
-        stats.total = sum(b.size for b in self.vm.blocks.values())
-        blocks = block_table(self.vm)
+        channel = self._main = self._connect("main")
+        self.info.ram.total = sum(b.size for b in self.vm.blocks.values())
+        blocks = block_table(self.vm.blocks)
         main = OutChannel("precopy", Encoder(postcopy=self.caps.postcopy_ram),
                           ChannelWriter(channel))
-        enc, writer = main.encoder, main.writer
-        shared = self._shared_bits
-        sender = PageSender(self.vm.blocks, main, RAM_SECTION_ID, stats,
+        shared = self.urgent.shared_bits()
+        sender = PageSender(self.vm.blocks, main, hs.RAM.section_id, self.info.ram,
                             RateLimiter(self.params.max_bandwidth), self.trace,
-                            bits=shared.bits if shared else None,
-                            lock=shared.lock if shared else None)
+                            bits=shared[0] if shared else None,
+                            lock=shared[1] if shared else None)
         self._sender = sender
+        self.urgent.attach(sender)
         sender.post = post
-        writer.write([enc.preamble()])
-        # Capabilities both sides must agree on, before anything else (QEMU validates
-        # its own in the configuration section): a preempt/no-preempt mismatch would
-        # otherwise lose the pages sent on a connection nobody reads.
-        writer.write(enc.device_state(CAPS_SECTION_ID, "livemig/capabilities",
-                                      self._agreed_caps().encode()))
-        if self.caps.postcopy_ram:
-            writer.write([enc.open_return_path(),
-                          enc.postcopy_advise(host_page_summary(blocks))])
-        writer.write([enc.ram_start(RAM_SECTION_ID), enc.mem_size(blocks),
-                      enc.close_ram_section()])
-        writer.flush()
+        write_stream_head(main, blocks, self.urgent.handshake())
         if self.caps.postcopy_preempt and sender.post is None:
             sender.post = self._open_postcopy_channel()
         if self.caps.postcopy_ram:
             # The destination checks page sizes and userfaultfd at ADVISE; its PONG
             # tells us it agreed, before anything could stop our guest.
-            writer.write([enc.ping(1)])
-            writer.flush()
+            main.writer.write([main.encoder.ping(1)])
+            main.writer.flush()
             self._rp = ReturnPathReader(channel, blocks, self._on_request)
             self._rp.start()
             self._rp.wait_pong(1, timeout=30)
-        if self._urgent is not None and self._shared_bits is not None:
-            assert self._post_channel is not None
-            self._urgent.start(self.vm.blocks, self._shared_bits, self._post_channel,
-                               self.trace.patterns)
+        self.urgent.start(self.vm.blocks, sender.post.writer.channel if sender.post else None,
+                          self.trace)
         self.vm.set_dirty_logging(True)
         self.info.setup_ns = time.monotonic_ns() - self.info.start_ns
         return sender
 
-    def _agreed_caps(self) -> str:
-        caps = agreed_capabilities(self.caps)
-        return f"{caps};{URGENT_PROCESS_OPTION}" if self._urgent is not None else caps
-
     def _open_postcopy_channel(self) -> OutChannel:
         """The second connection, for requested pages only (postcopy preemption)."""
         self.trace("postcopy_preempt_enabled")
-        self._post_channel = connect(self.uri, name="postcopy")
-        enc = Encoder(channel=ChannelKind.POSTCOPY, postcopy=True)
-        ch = OutChannel("postcopy", enc, ChannelWriter(self._post_channel))
-        ch.writer.write_now([enc.preamble()])
-        return ch
+        return postcopy_out_channel(ChannelWriter(self._connect("postcopy")))
 
     def _iterate(self, sender: PageSender) -> None:
         meter = BandwidthMeter()
-        limit_s = self.params.downtime_limit / 1000
         last_sync = time.monotonic()
         while True:
             self._check_cancel()
             before = sender.dirty_pages()
-            remaining = sender.sync() * 4096
+            remaining = sender.sync() * PAGE_SIZE
             now = time.monotonic()
             # Pages that became dirty since the last sync (ours: new bits only).
-            self.info.ram.dirty_pages_rate = int(max(0, remaining // 4096 - before)
+            self.info.ram.dirty_pages_rate = int(max(0, remaining // PAGE_SIZE - before)
                                                  / max(now - last_sync, 1e-3))
             last_sync = now
             self._update_stats(sender, remaining, meter.bytes_per_second)
+            limit_s = self.params.downtime_limit / 1000  # live: may change between rounds
             converged = (self.info.rounds > 0 and meter.bytes_per_second > 0
                          and remaining / meter.bytes_per_second <= limit_s)
             if self._postcopy_requested.is_set():
@@ -328,10 +356,10 @@ class SourceMigration:
     def _update_stats(self, sender: PageSender, remaining: int, bandwidth: float) -> None:
         st = self.info.ram
         st.remaining = remaining
-        st.transferred = sender.writer.bytes_sent
+        st.transferred = self._transferred(sender)
         st.precopy_bytes = st.transferred
         st.mbps = bandwidth * 8 / 1e6
-        st.pages_per_second = int(bandwidth / 4096)
+        st.pages_per_second = int(bandwidth / PAGE_SIZE)
         if bandwidth > 0:
             self.info.expected_downtime_ms = int(remaining / bandwidth * 1000)
 
@@ -348,24 +376,26 @@ class SourceMigration:
         sender.sync()
         return t0
 
+    def _device_sections(self, enc: Encoder) -> list[Buffer]:
+        runstate = RunState.RUNNING.value if self._was_running else self._runstate_before
+        return device_sections(enc, self.vm.save_state(), runstate)
+
     def _complete(self, sender: PageSender) -> None:
         """Stop-and-copy: pause, send the rest and the device state, EOF."""
         t0 = self._stop_guest(sender)
-        before = sender.writer.bytes_sent
+        before = self._transferred(sender)
         enc, writer = sender.encoder, sender.writer
-        writer.write([enc.ram_end(RAM_SECTION_ID)])
+        writer.write([enc.ram_end(hs.RAM.section_id)])
         sender.send_all_remaining()
         writer.write([enc.close_ram_section()])
-        device: list[bytes | memoryview] = []
-        self._send_device_state(enc, device)
-        writer.write(device)
+        writer.write(self._device_sections(enc))
         writer.write([enc.eof()])
         writer.flush()
         if self._rp is not None:
             self._rp.wait_shut(timeout=60)
         st = self.info.ram
-        st.transferred = writer.bytes_sent
-        st.downtime_bytes = writer.bytes_sent - before
+        st.transferred = self._transferred(sender)
+        st.downtime_bytes = st.transferred - before
         st.precopy_bytes = before
         st.remaining = 0
         self.info.downtime_ms = int((time.monotonic() - t0) * 1000)
@@ -376,69 +406,53 @@ class SourceMigration:
 
     # --- postcopy ---------------------------------------------------------------------------
     def _on_request(self, req: PageRequest) -> None:
-        """Return-path thread: queue a request for the migration thread, or (QEMU 8.0
-        style, with preemption) send the page right here on the postcopy channel."""
-        if self._urgent is not None:
-            raise RemoteProtocolError("a page request on the return path, but the "
-                                      "destination was told to use the postcopy channel")
-        sender = self._sender
-        if (sender is not None and sender.post is not None
-                and self.params.x_postcopy_urgent_sender == "return-path"):
-            sender.send_urgent(req)
-        else:
-            self.requests.put(req)
+        """Return-path thread: the urgent-sender design serves or queues it."""
+        self.urgent.on_request(req, self.requests)
 
     def _postcopy(self, sender: PageSender) -> None:
         """Switch the guest over to the destination, then send the rest on demand."""
         assert self._rp is not None
         t0 = self._stop_guest(sender)
-        before = sender.writer.bytes_sent
+        before = self._transferred(sender)
         enc, writer = sender.encoder, sender.writer
         for name, ranges in sender.prepare_postcopy():
             if ranges:
                 writer.write([enc.postcopy_ram_discard(name, ranges)])
         package = enc.package()
-        blob: list[bytes | memoryview] = [package.postcopy_listen()]
-        self._send_device_state(package, blob)
-        blob.append(package.postcopy_run())
+        blob: list[Buffer] = [package.postcopy_listen(), *self._device_sections(package),
+                              package.postcopy_run()]
         writer.write(enc.packaged(b"".join(blob)))
         writer.flush()
         self.info.downtime_ms = int((time.monotonic() - t0) * 1000)
-        self.info.ram.downtime_bytes = writer.bytes_sent - before
-        self.info.ram.precopy_bytes = before
+        st = self.info.ram
+        st.downtime_bytes = self._transferred(sender) - before
+        st.precopy_bytes = before
         # From here the guest runs on the destination: failing no longer restarts it here.
         self._paused_by_us = False
         self.vm.set_dirty_logging(False)
         self.status.set(MigrationStatus.POSTCOPY_ACTIVE)
         sender.limiter = RateLimiter(self.params.max_postcopy_bandwidth)
-        sender.break_huge = (self.params.x_postcopy_preempt_break_huge
-                             and self.params.x_postcopy_urgent_sender == "migration")
-        sender.locality = self.params.x_postcopy_locality
-        if self._channel is not None:
-            # Requests (vanilla) or the background stream (preempt) must not wait
-            # behind megabytes queued in the kernel.
-            quiet_background(self._channel)
-        # The return-path thread must get the GIL quickly when a request arrives; the
-        # default 5 ms switch interval would add up to 5 ms to every request.
+        self.urgent.switchover()
+        # Requests (vanilla) or the background stream (preempt) must not wait behind
+        # megabytes queued in the kernel.
+        quiet_background(sender.writer.channel)
+        # An in-process design's return-path thread must get the GIL quickly when a
+        # request arrives; the default 5 ms switch interval would add up to 5 ms to
+        # every request.
         old_switch = sys.getswitchinterval()
-        sys.setswitchinterval(POSTCOPY_SWITCH_INTERVAL)
+        if self.urgent.in_process:
+            sys.setswitchinterval(POSTCOPY_SWITCH_INTERVAL)
         try:
             sender.postcopy_loop(self.requests, self._postcopy_failed)
         finally:
             sys.setswitchinterval(old_switch)
         self._check_postcopy_alive()
-        if self._urgent is not None:
-            self.trace.counts.update(self._urgent.finish())
-        else:
-            sender.finish_postcopy_channel()
-        writer.write([enc.ram_end(RAM_SECTION_ID), enc.close_ram_section(), enc.eof()])
-        writer.flush()
-        sender.reset_channel()
+        self.trace.counts.update(end_postcopy_stream(sender, self.urgent))
         self._rp.wait_shut(timeout=60)
-        st = self.info.ram
-        st.transferred = writer.bytes_sent
-        st.postcopy_bytes = writer.bytes_sent - before - st.downtime_bytes
+        st.transferred = self._transferred(sender)
+        st.postcopy_bytes = st.transferred - before - st.downtime_bytes
         st.remaining = 0
+        self.urgent.update_stats(st)
         self.vm.set_runstate(RunState.POSTMIGRATE)
         self.status.set(MigrationStatus.COMPLETED)
 
@@ -449,18 +463,6 @@ class SourceMigration:
         if self._postcopy_failed():
             err = self._rp.error if self._rp is not None else None
             raise MigrationError(f"the destination vanished during postcopy: {err}")
-
-    def _send_device_state(self, enc: Encoder, out: list[bytes | memoryview]) -> None:
-        # The run state the guest had before migration (QEMU's "globalstate"): the
-        # destination starts the guest only if it was running here.
-        runstate = RunState.RUNNING.value if self._was_running else self._runstate_before
-        out += enc.device_state(GLOBALSTATE_SECTION_ID, "livemig/globalstate",
-                                runstate.encode())
-        state = self.vm.save_state()
-        for i, cpu in enumerate(state.vcpus):
-            out += enc.device_state(CPU_SECTION_ID + 16 * i, "livemig/cpu", cpu.to_bytes(),
-                                    instance_id=i)
-        out += enc.device_state(SERIAL_SECTION_ID, "livemig/serial", state.serial.to_bytes())
 
     def _fail(self, e: Exception) -> None:
         """Leave the source VM exactly as it was before the migration."""

@@ -18,14 +18,15 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar, get_type_hints
 
-from livemig.errors import LivemigError, MigrationError, QmpError
+from livemig.errors import ConfigError, LivemigError, MigrationError
 
 log = logging.getLogger("livemig.migration")
+_T = TypeVar("_T")
 
 
 def log_failure(logger: logging.Logger, what: str, e: BaseException) -> None:
@@ -115,6 +116,56 @@ class StatusMachine:
             return self._cond.wait_for(lambda: self._status.finished, timeout)
 
 
+class UrgentMode(Enum):
+    """Who sends requested pages in postcopy with preemption (``x-postcopy-urgent-sender``).
+
+    Each value names one design, implemented by one class in
+    :mod:`livemig.migration.urgent_sender`; a migration picks it once, at ``migrate``.
+    """
+
+    MIGRATION = "migration"      # the migration thread, between background pieces (QEMU 7.1)
+    RETURN_PATH = "return-path"  # the return-path thread, as it reads the request (QEMU 8.0)
+    PROCESS = "process"          # a helper process on each side owns the postcopy channel
+
+
+def _check_value(owner: str, name: str, kind: Any, value: Any) -> Any:
+    """``value`` for field ``name`` of declared type ``kind``, or a ConfigError that says
+    what the field takes (QEMU's wording).  Enums are given and shown by value."""
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{owner} '{name}' expects a boolean")
+        return value
+    if kind is int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{owner} '{name}' expects a non-negative integer")
+        return value
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        try:
+            return kind(value)
+        except ValueError:
+            raise ConfigError(f"{owner} '{name}' expects one of "
+                              f"{', '.join(str(m.value) for m in kind)}") from None
+    raise TypeError(f"{owner} '{name}' has an unsupported type {kind!r}")
+
+
+def _updated(obj: _T, owner: str, changes: Mapping[str, Any], missing: str) -> _T:
+    """A copy of the frozen dataclass ``obj`` with ``changes`` (QMP names: '-' for '_')
+    applied, each checked against its field's declared type."""
+    hints = get_type_hints(type(obj))
+    known = {f.name.replace("_", "-"): f.name for f in fields(obj)}  # type: ignore[arg-type]
+    new: dict[str, Any] = {}
+    for qmp_name, value in changes.items():
+        if qmp_name not in known:
+            raise ConfigError(missing.format(name=qmp_name))
+        attr = known[qmp_name]
+        new[attr] = _check_value(owner, qmp_name, hints[attr], value)
+    return replace(obj, **new)  # type: ignore[type-var]
+
+
+def _to_qmp_value(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """``migrate-set-capabilities`` (QEMU names with '-' turned into '_')."""
@@ -130,23 +181,24 @@ class Capabilities:
                 for f in fields(self)]
 
     def updated(self, changes: list[dict[str, Any]]) -> Capabilities:
-        known = {f.name.replace("_", "-"): f.name for f in fields(self)}
-        new: dict[str, bool] = {}
+        """Apply ``migrate-set-capabilities``' list of {capability, state}."""
+        flat: dict[str, Any] = {}
         for item in changes:
-            name, state = item.get("capability"), item.get("state")
-            if name not in known or not isinstance(state, bool):
-                raise QmpError(f"Capability '{name}' not found" if name not in known
-                               else f"Invalid state for capability '{name}'")
-            new[known[name]] = state
-        caps = replace(self, **new)
+            flat[str(item.get("capability"))] = item.get("state")
+        caps = _updated(self, "Capability", flat, "Capability '{name}' not found")
         if caps.postcopy_preempt and not caps.postcopy_ram:
-            raise QmpError("Postcopy preempt requires postcopy-ram")
+            raise ConfigError("Postcopy preempt requires postcopy-ram")
         return caps
 
 
 @dataclass(frozen=True)
 class Parameters:
-    """``migrate-set-parameters``: bandwidth in bytes/s (0 = unlimited), times in ms."""
+    """``migrate-set-parameters``: bandwidth in bytes/s (0 = unlimited), times in ms.
+
+    A migration works on the snapshot taken at ``migrate``; only the fields in
+    :data:`LIVE_PARAMETERS` reach a running migration (as in QEMU, bandwidth and the
+    downtime limit apply at once; the design choices below stay as they were).
+    """
 
     max_bandwidth: int = 0
     downtime_limit: int = 300
@@ -155,35 +207,25 @@ class Parameters:
     # Postcopy preemption knobs (ours, "x-" as QEMU marks experimental properties):
     # break huge pages for urgent requests (QEMU's x-postcopy-preempt-break-huge) ...
     x_postcopy_preempt_break_huge: bool = True
-    # ... who sends requested pages: the "migration" thread (QEMU 7.1), the
-    # "return-path" thread (QEMU 8.0), or a helper "process" on each side that owns the
-    # postcopy channel (ours; the fastest here, see docs/BENCHMARKS.md) ...
-    x_postcopy_urgent_sender: str = "process"
+    # ... who sends requested pages (UrgentMode; docs/BENCHMARKS.md says why "process")
+    x_postcopy_urgent_sender: UrgentMode = UrgentMode.PROCESS
     # ... and whether the background scan continues after the last requested page.
     x_postcopy_locality: bool = True
 
     def to_qmp(self) -> dict[str, Any]:
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        return {f.name.replace("_", "-"): _to_qmp_value(getattr(self, f.name))
+                for f in fields(self)}
 
-    def updated(self, args: dict[str, Any]) -> Parameters:
-        known = {f.name.replace("_", "-"): f for f in fields(self)}
-        new: dict[str, Any] = {}
-        for name, value in args.items():
-            if name not in known:
-                raise QmpError(f"Parameter '{name}' is unexpected")
-            kind = type(getattr(self, known[name].name))
-            if kind is bool and not isinstance(value, bool):
-                raise QmpError(f"Parameter '{name}' expects a boolean")
-            if kind is int and (not isinstance(value, int) or isinstance(value, bool)
-                                or value < 0):
-                raise QmpError(f"Parameter '{name}' expects a non-negative integer")
-            if kind is str and value not in URGENT_SENDERS:
-                raise QmpError(f"Parameter '{name}' expects one of {', '.join(URGENT_SENDERS)}")
-            new[known[name].name] = value
-        return replace(self, **new)
+    def updated(self, args: Mapping[str, Any]) -> Parameters:
+        return _updated(self, "Parameter", args, "Parameter '{name}' is unexpected")
+
+    def live_update(self, newer: Parameters) -> Parameters:
+        """These parameters with the live fields of ``newer`` (a running migration)."""
+        return replace(self, **{name: getattr(newer, name) for name in LIVE_PARAMETERS})
 
 
-URGENT_SENDERS = ("migration", "return-path", "process")
+# What migrate-set-parameters changes in a migration that is already running.
+LIVE_PARAMETERS = ("max_bandwidth", "downtime_limit", "max_postcopy_bandwidth")
 
 
 @dataclass

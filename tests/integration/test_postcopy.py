@@ -55,8 +55,8 @@ from livemig.errors import QmpError
 from livemig.instance import Instance
 from livemig.kernel.mman import Backing
 from livemig.kernel.uffd import FEATURE_THREAD_ID
-from livemig.migration import destination
-from livemig.migration.source import block_table
+from livemig.migration.handshake import block_table
+from livemig.migration.load import IncomingLoad
 from livemig.vmm.vcpu import VcpuRunState
 from livemig.wire import events as ev
 from livemig.wire.returnpath import ReturnPathEncoder
@@ -283,7 +283,7 @@ def source_to_fake(tmp_path: Path, attack: Callable[[object], bytes | None]
     with guest_instance(tmp_path, "ab", "src") as src, client(src) as sq:
         sq.execute("migrate-set-capabilities", capabilities=capabilities(postcopy=True))
         sq.execute("migrate-set-parameters", **NO_CONVERGENCE)
-        fake = FakeDestination(str(tmp_path / "fake.sock"), block_table(src.vm), attack)
+        fake = FakeDestination(str(tmp_path / "fake.sock"), block_table(src.vm.blocks), attack)
         try:
             yield src, sq, fake
         finally:
@@ -395,10 +395,7 @@ def test_destination_fails_cleanly_when_the_source_channels_are_cut_in_postcopy(
         wait_migration(p.dq, until=("postcopy-active", *FINISHED))
         out = p.src.outgoing
         assert out is not None
-        # What a dead network does to the source's sockets (private: no public knob).
-        for ch in (out._channel, out._post_channel):
-            if ch is not None:
-                ch.shutdown()
+        out.disconnect()  # what a dead network does to the source's sockets
         assert_destination_failed_cleanly(p.dst, p.dq)
         assert wait_migration(p.sq, 60)["status"] == "failed"
         assert not p.sq.execute("query-status")["running"]
@@ -408,13 +405,13 @@ def test_closing_a_destination_in_postcopy_waits_for_its_load_thread(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Stopping the fault thread may take a while (FaultThread.stop joins for up to 10 s):
     # make it take 0.5 s so the outcome does not depend on thread scheduling.
-    release = destination._Load.release_faults
+    release = IncomingLoad.release_faults
 
-    def slow_release(load: destination._Load) -> None:
+    def slow_release(load: IncomingLoad) -> None:
         time.sleep(0.5)
         release(load)
 
-    monkeypatch.setattr(destination._Load, "release_faults", slow_release)
+    monkeypatch.setattr(IncomingLoad, "release_faults", slow_release)
     thread_errors: list[BaseException | None] = []
     monkeypatch.setattr(threading, "excepthook", lambda a: thread_errors.append(a.exc_value))
     cfg = postcopy_config("ab", **{"max-postcopy-bandwidth": SLOW_POSTCOPY})

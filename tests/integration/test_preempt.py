@@ -11,14 +11,17 @@ connections can reach the destination.  Each must complete with the guest intact
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pc_helpers import (
+    FINISHED,
     GUEST_PAGES,
     NO_CONVERGENCE,
     PairConfig,
@@ -31,6 +34,7 @@ from pc_helpers import (
     migration_statuses,
     run_postcopy,
     runs_on,
+    start_postcopy_after_first_round,
     wait_migration,
 )
 
@@ -181,3 +185,60 @@ def test_demo_cli_preempt_migrates_a_random_guest_on_huge_pages(
     assert report["check"]["guest_ran_on"] and not report["check"]["guest_error"]
     assert report["source"].get("x-trace-postcopy-preempt-enabled") == 1
     assert report["destination"]["x-postcopy-latency-percentiles"]["count"] > 0
+
+
+# --- one design per migration, and counters that add up ---------------------------------
+def test_a_migration_keeps_the_urgent_sender_it_started_with(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """migrate-set-parameters during a migration changes bandwidth, not the design: a
+    migration started with the return-path sender never becomes a migration-thread one
+    (which would interrupt huge pages), whatever the parameter says later."""
+    hugepages_checked(request, Backing.HUGETLB_2M)
+    with migration_pair(tmp_path, preempt_config("random", Backing.HUGETLB_2M,
+                                                 "return-path")) as p:
+        p.listen()
+        p.migrate()
+        wait_migration(p.sq, until=("active", *FINISHED))
+        p.sq.execute("migrate-set-parameters", **{"x-postcopy-urgent-sender": "migration",
+                                                  "x-postcopy-preempt-break-huge": True})
+        params = p.sq.execute("query-migrate-parameters")
+        assert params["x-postcopy-urgent-sender"] == "migration"  # for the next migration
+        start_postcopy_after_first_round(p.sq)
+        src_info = wait_migration(p.sq)
+        assert wait_migration(p.dq)["status"] == "completed"
+        assert src_info["status"] == "completed", src_info
+        assert src_info["x-postcopy-urgent-sender"] == "return-path"
+        assert not {"triggered", "hit", "restored"} & set(trace_counters(src_info))
+        assert guest_check(p.dq, "random")["bad_pages"] == 0
+
+
+@pytest.mark.parametrize("sender", SENDERS)
+def test_transferred_never_goes_down_and_counts_every_channel(
+        tmp_path: Path, sender: str) -> None:
+    """query-migrate's ram.transferred, polled through postcopy, only grows; at the end
+    it is precopy + downtime + postcopy bytes, the postcopy channel's included."""
+    cfg = preempt_config("random", Backing.ANON_4K, sender)
+    cfg = PairConfig(cfg.guest, cfg.backing, src_caps=cfg.src_caps,
+                     params={**cfg.params, "max-postcopy-bandwidth": 8_000_000})
+    with migration_pair(tmp_path, cfg) as p:
+        p.listen()
+        p.migrate()
+        start_postcopy_after_first_round(p.sq)
+        seen: list[int] = []
+        info = p.sq.execute("query-migrate")
+        while info["status"] not in FINISHED:
+            if info["status"] == "postcopy-active":
+                seen.append(info["ram"]["transferred"])
+            time.sleep(0.01)
+            info = p.sq.execute("query-migrate")
+        assert info["status"] == "completed", info
+        assert wait_migration(p.dq)["status"] == "completed"
+        ram = info["ram"]
+        assert len(seen) >= 3, "postcopy ended before it could be watched"
+        series = [*seen, ram["transferred"]]
+        assert all(a <= b for a, b in itertools.pairwise(series)), series
+        assert ram["x-postcopy-urgent-bytes"] > 0, ram
+        assert ram["transferred"] == (ram["precopy-bytes"] + ram["downtime-bytes"]
+                                      + ram["postcopy-bytes"]), ram
+        assert ram["postcopy-bytes"] >= ram["x-postcopy-urgent-bytes"], ram
+        assert guest_check(p.dq, "random")["bad_pages"] == 0

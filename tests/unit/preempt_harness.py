@@ -43,21 +43,24 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from livemig.kernel.sock import Buffer
 from livemig.migration.channel import Channel, ChannelWriter
-from livemig.migration.destination import _Load
+from livemig.migration.fault_handler import receive_postcopy_channel as receive_loop
+from livemig.migration.handshake import Handshake
+from livemig.migration.pagesink import dispatch_page_event
 from livemig.migration.postcopy import BlockState, ChannelPlacer, PostcopyState
 from livemig.migration.ratelimit import RateLimiter
 from livemig.migration.returnpath import PageRequest, RequestQueue
 from livemig.migration.sender import OutChannel, PageSender
-from livemig.migration.state import RamStats
+from livemig.migration.source import end_postcopy_stream, postcopy_out_channel, write_stream_head
+from livemig.migration.state import Capabilities, Parameters, RamStats, UrgentMode
 from livemig.migration.trace import Tracer
+from livemig.migration.urgent_sender import choose_urgent_sender
 from livemig.vmm.memory import Bitmap
 from livemig.wire import events as ev
 from livemig.wire.blocks import BlockInfo
@@ -313,8 +316,9 @@ class _Drain:
 
 
 class PreemptHarness:
-    """A PageSender in migration-thread mode with a postcopy channel, set up as
-    ``SourceMigration`` leaves it when postcopy starts (see the module docstring)."""
+    """A PageSender with the migration-thread urgent design and a postcopy channel, set
+    up by the source's own stream functions as ``SourceMigration`` does (see the module
+    docstring)."""
 
     def __init__(self, blocks: Sequence[PatternBlock], *, break_huge: bool = True) -> None:
         self.blocks = {b.name: b for b in blocks}
@@ -323,30 +327,32 @@ class PreemptHarness:
         self._hooks: list[Callable[[], None]] = []
         self._drains: dict[str, _Drain] = {}
         self._socks: list[socket.socket] = []
+        caps = Capabilities(postcopy_ram=True, postcopy_preempt=True)
+        params = Parameters(x_postcopy_urgent_sender=UrgentMode.MIGRATION,
+                            x_postcopy_preempt_break_huge=break_huge)
+        self.urgent = choose_urgent_sender(caps, params)
         main = self._open(PRECOPY, Encoder(postcopy=True))
-        post = self._open(POSTCOPY, Encoder(channel=ChannelKind.POSTCOPY, postcopy=True))
-        enc = main.encoder
-        main.writer.write([enc.preamble()])
-        main.writer.write([enc.ram_start(SECTION_ID), enc.mem_size(self.table),
-                           enc.close_ram_section()])
-        main.writer.flush()
-        post.writer.write_now([post.encoder.preamble()])
+        write_stream_head(main, self.table, Handshake.of(caps))
+        post = postcopy_out_channel(self._writer(POSTCOPY))
         self.sender = PageSender(self.blocks, main, SECTION_ID, RamStats(), RateLimiter(0),
                                  RecordingTracer(self.timeline))
         self.sender.post = post
-        self.sender.break_huge = break_huge
+        self.urgent.attach(self.sender)
+        self.urgent.switchover()
         # The drained socketpairs make SIOCOUTQ (and so the urgent yield) timing
         # dependent; the yield is measured by benchmarks/preempt_latency.py instead.
         self.sender.yield_to_urgent = False
         self.setup_marks = len(self.timeline.marks)
 
-    def _open(self, name: str, encoder: Encoder) -> OutChannel:
+    def _writer(self, name: str) -> RecordingWriter:
         src, dst = socket.socketpair()
         self._socks.append(src)
         self._drains[name] = _Drain(dst)
-        writer = RecordingWriter(RecordingChannel(src, name, self.timeline), self.timeline,
-                                 self._hooks)
-        return OutChannel(name, encoder, writer)
+        return RecordingWriter(RecordingChannel(src, name, self.timeline), self.timeline,
+                               self._hooks)
+
+    def _open(self, name: str, encoder: Encoder) -> OutChannel:
+        return OutChannel(name, encoder, self._writer(name))
 
     # --- the script -------------------------------------------------------------------
     def request(self, block: str, hp: int) -> PageRequest:
@@ -368,13 +374,8 @@ class PreemptHarness:
         self.sender.postcopy_loop(queue, failed=lambda: False)
 
     def complete(self) -> None:
-        """What ``SourceMigration._postcopy`` does once the loop is done."""
-        s = self.sender
-        s.finish_postcopy_channel()
-        enc, writer = s.main.encoder, s.main.writer
-        writer.write([enc.ram_end(SECTION_ID), enc.close_ram_section(), enc.eof()])
-        writer.flush()
-        s.reset_channel()
+        """What ``SourceMigration`` does once the postcopy loop is done."""
+        end_postcopy_stream(self.sender, self.urgent)
 
     def finish(self) -> Run:
         """Close the sending ends and decode what each channel carried."""
@@ -600,9 +601,14 @@ class BufferPlacer:
             self._map.close()
 
 
+def _no_payload_left(slot: memoryview) -> None:
+    raise AssertionError("a torn page record reached the buffer destination")
+
+
 class BufferDestination:
     """The destination's placement machinery over buffers: one ChannelPlacer per
-    channel, sharing one PostcopyState (as ``_Load._listen`` sets them up)."""
+    channel, sharing one PostcopyState (as the load and its fault handler set them up
+    at POSTCOPY_LISTEN)."""
 
     def __init__(self, table: Mapping[str, BlockInfo]) -> None:
         self.table = dict(table)
@@ -614,13 +620,10 @@ class BufferDestination:
                          POSTCOPY: ChannelPlacer(self.state, "postcopy")}
 
     def apply(self, channel: str, e: ev.Event) -> None:
-        placer = self.channels[channel]
-        if isinstance(e, ev.PageBatch):
-            placer.batch(e)
-        elif isinstance(e, ev.ZeroPages):
-            placer.zeros(e)
-        else:
-            assert not isinstance(e, ev.PageHeader)
+        """Give a page event to that channel's placer, through the destination's own
+        dispatcher (whole records only: no payload is left to read); other events are
+        not the placers' business."""
+        dispatch_page_event(e, self.channels[channel], _no_payload_left)
 
     def replay(self, run: Run) -> None:
         """Place every page record, in the order the records reached the sockets."""
@@ -683,14 +686,14 @@ def decode_all(dec: Decoder, data: bytes) -> list[ev.Event]:
 
 def receive_postcopy_channel(data: bytes, table: Mapping[str, BlockInfo],
                              placer: ChannelPlacer, *, first: int = 0) -> list[Exception]:
-    """Run the destination's own postcopy-channel receive loop
-    (``_Load._receive_postcopy_channel``, reporting through ``_Load._fault_failed``)
-    over a socket carrying ``data``, then EOF.
+    """Run the destination's own postcopy-channel receive loop (the ``postcopy/recv``
+    thread's :func:`~livemig.migration.fault_handler.receive_postcopy_channel`) over a
+    socket carrying ``data``, then EOF.
 
     With ``first`` > 0, the first ``first`` bytes are sent alone and the rest only once
     the loop has read them all: ending ``first`` inside a page payload makes the loop
     take its single-page (PageHeader) path there, whatever the socket's timing.
-    Returns the error the loop reported, if any, as ``_Load`` keeps it (``fault_error``).
+    Returns the errors the loop reported through its ``on_error``.
     """
     src, dst = socket.socketpair()
 
@@ -710,17 +713,10 @@ def receive_postcopy_channel(data: bytes, table: Mapping[str, BlockInfo],
 
     thread = threading.Thread(target=feed, name="hostile-source", daemon=True)
     thread.start()
-    blocks = {name: SimpleNamespace(size=i.length, host_page_size=i.page_size)
-              for name, i in table.items()}
-    main = SimpleNamespace(shutdown=lambda: None)  # the main channel _fault_failed shuts
-    load = SimpleNamespace(post_channel=Channel(sock=dst, name="postcopy"), post_placer=placer,
-                           vm=SimpleNamespace(blocks=blocks), channel=main, fault_error=None)
-    load._fault_failed = lambda e: _Load._fault_failed(cast(_Load, load), e)
+    errors: list[Exception] = []
     try:
-        _Load._receive_postcopy_channel(cast(_Load, load))
+        receive_loop(Channel(sock=dst, name="postcopy"), placer, table, errors.append)
     finally:
         dst.close()
         thread.join(30)
-    error: Exception | None = load.fault_error
-    load.__dict__.clear()  # no cycle through the namespace keeps the error alive
-    return [] if error is None else [error]
+    return errors

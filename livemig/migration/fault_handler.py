@@ -1,0 +1,218 @@
+"""Who takes the destination's faults in postcopy: one class per design, chosen once.
+
+Theory of operation
+-------------------
+In postcopy a vCPU that touches a missing page blocks in the kernel; someone must read
+the userfaultfd, ask the source for the page, and place the answer.  The destination
+learns from the capabilities section (:class:`~livemig.migration.handshake.Handshake`)
+which design the source uses, and :func:`choose_fault_handler` picks the matching one:
+
+=============================  ==========================================================
+:class:`ThreadFaultHandler`    threads of this process: ``postcopy/fault`` reads the
+                               userfaultfd and sends REQ_PAGES on the return path; with
+                               preemption ``postcopy/recv`` places the pages arriving on
+                               the postcopy channel.  The GIL switch interval is lowered
+                               while they run (a woken thread must get the GIL quickly).
+:class:`HelperFaultHandler`    the fault server (faultserver.py), a helper process that
+                               owns the userfaultfd and the postcopy channel: requests
+                               go out on that channel, answers are placed there.  The
+                               page arrays live in memory this process maps too.
+=============================  ==========================================================
+
+The interface, in the order the load uses it: :meth:`~FaultHandler.advise` (at
+POSTCOPY_ADVISE: the :class:`~livemig.migration.postcopy.PostcopyState` both sides of
+the handler share), :meth:`~FaultHandler.listen` (at POSTCOPY_LISTEN: start taking
+faults), :meth:`~FaultHandler.wait_channel_end` (at the main stream's end: the
+postcopy channel has ended and its pages are placed), :attr:`~FaultHandler.pages`,
+:meth:`~FaultHandler.stop` (no more faults: statistics kept) and
+:meth:`~FaultHandler.close`.  Errors of the threads or the helper reach the load
+through the ``on_error`` callable given to :meth:`~FaultHandler.listen`.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+
+from livemig.errors import MigrationError, RemoteProtocolError
+from livemig.kernel.shared import ProcessLock, SharedMemory
+from livemig.kernel.uffd import Userfaultfd
+from livemig.migration.channel import Channel
+from livemig.migration.faultserver import FaultServer
+from livemig.migration.handshake import Handshake, block_table
+from livemig.migration.postcopy import (
+    ChannelPlacer,
+    FaultThread,
+    PostcopyChannelReceiver,
+    PostcopyState,
+    shared_layout,
+    uffd_block_states,
+)
+from livemig.migration.returnpath import ReturnPathWriter
+from livemig.vmm.memory import RamBlock
+from livemig.wire.blocks import BlockInfo
+
+# While postcopy runs, a thread woken by a fault must get the GIL quickly (the default
+# 5 ms switch interval would add up to 5 ms to every page request).
+POSTCOPY_SWITCH_INTERVAL = 50e-6
+
+OnError = Callable[[Exception], None]
+
+
+def receive_postcopy_channel(channel: Channel, placer: ChannelPlacer,
+                             table: Mapping[str, BlockInfo], on_error: OnError) -> None:
+    """The ``postcopy/recv`` thread: place requested pages until the channel's end;
+    any failure goes to ``on_error``."""
+    try:
+        PostcopyChannelReceiver(channel, placer, table).run()
+    except Exception as e:
+        on_error(e)
+
+
+class FaultHandler(ABC):
+    """One design for taking faults and placing requested pages (see module doc)."""
+
+    def __init__(self, post_channel: Channel | None) -> None:
+        self.post_channel = post_channel
+
+    @abstractmethod
+    def advise(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
+               vcpu_tids: Mapping[int, int]) -> PostcopyState:
+        """The postcopy state the load and this handler share."""
+
+    @abstractmethod
+    def listen(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
+               state: PostcopyState, rp: ReturnPathWriter, vcpu_tids: Mapping[int, int],
+               on_error: OnError) -> None:
+        """Guest RAM is registered: start taking faults."""
+
+    @abstractmethod
+    def wait_channel_end(self, timeout: float) -> None:
+        """Until the postcopy channel has ended and its pages are placed."""
+
+    @property
+    @abstractmethod
+    def pages(self) -> int:
+        """Pages placed from the postcopy channel."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Take no more faults (idempotent); the statistics stay readable."""
+
+    def close(self) -> None:
+        self.stop()
+
+
+class ThreadFaultHandler(FaultHandler):
+    def __init__(self, post_channel: Channel | None) -> None:
+        super().__init__(post_channel)
+        self._fault: FaultThread | None = None
+        self._placer: ChannelPlacer | None = None
+        self._recv: threading.Thread | None = None
+        self._old_switch: float | None = None
+
+    def advise(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
+               vcpu_tids: Mapping[int, int]) -> PostcopyState:
+        return PostcopyState(uffd_block_states(blocks, uffd), uffd, vcpu_tids)
+
+    def listen(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
+               state: PostcopyState, rp: ReturnPathWriter, vcpu_tids: Mapping[int, int],
+               on_error: OnError) -> None:
+        self._fault = FaultThread(state, rp.request, on_error)
+        self._fault.start()
+        if self.post_channel is not None:
+            self._placer = ChannelPlacer(state, "postcopy")
+            self._recv = threading.Thread(
+                target=receive_postcopy_channel, name="postcopy/recv", daemon=True,
+                args=(self.post_channel, self._placer, block_table(blocks), on_error))
+            self._recv.start()
+        self._old_switch = sys.getswitchinterval()
+        sys.setswitchinterval(POSTCOPY_SWITCH_INTERVAL)
+
+    def wait_channel_end(self, timeout: float) -> None:
+        if self._recv is not None:
+            # The source ends the postcopy channel before the main one.
+            self._recv.join(timeout)
+            if self._recv.is_alive():
+                raise MigrationError("the postcopy channel did not end")
+
+    @property
+    def pages(self) -> int:
+        return self._placer.pages if self._placer is not None else 0
+
+    def stop(self) -> None:
+        if self._fault is not None:
+            self._fault.stop()
+            self._fault = None
+        if self._old_switch is not None:
+            sys.setswitchinterval(self._old_switch)
+            self._old_switch = None
+
+    def close(self) -> None:
+        self.stop()
+        if self.post_channel is not None:
+            self.post_channel.shutdown()
+        if self._recv is not None:
+            self._recv.join(10)
+        if self._placer is not None:
+            self._placer.close()
+
+
+class HelperFaultHandler(FaultHandler):
+    def __init__(self, post_channel: Channel | None) -> None:
+        super().__init__(post_channel)
+        self._server: FaultServer | None = FaultServer()  # imports while precopy runs
+        self._shared: SharedMemory | None = None
+        self._state: PostcopyState | None = None
+        self._pages = 0
+
+    def advise(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
+               vcpu_tids: Mapping[int, int]) -> PostcopyState:
+        # Shared with the fault server, which places the requested pages.
+        size, _ = shared_layout({n: b.size // b.host_page_size for n, b in blocks.items()})
+        self._shared = SharedMemory.create("livemig-postcopy", size)
+        self._state = PostcopyState(uffd_block_states(blocks, uffd, self._shared), uffd,
+                                    vcpu_tids, lock=ProcessLock(self._shared.fd),
+                                    shared=self._shared)
+        return self._state
+
+    def listen(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
+               state: PostcopyState, rp: ReturnPathWriter, vcpu_tids: Mapping[int, int],
+               on_error: OnError) -> None:
+        assert self._server is not None and self._shared is not None
+        assert self.post_channel is not None
+        self._server.start(blocks, uffd, self.post_channel, self._shared, vcpu_tids,
+                           on_error)
+
+    def wait_channel_end(self, timeout: float) -> None:
+        assert self._server is not None
+        self._server.wait_done(timeout)
+
+    @property
+    def pages(self) -> int:
+        return self._server.pages if self._server is not None else self._pages
+
+    def stop(self) -> None:
+        """Stop the helper, then keep the postcopy statistics in our own memory."""
+        if self._server is not None:
+            self._pages = self._server.pages
+            self._server.close()  # its copy of the userfaultfd too
+            self._server = None
+        if self._state is not None and self._shared is not None:
+            self._state.unshare()
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
+
+
+def choose_fault_handler(handshake: Handshake, post_channel: Channel | None
+                         ) -> FaultHandler:
+    """The design matching the source's (announced in the capabilities section)."""
+    if handshake.urgent_process:
+        if post_channel is None:
+            raise RemoteProtocolError("the source serves page requests on the postcopy "
+                                      "channel, but there is no postcopy channel")
+        return HelperFaultHandler(post_channel)
+    return ThreadFaultHandler(post_channel)

@@ -1,0 +1,111 @@
+"""What source and destination must agree on: section names and ids, the capabilities
+both must share, the urgent-path option, the RAM block table.
+
+Theory of operation
+-------------------
+Every fact here is read by both sides, so it has one definition here and nowhere else:
+
+* **Sections.**  The stream carries the ``ram`` section (iterative) and livemig's
+  device sections (``livemig/...``), each with a section id and an instance id as in
+  QEMU.  :data:`RAM`, :data:`CAPABILITIES`, :data:`GLOBALSTATE`, :data:`SERIAL` and
+  :func:`cpu_section` name them.
+* **The capabilities section** (:class:`Handshake`) opens the stream, before anything
+  that can fault is loaded: ``postcopy-ram`` and ``postcopy-preempt`` must be equal on
+  both sides (QEMU 7.2 trusts the user; a mismatch there loses the pages sent on a
+  connection nobody reads), and options after a ``;`` tell the destination how the
+  source serves page requests (``urgent=process``: requests go on the postcopy channel,
+  where the source's urgent helper reads them).  Its text form is in docs/STREAM.md.
+* **The block table** (:func:`block_table`): name, length and host page size of each
+  RAM block, sent in the ``ram`` section's MEM_SIZE record and checked by the decoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+from livemig.errors import MigrationError, RemoteProtocolError
+from livemig.migration.state import Capabilities
+from livemig.wire.blocks import BlockInfo
+
+
+class Section(NamedTuple):
+    """A section of the stream: its idstr and section id (instance 0 unless said)."""
+
+    name: str
+    section_id: int
+
+
+RAM = Section("ram", 0)
+SERIAL = Section("livemig/serial", 2)
+GLOBALSTATE = Section("livemig/globalstate", 3)
+CAPABILITIES = Section("livemig/capabilities", 4)
+CPU_NAME = "livemig/cpu"
+_CPU_FIRST_ID, _CPU_ID_STRIDE = 1, 16
+
+
+def cpu_section(index: int) -> Section:
+    """The section of vCPU ``index`` (instance id ``index``)."""
+    return Section(CPU_NAME, _CPU_FIRST_ID + _CPU_ID_STRIDE * index)
+
+
+# In the capabilities section, after the capabilities: the destination's fault handler
+# must send its page requests on the postcopy channel (urgent.py reads them there).
+URGENT_PROCESS_OPTION = "urgent=process"
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """The content of the capabilities section."""
+
+    postcopy_ram: bool = False
+    postcopy_preempt: bool = False
+    urgent_process: bool = False  # requests travel on the postcopy channel
+
+    @classmethod
+    def of(cls, caps: Capabilities, *, urgent_process: bool = False) -> Handshake:
+        return cls(caps.postcopy_ram, caps.postcopy_preempt, urgent_process)
+
+    def agreed(self) -> str:
+        """The capabilities both sides must have (or both lack), comma-separated."""
+        return ",".join(name for name, on in (("postcopy-ram", self.postcopy_ram),
+                                              ("postcopy-preempt", self.postcopy_preempt))
+                        if on)
+
+    def encode(self) -> bytes:
+        text = self.agreed()
+        if self.urgent_process:
+            text += ";" + URGENT_PROCESS_OPTION
+        return text.encode("ascii")
+
+    @classmethod
+    def decode(cls, data: bytes) -> Handshake:
+        text = data.decode("ascii", "replace")
+        agreed, _, options = text.partition(";")
+        names = set(filter(None, agreed.split(",")))
+        unknown = names - {"postcopy-ram", "postcopy-preempt"}
+        if unknown:
+            raise RemoteProtocolError(f"unknown capabilities {sorted(unknown)} in the "
+                                      "capabilities section")
+        return cls("postcopy-ram" in names, "postcopy-preempt" in names,
+                   URGENT_PROCESS_OPTION in options.split(","))
+
+    def check_matches(self, ours: Capabilities) -> None:
+        """Refuse a source whose agreed capabilities differ from this destination's."""
+        mine = Handshake.of(ours).agreed()
+        if self.agreed() != mine:
+            raise MigrationError(f"capability mismatch: the source has [{self.agreed()}], "
+                                 f"this destination has [{mine}]; set the same on both sides")
+
+
+class _Block(Protocol):
+    @property
+    def size(self) -> int: ...
+    @property
+    def host_page_size(self) -> int: ...
+
+
+def block_table(blocks: Mapping[str, _Block]) -> dict[str, BlockInfo]:
+    """Name -> (length, host page size) of each RAM block, as MEM_SIZE carries it."""
+    return {name: BlockInfo(b.size, b.host_page_size) for name, b in blocks.items()}

@@ -1,0 +1,379 @@
+"""The destination's load: one incoming stream, as an explicit state machine.
+
+Theory of operation
+-------------------
+:class:`IncomingLoad` runs on the destination's load thread.  It feeds the main
+channel's bytes to the sans-IO :class:`~livemig.wire.decoder.Decoder` and acts on its
+events.  Where it is in the stream is a :class:`LoadPhase`, changed only through
+:data:`LOAD_TRANSITIONS`; a command that arrives in a phase that does not allow it is
+the peer's protocol error::
+
+    precopy --ADVISE--> advised --LISTEN--> listening --RUN--> running --EOF--> ended
+       |                   |
+       +------EOF----------+-----------------------------------------------> ended
+
+* Page events go to the current :class:`~livemig.migration.pagesink.PageSink` through
+  the one dispatcher (:func:`~livemig.migration.pagesink.dispatch_page_event`): the
+  :class:`~livemig.migration.pagesink.RamLoader` until LISTEN, the main channel's
+  :class:`~livemig.migration.postcopy.ChannelPlacer` after it.
+* The capabilities section (:class:`~livemig.migration.handshake.Handshake`) is checked
+  against ours and chooses the :class:`~livemig.migration.fault_handler.FaultHandler`;
+  with preemption the postcopy channel is accepted then, before anything that can
+  fault is loaded.
+* ADVISE checks that postcopy can work here (userfaultfd features) before the source
+  stops its guest; LISTEN registers guest RAM and starts the fault handler; RUN
+  restores the device state and starts the guest; EOF checks that every host page
+  arrived (:meth:`~livemig.migration.postcopy.PostcopyState.missing`), then stops the
+  fault handler.
+
+The load knows nothing of its owner: it gets callables (accept the postcopy channel,
+report postcopy-active, the userfaultfd features of this host) and reports what it
+loaded through :meth:`IncomingLoad.stats`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from livemig.errors import MigrationError, RemoteProtocolError
+from livemig.kernel.uffd import (
+    FEATURE_MISSING_HUGETLBFS,
+    FEATURE_THREAD_ID,
+    Userfaultfd,
+    feature_names,
+)
+from livemig.migration import handshake as hs
+from livemig.migration.channel import Channel, quiet_background
+from livemig.migration.fault_handler import FaultHandler, choose_fault_handler
+from livemig.migration.handshake import Handshake, block_table
+from livemig.migration.pagesink import PageSink, RamLoader, dispatch_page_event, read_payload
+from livemig.migration.postcopy import RECV_CHUNK, ChannelPlacer, LatencyStats, PostcopyState
+from livemig.migration.returnpath import ReturnPathWriter
+from livemig.migration.state import Capabilities
+from livemig.vmm.serial import SerialState
+from livemig.vmm.state import VcpuState, VmState
+from livemig.vmm.vm import RunState, Vm
+from livemig.wire import events as ev
+from livemig.wire.decoder import Decoder
+
+log = logging.getLogger("livemig.destination")
+
+
+class LoadPhase(Enum):
+    PRECOPY = "precopy"
+    ADVISED = "advised"      # postcopy may follow: userfaultfd is open, nothing registered
+    LISTENING = "listening"  # guest RAM registered, faults taken, guest not started yet
+    RUNNING = "running"      # the guest runs here; missing pages are requested
+    ENDED = "ended"
+
+
+_P = LoadPhase
+LOAD_TRANSITIONS: dict[LoadPhase, frozenset[LoadPhase]] = {
+    _P.PRECOPY: frozenset({_P.ADVISED, _P.ENDED}),
+    _P.ADVISED: frozenset({_P.LISTENING, _P.ENDED}),
+    _P.LISTENING: frozenset({_P.RUNNING}),
+    _P.RUNNING: frozenset({_P.ENDED}),
+    _P.ENDED: frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class LoadStats:
+    """What one load brought, for query-migrate."""
+
+    normal: int  # whole pages received, on every channel
+    zero: int  # zero pages
+    postcopy_requests: int
+
+
+class IncomingLoad:
+    """The load thread's work on one incoming stream (see the module docstring)."""
+
+    def __init__(self, vm: Vm, channel: Channel, caps: Capabilities, *,
+                 accept_postcopy_channel: Callable[[], Channel],
+                 on_postcopy_active: Callable[[], None],
+                 uffd_features: Callable[[], int]) -> None:
+        self.vm = vm
+        self.channel = channel
+        self.caps = caps
+        self._accept_postcopy_channel = accept_postcopy_channel
+        self._on_postcopy_active = on_postcopy_active
+        self._uffd_features = uffd_features
+        self.phase = LoadPhase.PRECOPY
+        self.history: list[LoadPhase] = [self.phase]
+        self.loader = RamLoader(vm.blocks)
+        self._sink: PageSink = self.loader
+        self._dec = Decoder(block_table(vm.blocks), postcopy=caps.postcopy_ram)
+        self._cpus: dict[int, VcpuState] = {}
+        self._serial: SerialState | None = None
+        self._runstate: str | None = None  # the source's run state (globalstate section)
+        self._rp: ReturnPathWriter | None = None
+        self._handler: FaultHandler | None = None
+        self._post_channel: Channel | None = None
+        self._uffd: Userfaultfd | None = None
+        self._postcopy: PostcopyState | None = None
+        self._placer: ChannelPlacer | None = None
+        self._fault_error: Exception | None = None
+        self.started = False
+        self._events: dict[type[ev.Event], Callable[[Any], None]] = {
+            ev.DeviceState: self._device_state,
+            ev.OpenReturnPath: self._open_return_path,
+            ev.Ping: self._ping,
+            ev.PostcopyAdvise: self._advise,
+            ev.PostcopyRamDiscard: self._discard,
+            ev.PostcopyListen: self._listen,
+            ev.PostcopyRun: self._run_guest,
+        }
+        self._devices: dict[str, Callable[[ev.DeviceState], None]] = {
+            hs.CPU_NAME: self._cpu_state,
+            hs.SERIAL.name: self._serial_state,
+            hs.GLOBALSTATE.name: self._globalstate,
+            hs.CAPABILITIES.name: self._capabilities,
+        }
+
+    # --- the state machine --------------------------------------------------------------
+    def _enter(self, new: LoadPhase, what: str) -> None:
+        if new not in LOAD_TRANSITIONS[self.phase]:
+            raise RemoteProtocolError(f"{what} in the {self.phase.value} phase of the "
+                                      "stream")
+        log.info("load phase %s -> %s", self.phase.value, new.value)
+        self.phase = new
+        self.history.append(new)
+
+    def run(self) -> None:
+        """Handle events until EOF; the guest may be started before (postcopy RUN)."""
+        while True:
+            if self._fault_error is not None:
+                raise self._fault_error
+            e = self._dec.next_event()
+            if e is ev.NEED_DATA:
+                self._dec.receive_data(self.channel.recv(RECV_CHUNK))  # b"" = EOF
+                continue
+            if isinstance(e, ev.StreamEnd):
+                self._check_nothing_follows()
+                self._end()
+                return
+            self._handle(e)
+
+    def _handle(self, e: ev.Event) -> None:
+        if dispatch_page_event(e, self._sink, self._fill):
+            return
+        handler = self._events.get(type(e))
+        if handler is not None:
+            handler(e)
+        elif not isinstance(e, (ev.StreamStart, ev.SectionBegin, ev.SectionComplete,
+                                ev.MemSize, ev.Packaged, ev.PackagedEnd)):
+            raise RemoteProtocolError(f"unexpected {type(e).__name__} in the main stream")
+
+    def _fill(self, slot: memoryview) -> None:
+        read_payload(self._dec, self.channel, slot)
+
+    def _check_nothing_follows(self) -> None:
+        """A saved stream (file:) must end at its EOF record: trailing bytes mean a
+        corrupt or concatenated file.  (A socket stays open for the return path.)"""
+        if not self.channel.is_file:
+            return
+        while data := self.channel.recv(RECV_CHUNK):
+            self._dec.receive_data(data)
+        self._dec.receive_eof()
+        e = self._dec.next_event()
+        if not isinstance(e, ev.Closed):
+            raise RemoteProtocolError(f"data after the end of the stream ({type(e).__name__})")
+
+    # --- device state ---------------------------------------------------------------------
+    def _device_state(self, e: ev.DeviceState) -> None:
+        handler = self._devices.get(e.idstr)
+        if handler is None:
+            raise RemoteProtocolError(f"unknown device section {e.idstr!r}")
+        handler(e)
+
+    def _cpu_state(self, e: ev.DeviceState) -> None:
+        self._cpus[e.instance_id] = VcpuState.from_bytes(e.data)
+
+    def _serial_state(self, e: ev.DeviceState) -> None:
+        self._serial = SerialState.from_bytes(e.data)
+
+    def _globalstate(self, e: ev.DeviceState) -> None:
+        self._runstate = e.data.decode("ascii", "replace")
+
+    def _capabilities(self, e: ev.DeviceState) -> None:
+        """Both sides must agree on postcopy-ram and postcopy-preempt; the source's
+        options choose the fault handler.  With preemption the postcopy channel is
+        accepted now, before anything that can fault is loaded."""
+        theirs = Handshake.decode(e.data)
+        theirs.check_matches(self.caps)
+        if self.caps.postcopy_preempt:
+            self._post_channel = self._accept_postcopy_channel()
+        self._handler = choose_fault_handler(theirs, self._post_channel)
+
+    def _vm_state(self) -> VmState:
+        if self._serial is None or sorted(self._cpus) != list(range(len(self.vm.vcpus))):
+            raise RemoteProtocolError("the stream ended without the CPU and serial state")
+        return VmState(tuple(self._cpus[i] for i in range(len(self._cpus))), self._serial)
+
+    # --- return path and postcopy ---------------------------------------------------------
+    def _open_return_path(self, _e: ev.OpenReturnPath) -> None:
+        self._rp = ReturnPathWriter(self.channel)
+
+    def _require_rp(self, what: str) -> ReturnPathWriter:
+        if self._rp is None:
+            raise RemoteProtocolError(f"{what} before OPEN_RETURN_PATH")
+        return self._rp
+
+    def _ping(self, e: ev.Ping) -> None:
+        self._require_rp("PING").pong(e.value)
+
+    def _advise(self, _e: ev.PostcopyAdvise) -> None:
+        """Refuse early (before the source stops its guest) if postcopy cannot work."""
+        self._enter(LoadPhase.ADVISED, "POSTCOPY_ADVISE")
+        if not self.caps.postcopy_ram:
+            raise MigrationError("the source advised postcopy but postcopy-ram is not "
+                                 "enabled on the destination")
+        needed = FEATURE_THREAD_ID
+        for block in self.vm.blocks.values():
+            if block.backing.is_hugetlb:
+                needed |= FEATURE_MISSING_HUGETLBFS
+        have = self._uffd_features()
+        if needed & ~have:
+            raise MigrationError("this host's userfaultfd lacks "
+                                 f"{', '.join(feature_names(needed & ~have))}, which postcopy "
+                                 "of this guest's RAM needs")
+        self._require_rp("POSTCOPY_ADVISE")
+        if self._handler is None:  # a stream without the capabilities section
+            self._handler = choose_fault_handler(Handshake.of(self.caps), self._post_channel)
+        self._uffd = Userfaultfd.open()
+        self._uffd.api(needed)
+        self._postcopy = self._handler.advise(self.vm.blocks, self._uffd, self._vcpu_tids())
+        self.loader.on_loaded = self._postcopy.mark_precopy
+
+    def _vcpu_tids(self) -> dict[int, int]:
+        return {i: v.native_id or 0 for i, v in enumerate(self.vm.vcpus)}
+
+    def _discard(self, e: ev.PostcopyRamDiscard) -> None:
+        if self.phase is not LoadPhase.ADVISED:
+            raise RemoteProtocolError(f"POSTCOPY_RAM_DISCARD in the {self.phase.value} phase "
+                                      "of the stream (only between ADVISE and LISTEN)")
+        assert self._postcopy is not None
+        for start, length in e.ranges:
+            self._postcopy.discard(e.block, start, length)
+
+    def _listen(self, _e: ev.PostcopyListen) -> None:
+        """Register guest RAM with userfaultfd and start taking faults."""
+        self._enter(LoadPhase.LISTENING, "POSTCOPY_LISTEN")
+        rp = self._require_rp("LISTEN")
+        if self.caps.postcopy_preempt and self._post_channel is None:
+            raise RemoteProtocolError("POSTCOPY_LISTEN before the postcopy channel is up")
+        pc, handler, uffd = self._postcopy, self._handler, self._uffd
+        assert pc is not None and handler is not None and uffd is not None
+        for st in pc.blocks.values():
+            st.placer.register()
+        self._placer = ChannelPlacer(pc, "main")
+        self._sink = self._placer
+        quiet_background(self.channel)  # a short queue of background pages here too
+        handler.listen(self.vm.blocks, uffd, pc, rp, self._vcpu_tids(), self._fault_failed)
+        self._on_postcopy_active()
+
+    def _fault_failed(self, e: Exception) -> None:
+        """The fault handler failed (any thread): the load thread raises it."""
+        # Without its traceback or chained exceptions: their frames would pin
+        # memoryviews of guest RAM or of a temporary huge page.
+        e.__context__ = e.__cause__ = None
+        self._fault_error = e.with_traceback(None)
+        self.channel.shutdown()
+
+    def _run_guest(self, _e: ev.PostcopyRun) -> None:
+        self._enter(LoadPhase.RUNNING, "POSTCOPY_RUN")
+        self.vm.restore_state(self._vm_state())
+        self._start_or_keep_paused()
+
+    def _start_or_keep_paused(self) -> None:
+        """Start the guest if it was running on the source; else keep its run state."""
+        self.started = True
+        if self._runstate in (None, RunState.RUNNING.value):
+            self.vm.start()
+            return
+        try:
+            state = RunState(self._runstate)
+        except ValueError:
+            raise RemoteProtocolError(f"unknown run state {self._runstate!r}") from None
+        # A guest that had not started yet stays so; any other stopped guest is paused.
+        self.vm.set_runstate(state if state is RunState.PRELAUNCH else RunState.PAUSED)
+
+    def _end(self) -> None:
+        postcopy = self.phase is LoadPhase.RUNNING
+        self._enter(LoadPhase.ENDED, "EOF")
+        if postcopy:
+            self._end_postcopy()
+        else:
+            self.vm.restore_state(self._vm_state())
+        if self._rp is not None:
+            self._rp.shut(0)
+
+    def _end_postcopy(self) -> None:
+        handler, placer, pc = self._handler, self._placer, self._postcopy
+        assert handler is not None and placer is not None and pc is not None
+        handler.wait_channel_end(30)  # the source ends the postcopy channel first
+        if self._fault_error is not None:
+            raise self._fault_error
+        if placer.pending():
+            raise RemoteProtocolError(f"stream ended inside huge pages {placer.pending()}")
+        missing = pc.missing()
+        if missing:
+            # The guest would hang on these forever: fail loudly instead.
+            raise RemoteProtocolError(
+                "the stream ended without " + ", ".join(
+                    f"{n} host pages of {name} (first at {off:#x})"
+                    for name, (n, off) in missing.items()))
+        handler.stop()
+        for st in pc.blocks.values():
+            st.placer.unregister()
+
+    # --- for the owner --------------------------------------------------------------------
+    def finish(self) -> LoadStats:
+        """After :meth:`run`: the guest runs (or keeps the source's run state)."""
+        if not self.started:
+            self._start_or_keep_paused()
+        return self.stats()
+
+    def stats(self) -> LoadStats:
+        normal = self.loader.pages
+        if self._placer is not None:
+            normal += self._placer.pages
+        if self._handler is not None:
+            normal += self._handler.pages
+        requests = self._postcopy.requests if self._postcopy is not None else 0
+        return LoadStats(normal, self.loader.zero_pages, requests)
+
+    @property
+    def postcopy_stats(self) -> LatencyStats | None:
+        return self._postcopy.stats if self._postcopy is not None else None
+
+    def release_faults(self) -> None:
+        """Close the userfaultfd: every thread blocked on a missing page wakes up."""
+        if self._handler is not None:
+            self._handler.stop()
+        if self._uffd is not None:
+            self._uffd.close()
+
+    def close(self) -> None:
+        # Every step runs even if one fails: a view still held somewhere must not
+        # leave the userfaultfd open or the loader's views of guest RAM alive.
+        steps: list[Callable[[], None]] = []
+        if self._handler is not None:
+            steps.append(self._handler.close)
+        if self._placer is not None:
+            steps.append(self._placer.close)
+        if self._postcopy is not None:
+            steps.append(self._postcopy.close)
+        if self._uffd is not None:
+            steps.append(self._uffd.close)
+        steps.append(self.loader.release)
+        for step in steps:
+            try:
+                step()
+            except BufferError as err:
+                log.error("cleanup: %s", str(err))
