@@ -7,9 +7,11 @@ Theory of operation
 *vCPU* fd (:class:`VcpuFd`) whose ``kvm_run`` page is mmapped and shared with the kernel.
 
 Every ioctl number is declared once in :data:`IOCTLS` (grouped by the fd it applies to,
-with the capability that gates it in a comment).  Struct layouts are ctypes mirrors of
-``<linux/kvm.h>`` for x86_64; ``tests/unit/test_kernel_structs.py`` asserts their sizes
-and field offsets.
+with the capability that gates it in a comment), built with :mod:`livemig.kernel.ioctl`
+from the ctypes type of its argument.  Struct layouts are ctypes mirrors of
+``<linux/kvm.h>`` for x86_64, and every size livemig uses is ``ctypes.sizeof`` of one of
+them (:data:`VCPU_STATE_SIZES` for saved vCPU state); ``tests/unit/test_kernel_structs.py``
+holds the kernel's own numbers and asserts sizes, field offsets and request numbers.
 
 Most ioctls are short and go through :func:`fcntl.ioctl` with a mutable ctypes buffer.
 ``KVM_RUN`` can block for a long time (the guest runs inside it), so it is issued through
@@ -30,31 +32,9 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from livemig.errors import KvmError
+from livemig.kernel.ioctl import io, ior, iow, iowr
 
-# ---------------------------------------------------------------------------
-# ioctl number encoding (asm-generic/ioctl.h)
-_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
-KVMIO: Final = 0xAE
-
-
-def _ioc(direction: int, nr: int, size: int) -> int:
-    return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
-
-
-def _io(nr: int) -> int:
-    return _ioc(_IOC_NONE, nr, 0)
-
-
-def _ior(nr: int, size: int) -> int:
-    return _ioc(_IOC_READ, nr, size)
-
-
-def _iow(nr: int, size: int) -> int:
-    return _ioc(_IOC_WRITE, nr, size)
-
-
-def _iowr(nr: int, size: int) -> int:
-    return _ioc(_IOC_READ | _IOC_WRITE, nr, size)
+KVMIO: Final = 0xAE  # the ioctl type byte of every KVM request
 
 
 # ---------------------------------------------------------------------------
@@ -223,61 +203,56 @@ class KvmRunHeader(ctypes.Structure):
     ]
 
 
-STRUCT_SIZES: Final[dict[type[ctypes.Structure], int]] = {
-    KvmUserspaceMemoryRegion: 32,
-    KvmDirtyLog: 16,
-    KvmClearDirtyLog: 24,
-    KvmEnableCap: 104,
-    KvmRegs: 144,
-    KvmSegment: 24,
-    KvmDtable: 16,
-    KvmSregs: 312,
-    KvmFpu: 416,
-    KvmXcr: 16,
-    KvmXcrs: 392,
-    KvmMsrEntry: 16,
-    KvmMsrsHeader: 8,
-    KvmCpuidEntry2: 40,
-    KvmCpuid2Header: 8,
-    KvmMpState: 4,
-    KvmVcpuEvents: 64,
+# The register groups of a vCPU's saved state, each carried as its kernel struct's bytes.
+VCPU_STATE_STRUCTS: Final[dict[str, type[ctypes.Structure]]] = {
+    "regs": KvmRegs,
+    "sregs": KvmSregs,
+    "fpu": KvmFpu,
+    "xcrs": KvmXcrs,
+    "events": KvmVcpuEvents,
 }
+VCPU_STATE_SIZES: Final[dict[str, int]] = {
+    name: ctypes.sizeof(struct) for name, struct in VCPU_STATE_STRUCTS.items()}
 
 # ---------------------------------------------------------------------------
 # The ioctl table, grouped by the fd it applies to.
+# Argument sizes come from the ctypes types (ioctl.ior & co. take sizeof), as the C
+# macros take the type; a variable-length argument is encoded by its fixed header.
 IOCTLS: Final[dict[str, int]] = {
     # system fd
-    "KVM_GET_API_VERSION": _io(0x00),
-    "KVM_CREATE_VM": _io(0x01),
-    "KVM_GET_MSR_INDEX_LIST": _iowr(0x02, 4),
-    "KVM_CHECK_EXTENSION": _io(0x03),
-    "KVM_GET_VCPU_MMAP_SIZE": _io(0x04),
-    "KVM_GET_SUPPORTED_CPUID": _iowr(0x05, 8),  # KVM_CAP_EXT_CPUID
+    "KVM_GET_API_VERSION": io(KVMIO, 0x00),
+    "KVM_CREATE_VM": io(KVMIO, 0x01),
+    "KVM_GET_MSR_INDEX_LIST": iowr(KVMIO, 0x02, KvmMsrListHeader),
+    "KVM_CHECK_EXTENSION": io(KVMIO, 0x03),
+    "KVM_GET_VCPU_MMAP_SIZE": io(KVMIO, 0x04),
+    "KVM_GET_SUPPORTED_CPUID": iowr(KVMIO, 0x05, KvmCpuid2Header),  # KVM_CAP_EXT_CPUID
     # VM fd
-    "KVM_CREATE_VCPU": _io(0x41),
-    "KVM_GET_DIRTY_LOG": _iow(0x42, 16),
-    "KVM_SET_USER_MEMORY_REGION": _iow(0x46, 32),  # KVM_CAP_USER_MEMORY
-    "KVM_SET_TSS_ADDR": _io(0x47),  # KVM_CAP_SET_TSS_ADDR
-    "KVM_SET_IDENTITY_MAP_ADDR": _iow(0x48, 8),  # KVM_CAP_SET_IDENTITY_MAP_ADDR
-    "KVM_ENABLE_CAP": _iow(0xA3, 104),  # KVM_CAP_ENABLE_CAP_VM
-    "KVM_CLEAR_DIRTY_LOG": _iowr(0xC0, 24),  # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2
+    "KVM_CREATE_VCPU": io(KVMIO, 0x41),
+    "KVM_GET_DIRTY_LOG": iow(KVMIO, 0x42, KvmDirtyLog),
+    # KVM_CAP_USER_MEMORY
+    "KVM_SET_USER_MEMORY_REGION": iow(KVMIO, 0x46, KvmUserspaceMemoryRegion),
+    "KVM_SET_TSS_ADDR": io(KVMIO, 0x47),  # KVM_CAP_SET_TSS_ADDR
+    "KVM_SET_IDENTITY_MAP_ADDR": iow(KVMIO, 0x48, u64),  # KVM_CAP_SET_IDENTITY_MAP_ADDR
+    "KVM_ENABLE_CAP": iow(KVMIO, 0xA3, KvmEnableCap),  # KVM_CAP_ENABLE_CAP_VM
+    # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2
+    "KVM_CLEAR_DIRTY_LOG": iowr(KVMIO, 0xC0, KvmClearDirtyLog),
     # vCPU fd
-    "KVM_RUN": _io(0x80),
-    "KVM_GET_REGS": _ior(0x81, 144),
-    "KVM_SET_REGS": _iow(0x82, 144),
-    "KVM_GET_SREGS": _ior(0x83, 312),
-    "KVM_SET_SREGS": _iow(0x84, 312),
-    "KVM_GET_MSRS": _iowr(0x88, 8),
-    "KVM_SET_MSRS": _iow(0x89, 8),
-    "KVM_GET_FPU": _ior(0x8C, 416),
-    "KVM_SET_FPU": _iow(0x8D, 416),
-    "KVM_SET_CPUID2": _iow(0x90, 8),
-    "KVM_GET_MP_STATE": _ior(0x98, 4),  # KVM_CAP_MP_STATE
-    "KVM_SET_MP_STATE": _iow(0x99, 4),
-    "KVM_GET_VCPU_EVENTS": _ior(0x9F, 64),  # KVM_CAP_VCPU_EVENTS
-    "KVM_SET_VCPU_EVENTS": _iow(0xA0, 64),
-    "KVM_GET_XCRS": _ior(0xA6, 392),  # KVM_CAP_XCRS
-    "KVM_SET_XCRS": _iow(0xA7, 392),
+    "KVM_RUN": io(KVMIO, 0x80),
+    "KVM_GET_REGS": ior(KVMIO, 0x81, KvmRegs),
+    "KVM_SET_REGS": iow(KVMIO, 0x82, KvmRegs),
+    "KVM_GET_SREGS": ior(KVMIO, 0x83, KvmSregs),
+    "KVM_SET_SREGS": iow(KVMIO, 0x84, KvmSregs),
+    "KVM_GET_MSRS": iowr(KVMIO, 0x88, KvmMsrsHeader),
+    "KVM_SET_MSRS": iow(KVMIO, 0x89, KvmMsrsHeader),
+    "KVM_GET_FPU": ior(KVMIO, 0x8C, KvmFpu),
+    "KVM_SET_FPU": iow(KVMIO, 0x8D, KvmFpu),
+    "KVM_SET_CPUID2": iow(KVMIO, 0x90, KvmCpuid2Header),
+    "KVM_GET_MP_STATE": ior(KVMIO, 0x98, KvmMpState),  # KVM_CAP_MP_STATE
+    "KVM_SET_MP_STATE": iow(KVMIO, 0x99, KvmMpState),
+    "KVM_GET_VCPU_EVENTS": ior(KVMIO, 0x9F, KvmVcpuEvents),  # KVM_CAP_VCPU_EVENTS
+    "KVM_SET_VCPU_EVENTS": iow(KVMIO, 0xA0, KvmVcpuEvents),
+    "KVM_GET_XCRS": ior(KVMIO, 0xA6, KvmXcrs),  # KVM_CAP_XCRS
+    "KVM_SET_XCRS": iow(KVMIO, 0xA7, KvmXcrs),
 }
 
 KVM_API_VERSION: Final = 12

@@ -32,10 +32,12 @@ from typing import Final
 
 from livemig.errors import ConfigError, MemoryMapError
 
-KIB: Final = 1024
-MIB: Final = 1024 * KIB
-GIB: Final = 1024 * MIB
-PAGE_SIZE: Final = 4096  # the target page size of the migration stream
+# Explicit re-exports: callers may take the units from here or from livemig.units.
+from livemig.units import GIB as GIB
+from livemig.units import KIB as KIB
+from livemig.units import MIB as MIB
+from livemig.units import PAGE_SIZE as PAGE_SIZE
+
 MADV_HUGEPAGE: Final = 14
 MADV_DONTNEED: Final = 4
 FALLOC_FL_KEEP_SIZE: Final = 0x01

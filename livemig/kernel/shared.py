@@ -10,6 +10,16 @@ background pages.  A helper and its parent share state through a :class:`SharedM
 :class:`ProcessLock`.  The source's helper reads guest RAM either from a shared memfd
 (hugetlb backings) or, for private anonymous RAM, through :class:`ProcessMemory`
 (``/proc/PID/mem``: one copy of at most one host page).
+
+What lies in shared memory is described once, by a :class:`SharedLayout`: a list of
+named fields (name, dtype, shape) from which it computes each field's aligned offset
+and the total size.  Both processes build the same layout from the same inputs and get
+the same named NumPy views (:meth:`SharedLayout.views`), so no offset is computed by
+hand and no array is found by position.  Counters are one field whose dtype is a record
+of named int64s (:func:`counters_field`), read and bumped by name through
+:class:`Counters`.  :meth:`SharedLayout.private` gives the same views over private
+memory, for a migration that does not share its state with a helper: one code path
+either way.
 """
 
 from __future__ import annotations
@@ -22,6 +32,9 @@ import mmap
 import os
 import struct
 import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from math import prod
 from typing import Any
 
 import numpy as np
@@ -71,6 +84,143 @@ class SharedMemory:
             self._mm.close()
         except BufferError:
             log.warning("shared memory still has views; it is unmapped when they go")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One named array of a :class:`SharedLayout`: ``shape`` items of ``dtype``."""
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, name: str, dtype: npt.DTypeLike, shape: int | Sequence[int]) -> Field:
+        dims = (shape,) if isinstance(shape, int) else tuple(shape)
+        if any(d < 0 for d in dims):
+            raise ValueError(f"field {name!r} has a negative dimension: {dims}")
+        return cls(name, np.dtype(dtype), dims)
+
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.itemsize * prod(self.shape)
+
+
+def counters_field(name: str, names: Sequence[str]) -> Field:
+    """A field holding one int64 per name, read and bumped through :class:`Counters`."""
+    if not names:
+        raise ValueError(f"counters field {name!r} has no counters")
+    return Field.of(name, np.dtype([(n, np.int64) for n in names]), ())
+
+
+def grouped(prefix: str, fields: Iterable[Field]) -> list[Field]:
+    """``fields`` renamed ``prefix/name``: one group (a RAM block's arrays, say) of a
+    layout, read back with :meth:`SharedViews.group`."""
+    out = []
+    for f in fields:
+        if "/" in f.name:
+            raise ValueError(f"field name {f.name!r} of group {prefix!r} contains '/'")
+        out.append(Field(f"{prefix}/{f.name}", f.dtype, f.shape))
+    return out
+
+
+class SharedLayout:
+    """Named fields packed in order into one buffer, each at an ``align``-byte
+    boundary (8 by default: every NumPy scalar type is then naturally aligned, as the
+    mapping itself is page aligned)."""
+
+    def __init__(self, fields: Iterable[Field], *, align: int = 8) -> None:
+        if align <= 0 or align & (align - 1):
+            raise ValueError(f"alignment {align} is not a power of two")
+        self.fields = tuple(fields)
+        self.align = align
+        offsets: dict[str, int] = {}
+        offset = 0
+        for f in self.fields:
+            if f.name in offsets:
+                raise ValueError(f"field {f.name!r} is declared twice")
+            offsets[f.name] = offset
+            offset += -(-f.nbytes // align) * align
+        self.offsets: Mapping[str, int] = offsets
+        self.size = offset
+
+    def views(self, memory: SharedMemory) -> SharedViews:
+        """The named views over ``memory`` (writes are seen by every process mapping
+        it).  ``memory`` must be at least :attr:`size` bytes."""
+        if memory.size < self.size:
+            raise ValueError(f"shared memory of {memory.size} bytes is smaller than the "
+                             f"{self.size} bytes of its layout")
+        return self._views(memory.array(0, np.uint8, self.size))
+
+    def private(self) -> SharedViews:
+        """The same views over zeroed private memory (nothing shared)."""
+        return self._views(np.zeros(self.size, dtype=np.uint8))
+
+    def create(self, name: str) -> tuple[SharedMemory, SharedViews]:
+        """A new memfd of :attr:`size` bytes (zeroed) and the views over it."""
+        memory = SharedMemory.create(name, self.size)
+        return memory, self.views(memory)
+
+    def _views(self, raw: npt.NDArray[np.uint8]) -> SharedViews:
+        arrays = {}
+        for f in self.fields:
+            at = self.offsets[f.name]
+            arrays[f.name] = raw[at : at + f.nbytes].view(f.dtype).reshape(f.shape)
+        return SharedViews(arrays)
+
+
+class SharedViews(Mapping[str, npt.NDArray[Any]]):
+    """The arrays of a :class:`SharedLayout`, by field name."""
+
+    def __init__(self, arrays: dict[str, npt.NDArray[Any]]) -> None:
+        self._arrays = arrays
+
+    def __getitem__(self, name: str) -> npt.NDArray[Any]:
+        return self._arrays[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def group(self, prefix: str) -> dict[str, npt.NDArray[Any]]:
+        """The fields declared with :func:`grouped` under ``prefix``, by their own name."""
+        lead = f"{prefix}/"
+        return {name[len(lead):]: a for name, a in self._arrays.items()
+                if name.startswith(lead) and "/" not in name[len(lead):]}
+
+    def counters(self, name: str) -> Counters:
+        return Counters(self._arrays[name])
+
+    def release(self) -> None:
+        """Drop the views, so the shared memory can be unmapped."""
+        self._arrays.clear()
+
+
+class Counters:
+    """Named int64 counters over a :func:`counters_field` (shared or private).
+
+    Each counter must have one writer (a thread or a process); any process may read.
+    """
+
+    def __init__(self, record: npt.NDArray[Any]) -> None:
+        names = record.dtype.names
+        if names is None or record.shape != ():
+            raise ValueError("Counters need a field made by counters_field()")
+        self.names: tuple[str, ...] = names
+        # One 0-d int64 view per counter: add() is then one in-place NumPy add.
+        self._cells: dict[str, npt.NDArray[np.int64]] = {n: record[n] for n in names}
+
+    def add(self, name: str, n: int = 1) -> None:
+        cell = self._cells[name]
+        cell += n
+
+    def __getitem__(self, name: str) -> int:
+        return int(self._cells[name])
+
+    def as_dict(self) -> dict[str, int]:
+        return {n: int(c) for n, c in self._cells.items()}
 
 
 class ProcessLock:

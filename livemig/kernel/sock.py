@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from livemig.errors import ChannelClosedError
+from livemig.units import PAGE_SIZE
 
 Buffer = bytes | bytearray | memoryview
 IOV_MAX: Final = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -174,7 +175,7 @@ def send_pages(sock: socket.socket, words: npt.NDArray[np.generic], prefix: byte
     iov["base"][hdr_at] = hdr.ctypes.data + 8 * np.arange(n, dtype=np.uint64)
     iov["len"][hdr_at] = 8
     iov["base"][page_at] = np.uint64(ram_base) + offsets.astype(np.uint64)
-    iov["len"][page_at] = 4096
+    iov["len"][page_at] = PAGE_SIZE
     if prefix:
         iov[1] = (ctypes.cast(ctypes.c_char_p(prefix), ctypes.c_void_p).value, len(prefix))
     return _sendmsg_all(sock.fileno(), iov)

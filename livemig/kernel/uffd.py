@@ -45,6 +45,7 @@ from typing import Final, Self
 import numpy as np
 
 from livemig.errors import UffdError
+from livemig.kernel.ioctl import io, ior, iowr
 
 __all__ = [
     "EVENT_PAGEFAULT",
@@ -194,20 +195,15 @@ _MSG_DTYPE: Final = np.dtype({
 })
 
 
-# --- ioctl request numbers (asm-generic/ioctl.h encoding) -------------------------
+# --- ioctl request numbers (sizes from the ctypes types, see livemig.kernel.ioctl) ---
 
-def _ioc(direction: int, nr: int, size: int) -> int:
-    return (direction << 30) | (size << 16) | (UFFD_API << 8) | nr
-
-
-_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
-USERFAULTFD_IOC_NEW: Final = _ioc(_IOC_NONE, 0x00, 0)
-UFFDIO_API: Final = _ioc(_IOC_READ | _IOC_WRITE, 0x3F, ctypes.sizeof(UffdioApi))
-UFFDIO_REGISTER: Final = _ioc(_IOC_READ | _IOC_WRITE, 0x00, ctypes.sizeof(UffdioRegister))
-UFFDIO_UNREGISTER: Final = _ioc(_IOC_READ, 0x01, ctypes.sizeof(UffdioRange))
-UFFDIO_WAKE: Final = _ioc(_IOC_READ, 0x02, ctypes.sizeof(UffdioRange))
-UFFDIO_COPY: Final = _ioc(_IOC_READ | _IOC_WRITE, 0x03, ctypes.sizeof(UffdioCopy))
-UFFDIO_ZEROPAGE: Final = _ioc(_IOC_READ | _IOC_WRITE, 0x04, ctypes.sizeof(UffdioZeropage))
+USERFAULTFD_IOC_NEW: Final = io(UFFD_API, 0x00)
+UFFDIO_API: Final = iowr(UFFD_API, 0x3F, UffdioApi)
+UFFDIO_REGISTER: Final = iowr(UFFD_API, 0x00, UffdioRegister)
+UFFDIO_UNREGISTER: Final = ior(UFFD_API, 0x01, UffdioRange)
+UFFDIO_WAKE: Final = ior(UFFD_API, 0x02, UffdioRange)
+UFFDIO_COPY: Final = iowr(UFFD_API, 0x03, UffdioCopy)
+UFFDIO_ZEROPAGE: Final = iowr(UFFD_API, 0x04, UffdioZeropage)
 
 
 # --- libc entry points ------------------------------------------------------------

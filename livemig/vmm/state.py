@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from livemig.errors import RemoteProtocolError
+from livemig.kernel.kvm import VCPU_STATE_SIZES
 from livemig.vmm.serial import SerialState
 
 _HEADER = struct.Struct("<4sHB")  # magic, version, halted
@@ -44,7 +45,8 @@ class VcpuState:
 
     MAGIC = b"LMCP"
     VERSION = 1
-    SIZES = {"regs": 144, "sregs": 312, "fpu": 416, "xcrs": 392, "events": 64}
+    # The register groups in stream order, each the size of its kernel struct.
+    SIZES = {name: VCPU_STATE_SIZES[name] for name in ("regs", "sregs", "fpu", "xcrs", "events")}
 
     def to_bytes(self) -> bytes:
         parts = [_HEADER.pack(self.MAGIC, self.VERSION, int(self.halted))]

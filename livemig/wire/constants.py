@@ -4,13 +4,17 @@ Theory of operation: this module is the single place where wire constants live,
 so the encoder, the decoder, the return path and docs/STREAM.md can never drift
 apart.  Values marked "QEMU" are copied by meaning from QEMU 7.2
 (migration/savevm.c, migration/ram.c, migration/migration.c); values marked
-"livemig" are our own extensions, each explained in docs/STREAM.md.
+"livemig" are our own extensions, each explained in docs/STREAM.md.  The one
+exception is ``PAGE_SIZE``: the stream's page is also the kernel's, so it is defined
+once in :mod:`livemig.units` (which both layers may import) and re-exported here.
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
 from typing import Final
+
+from livemig.units import PAGE_SIZE as PAGE_SIZE  # the stream's TARGET_PAGE_SIZE
 
 # --- file header (QEMU: QEMU_VM_FILE_MAGIC / QEMU_VM_FILE_VERSION) -------------
 QEVM_MAGIC: Final = 0x5145564D  # b"QEVM"
@@ -24,7 +28,7 @@ POSTCOPY_MAGIC: Final = b"LMPC"
 POSTCOPY_VERSION: Final = 1
 
 # --- pages (QEMU: TARGET_PAGE_SIZE on x86) --------------------------------------
-PAGE_SIZE: Final = 4096
+# PAGE_SIZE (imported above) is defined in livemig.units, shared with kernel/.
 FLAG_MASK: Final = PAGE_SIZE - 1  # the low 12 bits of a RAM record word hold flags
 OFFSET_MASK: Final = 0xFFFF_FFFF_FFFF_FFFF ^ FLAG_MASK
 PAGE_RECORD_SIZE: Final = 8 + PAGE_SIZE  # CONTINUE|PAGE record: be64 word + page

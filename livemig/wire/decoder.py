@@ -433,7 +433,7 @@ class Decoder:
         if flags & ~KNOWN_RAM_FLAGS:
             raise RemoteProtocolError(
                 f"RAM record word {word:#018x} has unknown flag bits "
-                f"{flags & ~KNOWN_RAM_FLAGS:#x} (or a page offset that is not 4096-aligned)."
+                f"{flags & ~KNOWN_RAM_FLAGS:#x} (or a page offset that is not {PAGE_SIZE}-aligned)."
             )
         if flags == RamFlag.EOS:
             return self._parse_eos(r, addr)

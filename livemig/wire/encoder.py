@@ -39,6 +39,7 @@ from livemig.wire.constants import (
     MAX_DEVICE_STATE,
     MAX_RECORD,
     PAGE_CONT,
+    PAGE_RECORD_SIZE,
     PAGE_SIZE,
     POSTCOPY_MAGIC,
     POSTCOPY_VERSION,
@@ -73,7 +74,7 @@ class PageRecords:
 
     @property
     def nbytes(self) -> int:
-        return len(self.offsets) * (8 + PAGE_SIZE) + len(self.prefix)
+        return len(self.offsets) * PAGE_RECORD_SIZE + len(self.prefix)
 
 
 class _State(Enum):
@@ -367,5 +368,5 @@ def _offsets(offsets: npt.ArrayLike) -> npt.NDArray[np.uint64]:
         raise LocalProtocolError("Page offsets cannot be negative.")
     offs = offs.astype(np.uint64, copy=False)
     if (offs & np.uint64(FLAG_MASK)).any():
-        raise LocalProtocolError("Page offsets must be multiples of 4096.")
+        raise LocalProtocolError(f"Page offsets must be multiples of {PAGE_SIZE}.")
     return offs

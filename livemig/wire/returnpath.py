@@ -108,7 +108,7 @@ class ReturnPathEncoder:
         """Request pages; names the block only if it changed since the last request."""
         if start % PAGE_SIZE or length <= 0 or length % PAGE_SIZE:
             raise LocalProtocolError(
-                f"Page request {start:#x}+{length:#x} is not made of whole 4096-byte pages."
+                f"Page request {start:#x}+{length:#x} is not made of whole {PAGE_SIZE}-byte pages."
             )
         if block == self._last_block:
             return self._message(RpType.REQ_PAGES, _REQ.pack(start, length))

@@ -175,6 +175,8 @@ def test_ioctl_numbers_match_uapi_header() -> None:
     assert U.UFFDIO_COPY == 0xC028AA03
     assert U.UFFDIO_ZEROPAGE == 0xC020AA04
     assert U.USERFAULTFD_IOC_NEW == 0xAA00
+    assert U.UFFDIO_ZEROPAGE == 0xC020AA04
+    assert U.USERFAULTFD_IOC_NEW == 0xAA00
 
 
 def test_ioctls_are_called_without_holding_the_gil() -> None:

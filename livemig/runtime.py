@@ -1,0 +1,115 @@
+"""The interpreter's GIL switch interval, lowered while a postcopy needs it.
+
+Theory of operation
+-------------------
+CPython hands the GIL from a running thread to a waiting one only every *switch
+interval* (5 ms by default).  During postcopy that interval is latency: a fault or a
+page request wakes a thread (the destination's fault thread, the source's return-path
+thread) which then waits up to one interval for the thread streaming background
+pages to let go of the GIL.  So while postcopy runs the interval is lowered to
+:data:`POSTCOPY_SWITCH_INTERVAL`, and put back when it ends.
+
+The interval is state of the whole process, and one process may run several
+migrations at a time (a source and a destination in one test process, say).  Saving
+and restoring around each one is then wrong as soon as they do not end in the
+reverse order they started: the first to finish would put back 5 ms under the other,
+or the last would leave the process at 50 µs for good.  One owner,
+:class:`SwitchInterval`, therefore keeps every request in force: each user takes a
+:class:`SwitchIntervalLease`; while any lease is held the interval is the smallest
+one asked for, and the value found before the first lease is put back when the last
+lease is released, in whatever order the leases end.
+
+The owner is an object, not module state: there must be exactly one per process
+(the interpreter is one), so the program's entry point creates it and hands the same
+one to every migration it runs -- each ``Instance`` receives it rather than making
+its own.  Two owners in one process would undo each other's lowering; an owner that
+finds the interval changed behind its back logs a warning, so that mistake shows.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from typing import Final
+
+log = logging.getLogger("livemig.runtime")
+
+# A woken thread waits for the GIL at most this long: 100x shorter than CPython's
+# default, small next to a page request's network round trip, large enough that the
+# streaming thread still runs in long stretches (switching costs a few microseconds).
+POSTCOPY_SWITCH_INTERVAL: Final = 50e-6
+
+
+class SwitchInterval:
+    """The one owner of ``sys.setswitchinterval`` in a process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._leases: set[SwitchIntervalLease] = set()
+        self._baseline = 0.0  # the interval before the first lease (valid while any)
+        self._applied = 0.0  # what this owner last set (valid while any lease)
+
+    def switch_interval(self, seconds: float) -> SwitchIntervalLease:
+        """Keep the interval at most ``seconds`` until the returned lease is released.
+
+        Takes effect at once, so the lease may outlive a ``with`` block (released by
+        whoever ends the postcopy); used as a context manager it is released on exit.
+        """
+        if not seconds > 0:
+            raise ValueError(f"switch interval {seconds!r} is not a positive number of seconds")
+        lease = SwitchIntervalLease(self, seconds)
+        with self._lock:
+            if self._leases:
+                self._check_untouched()
+            else:
+                self._baseline = sys.getswitchinterval()
+            self._leases.add(lease)
+            self._apply()
+        return lease
+
+    @property
+    def held(self) -> int:
+        """How many leases are in force."""
+        with self._lock:
+            return len(self._leases)
+
+    def _release(self, lease: SwitchIntervalLease) -> None:
+        with self._lock:
+            if lease not in self._leases:
+                return
+            self._check_untouched()
+            self._leases.remove(lease)
+            self._apply()
+
+    def _check_untouched(self) -> None:
+        # While leases are held, the interval is what this owner set, unless someone
+        # else (another owner) set it too.
+        current = sys.getswitchinterval()
+        if current != self._applied:
+            log.warning("the GIL switch interval is %g s, not the %g s its owner set "
+                        "(a second SwitchInterval in this process?)", current, self._applied)
+
+    def _apply(self) -> None:
+        wanted = min((x.seconds for x in self._leases), default=self._baseline)
+        if wanted != sys.getswitchinterval():
+            sys.setswitchinterval(wanted)
+        self._applied = sys.getswitchinterval()  # as the interpreter rounded it
+
+
+class SwitchIntervalLease:
+    """One user's request for a short switch interval; :meth:`release` ends it (once:
+    releasing again does nothing, so every cleanup path may call it)."""
+
+    def __init__(self, owner: SwitchInterval, seconds: float) -> None:
+        self._owner = owner
+        self.seconds = seconds
+
+    def release(self) -> None:
+        self._owner._release(self)
+
+    def __enter__(self) -> SwitchIntervalLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

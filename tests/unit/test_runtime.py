@@ -1,0 +1,120 @@
+"""SwitchInterval: the GIL switch interval stays low while any migration needs it."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from livemig.runtime import POSTCOPY_SWITCH_INTERVAL, SwitchInterval
+
+BASELINE = 0.005
+
+
+def interval_is(seconds: float) -> bool:
+    # The interpreter keeps whole microseconds, truncating (1e-4 s reads back as 99 µs).
+    return abs(sys.getswitchinterval() - seconds) < 2e-6
+
+
+@pytest.fixture(autouse=True)
+def baseline() -> Iterator[None]:
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(BASELINE)
+    yield
+    left = sys.getswitchinterval()
+    sys.setswitchinterval(before)
+    assert abs(left - BASELINE) < 1e-6, "a test left the switch interval changed"
+
+
+def test_interval_is_low_inside_and_restored_after() -> None:
+    with SwitchInterval().switch_interval(POSTCOPY_SWITCH_INTERVAL):
+        assert interval_is(POSTCOPY_SWITCH_INTERVAL)
+    assert interval_is(BASELINE)
+
+
+def test_interval_is_restored_when_the_block_raises() -> None:
+    owner = SwitchInterval()
+    with pytest.raises(RuntimeError), owner.switch_interval(1e-4):
+        raise RuntimeError("postcopy failed")
+    assert interval_is(BASELINE) and owner.held == 0
+
+
+def test_interval_stays_low_until_the_last_of_two_overlapping_migrations_leaves() -> None:
+    owner = SwitchInterval()
+    first = owner.switch_interval(POSTCOPY_SWITCH_INTERVAL)
+    second = owner.switch_interval(POSTCOPY_SWITCH_INTERVAL)
+    first.release()  # not in reverse order of taking
+    assert interval_is(POSTCOPY_SWITCH_INTERVAL)
+    second.release()
+    assert interval_is(BASELINE)
+
+
+def test_the_smallest_interval_asked_for_is_in_force() -> None:
+    owner = SwitchInterval()
+    coarse = owner.switch_interval(1e-3)
+    fine = owner.switch_interval(1e-4)
+    assert interval_is(1e-4)
+    fine.release()
+    assert interval_is(1e-3)
+    coarse.release()
+    assert interval_is(BASELINE)
+
+
+def test_releasing_twice_does_not_end_another_lease() -> None:
+    owner = SwitchInterval()
+    lease = owner.switch_interval(1e-4)
+    other = owner.switch_interval(1e-4)
+    lease.release()
+    lease.release()
+    assert owner.held == 1 and interval_is(1e-4)
+    other.release()
+    assert owner.held == 0
+
+
+def test_leases_taken_and_released_on_many_threads_restore_the_baseline() -> None:
+    owner = SwitchInterval()
+    go = threading.Barrier(8)
+
+    def migrate() -> None:
+        go.wait()
+        for _ in range(200):
+            with owner.switch_interval(POSTCOPY_SWITCH_INTERVAL):
+                assert interval_is(POSTCOPY_SWITCH_INTERVAL)
+
+    threads = [threading.Thread(target=migrate) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert owner.held == 0 and interval_is(BASELINE)
+
+
+def test_nonpositive_interval_is_refused() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        SwitchInterval().switch_interval(0)
+
+
+def test_a_second_owner_changing_the_interval_is_reported(
+        caplog: pytest.LogCaptureFixture) -> None:
+    mine, stray = SwitchInterval(), SwitchInterval()
+    with caplog.at_level(logging.WARNING, logger="livemig.runtime"):
+        lease = mine.switch_interval(1e-4)
+        stray_lease = stray.switch_interval(1e-3)  # raises it under our lease
+        lease.release()
+        stray_lease.release()
+    assert any("second SwitchInterval" in r.getMessage() for r in caplog.records)
+    # Two owners leave the interval wrong (the stray one put back 1e-4): the reason
+    # a process has one owner.
+    assert interval_is(1e-4)
+    sys.setswitchinterval(BASELINE)
+
+
+def test_one_owner_warns_about_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    owner = SwitchInterval()
+    with (caplog.at_level(logging.WARNING, logger="livemig.runtime"),
+          owner.switch_interval(1e-3 / 3), owner.switch_interval(1e-4 / 7)):
+        pass
+    assert not caplog.records
