@@ -25,6 +25,7 @@ from livemig.migration.destination import DestinationMigration
 from livemig.migration.source import SourceMigration
 from livemig.migration.state import Capabilities, MigrationStatus, Parameters
 from livemig.migration.trace import Tracer
+from livemig.runtime import SwitchInterval
 from livemig.vmm.boot import guest_range
 from livemig.vmm.checks import ab_check, random_check
 from livemig.vmm.vm import RunState, Vm
@@ -37,8 +38,12 @@ class Instance:
 
     def __init__(self, vm: Vm, qmp_path: str | None = None, *,
                  exit_after_incoming: bool = False, trace: Sequence[str] = (),
-                 trace_sink: TextIO | None = None) -> None:
+                 trace_sink: TextIO | None = None, switch: SwitchInterval | None = None
+                 ) -> None:
+        """``switch``: the owner of the process's GIL switch interval; instances that
+        share a process must share it (livemig runs one instance per process)."""
         self.vm = vm
+        self.switch = switch or SwitchInterval()
         self.trace_patterns = tuple(trace)
         self.trace_sink = trace_sink
         self.commands = CommandTable()
@@ -138,7 +143,8 @@ class Instance:
             raise QmpError(f"Cannot migrate a VM that is {self.vm.runstate.value}")
         self.outgoing = SourceMigration(self.vm, MigrationUri.parse(uri), self.caps,
                                         self.params, self._emit,
-                                        Tracer(self.trace_patterns, self.trace_sink))
+                                        Tracer(self.trace_patterns, self.trace_sink),
+                                        switch=self.switch)
         self.outgoing.start()
 
     def migrate_incoming(self, uri: str) -> None:
@@ -147,7 +153,8 @@ class Instance:
         if self.vm.runstate not in (RunState.PRELAUNCH, RunState.INMIGRATE):
             raise QmpError("migrate-incoming is only allowed on a VM started with --incoming")
         self.incoming = DestinationMigration(self.vm, MigrationUri.parse(uri), self.caps,
-                                             self._emit, self._incoming_finished)
+                                             self._emit, self._incoming_finished,
+                                             switch=self.switch)
         self.incoming.start()
 
     def _incoming_finished(self, mig: DestinationMigration) -> None:

@@ -40,6 +40,7 @@ from livemig.migration.state import (
     StatusMachine,
     log_failure,
 )
+from livemig.runtime import SwitchInterval
 from livemig.vmm.vm import RunState, Vm
 from livemig.wire.channel import ChannelKind, identify_channel
 
@@ -53,8 +54,12 @@ class DestinationMigration:
 
     def __init__(self, vm: Vm, uri: MigrationUri, caps: Capabilities,
                  emit: EventSink | None = None,
-                 on_finished: Callable[[DestinationMigration], None] | None = None) -> None:
+                 on_finished: Callable[[DestinationMigration], None] | None = None, *,
+                 switch: SwitchInterval | None = None) -> None:
+        """``switch``: the process's owner of the GIL switch interval (one per process,
+        shared by every migration in it)."""
         self.vm = vm
+        self.switch = switch or SwitchInterval()
         self.uri = uri
         self.caps = caps
         self._emit = emit or (lambda _e, _d: None)
@@ -109,7 +114,7 @@ class DestinationMigration:
                 self.vm, self._channel, self.caps,
                 accept_postcopy_channel=self.accept_postcopy_channel,
                 on_postcopy_active=lambda: self.status.set(MigrationStatus.POSTCOPY_ACTIVE),
-                uffd_features=self.uffd_features)
+                uffd_features=self.uffd_features, switch=self.switch)
             self._load.run()
             self._finish(self._load)
         except Exception as e:

@@ -31,7 +31,6 @@ through the ``on_error`` callable given to :meth:`~FaultHandler.listen`.
 
 from __future__ import annotations
 
-import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -47,16 +46,15 @@ from livemig.migration.postcopy import (
     FaultThread,
     PostcopyChannelReceiver,
     PostcopyState,
-    shared_layout,
+    host_pages,
+    postcopy_counters,
+    postcopy_layout,
     uffd_block_states,
 )
 from livemig.migration.returnpath import ReturnPathWriter
+from livemig.runtime import POSTCOPY_SWITCH_INTERVAL, SwitchInterval, SwitchIntervalLease
 from livemig.vmm.memory import RamBlock
 from livemig.wire.blocks import BlockInfo
-
-# While postcopy runs, a thread woken by a fault must get the GIL quickly (the default
-# 5 ms switch interval would add up to 5 ms to every page request).
-POSTCOPY_SWITCH_INTERVAL = 50e-6
 
 OnError = Callable[[Exception], None]
 
@@ -106,16 +104,19 @@ class FaultHandler(ABC):
 
 
 class ThreadFaultHandler(FaultHandler):
-    def __init__(self, post_channel: Channel | None) -> None:
+    def __init__(self, post_channel: Channel | None, switch: SwitchInterval) -> None:
         super().__init__(post_channel)
+        self._switch = switch
         self._fault: FaultThread | None = None
         self._placer: ChannelPlacer | None = None
         self._recv: threading.Thread | None = None
-        self._old_switch: float | None = None
+        self._gil: SwitchIntervalLease | None = None
 
     def advise(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
                vcpu_tids: Mapping[int, int]) -> PostcopyState:
-        return PostcopyState(uffd_block_states(blocks, uffd), uffd, vcpu_tids)
+        views = postcopy_layout(host_pages(blocks)).private()
+        return PostcopyState(uffd_block_states(blocks, uffd, views), uffd, vcpu_tids,
+                             counters=postcopy_counters(views))
 
     def listen(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
                state: PostcopyState, rp: ReturnPathWriter, vcpu_tids: Mapping[int, int],
@@ -128,8 +129,9 @@ class ThreadFaultHandler(FaultHandler):
                 target=receive_postcopy_channel, name="postcopy/recv", daemon=True,
                 args=(self.post_channel, self._placer, block_table(blocks), on_error))
             self._recv.start()
-        self._old_switch = sys.getswitchinterval()
-        sys.setswitchinterval(POSTCOPY_SWITCH_INTERVAL)
+        # A fault wakes a thread of ours, which then needs the GIL quickly: the default
+        # 5 ms switch interval would add up to 5 ms to every page request.
+        self._gil = self._switch.switch_interval(POSTCOPY_SWITCH_INTERVAL)
 
     def wait_channel_end(self, timeout: float) -> None:
         if self._recv is not None:
@@ -146,9 +148,9 @@ class ThreadFaultHandler(FaultHandler):
         if self._fault is not None:
             self._fault.stop()
             self._fault = None
-        if self._old_switch is not None:
-            sys.setswitchinterval(self._old_switch)
-            self._old_switch = None
+        if self._gil is not None:
+            self._gil.release()
+            self._gil = None
 
     def close(self) -> None:
         self.stop()
@@ -171,11 +173,11 @@ class HelperFaultHandler(FaultHandler):
     def advise(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
                vcpu_tids: Mapping[int, int]) -> PostcopyState:
         # Shared with the fault server, which places the requested pages.
-        size, _ = shared_layout({n: b.size // b.host_page_size for n, b in blocks.items()})
-        self._shared = SharedMemory.create("livemig-postcopy", size)
-        self._state = PostcopyState(uffd_block_states(blocks, uffd, self._shared), uffd,
-                                    vcpu_tids, lock=ProcessLock(self._shared.fd),
-                                    shared=self._shared)
+        self._shared, views = postcopy_layout(host_pages(blocks)).create("livemig-postcopy")
+        self._state = PostcopyState(uffd_block_states(blocks, uffd, views), uffd, vcpu_tids,
+                                    lock=ProcessLock(self._shared.fd),
+                                    counters=postcopy_counters(views))
+        views.release()
         return self._state
 
     def listen(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
@@ -207,12 +209,12 @@ class HelperFaultHandler(FaultHandler):
             self._shared = None
 
 
-def choose_fault_handler(handshake: Handshake, post_channel: Channel | None
-                         ) -> FaultHandler:
+def choose_fault_handler(handshake: Handshake, post_channel: Channel | None,
+                         switch: SwitchInterval) -> FaultHandler:
     """The design matching the source's (announced in the capabilities section)."""
     if handshake.urgent_process:
         if post_channel is None:
             raise RemoteProtocolError("the source serves page requests on the postcopy "
                                       "channel, but there is no postcopy channel")
         return HelperFaultHandler(post_channel)
-    return ThreadFaultHandler(post_channel)
+    return ThreadFaultHandler(post_channel, switch)

@@ -45,7 +45,8 @@ from livemig.migration.postcopy import (
     PageArrays,
     PostcopyChannelReceiver,
     PostcopyState,
-    shared_layout,
+    postcopy_counters,
+    postcopy_layout,
 )
 from livemig.wire.blocks import BlockInfo
 from livemig.wire.returnpath import ReturnPathEncoder
@@ -122,15 +123,16 @@ class _Server:
         uffd_fd, sock_fd, shm_fd = fds
         self.conn = conn
         self.uffd = Userfaultfd(uffd_fd)
-        self.shared = SharedMemory.attach(shm_fd, int(msg["shared_size"]))
         blocks = [(str(n), int(size), int(hp), int(addr)) for n, size, hp, addr in msg["blocks"]]
-        _, where = shared_layout({n: size // hp for n, size, hp, _ in blocks})
+        layout = postcopy_layout({n: size // hp for n, size, hp, _ in blocks})
+        self.shared = SharedMemory.attach(shm_fd, int(msg["shared_size"]))
+        views = layout.views(self.shared)  # checks the VMM's memory fits the layout
         states = {n: BlockState(n, size, hp, PagePlacer(self.uffd, RemoteRange(addr, size)),
-                                PageArrays.shared(self.shared, where[n], size // hp))
+                                PageArrays(views.group(n)))
                   for n, size, hp, addr in blocks}
         tids = {int(i): int(t) for i, t in msg["vcpu_tids"].items()}
         self.state = PostcopyState(states, self.uffd, tids, lock=ProcessLock(shm_fd),
-                                   shared=self.shared)
+                                   counters=postcopy_counters(views))
         self.sock = socket.socket(fileno=sock_fd)
         self.channel = Channel(self.sock, name="postcopy")
         self.receiver = PostcopyChannelReceiver(

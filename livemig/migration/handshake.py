@@ -99,13 +99,15 @@ class Handshake:
                                  f"this destination has [{mine}]; set the same on both sides")
 
 
-class _Block(Protocol):
+class SizedBlock(Protocol):
+    """What the block table needs of a RAM block."""
+
     @property
     def size(self) -> int: ...
     @property
     def host_page_size(self) -> int: ...
 
 
-def block_table(blocks: Mapping[str, _Block]) -> dict[str, BlockInfo]:
+def block_table(blocks: Mapping[str, SizedBlock]) -> dict[str, BlockInfo]:
     """Name -> (length, host page size) of each RAM block, as MEM_SIZE carries it."""
     return {name: BlockInfo(b.size, b.host_page_size) for name, b in blocks.items()}

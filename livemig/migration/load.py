@@ -54,6 +54,7 @@ from livemig.migration.pagesink import PageSink, RamLoader, dispatch_page_event,
 from livemig.migration.postcopy import RECV_CHUNK, ChannelPlacer, LatencyStats, PostcopyState
 from livemig.migration.returnpath import ReturnPathWriter
 from livemig.migration.state import Capabilities
+from livemig.runtime import SwitchInterval
 from livemig.vmm.serial import SerialState
 from livemig.vmm.state import VcpuState, VmState
 from livemig.vmm.vm import RunState, Vm
@@ -96,8 +97,9 @@ class IncomingLoad:
     def __init__(self, vm: Vm, channel: Channel, caps: Capabilities, *,
                  accept_postcopy_channel: Callable[[], Channel],
                  on_postcopy_active: Callable[[], None],
-                 uffd_features: Callable[[], int]) -> None:
+                 uffd_features: Callable[[], int], switch: SwitchInterval) -> None:
         self.vm = vm
+        self._switch = switch
         self.channel = channel
         self.caps = caps
         self._accept_postcopy_channel = accept_postcopy_channel
@@ -208,7 +210,7 @@ class IncomingLoad:
         theirs.check_matches(self.caps)
         if self.caps.postcopy_preempt:
             self._post_channel = self._accept_postcopy_channel()
-        self._handler = choose_fault_handler(theirs, self._post_channel)
+        self._handler = choose_fault_handler(theirs, self._post_channel, self._switch)
 
     def _vm_state(self) -> VmState:
         if self._serial is None or sorted(self._cpus) != list(range(len(self.vm.vcpus))):
@@ -244,7 +246,8 @@ class IncomingLoad:
                                  "of this guest's RAM needs")
         self._require_rp("POSTCOPY_ADVISE")
         if self._handler is None:  # a stream without the capabilities section
-            self._handler = choose_fault_handler(Handshake.of(self.caps), self._post_channel)
+            self._handler = choose_fault_handler(Handshake.of(self.caps), self._post_channel,
+                                                 self._switch)
         self._uffd = Userfaultfd.open()
         self._uffd.api(needed)
         self._postcopy = self._handler.advise(self.vm.blocks, self._uffd, self._vcpu_tids())

@@ -44,9 +44,17 @@ import numpy.typing as npt
 from livemig.errors import RemoteProtocolError
 from livemig.kernel.mman import PAGE_SIZE
 from livemig.kernel.placement import PagePlacer
-from livemig.kernel.shared import SharedMemory
+from livemig.kernel.shared import (
+    Counters,
+    Field,
+    SharedLayout,
+    SharedViews,
+    counters_field,
+    grouped,
+)
 from livemig.kernel.uffd import Userfaultfd
 from livemig.migration.channel import Channel
+from livemig.migration.handshake import SizedBlock
 from livemig.migration.pagesink import dispatch_page_event, read_payload
 from livemig.vmm.memory import RamBlock
 from livemig.wire import events as ev
@@ -97,39 +105,38 @@ class PageArrays:
         self.owner: npt.NDArray[np.int8] = arrays["owner"]
 
     @classmethod
-    def nbytes(cls, n: int) -> int:
-        return sum(_align8(np.dtype(t).itemsize * n) for _, t in cls.FIELDS)
+    def fields(cls, n: int) -> list[Field]:
+        """The arrays of a block of ``n`` host pages, for a :class:`SharedLayout`."""
+        return [Field.of(name, t, n) for name, t in cls.FIELDS]
 
     @classmethod
     def private(cls, n: int) -> PageArrays:
-        return cls({name: np.zeros(n, dtype=t) for name, t in cls.FIELDS})
+        return cls(SharedLayout(cls.fields(n)).private())
 
-    @classmethod
-    def shared(cls, mem: SharedMemory, offset: int, n: int) -> PageArrays:
-        arrays = {}
-        for name, t in cls.FIELDS:
-            arrays[name] = mem.array(offset, t, n)
-            offset += _align8(np.dtype(t).itemsize * n)
-        return cls(arrays)
-
-
-def _align8(n: int) -> int:
-    return (n + 7) & ~7
+    def copy(self) -> PageArrays:
+        return PageArrays({name: getattr(self, name).copy() for name, _ in self.FIELDS})
 
 
 # Written by the fault handler only (one thread or the fault server), so without a lock.
 COUNTERS = ("zero_filled", "requests")
+_COUNTERS_FIELD = "counters"
 
 
-def shared_layout(host_pages: Mapping[str, int]) -> tuple[int, dict[str, int]]:
-    """Size of the shared postcopy state for blocks of so many host pages, and where
-    each block's arrays start (the counters come first)."""
-    offset = 8 * len(COUNTERS)
-    where = {}
-    for name, n in host_pages.items():
-        where[name] = offset
-        offset += PageArrays.nbytes(n)
-    return offset, where
+def postcopy_layout(host_pages: Mapping[str, int]) -> SharedLayout:
+    """The postcopy state of blocks of so many host pages in one buffer: the counters,
+    then each block's :class:`PageArrays` (grouped under the block's name)."""
+    return SharedLayout([counters_field(_COUNTERS_FIELD, COUNTERS),
+                         *(f for name, n in host_pages.items()
+                           for f in grouped(name, PageArrays.fields(n)))])
+
+
+def host_pages(blocks: Mapping[str, SizedBlock]) -> dict[str, int]:
+    return {n: b.size // b.host_page_size for n, b in blocks.items()}
+
+
+def _private_counters() -> Counters:
+    return SharedLayout([counters_field(_COUNTERS_FIELD, COUNTERS)]).private().counters(
+        _COUNTERS_FIELD)
 
 
 class BlockState:
@@ -147,17 +154,17 @@ class BlockState:
 
 
 def uffd_block_states(blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
-                      shared: SharedMemory | None = None) -> dict[str, BlockState]:
-    """Block states that place through ``uffd`` into the VM's guest RAM (their arrays
-    in ``shared`` if given, laid out by :func:`shared_layout`)."""
-    _, where = shared_layout({n: b.size // b.host_page_size for n, b in blocks.items()})
-    out = {}
-    for name, b in blocks.items():
-        n = b.size // b.host_page_size
-        arrays = PageArrays.shared(shared, where[name], n) if shared is not None else None
-        out[name] = BlockState(name, b.size, b.host_page_size, PagePlacer(uffd, b.mapping),
-                               arrays)
-    return out
+                      views: SharedViews) -> dict[str, BlockState]:
+    """Block states that place through ``uffd`` into the VM's guest RAM, their arrays
+    in ``views`` (of :func:`postcopy_layout`, private or shared)."""
+    return {name: BlockState(name, b.size, b.host_page_size, PagePlacer(uffd, b.mapping),
+                             PageArrays(views.group(name)))
+            for name, b in blocks.items()}
+
+
+def postcopy_counters(views: SharedViews) -> Counters:
+    """The counters of a :func:`postcopy_layout`."""
+    return views.counters(_COUNTERS_FIELD)
 
 
 class LatencyStats:
@@ -234,29 +241,30 @@ CHANNEL_IDS = {"main": 1, "postcopy": 2}
 class PostcopyState:
     """What the fault handler and every channel placer share (see module docstring).
 
-    ``shared``: the arrays and counters live in that memory (a helper process maps it
-    too) and ``lock`` must then exclude that process as well (a ProcessLock)."""
+    When the arrays and ``counters`` live in memory a helper process maps too, ``lock``
+    must exclude that process as well (a ProcessLock)."""
 
     def __init__(self, blocks: Mapping[str, BlockState], uffd: Userfaultfd | None,
                  vcpu_tids: Mapping[int, int], *, lock: StateLock | None = None,
-                 shared: SharedMemory | None = None) -> None:
+                 counters: Counters | None = None) -> None:
         self.uffd = uffd
         self.blocks = dict(blocks)
         self.lock: StateLock = lock or threading.Lock()
         self.stats = LatencyStats(self.blocks)
         self.vcpu_of_tid = {tid: i for i, tid in vcpu_tids.items()}
-        self._counters = (shared.array(0, np.int64, len(COUNTERS)) if shared is not None
-                          else np.zeros(len(COUNTERS), dtype=np.int64))
+        self.counters = counters or _private_counters()
         self._zero_page = mmap.mmap(-1, max(b.host_page for b in self.blocks.values()))
 
     def unshare(self) -> None:
         """Copy the arrays and counters into private memory (the shared memory is about
         to go; the statistics must outlive it)."""
         for st in self.blocks.values():
-            st.arrays = PageArrays({name: getattr(st.arrays, name).copy()
-                                    for name, _ in PageArrays.FIELDS})
+            st.arrays = st.arrays.copy()
             st.received, st.precopy_present = st.arrays.received, st.arrays.precopy_present
-        self._counters = self._counters.copy()
+        private = _private_counters()
+        for name, value in self.counters.as_dict().items():
+            private.add(name, value)
+        self.counters = private
         self.lock = threading.Lock()
 
     @property
@@ -265,11 +273,11 @@ class PostcopyState:
 
     @property
     def zero_filled(self) -> int:
-        return int(self._counters[0])
+        return self.counters["zero_filled"]
 
     @property
     def requests(self) -> int:
-        return int(self._counters[1])
+        return self.counters["requests"]
 
     def missing(self) -> dict[str, tuple[int, int]]:
         """Host pages that came neither in precopy nor in postcopy, per block: (how
@@ -347,7 +355,7 @@ class PostcopyState:
         zero_fill = bool(st.precopy_present[hp])
         a.fault_ns[hp] = now_ns
         a.fault_vcpu[hp] = self.vcpu_of_tid.get(tid, -1) + 1
-        self._counters[0 if zero_fill else 1] += 1
+        self.counters.add("zero_filled" if zero_fill else "requests")
         if zero_fill:
             self.place(st, offset, self._zero_page)
         else:

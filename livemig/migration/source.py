@@ -34,7 +34,6 @@ vCPUs running if they were, guest RAM untouched.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -65,6 +64,7 @@ from livemig.migration.state import (
 )
 from livemig.migration.trace import Tracer
 from livemig.migration.urgent_sender import UrgentSender, choose_urgent_sender
+from livemig.runtime import SwitchInterval
 from livemig.vmm.state import VmState
 from livemig.vmm.vm import RunState, Vm
 from livemig.wire.blocks import BlockInfo, host_page_summary
@@ -72,8 +72,6 @@ from livemig.wire.channel import ChannelKind
 from livemig.wire.encoder import Encoder
 
 log = logging.getLogger("livemig.source")
-
-POSTCOPY_SWITCH_INTERVAL = 50e-6
 
 EventSink = Callable[[str, dict[str, Any]], None]
 
@@ -137,8 +135,12 @@ class SourceMigration:
 
     def __init__(self, vm: Vm, uri: MigrationUri, caps: Capabilities, params: Parameters,
                  emit: EventSink | None = None, tracer: Tracer | None = None, *,
+                 switch: SwitchInterval | None = None,
                  postcopy_channel_first: bool = False) -> None:
+        """``switch``: the process's owner of the GIL switch interval (one per process,
+        shared by every migration in it)."""
         self.vm = vm
+        self.switch = switch or SwitchInterval()
         self.uri = uri
         self.caps = caps
         self.params = params
@@ -436,16 +438,8 @@ class SourceMigration:
         # Requests (vanilla) or the background stream (preempt) must not wait behind
         # megabytes queued in the kernel.
         quiet_background(sender.writer.channel)
-        # An in-process design's return-path thread must get the GIL quickly when a
-        # request arrives; the default 5 ms switch interval would add up to 5 ms to
-        # every request.
-        old_switch = sys.getswitchinterval()
-        if self.urgent.in_process:
-            sys.setswitchinterval(POSTCOPY_SWITCH_INTERVAL)
-        try:
+        with self.urgent.postcopy_gil(self.switch):
             sender.postcopy_loop(self.requests, self._postcopy_failed)
-        finally:
-            sys.setswitchinterval(old_switch)
         self._check_postcopy_alive()
         self.trace.counts.update(end_postcopy_stream(sender, self.urgent))
         self._rp.wait_shut(timeout=60)

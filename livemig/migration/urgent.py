@@ -26,7 +26,7 @@ import os
 import select
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,17 @@ import numpy.typing as npt
 
 from livemig.errors import ChannelClosedError, MigrationError, RemoteProtocolError
 from livemig.kernel.mman import PAGE_SIZE
-from livemig.kernel.shared import ProcessLock, ProcessMemory, SharedMemory
+from livemig.kernel.shared import (
+    Counters,
+    Field,
+    ProcessLock,
+    ProcessMemory,
+    SharedLayout,
+    SharedMemory,
+    SharedViews,
+    counters_field,
+    grouped,
+)
 from livemig.migration.bitmap import split_zero_pages, take_bits
 from livemig.migration.channel import Channel, ChannelWriter
 from livemig.migration.helper import HelperBlock, HelperConn, HelperProcess, helper_main
@@ -53,14 +63,16 @@ COUNTERS = ("requests", "urgent_bytes", "host_pages")
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
-def shared_bits_layout(pages: Mapping[str, int]) -> tuple[int, dict[str, int]]:
-    """Size of the shared dirty bits (one byte per 4 KiB page) and each block's start."""
-    offset = 8 * len(COUNTERS)
-    where = {}
-    for name, n in pages.items():
-        where[name] = offset
-        offset += (n + 7) & ~7
-    return offset, where
+def bits_layout(pages: Mapping[str, int]) -> SharedLayout:
+    """The counters, then one byte per 4 KiB page of each block (its dirty bit)."""
+    return SharedLayout([counters_field("counters", COUNTERS),
+                         *(f for name, n in pages.items()
+                           for f in grouped(name, [Field.of("bits", np.bool_, n)]))])
+
+
+def _bits_and_counters(views: SharedViews, names: Iterable[str]
+                       ) -> tuple[dict[str, npt.NDArray[np.bool_]], Counters]:
+    return {n: views[f"{n}/bits"] for n in names}, views.counters("counters")
 
 
 class SharedBits:
@@ -68,14 +80,13 @@ class SharedBits:
     map, with the lock that makes taking pages exclusive."""
 
     def __init__(self, pages: Mapping[str, int]) -> None:
-        size, self._where = shared_bits_layout(pages)
-        self.memory = SharedMemory.create("livemig-bits", size)
+        self.memory, views = bits_layout(pages).create("livemig-bits")
         self.lock = ProcessLock(self.memory.fd)
-        self.counters = self.memory.array(0, np.int64, len(COUNTERS))
-        self.bits = {n: self.memory.array(self._where[n], np.bool_, p) for n, p in pages.items()}
+        self.bits, self.counters = _bits_and_counters(views, pages)
+        views.release()
 
     def counter(self, name: str) -> int:
-        return int(self.counters[COUNTERS.index(name)])
+        return self.counters[name]
 
     def close(self) -> None:
         self.bits.clear()
@@ -165,10 +176,8 @@ class _Server:
         shared = SharedMemory.attach(fds[1], int(msg["shared_size"]))
         self.lock = ProcessLock(fds[1])
         blocks = {str(b[0]): b for b in msg["blocks"]}
-        _, where = shared_bits_layout({n: int(b[1]) // PAGE_SIZE for n, b in blocks.items()})
-        self.counters = shared.array(0, np.int64, len(COUNTERS))
-        self.bits = {n: shared.array(where[n], np.bool_, int(b[1]) // PAGE_SIZE)
-                     for n, b in blocks.items()}
+        layout = bits_layout({n: int(b[1]) // PAGE_SIZE for n, b in blocks.items()})
+        self.bits, self.counters = _bits_and_counters(layout.views(shared), blocks)
         mem = ProcessMemory(int(msg["pid"]))
         self.ram = {n: _Ram(int(b[1]), int(b[2]), str(b[3]), int(b[4]), mem, fds)
                     for n, b in blocks.items()}
@@ -185,10 +194,10 @@ class _Server:
             nbytes = self._send_small(req.block, req.start)
         else:
             nbytes = self._send_huge(req)
-        self.counters[0] += 1
+        self.counters.add("requests")
         if nbytes:
-            self.counters[1] += nbytes
-            self.counters[2] += 1
+            self.counters.add("urgent_bytes", nbytes)
+            self.counters.add("host_pages")
             # After the send: the trace line is not on the request's path.
             self.trace("postcopy_preempt_send_host_page", channel="postcopy",
                        block=req.block, offset=req.start)

@@ -44,6 +44,7 @@ from livemig.errors import ChannelClosedError, QmpError
 from livemig.guests import DEFAULT_RANGE_START
 from livemig.instance import Instance
 from livemig.kernel.mman import MIB, Backing
+from livemig.runtime import SwitchInterval
 from livemig.vmm.boot import boot_guest
 from livemig.vmm.vm import Vm, VmConfig
 from livemig.wire import events as ev
@@ -154,9 +155,10 @@ def close_instance(inst: Instance) -> None:
 
 @contextlib.contextmanager
 def guest_instance(tmp_path: Path, guest: str | None, name: str, mem: int = MEM,
-                   backing: Backing = Backing.ANON_4K) -> Iterator[Instance]:
+                   backing: Backing = Backing.ANON_4K,
+                   switch: SwitchInterval | None = None) -> Iterator[Instance]:
     """An instance with a QMP socket: running ``guest`` (two passes done), or empty."""
-    inst = Instance(Vm(VmConfig(mem, backing)), str(tmp_path / f"{name}.qmp"))
+    inst = Instance(Vm(VmConfig(mem, backing)), str(tmp_path / f"{name}.qmp"), switch=switch)
     try:
         if guest is not None:
             boot_guest(inst.vm, guest)
@@ -218,10 +220,11 @@ def migration_pair(tmp_path: Path, cfg: PairConfig) -> Iterator[Pair]:
 
     The destination is closed first, so a source still streaming to it fails (and
     ends) instead of waiting for a peer that is gone."""
-    with guest_instance(tmp_path, cfg.guest, "src", cfg.mem, cfg.backing) as src, \
+    switch = SwitchInterval()  # both instances run in this process: one owner
+    with guest_instance(tmp_path, cfg.guest, "src", cfg.mem, cfg.backing, switch) as src, \
             client(src) as sq:
         dst = Instance(Vm(VmConfig(cfg.mem, cfg.dst_backing or cfg.backing)),
-                       str(tmp_path / "dst.qmp"))
+                       str(tmp_path / "dst.qmp"), switch=switch)
         try:
             with client(dst) as dq:
                 sq.execute("migrate-set-capabilities", capabilities=capabilities(

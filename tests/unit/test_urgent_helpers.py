@@ -28,14 +28,15 @@ import pytest
 
 from livemig.errors import ChannelClosedError, RemoteProtocolError
 from livemig.kernel.mman import PAGE_SIZE, Backing, Mapping, map_guest_ram
-from livemig.kernel.shared import ProcessLock, SharedMemory
+from livemig.kernel.shared import ProcessLock
 from livemig.kernel.uffd import FEATURE_THREAD_ID, Userfaultfd
 from livemig.migration.channel import Channel
 from livemig.migration.faultserver import FaultServer
+from livemig.migration.pagesink import read_payload
 from livemig.migration.postcopy import (
     PostcopyState,
-    read_payload,
-    shared_layout,
+    postcopy_counters,
+    postcopy_layout,
     uffd_block_states,
 )
 from livemig.migration.urgent import SharedBits, UrgentServer
@@ -255,9 +256,10 @@ def dest_side(request: pytest.FixtureRequest) -> Iterator[Dest]:
     uffd = Userfaultfd.open()
     uffd.api(FEATURE_THREAD_ID)
     n = size // block.host_page_size
-    shared = SharedMemory.create("test-postcopy", shared_layout({"pc.ram": n})[0])
-    state = PostcopyState(uffd_block_states({"pc.ram": block}, uffd, shared), uffd, {},
-                          lock=ProcessLock(shared.fd), shared=shared)
+    shared, views = postcopy_layout({"pc.ram": n}).create("test-postcopy")
+    state = PostcopyState(uffd_block_states({"pc.ram": block}, uffd, views), uffd, {},
+                          lock=ProcessLock(shared.fd), counters=postcopy_counters(views))
+    views.release()
     for st in state.blocks.values():
         st.placer.register()
     src, dst = socket.socketpair()
