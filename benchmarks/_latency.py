@@ -19,7 +19,7 @@ needs postcopy-preempt on both; no QEMU version needs ``return-path`` for postco
 return path is opened by postcopy-ram itself).
 
 Links: ``loopback`` runs both peers in this network namespace over 127.0.0.1; a rate
-(``1gbit``, ``500mbit``...) builds a :class:`_peers.ShapedLink` (two namespaces, a veth
+(``1gbit``, ``500mbit``...) builds a :class:`_links.ShapedLink` (two namespaces, a veth
 pair with ``tbf`` on both ends) and runs the source in one namespace, the destination
 in the other.
 
@@ -67,23 +67,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _harness import HarnessError
+from _links import NETNS_PORT, LinkSpec, ShapedLink
 from _peers import (
-    FINISHED,
-    NETNS_PORT,
     UNLIMITED_BANDWIDTH,
-    HarnessError,
-    LinkSpec,
     LivemigPeer,
     MigrationPlan,
     MigrationResult,
     Peer,
-    PySpy,
     QemuPeer,
-    ShapedLink,
     VmSpec,
+    finished,
     free_tcp_port,
     migrate,
 )
+from _profile import PySpy
 from rich.console import Console
 from rich.table import Table
 
@@ -254,11 +252,6 @@ class TracedQemuPeer(QemuPeer):
             raise MigrationError(f"{self.label}: postcopy paused (QEMU found the stream "
                                  f"broken; see its log): {self.log_text()[-300:]}")
         return out
-
-    def abandon(self) -> None:
-        """Kill a destination left in an unknown state; close() then only reaps it."""
-        if self.proc.poll() is None:
-            self.proc.kill()
 
     def command(self) -> list[str]:
         args = super().command()
@@ -538,9 +531,8 @@ class Case:
         """After a failed migration: keep the source if it is usable, else boot another
         (it may be stuck, e.g. postcopy-paused, or gone)."""
         with contextlib.suppress(LivemigError, OSError):
-            status = self.src.execute("query-migrate").get("status")
-            if status in FINISHED and self.src.runstate() in ("running", "postmigrate",
-                                                               "paused"):
+            if finished(self.src.execute("query-migrate")) and self.src.runstate() in (
+                    "running", "postmigrate", "paused"):
                 return
         self.src.close()
         self.count += 1
