@@ -36,8 +36,9 @@ vCPU woken).
 
 * livemig: the destination's ``query-migrate`` reports the exact percentiles
   (``x-postcopy-latency-percentiles``, µs) and a histogram in power-of-two µs buckets
-  (``postcopy-latency-dist``).  Raw samples come from :data:`RAW_SAMPLES_COMMAND` when
-  livemig has it; until then CDFs of livemig rows are drawn from the buckets (marked).
+  (``postcopy-latency-dist``); :data:`RAW_SAMPLES_COMMAND` gives the raw samples for
+  exact CDFs.  A livemig without that command (an older snapshot under test) gets its
+  CDFs drawn from the buckets (marked in the plot).
 * QEMU 7.2 has no latency statistics, so the destination runs with its ``log`` trace
   backend (``-trace enable=postcopy_ram_fault_thread_request``,
   ``postcopy_place_page*``, ``-msg timestamp=on``, ``-D`` file): lines
@@ -95,7 +96,7 @@ DEST_DONE_TIMEOUT_S = 120.0
 TRIES = 2  # attempts per measured migration (a failed one is reported and retried)
 POLL_S = 0.02
 LATENCY_BUCKETS = 24  # livemig's postcopy-latency-dist: bucket k = [2^k, 2^(k+1)) µs
-# Proposed livemig QMP command (destination) returning {"samples-ns": [int, ...]}.
+# livemig QMP command (destination) returning {"samples-ns": [int, ...]}.
 RAW_SAMPLES_COMMAND = "x-query-postcopy-latency-samples"
 
 REQUEST_EVENT = "postcopy_ram_fault_thread_request"

@@ -422,9 +422,10 @@ def _wait_destination(dst: Peer, deadline: float) -> str:
 def rearm_source(src: Peer) -> None:
     """Make a source that completed a migration ready (and paused) for another one.
 
-    QEMU can migrate again straight from ``postmigrate``; livemig cannot (yet), so both
-    go through ``cont`` + ``stop``: the guest runs for a moment, which changes nothing
-    for an idle-guest benchmark (every page is still dirty for the new migration).
+    Both VMMs could migrate again straight from ``postmigrate``; ``cont`` + ``stop``
+    puts every migration's source in the run state the first one starts from (paused
+    after the guest ran).  The guest runs for a moment, which changes nothing for an
+    idle-guest benchmark: every page is dirty again for a new migration.
     """
     if src.runstate() == "postmigrate":
         src.execute("cont")
