@@ -119,6 +119,7 @@ class VmmProcess:
                 elif time.monotonic() > deadline:
                     why = f"no QMP session: {e}"
                 else:
+                    time.sleep(0.05)  # e.g. refused: bound, not yet listening
                     continue
                 raise MigrationError(f"{self.name} VMM did not start ({why}): "
                                      f"{self.log_text()}") from None
