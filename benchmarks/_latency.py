@@ -19,7 +19,7 @@ needs postcopy-preempt on both; no QEMU version needs ``return-path`` for postco
 return path is opened by postcopy-ram itself).
 
 Links: ``loopback`` runs both peers in this network namespace over 127.0.0.1; a rate
-(``1gbit``, ``500mbit``...) builds a :class:`_peers.ShapedLink` (two namespaces, a veth
+(``1gbit``, ``500mbit``...) builds a :class:`_links.ShapedLink` (two namespaces, a veth
 pair with ``tbf`` on both ends) and runs the source in one namespace, the destination
 in the other.
 
@@ -36,8 +36,9 @@ vCPU woken).
 
 * livemig: the destination's ``query-migrate`` reports the exact percentiles
   (``x-postcopy-latency-percentiles``, µs) and a histogram in power-of-two µs buckets
-  (``postcopy-latency-dist``).  Raw samples come from :data:`RAW_SAMPLES_COMMAND` when
-  livemig has it; until then CDFs of livemig rows are drawn from the buckets (marked).
+  (``postcopy-latency-dist``); :data:`RAW_SAMPLES_COMMAND` gives the raw samples for
+  exact CDFs.  A livemig without that command (an older snapshot under test) gets its
+  CDFs drawn from the buckets (marked in the plot).
 * QEMU 7.2 has no latency statistics, so the destination runs with its ``log`` trace
   backend (``-trace enable=postcopy_ram_fault_thread_request``,
   ``postcopy_place_page*``, ``-msg timestamp=on``, ``-D`` file): lines
@@ -67,23 +68,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _harness import HarnessError
+from _links import NETNS_PORT, LinkSpec, ShapedLink
 from _peers import (
-    FINISHED,
-    NETNS_PORT,
     UNLIMITED_BANDWIDTH,
-    HarnessError,
-    LinkSpec,
     LivemigPeer,
     MigrationPlan,
     MigrationResult,
     Peer,
-    PySpy,
     QemuPeer,
-    ShapedLink,
     VmSpec,
+    finished,
     free_tcp_port,
     migrate,
 )
+from _profile import PySpy
 from rich.console import Console
 from rich.table import Table
 
@@ -97,7 +96,7 @@ DEST_DONE_TIMEOUT_S = 120.0
 TRIES = 2  # attempts per measured migration (a failed one is reported and retried)
 POLL_S = 0.02
 LATENCY_BUCKETS = 24  # livemig's postcopy-latency-dist: bucket k = [2^k, 2^(k+1)) µs
-# Proposed livemig QMP command (destination) returning {"samples-ns": [int, ...]}.
+# livemig QMP command (destination) returning {"samples-ns": [int, ...]}.
 RAW_SAMPLES_COMMAND = "x-query-postcopy-latency-samples"
 
 REQUEST_EVENT = "postcopy_ram_fault_thread_request"
@@ -254,11 +253,6 @@ class TracedQemuPeer(QemuPeer):
             raise MigrationError(f"{self.label}: postcopy paused (QEMU found the stream "
                                  f"broken; see its log): {self.log_text()[-300:]}")
         return out
-
-    def abandon(self) -> None:
-        """Kill a destination left in an unknown state; close() then only reaps it."""
-        if self.proc.poll() is None:
-            self.proc.kill()
 
     def command(self) -> list[str]:
         args = super().command()
@@ -538,9 +532,8 @@ class Case:
         """After a failed migration: keep the source if it is usable, else boot another
         (it may be stuck, e.g. postcopy-paused, or gone)."""
         with contextlib.suppress(LivemigError, OSError):
-            status = self.src.execute("query-migrate").get("status")
-            if status in FINISHED and self.src.runstate() in ("running", "postmigrate",
-                                                               "paused"):
+            if finished(self.src.execute("query-migrate")) and self.src.runstate() in (
+                    "running", "postmigrate", "paused"):
                 return
         self.src.close()
         self.count += 1

@@ -1,10 +1,11 @@
-"""Benchmark harness: the same migration driven over QMP with livemig and with QEMU 7.2.
+"""VMM peers: the same migration driven over QMP with livemig and with QEMU 7.2.
 
 Theory of operation
 -------------------
 A :class:`Peer` is one VMM *process* (a source running the guest, or a destination
-started with ``-incoming defer`` / ``--incoming defer``) plus its QMP session.  The two
-implementations differ only in the command line they spawn:
+started with ``-incoming defer`` / ``--incoming defer``) plus its QMP session; the
+process itself is a :class:`livemig.vmmprocess.VmmProcess`, the wrapper the demo and
+the tests use too.  The two implementations differ only in the command line they spawn:
 
 * :class:`LivemigPeer` runs ``python -m livemig run``;
 * :class:`QemuPeer` runs ``qemu-system-x86_64 -accel kvm`` booting the same boot-sector
@@ -16,62 +17,44 @@ Everything after the spawn is identical, because livemig speaks QEMU's QMP comma
 :func:`migrate` sets capabilities on both sides and parameters on the source, runs
 ``migrate-incoming`` then ``migrate``, optionally calls ``migrate-start-postcopy`` after a
 delay, waits for the source's ``query-migrate`` to finish and for the destination to
-leave ``inmigrate``, and returns a frozen :class:`MigrationResult`.
+leave ``inmigrate``, and returns a frozen :class:`MigrationResult` with the CPU both
+processes and the rest of the machine used meanwhile (``_cpu.py``).
 
 Cleanup is structural: peers (with the huge pages a QEMU peer reserves), profilers
-(:class:`PySpy`) and shaped links (:class:`ShapedLink`) are context managers, so a
-failure or Ctrl-C unwinds them in reverse order.  As a second line of defence every
-child gets ``PR_SET_PDEATHSIG`` (SIGTERM: both VMMs quit cleanly on it, livemig giving
-back its huge pages) so children never outlive a killed harness, and runs in its own
-session so a terminal Ctrl-C reaches only the harness, which then shuts them down in
-order.
-
-:class:`ShapedLink` builds two network namespaces joined by a veth pair, each end
-shaped with a ``tbf`` qdisc, for benchmarks over a slower link.  Addresses are private
-10.x addresses that exist only inside those namespaces; nothing is routed elsewhere.
+(``_profile.py``) and shaped links (``_links.py``) are context managers, so a failure or
+Ctrl-C unwinds them in reverse order; every child also dies with the harness
+(``_harness.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import re
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import livemig
-from livemig.control.client import QmpClient
+from _cpu import CpuTime, Usage
+from _harness import HarnessError, child_setup
+from _links import NETNS_PORT, netns_prefix
+
 from livemig.errors import LivemigError, MigrationError
 from livemig.guests import load_image, patch_range
 from livemig.kernel.mman import Backing, HugepageReservation
+from livemig.migration.state import MigrationStatus
 from livemig.vmm.vm import parse_size
+from livemig.vmmprocess import VmmFiles, VmmProcess, livemig_command, livemig_environment
 
 GUEST_RANGE_START = 1 << 20  # keep clear of the BIOS / VGA hole under QEMU
-FINISHED = frozenset({"completed", "failed", "cancelled"})
 # QEMU's default max-bandwidth is 32 MiB/s; "unlimited" means a cap nothing reaches.
 UNLIMITED_BANDWIDTH = 1 << 40
-QUIT_TIMEOUT_S = 20.0
-START_TIMEOUT_S = 60.0
 SPAWN_ATTEMPTS = 3
 POLL_S = 0.01  # query-migrate / query-status interval while waiting for a migration
-NETNS_PORT = 4444  # migration port inside a ShapedLink's private namespace
-
-_PR_SET_PDEATHSIG = 1
-_PR_SET_THP_DISABLE = 41
-
-
-class HarnessError(LivemigError):
-    """The benchmark environment could not be set up (a command or a peer failed)."""
 
 
 # --- VM description -------------------------------------------------------------------------
@@ -101,26 +84,6 @@ def guest_image(spec: VmSpec) -> bytes:
     return patch_range(load_image(spec.guest), GUEST_RANGE_START, spec.mem)
 
 
-# --- child processes --------------------------------------------------------------------------
-def _child_setup(disable_thp: bool) -> Callable[[], None]:
-    """preexec_fn: die with the harness; optionally opt the process out of THP."""
-
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork, not in the child
-
-    def setup() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        # QEMU madvises all guest RAM MADV_HUGEPAGE; PR_SET_THP_DISABLE (inherited across
-        # exec) is the only per-process way to get the plain 4 KiB pages livemig's "4K" has.
-        if disable_thp and libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
-            os._exit(127)
-
-    return setup
-
-
-def netns_prefix(netns: str | None) -> list[str]:
-    return [] if netns is None else ["ip", "netns", "exec", netns]
-
-
 class Peer(ABC):
     """One VMM process (source or destination) and its QMP session."""
 
@@ -133,9 +96,7 @@ class Peer(ABC):
         self.incoming = incoming
         self.netns = netns
         self.workdir = workdir
-        self.qmp_path = workdir / f"{name}.qmp"
-        self.serial_path = workdir / f"{name}.serial"
-        self.log_path = workdir / f"{name}.log"
+        self.files = VmmFiles(workdir, name)
         self._closed = False
         self._pool: HugepageReservation | None = None
         cmd = netns_prefix(netns) + self.command()
@@ -144,9 +105,11 @@ class Peer(ABC):
             try:
                 if self._pool is not None:
                     self._pool.acquire()
-                self._spawn(cmd)
+                self.vmm = VmmProcess(workdir, name, command=cmd, env=self.environment(),
+                                      new_session=True,
+                                      preexec_fn=child_setup(self.disable_thp()))
                 return
-            except HarnessError as e:
+            except LivemigError as e:
                 self._release_pool()
                 # Another process on this machine may have taken the free huge pages we
                 # reserved before our VMM could map them: reserve again and retry.
@@ -156,33 +119,6 @@ class Peer(ABC):
             except BaseException:
                 self._release_pool()
                 raise
-
-    def _spawn(self, cmd: list[str]) -> None:
-        # A socket left by a failed attempt would make the client connect to nobody.
-        self.qmp_path.unlink(missing_ok=True)
-        with open(self.log_path, "wb") as logf:
-            # ``ip netns exec`` execs the command, so the pid is the VMM's own.
-            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         cwd=self.workdir, env=self.environment(),
-                                         preexec_fn=_child_setup(self.disable_thp()))
-        try:
-            self.qmp = self._connect_qmp(time.monotonic() + START_TIMEOUT_S)
-        except BaseException:
-            self._stop_process()
-            raise
-
-    def _connect_qmp(self, deadline: float) -> QmpClient:
-        """Connect once the VMM listens.  The socket file appears at bind(), a moment
-        before listen(): a connection refused in between is retried, not fatal."""
-        while True:
-            try:
-                return QmpClient(str(self.qmp_path), timeout=max(deadline - time.monotonic(), 0))
-            except Exception as e:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise HarnessError(f"{self.label} did not start ({type(e).__name__}: {e}): "
-                                       f"{self.log_text()}") from None
-                time.sleep(0.05)
 
     @classmethod
     def source(cls, workdir: Path, name: str, spec: VmSpec, netns: str | None = None) -> Peer:
@@ -213,53 +149,44 @@ class Peer(ABC):
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.vmm.pid
 
     # --- QMP and serial ------------------------------------------------------------------
     def execute(self, command: str, **args: Any) -> Any:
-        return self.qmp.execute(command, **args)
+        return self.vmm.qmp.execute(command, **args)
 
     def runstate(self) -> str:
         return str(self.execute("query-status")["status"])
 
     def serial(self) -> bytes:
-        try:
-            return self.serial_path.read_bytes()
-        except OSError:
-            return b""
+        return self.vmm.serial()
 
     def wait_serial(self, count: int, timeout: float, byte: bytes = b"B") -> None:
-        """Wait until the guest printed ``count`` ``byte``s in total; raise otherwise."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            out = self.serial()
-            if b"E" in out:
-                raise HarnessError(f"{self.label}: the guest reported an error: {out[-80:]!r}")
-            if out.count(byte) >= count:
-                return
-            if self.proc.poll() is not None:
-                raise HarnessError(f"{self.label} exited: {self.log_text()}")
-            time.sleep(0.05)
-        raise HarnessError(f"{self.label}: only {self.serial().count(byte)} of {count} "
-                           f"{byte!r} after {timeout:.0f} s")
+        """Wait until the guest printed ``count`` more ``byte``s; raise otherwise."""
+        if self.vmm.wait_serial(count, timeout, byte):
+            return
+        out = self.serial()
+        if b"E" in out:
+            raise HarnessError(f"{self.label}: the guest reported an error: {out[-80:]!r}")
+        if not self.vmm.running():
+            raise HarnessError(f"{self.label} exited: {self.log_text()}")
+        raise HarnessError(f"{self.label}: fewer than {count} {byte!r} after {timeout:.0f} s")
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace").strip()[-2000:]
-        except OSError:
-            return ""
+        return self.vmm.log_text()
 
     # --- lifecycle -----------------------------------------------------------------------
+    def abandon(self) -> None:
+        """Kill a VMM left in an unknown state (it may no longer answer even ``quit``);
+        close() then only reaps it."""
+        self.vmm.kill()
+
     def close(self) -> None:
-        """Ask the VMM to quit; kill it if it does not."""
+        """Ask the VMM to quit; stop it if it does not; give back its huge pages."""
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(Exception):
-            self.qmp.execute("quit")
-        with contextlib.suppress(Exception):
-            self.qmp.close()
-        self._reap()
+        self.vmm.stop()
         self._release_pool()
 
     def _release_pool(self) -> None:
@@ -267,22 +194,6 @@ class Peer(ABC):
         if self._pool is not None:
             self._pool.release()
             self._pool = None
-
-    def _reap(self) -> None:
-        """Wait for a VMM that was asked to quit; stop it if it does not."""
-        try:
-            self.proc.wait(QUIT_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self._stop_process()
-
-    def _stop_process(self) -> None:
-        # SIGTERM first: livemig gives its huge pages back on a clean exit.
-        self.proc.terminate()
-        try:
-            self.proc.wait(QUIT_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
     def __enter__(self) -> Peer:
         return self
@@ -297,25 +208,19 @@ class LivemigPeer(Peer):
     kind = "livemig"
 
     def environment(self) -> dict[str, str]:
-        # The child imports the livemig this harness imported (a checkout under test, or
-        # a snapshot given with PYTHONPATH), not whatever the working directory holds.
-        env = dict(os.environ)
-        root = str(Path(livemig.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        return env
+        return livemig_environment()
 
     def command(self) -> list[str]:
-        args = [sys.executable, "-m", "livemig", "run", "--qmp", str(self.qmp_path),
-                "--serial", str(self.serial_path), "--mem", f"{self.spec.mem_mib}M",
-                "--page-size", self.spec.page_size]
-        return args + (["--incoming", "defer"] if self.incoming else ["--guest", self.spec.guest])
+        args = ["--mem", f"{self.spec.mem_mib}M", "--page-size", self.spec.page_size]
+        args += ["--incoming", "defer"] if self.incoming else ["--guest", self.spec.guest]
+        return livemig_command(self.files, args)
 
 
 def qemu_memory_args(backing: Backing, mem_mib: int) -> list[str]:
     """A memory backend matching livemig's backing of the same name.
 
     4K and THP are private anonymous memory (memory-backend-ram; 4K also disables THP
-    for the process, see :func:`_child_setup`).  2M and 1G are hugetlb memfds mapped
+    for the process, see :func:`_harness.child_setup`).  2M and 1G are hugetlb memfds mapped
     shared, as livemig maps them; :meth:`QemuPeer.hugepages` reserves the pages.
     """
     size = f"size={mem_mib}M"
@@ -339,8 +244,8 @@ class QemuPeer(Peer):
         image.write_bytes(guest_image(self.spec))
         args = [self.binary, "-accel", "kvm", "-m", f"{self.spec.mem_mib}M",
                 "-display", "none", "-nodefaults", "-no-reboot",
-                "-serial", f"file:{self.serial_path}",
-                "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+                "-serial", f"file:{self.files.serial}",
+                "-qmp", f"unix:{self.files.qmp},server=on,wait=off",
                 "-drive", f"file={image},format=raw,if=ide",
                 *qemu_memory_args(self.spec.backing, self.spec.mem_mib)]
         return args + (["-incoming", "defer"] if self.incoming else [])
@@ -384,74 +289,6 @@ class MigrationPlan:
 
 
 @dataclass(frozen=True)
-class CpuTime:
-    """CPU seconds (user, system) and minor page faults of a process, all its threads."""
-
-    user: float = 0.0
-    system: float = 0.0
-    minor_faults: int = 0
-
-    @property
-    def total(self) -> float:
-        return self.user + self.system
-
-    def __sub__(self, other: CpuTime) -> CpuTime:
-        return CpuTime(self.user - other.user, self.system - other.system,
-                       self.minor_faults - other.minor_faults)
-
-    @classmethod
-    def of(cls, pid: int) -> CpuTime:
-        """The process, its children that have exited (and were waited for), and those
-        still running: livemig's urgent helpers are part of the VMM's cost."""
-        total = cls._one(pid, with_reaped=True)
-        for child in _children(pid):
-            # A child that exits meanwhile: its time is in the parent's reaped figures.
-            with contextlib.suppress(OSError):
-                total = total + cls._one(child, with_reaped=True)
-        return total
-
-    def __add__(self, other: CpuTime) -> CpuTime:
-        return CpuTime(self.user + other.user, self.system + other.system,
-                       self.minor_faults + other.minor_faults)
-
-    @classmethod
-    def _one(cls, pid: int, *, with_reaped: bool) -> CpuTime:
-        # /proc/PID/stat, not the per-thread files: the migration threads have exited by
-        # the time the migration is over, and only the process totals keep their time.
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces
-        hz = os.sysconf("SC_CLK_TCK")
-        user, system, faults = int(fields[11]), int(fields[12]), int(fields[7])
-        if with_reaped:
-            user, system, faults = (user + int(fields[13]), system + int(fields[14]),
-                                    faults + int(fields[8]))
-        return cls(user / hz, system / hz, faults)
-
-
-def _children(pid: int) -> list[int]:
-    """Live child processes of ``pid`` (started by any of its threads)."""
-    out: list[int] = []
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return out
-    for task in tasks:
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return out
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all CPUs of this machine have spent busy since boot (/proc/stat)."""
-    first = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    ticks = [int(x) for x in first]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-@dataclass(frozen=True)
 class MigrationResult:
     """The outcome of one migration, from the source's final ``query-migrate``."""
 
@@ -492,21 +329,6 @@ class MigrationResult:
                 "source_info": dict(self.source_info)}
 
 
-@dataclass(frozen=True)
-class _Usage:
-    """What both processes and the whole machine had used at one instant."""
-
-    at: float
-    src: CpuTime
-    dst: CpuTime
-    busy: float
-
-    @classmethod
-    def take(cls, src: Peer, dst: Peer) -> _Usage:
-        return cls(time.monotonic(), CpuTime.of(src.pid), CpuTime.of(dst.pid),
-                   machine_busy_seconds())
-
-
 def migrate(src: Peer, dst: Peer, plan: MigrationPlan) -> MigrationResult:
     """Run one migration from ``src`` to ``dst`` as ``plan`` says; raise if it fails."""
     caps = [{"capability": c, "state": True} for c in plan.capabilities]
@@ -515,27 +337,26 @@ def migrate(src: Peer, dst: Peer, plan: MigrationPlan) -> MigrationResult:
     if plan.parameters:
         src.execute("migrate-set-parameters", **dict(plan.parameters))
     dst.execute("migrate-incoming", uri=plan.uri)
-    before = _Usage.take(src, dst)
+    before = Usage.take(src.pid, dst.pid)
     src.execute("migrate", uri=plan.uri)
     info = _wait_source(src, plan, before.at)
     if info.get("status") != "completed":
         raise MigrationError(f"{src.kind} migration {info.get('status')}: "
                              f"{info.get('error-desc', '')} {dst.log_text()}")
     runstate = _wait_destination(dst, before.at + plan.timeout)
-    after = _Usage.take(src, dst)
+    after = Usage.take(src.pid, dst.pid)
     info = _final_source_info(src, before.at + plan.timeout)
     return _result(src.kind, info, runstate, before, after)
 
 
-def _result(kind: str, info: dict[str, Any], runstate: str, before: _Usage,
-            after: _Usage) -> MigrationResult:
-    src_cpu, dst_cpu = after.src - before.src, after.dst - before.dst
-    other = after.busy - before.busy - src_cpu.total - dst_cpu.total
+def _result(kind: str, info: dict[str, Any], runstate: str, before: Usage,
+            after: Usage) -> MigrationResult:
     ram = info.get("ram", {})
     return MigrationResult(kind, str(info["status"]), int(info.get("total-time", 0)),
                            int(info.get("setup-time", 0)), int(info.get("downtime", 0)),
                            int(ram.get("transferred", 0)), after.at - before.at, info,
-                           runstate, src_cpu, dst_cpu, max(other, 0.0))
+                           runstate, after.src - before.src, after.dst - before.dst,
+                           after.other_since(before))
 
 
 def _wait_source(src: Peer, plan: MigrationPlan, t0: float) -> dict[str, Any]:
@@ -548,7 +369,7 @@ def _wait_source(src: Peer, plan: MigrationPlan, t0: float) -> dict[str, Any]:
             src.execute("migrate-start-postcopy")
             switch_at = None
         info: dict[str, Any] = src.execute("query-migrate")
-        if info.get("status") in FINISHED:
+        if finished(info):
             return info
         if now > deadline:
             with contextlib.suppress(LivemigError):
@@ -557,6 +378,20 @@ def _wait_source(src: Peer, plan: MigrationPlan, t0: float) -> dict[str, Any]:
         # Plain polling (not qemu.qmp's event wait, whose asyncio loop turns Ctrl-C into
         # a TimeoutError); a query every few ms costs the source nothing measurable.
         time.sleep(POLL_S if switch_at is None else min(POLL_S, max(switch_at - now, 0)))
+
+
+def finished(info: Mapping[str, Any]) -> bool:
+    """Whether a ``query-migrate`` reply says the migration is over.
+
+    QEMU has statuses livemig does not (``postcopy-paused``, ``pre-switchover``...): none
+    of them is an end, but a benchmark cannot go on from them either, so they raise.
+    """
+    status = str(info.get("status", "none"))
+    try:
+        return MigrationStatus(status).finished
+    except ValueError:
+        raise MigrationError(f"migration in status {status}, which this harness does not "
+                             f"handle: {info.get('error-desc', '')}") from None
 
 
 def _final_source_info(src: Peer, deadline: float) -> dict[str, Any]:
@@ -587,9 +422,10 @@ def _wait_destination(dst: Peer, deadline: float) -> str:
 def rearm_source(src: Peer) -> None:
     """Make a source that completed a migration ready (and paused) for another one.
 
-    QEMU can migrate again straight from ``postmigrate``; livemig cannot (yet), so both
-    go through ``cont`` + ``stop``: the guest runs for a moment, which changes nothing
-    for an idle-guest benchmark (every page is still dirty for the new migration).
+    Both VMMs could migrate again straight from ``postmigrate``; ``cont`` + ``stop``
+    puts every migration's source in the run state the first one starts from (paused
+    after the guest ran).  The guest runs for a moment, which changes nothing for an
+    idle-guest benchmark: every page is dirty again for a new migration.
     """
     if src.runstate() == "postmigrate":
         src.execute("cont")
@@ -618,176 +454,3 @@ def migration_uri(transport: str, workdir: Path, name: str, host: str = "127.0.0
     raise HarnessError(f"unknown transport {transport!r}; choose unix or tcp")
 
 
-# --- profiling ------------------------------------------------------------------------------
-class PySpy:
-    """``py-spy record`` of one process into collapsed stacks, while the context is open."""
-
-    def __init__(self, pid: int, out: Path, rate: int = 250, native: bool = False) -> None:
-        exe = shutil.which("py-spy")
-        if exe is None:
-            raise HarnessError("py-spy is not installed (pip install py-spy)")
-        self.out = out
-        cmd = [exe, "record", "--pid", str(pid), "--output", str(out), "--format", "raw",
-               "--rate", str(rate), "--threads", "--idle", "--nonblocking"]
-        if native:
-            cmd.append("--native")
-        self._log = open(out.with_suffix(".log"), "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_child_setup(False))
-        time.sleep(0.5)  # let it attach before the interesting part starts
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-    def __enter__(self) -> PySpy:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-@dataclass(frozen=True)
-class ProfileSummary:
-    """Where one thread's samples went: self time by source line, inclusive by function.
-
-    Shares are fractions of the thread's samples; with ``--idle`` sampling (what
-    :class:`PySpy` does) they are fractions of its wall time, waits included.
-    """
-
-    thread: str
-    samples: int
-    threads: Mapping[str, int]  # samples of every thread in the profile
-    top_self: Sequence[tuple[str, float]]
-    top_inclusive: Sequence[tuple[str, float]]
-
-
-_LINE_SUFFIX = re.compile(r":\d+\)$")
-
-
-def _thread_name(frame: str) -> str:
-    # "thread (1234): migration" -> "migration"
-    return frame.split(": ", 1)[1] if ": " in frame else frame
-
-
-def read_collapsed(path: Path) -> list[tuple[str, list[str], int]]:
-    """``py-spy --format raw --threads`` lines as (thread, frames, samples)."""
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        frames = stack.split(";")
-        thread = _thread_name(frames[0]) if frames[0].startswith("thread") else "?"
-        out.append((thread, [f for f in frames if not f.startswith(("thread", "process"))],
-                    int(count)))
-    return out
-
-
-def summarize_profile(path: Path, thread: str | None = None, top: int = 12) -> ProfileSummary:
-    """Summarise ``thread`` (default: the thread with the most samples)."""
-    stacks = read_collapsed(path)
-    threads: dict[str, int] = {}
-    for name, _, n in stacks:
-        threads[name] = threads.get(name, 0) + n
-    if thread is None or thread not in threads:
-        thread = max(threads, key=lambda t: threads[t], default="?")
-    self_t: dict[str, int] = {}
-    incl: dict[str, int] = {}
-    for name, frames, n in stacks:
-        if name != thread or not frames:
-            continue
-        self_t[frames[-1]] = self_t.get(frames[-1], 0) + n
-        # threading.py frames are in every thread's stack: they say nothing.
-        for func in {_LINE_SUFFIX.sub(")", f) for f in frames if "threading.py" not in f}:
-            incl[func] = incl.get(func, 0) + n
-    total = threads.get(thread, 0)
-
-    def shares(d: dict[str, int]) -> list[tuple[str, float]]:
-        items = sorted(d.items(), key=lambda kv: -kv[1])[:top]
-        return [(k, v / max(total, 1)) for k, v in items]
-
-    return ProfileSummary(thread, total, threads, shares(self_t), shares(incl))
-
-
-# --- shaped link between two network namespaces -----------------------------------------------
-@dataclass(frozen=True)
-class LinkSpec:
-    """A veth link shaped with tbf on both ends (each direction gets ``rate``)."""
-
-    rate: str = "1gbit"
-    burst: str = "1mb"
-    latency: str = "10ms"
-    subnet: str = "10.213.57"  # /24, exists only inside the two namespaces
-
-
-def _run(cmd: Sequence[str]) -> str:
-    proc = subprocess.run(list(cmd), capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise HarnessError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
-    return proc.stdout
-
-
-class ShapedLink:
-    """Two network namespaces joined by a tbf-shaped veth pair; removed on exit.
-
-    The source side is ``source_ns`` / ``source_addr``, the destination side
-    ``dest_ns`` / ``dest_addr``.  Run a peer inside with ``netns=link.source_ns``.
-    """
-
-    def __init__(self, spec: LinkSpec | None = None, tag: str | None = None) -> None:
-        self.spec = spec or LinkSpec()
-        tag = tag or str(os.getpid() % 100_000)
-        self.source_ns, self.dest_ns = f"lmbench-{tag}-src", f"lmbench-{tag}-dst"
-        # Interface names are at most 15 bytes.
-        self._veth = (f"lmb{tag}s", f"lmb{tag}d")
-        self.source_addr, self.dest_addr = f"{self.spec.subnet}.1", f"{self.spec.subnet}.2"
-        self._undo: list[list[str]] = []  # commands that remove what was made, in order
-
-    def __enter__(self) -> ShapedLink:
-        if not self.spec.subnet.startswith("10."):
-            raise HarnessError("ShapedLink only uses 10.x addresses")
-        try:
-            self._create()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def _create(self) -> None:
-        for ns in (self.source_ns, self.dest_ns):
-            _run(["ip", "netns", "add", ns])
-            self._undo.append(["ip", "netns", "del", ns])
-        vs, vd = self._veth
-        _run(["ip", "link", "add", vs, "type", "veth", "peer", "name", vd])
-        # Until both ends are inside the namespaces the pair lives in ours: remove it
-        # explicitly if setup stops half-way (harmless if it has already gone).
-        self._undo.append(["ip", "link", "del", vs])
-        for ns, dev, addr in ((self.source_ns, vs, self.source_addr),
-                              (self.dest_ns, vd, self.dest_addr)):
-            _run(["ip", "link", "set", dev, "netns", ns])
-            _run(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev])
-            _run(["ip", "-n", ns, "link", "set", dev, "up"])
-            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-            _run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                  "rate", self.spec.rate, "burst", self.spec.burst,
-                  "latency", self.spec.latency])
-
-    def close(self) -> None:
-        # Deleting a namespace destroys the veth end inside it, and so the pair.
-        while self._undo:
-            cmd = self._undo.pop()
-            with contextlib.suppress(HarnessError):
-                _run(cmd)
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def exec_prefix(self, ns: str) -> list[str]:
-        return netns_prefix(ns)

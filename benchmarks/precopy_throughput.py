@@ -50,21 +50,19 @@ from pathlib import Path
 from typing import Any
 
 import click
+from _cpu import CpuTime
 from _peers import (
-    CpuTime,
     LivemigPeer,
     MigrationPlan,
     MigrationResult,
-    ProfileSummary,
-    PySpy,
     VmSpec,
     migrate,
     migration_uri,
     peer_class,
     qemu_available,
     rearm_source,
-    summarize_profile,
 )
+from _profile import ProfileSummary, PySpy, summarize_profile
 from rich.console import Console
 from rich.table import Table
 

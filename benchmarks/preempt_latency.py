@@ -76,7 +76,7 @@ DEFAULT_MODES = "vanilla,preempt,preempt-rp,preempt-proc,qemu-vanilla,qemu-preem
 def main(mem: str, page_sizes: str, links: str, modes: str, repeat: int, precopy_ms: float,
          warmup: bool, link_burst: str, link_latency: str, json_path: str | None,
          png_path: str, profile_dir: str | None) -> None:
-    """Page-request latency: vanilla postcopy, preempt and preempt-rp, against QEMU 7.2."""
+    """Page-request latency: vanilla postcopy and livemig's preempt modes, against QEMU 7.2."""
     # SIGTERM unwinds like Ctrl-C: VMMs, huge pages, namespaces and temp dirs go away.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.default_int_handler)

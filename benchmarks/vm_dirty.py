@@ -25,10 +25,13 @@ from livemig.vmm.vm import Vm, VmConfig, parse_size
 
 
 @click.command()
-@click.option("--mem", default="1G")
-@click.option("--page-size", default="4K")
-@click.option("--seconds", default=3.0)
+@click.option("--mem", default="1G", show_default=True, help="Guest RAM size.")
+@click.option("--page-size", default="4K", show_default=True,
+              help="Backing: 4K, THP, 2M or 1G.")
+@click.option("--seconds", default=3.0, show_default=True,
+              help="How long the dirty rate is sampled.")
 def main(mem: str, page_size: str, seconds: float) -> None:
+    """The ab guest's dirty rate and the cost of one dirty-log sync of its RAM."""
     console = Console()
     with Vm(VmConfig(parse_size(mem), Backing.parse(page_size))) as vm:
         boot_guest(vm, "ab")

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -30,6 +27,8 @@ from rich.table import Table
 
 from livemig.control.client import QmpClient
 from livemig.errors import MigrationError
+from livemig.migration.state import MigrationStatus
+from livemig.vmmprocess import VmmProcess
 
 MODES = ("precopy", "postcopy", "preempt")
 
@@ -42,86 +41,6 @@ class DemoConfig:
     page_size: str = "4K"
     warmup_passes: int = 2
     timeout: float = 300.0
-
-
-class VmmProcess:
-    """A ``livemig run`` child process with its QMP client and serial file."""
-
-    def __init__(self, workdir: Path, name: str, args: list[str],
-                 start_timeout: float = 60.0) -> None:
-        self.name = name
-        self.qmp_path = str(workdir / f"{name}.qmp")
-        self.serial_path = workdir / f"{name}.serial"
-        self.log_path = workdir / f"{name}.log"
-        cmd = [sys.executable, "-m", "livemig", "run", "--qmp", self.qmp_path,
-               "--serial", str(self.serial_path), *args]
-        with open(self.log_path, "wb") as logf:
-            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
-        try:
-            self._wait_for_qmp_socket(start_timeout)
-            self.qmp = QmpClient(self.qmp_path, timeout=start_timeout)
-        except Exception:
-            self.kill()
-            raise MigrationError(f"{name} VMM did not start: {self.log_text()}") from None
-
-    def _wait_for_qmp_socket(self, timeout: float) -> None:
-        """Until the QMP socket exists; at once if the process exits first (a bad
-        argument must not cost a whole timeout)."""
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(self.qmp_path):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise MigrationError(f"{self.name} exited")
-            time.sleep(0.02)
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace").strip()[-3000:]
-        except OSError:
-            return ""
-
-    def serial(self) -> bytes:
-        try:
-            return self.serial_path.read_bytes()
-        except OSError:
-            return b""
-
-    def wait_serial(self, count: int, timeout: float = 30.0, byte: bytes = b"B") -> bool:
-        """``count`` more ``byte``s than now; False at once on an E or an exit."""
-        start = self.serial().count(byte)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            out = self.serial()
-            if out.count(byte) - start >= count or b"E" in out:
-                return out.count(byte) - start >= count and b"E" not in out
-            if self.proc.poll() is not None:
-                return False
-            time.sleep(0.05)
-        return False
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(30)
-        self._close_qmp()
-
-    def stop(self) -> int:
-        """Quit over QMP (SIGKILL if that does not work); returns the exit status."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(Exception):
-                self.qmp.execute("quit")
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-        self._close_qmp()
-        return int(self.proc.returncode)
-
-    def _close_qmp(self) -> None:
-        qmp = getattr(self, "qmp", None)  # absent if the process never started
-        if qmp is not None:
-            with contextlib.suppress(Exception):
-                qmp.close()
 
 
 def watch_migration(client: QmpClient, console: Console, timeout: float,
@@ -148,7 +67,7 @@ def watch_migration(client: QmpClient, console: Console, timeout: float,
                             left=f"{ram.get('remaining', 0) / 2**20:.0f} MiB",
                             rate=f"{ram.get('mbps', 0):.0f} Mbit/s",
                             rounds=ram.get("dirty-sync-count", 0))
-            if status in ("completed", "failed", "cancelled"):
+            if MigrationStatus(status).finished:
                 return dict(info)
             if on_active is not None and status == "active":
                 on_active(info)
@@ -233,9 +152,10 @@ def _wait_destination(dst: VmmProcess, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info: dict[str, Any] = dst.qmp.execute("query-migrate")
-        if info.get("status") in ("completed", "failed"):
-            if info["status"] == "failed":
-                raise MigrationError(f"destination failed: {info.get('error-desc', '')}")
+        status = info.get("status", "none")
+        if MigrationStatus(status).finished:
+            if status != "completed":
+                raise MigrationError(f"destination {status}: {info.get('error-desc', '')}")
             return info
         time.sleep(0.05)
     raise MigrationError("destination did not complete")

@@ -22,17 +22,19 @@ import numpy as np
 from conftest import hugetlb_kib, others_map_hugepages
 
 from livemig.control.client import QmpClient
-from livemig.demo import VmmProcess
 from livemig.errors import KvmError
 from livemig.guests import DEFAULT_RANGE_START
 from livemig.instance import Instance
 from livemig.kernel.mman import MIB, Backing
+from livemig.migration.state import MigrationStatus
 from livemig.vmm.boot import boot_guest, boot_image
 from livemig.vmm.memory import new_bitmap
 from livemig.vmm.vm import Vm, VmConfig
+from livemig.vmmprocess import VmmProcess
 
 MEM = 32 * MIB
-FINISHED = ("completed", "failed", "cancelled")
+# The statuses a migration ends in, as MigrationStatus defines them (for "until" tuples).
+FINISHED = tuple(s.value for s in MigrationStatus if s.finished)
 # Converge at once: the ab guest dirties all its RAM all the time, so with QEMU's default
 # downtime limit a precopy would only end at the iteration cap.
 FAST_CONVERGENCE = {"downtime-limit": 5000, "x-max-iterations": 2}
@@ -217,13 +219,9 @@ def dirty_logging_off(vm: Vm) -> bool:
     return True
 
 
-# One implementation of "a livemig run child with QMP": the demo's.
-LivemigProcess = VmmProcess
-
-
 @contextlib.contextmanager
-def livemig_process(workdir: Path, name: str, args: list[str]) -> Iterator[LivemigProcess]:
-    proc = LivemigProcess(workdir, name, args)
+def livemig_process(workdir: Path, name: str, args: list[str]) -> Iterator[VmmProcess]:
+    proc = VmmProcess(workdir, name, args)
     try:
         yield proc
     finally:

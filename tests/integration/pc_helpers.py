@@ -44,6 +44,7 @@ from livemig.errors import ChannelClosedError, QmpError
 from livemig.guests import DEFAULT_RANGE_START
 from livemig.instance import Instance
 from livemig.kernel.mman import MIB, Backing
+from livemig.migration.state import MigrationStatus
 from livemig.runtime import SwitchInterval
 from livemig.vmm.boot import boot_guest
 from livemig.vmm.vm import Vm, VmConfig
@@ -285,7 +286,7 @@ def migration_statuses(evs: list[dict[str, Any]]) -> list[str]:
 
 
 def ends_migration(evs: list[dict[str, Any]]) -> bool:
-    return any(s in FINISHED for s in migration_statuses(evs))
+    return any(MigrationStatus(s).finished for s in migration_statuses(evs))
 
 
 def guest_check(qmp: QmpClient, guest: str) -> dict[str, Any]:

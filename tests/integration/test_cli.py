@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from helpers import livemig_process, wait_migration
 
-from livemig.demo import VmmProcess
 from livemig.errors import MigrationError
+from livemig.vmmprocess import VmmProcess
 
 pytestmark = pytest.mark.kvm
 
@@ -118,7 +118,7 @@ def test_demo_migrates_and_reports(tmp_path: Path) -> None:
 
 
 def test_a_vmm_that_cannot_start_is_reported_at_once_with_its_error(tmp_path: Path) -> None:
-    """The demo's process wrapper does not wait out its timeout for a VMM that exited."""
+    """The VMM process wrapper does not wait out its timeout for a VMM that exited."""
     start = time.monotonic()
     with pytest.raises(MigrationError, match="did not start") as info:
         VmmProcess(tmp_path, "bad", ["--mem", "3M", "--page-size", "2M"])
