@@ -32,12 +32,12 @@ from os import PathLike
 from typing import Final
 
 from livemig.errors import ConfigError
+from livemig.units import PAGE_SIZE
 
 GUEST_NAMES: Final = ("ab", "random")
 
 IMAGE_SIZE: Final = 512
 LOAD_ADDRESS: Final = 0x7C00
-PAGE_SIZE: Final = 4096
 
 MAGIC: Final = b"LMIG"
 MAGIC_OFFSET: Final = 0x1F0

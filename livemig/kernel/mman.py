@@ -33,10 +33,7 @@ from typing import Final
 from livemig.errors import ConfigError, MemoryMapError
 
 # Explicit re-exports: callers may take the units from here or from livemig.units.
-from livemig.units import GIB as GIB
-from livemig.units import KIB as KIB
-from livemig.units import MIB as MIB
-from livemig.units import PAGE_SIZE as PAGE_SIZE
+from livemig.units import GIB, KIB, MIB, PAGE_SIZE
 
 MADV_HUGEPAGE: Final = 14
 MADV_DONTNEED: Final = 4

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from livemig.kernel.mman import PAGE_SIZE
+from livemig.units import PAGE_SIZE
 from livemig.vmm.memory import Bitmap, bitmap_to_bools, new_bitmap
 
 IndexArray = npt.NDArray[np.int64]

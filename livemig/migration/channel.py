@@ -37,6 +37,7 @@ from livemig.kernel.sock import (
     set_notsent_lowat,
     write_buffers,
 )
+from livemig.units import PAGE_SIZE
 from livemig.wire.encoder import PageRecords
 
 Scheme = Literal["tcp", "unix", "file"]
@@ -106,7 +107,7 @@ class Channel:
             bufs.append(hdr[8 * i : 8 * i + 8])
             if i == 0 and rec.prefix:
                 bufs.append(rec.prefix)
-            bufs.append(ram[off : off + 4096])
+            bufs.append(ram[off : off + PAGE_SIZE])
         self.bytes_sent += write_buffers(self.fd, bufs)
 
     def recv_into(self, view: memoryview) -> int:

@@ -28,8 +28,8 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from livemig.kernel.mman import PAGE_SIZE
 from livemig.migration.channel import Channel
+from livemig.units import PAGE_SIZE
 from livemig.vmm.memory import RamBlock
 from livemig.wire import events as ev
 from livemig.wire.decoder import Decoder

@@ -42,7 +42,6 @@ import numpy as np
 import numpy.typing as npt
 
 from livemig.errors import RemoteProtocolError
-from livemig.kernel.mman import PAGE_SIZE
 from livemig.kernel.placement import PagePlacer
 from livemig.kernel.shared import (
     Counters,
@@ -56,6 +55,7 @@ from livemig.kernel.uffd import Userfaultfd
 from livemig.migration.channel import Channel
 from livemig.migration.handshake import SizedBlock
 from livemig.migration.pagesink import dispatch_page_event, read_payload
+from livemig.units import PAGE_SIZE
 from livemig.vmm.memory import RamBlock
 from livemig.wire import events as ev
 from livemig.wire.blocks import BlockInfo

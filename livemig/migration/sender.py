@@ -48,7 +48,6 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from livemig.kernel.mman import MIB, PAGE_SIZE
 from livemig.migration.bitmap import (
     BitmapLock,
     IndexArray,
@@ -61,6 +60,7 @@ from livemig.migration.ratelimit import RateLimiter
 from livemig.migration.returnpath import PageRequest, RequestQueue
 from livemig.migration.state import RamStats
 from livemig.migration.trace import Tracer
+from livemig.units import MIB, PAGE_SIZE
 from livemig.wire.encoder import Encoder
 
 # A PART section ends after this much data or time, like QEMU's 50 ms iterations.

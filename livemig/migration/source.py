@@ -40,7 +40,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from livemig.errors import MigrationCancelled, MigrationError
-from livemig.kernel.mman import PAGE_SIZE
 from livemig.kernel.sock import Buffer
 from livemig.migration import handshake as hs
 from livemig.migration.channel import (
@@ -65,6 +64,7 @@ from livemig.migration.state import (
 from livemig.migration.trace import Tracer
 from livemig.migration.urgent_sender import UrgentSender, choose_urgent_sender
 from livemig.runtime import SwitchInterval
+from livemig.units import PAGE_SIZE
 from livemig.vmm.state import VmState
 from livemig.vmm.vm import RunState, Vm
 from livemig.wire.blocks import BlockInfo, host_page_summary

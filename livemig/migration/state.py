@@ -24,6 +24,7 @@ from enum import Enum
 from typing import Any, TypeVar, get_type_hints
 
 from livemig.errors import ConfigError, LivemigError, MigrationError
+from livemig.units import PAGE_SIZE
 
 log = logging.getLogger("livemig.migration")
 _T = TypeVar("_T")
@@ -244,7 +245,7 @@ class RamStats:
     postcopy_bytes: int = 0
     postcopy_requests: int = 0
     x_postcopy_urgent_bytes: int = 0  # ours: bytes of requested pages
-    page_size: int = 4096
+    page_size: int = PAGE_SIZE
     mbps: float = 0.0
     pages_per_second: int = 0
 

@@ -33,7 +33,6 @@ import numpy as np
 import numpy.typing as npt
 
 from livemig.errors import ChannelClosedError, MigrationError, RemoteProtocolError
-from livemig.kernel.mman import PAGE_SIZE
 from livemig.kernel.shared import (
     Counters,
     Field,
@@ -50,6 +49,7 @@ from livemig.migration.channel import Channel, ChannelWriter
 from livemig.migration.helper import HelperBlock, HelperConn, HelperProcess, helper_main
 from livemig.migration.sender import write_window
 from livemig.migration.trace import Tracer
+from livemig.units import PAGE_SIZE
 from livemig.wire.blocks import BlockInfo
 from livemig.wire.channel import ChannelKind
 from livemig.wire.encoder import Encoder

@@ -30,7 +30,8 @@ import numpy.typing as npt
 
 from livemig.errors import ConfigError
 from livemig.kernel.kvm import KVM_MEM_LOG_DIRTY_PAGES, VmFd
-from livemig.kernel.mman import PAGE_SIZE, Backing, Mapping, map_guest_ram
+from livemig.kernel.mman import Backing, Mapping, map_guest_ram
+from livemig.units import PAGE_SIZE
 
 GuestPhysAddr = NewType("GuestPhysAddr", int)
 BlockOffset = NewType("BlockOffset", int)

@@ -28,7 +28,8 @@ from typing import Any, BinaryIO
 
 from livemig.errors import ConfigError, VmStateError
 from livemig.kernel import kvm as K
-from livemig.kernel.mman import GIB, MIB, Backing, HugepageReservation
+from livemig.kernel.mman import Backing, HugepageReservation
+from livemig.units import GIB, MIB
 from livemig.vmm.memory import RamBlock, make_block
 from livemig.vmm.serial import Serial
 from livemig.vmm.state import VmState

@@ -7,9 +7,10 @@ turns received bytes into typed events (see ``events``), and
 byte by byte, and every deviation from QEMU are described in docs/STREAM.md.
 """
 
+from livemig.units import PAGE_SIZE
 from livemig.wire.blocks import BlockInfo, host_page_summary
 from livemig.wire.channel import ChannelKind, identify_channel
-from livemig.wire.constants import PAGE_SIZE, Command, RamFlag, SectionType
+from livemig.wire.constants import Command, RamFlag, SectionType
 from livemig.wire.decoder import Decoder
 from livemig.wire.encoder import Buffers, Encoder
 from livemig.wire.events import (

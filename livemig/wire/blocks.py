@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from livemig.errors import ConfigError, LocalProtocolError
-from livemig.wire.constants import MAX_IDSTR, PAGE_SIZE
+from livemig.units import PAGE_SIZE
+from livemig.wire.constants import MAX_IDSTR
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,12 +17,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from livemig.errors import LocalProtocolError, RemoteProtocolError
+from livemig.units import PAGE_SIZE
 from livemig.wire.blocks import BlockInfo, host_page_summary, local_name
 from livemig.wire.buffer import PayloadReader, decode_name
 from livemig.wire.constants import (
     DISCARD_VERSION,
     MAX_COMMAND_PAYLOAD,
-    PAGE_SIZE,
     Command,
     SectionType,
 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import Final
 
-from livemig.units import PAGE_SIZE as PAGE_SIZE  # the stream's TARGET_PAGE_SIZE
+from livemig.units import PAGE_SIZE  # the stream's TARGET_PAGE_SIZE
 
 # --- file header (QEMU: QEMU_VM_FILE_MAGIC / QEMU_VM_FILE_VERSION) -------------
 QEVM_MAGIC: Final = 0x5145564D  # b"QEVM"

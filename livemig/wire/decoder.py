@@ -57,6 +57,7 @@ from livemig.errors import (
     LocalProtocolError,
     RemoteProtocolError,
 )
+from livemig.units import PAGE_SIZE
 from livemig.wire.blocks import BlockInfo
 from livemig.wire.buffer import Reader, ReceiveBuffer, Short, StickyError, decode_name
 from livemig.wire.channel import ChannelKind
@@ -73,7 +74,6 @@ from livemig.wire.constants import (
     OFFSET_MASK,
     PAGE_CONT,
     PAGE_RECORD_SIZE,
-    PAGE_SIZE,
     POSTCOPY_MAGIC,
     POSTCOPY_VERSION,
     QEVM_MAGIC,

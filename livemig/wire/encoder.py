@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from livemig.errors import LocalProtocolError
+from livemig.units import PAGE_SIZE
 from livemig.wire.blocks import BlockInfo, local_name
 from livemig.wire.channel import ChannelKind
 from livemig.wire.commands import encode_command, encode_discard
@@ -40,7 +41,6 @@ from livemig.wire.constants import (
     MAX_RECORD,
     PAGE_CONT,
     PAGE_RECORD_SIZE,
-    PAGE_SIZE,
     POSTCOPY_MAGIC,
     POSTCOPY_VERSION,
     QEVM_MAGIC,

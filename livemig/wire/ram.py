@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from livemig.errors import RemoteProtocolError
+from livemig.units import PAGE_SIZE
 from livemig.wire.blocks import BlockInfo
 from livemig.wire.buffer import Reader, decode_name
 from livemig.wire.constants import (
@@ -26,7 +27,6 @@ from livemig.wire.constants import (
     OFFSET_MASK,
     PAGE_CONT,
     PAGE_RECORD_SIZE,
-    PAGE_SIZE,
     ZERO_CONT,
     ZERO_RECORD_SIZE,
 )

@@ -33,6 +33,7 @@ from livemig.errors import (
     LocalProtocolError,
     RemoteProtocolError,
 )
+from livemig.units import PAGE_SIZE
 from livemig.wire.blocks import BlockInfo, local_name
 from livemig.wire.buffer import (
     PayloadReader,
@@ -42,7 +43,6 @@ from livemig.wire.buffer import (
     StickyError,
     decode_name,
 )
-from livemig.wire.constants import PAGE_SIZE
 from livemig.wire.events import NEED_DATA, Closed, NeedData
 
 _HEADER = struct.Struct(">HH")

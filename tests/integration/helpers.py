@@ -25,8 +25,9 @@ from livemig.control.client import QmpClient
 from livemig.errors import KvmError
 from livemig.guests import DEFAULT_RANGE_START
 from livemig.instance import Instance
-from livemig.kernel.mman import MIB, Backing
+from livemig.kernel.mman import Backing
 from livemig.migration.state import MigrationStatus
+from livemig.units import MIB
 from livemig.vmm.boot import boot_guest, boot_image
 from livemig.vmm.memory import new_bitmap
 from livemig.vmm.vm import Vm, VmConfig

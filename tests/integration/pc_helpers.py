@@ -43,9 +43,10 @@ from livemig.control.client import QmpClient
 from livemig.errors import ChannelClosedError, QmpError
 from livemig.guests import DEFAULT_RANGE_START
 from livemig.instance import Instance
-from livemig.kernel.mman import MIB, Backing
+from livemig.kernel.mman import Backing
 from livemig.migration.state import MigrationStatus
 from livemig.runtime import SwitchInterval
+from livemig.units import MIB
 from livemig.vmm.boot import boot_guest
 from livemig.vmm.vm import Vm, VmConfig
 from livemig.wire import events as ev

@@ -35,7 +35,8 @@ from helpers import (
 
 from livemig.guests import DEFAULT_RANGE_START
 from livemig.instance import Instance
-from livemig.kernel.mman import MIB, Backing
+from livemig.kernel.mman import Backing
+from livemig.units import MIB
 
 pytestmark = pytest.mark.kvm
 

@@ -46,7 +46,7 @@ from qemu.qmp import ExecuteError, QMPClient
 from livemig.control.client import QmpClient
 from livemig.errors import QmpError
 from livemig.instance import Instance
-from livemig.kernel.mman import MIB
+from livemig.units import MIB
 from livemig.vmm.vm import RunState, Vm, VmConfig
 
 pytestmark = pytest.mark.kvm

@@ -10,7 +10,7 @@ import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
 from livemig.instance import Instance
-from livemig.kernel.mman import MIB
+from livemig.units import MIB
 from livemig.vmm.boot import boot_guest
 from livemig.vmm.vm import Vm, VmConfig
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from livemig.errors import ConfigError, VmStateError
-from livemig.kernel.mman import MIB, Backing
+from livemig.kernel.mman import Backing
+from livemig.units import MIB
 from livemig.vmm.boot import boot_guest, guest_range
 from livemig.vmm.checks import ab_check, random_check
 from livemig.vmm.memory import bitmap_to_bools, host_page_view, new_bitmap

@@ -8,8 +8,9 @@ import threading
 
 import pytest
 
-from livemig.kernel.mman import MIB, Backing
+from livemig.kernel.mman import Backing
 from livemig.kernel.uffd import FEATURE_THREAD_ID, Userfaultfd
+from livemig.units import MIB
 from livemig.vmm.boot import boot_guest, guest_range
 from livemig.vmm.checks import ab_check
 from livemig.vmm.vm import Vm, VmConfig

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from livemig.errors import ChannelClosedError, RemoteProtocolError
-from livemig.kernel.mman import PAGE_SIZE, Backing, Mapping, map_guest_ram
+from livemig.kernel.mman import Backing, Mapping, map_guest_ram
 from livemig.kernel.shared import ProcessLock
 from livemig.kernel.uffd import FEATURE_THREAD_ID, Userfaultfd
 from livemig.migration.channel import Channel
@@ -40,6 +40,7 @@ from livemig.migration.postcopy import (
     uffd_block_states,
 )
 from livemig.migration.urgent import SharedBits, UrgentServer
+from livemig.units import PAGE_SIZE
 from livemig.wire import events as ev
 from livemig.wire.blocks import BlockInfo
 from livemig.wire.channel import ChannelKind
