@@ -108,11 +108,15 @@ class Peer(ABC):
                 self.vmm = VmmProcess(workdir, name, command=cmd, env=self.environment(),
                                       new_session=True,
                                       preexec_fn=child_setup(self.disable_thp()))
+                # The VMM answers QMP only after it has mapped its RAM: from now on the
+                # pages are its own, so other processes may reserve again.
+                if self._pool is not None:
+                    self._pool.mapped()
                 return
             except LivemigError as e:
                 self._release_pool()
-                # Another process on this machine may have taken the free huge pages we
-                # reserved before our VMM could map them: reserve again and retry.
+                # A process that does not take the pool lock (livemig.kernel.mman) may
+                # have taken the pages we reserved before our VMM mapped them: retry.
                 if "Cannot allocate memory" not in str(e) or attempt == SPAWN_ATTEMPTS:
                     raise
                 time.sleep(0.5)
@@ -254,9 +258,8 @@ class QemuPeer(Peer):
         return self.spec.backing is Backing.ANON_4K
 
     def hugepages(self) -> HugepageReservation | None:
-        # Reserved per process, right before it maps its RAM (QEMU's mmap then holds the
-        # pages), like livemig does for itself: a pool shared by several processes
-        # could be borrowed by anyone else reserving on this machine meanwhile.
+        # Reserved per process, holding the pool lock until QEMU has mapped its RAM (its
+        # mmap then holds the pages), like livemig does for itself.
         backing = self.spec.backing
         if not backing.is_hugetlb:
             return None

@@ -17,12 +17,34 @@ instead of unmapping memory someone still reads.
 Huge pages must be reserved in ``/proc/sys/vm/nr_hugepages`` (or the per-size sysfs knob)
 before they can be used.  :class:`HugepageReservation` raises the pool by what is needed
 when running as root and gives it back on release.
+
+Reserving is atomic across processes
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The pool is machine-wide, and a free huge page belongs to whoever maps it first: if
+process A raises the pool and process B, starting at the same moment, sees A's new pages
+as free, B maps them and A's own ``mmap`` fails.  So every step that reads or changes the
+pool holds an exclusive ``flock`` on a lock file per page size,
+``/run/lock/livemig-hugepages-<size>kB.lock`` (``/tmp`` where ``/run/lock`` is missing):
+
+* :meth:`HugepageReservation.acquire` takes the lock, raises the pool and keeps the lock;
+* the memfd is mapped (``mmap`` of a shared hugetlb file reserves its pages in the
+  kernel's ``resv_hugepages``: from then on nobody else can take them, even before a page
+  is touched) and :meth:`HugepageReservation.mapped` drops the lock;
+* :meth:`HugepageReservation.release` gives the pages back under the lock, after the
+  mapping is gone.
+
+:func:`map_guest_ram` with ``reserve=True`` does all of this itself: the returned
+:class:`Mapping` owns the reservation and gives the pages back when it is closed.  The
+lock file holds no data; it is created mode 0644 by the first user (root when the pool is
+raised) and left in place, so the lock's identity never changes while others wait on it.
+An ``flock`` dies with its holder, so a killed process never leaves the pool locked.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 from dataclasses import dataclass
@@ -75,6 +97,9 @@ class Mapping:
     size: int
     backing: Backing
     fd: int  # the memfd for hugetlb, -1 for anonymous memory
+    # The huge pages this mapping raised the pool by, given back on close (None: the
+    # caller reserved them, or none were needed).
+    reservation: HugepageReservation | None = None
 
     @property
     def host_addr(self) -> int:
@@ -101,6 +126,8 @@ class Mapping:
         self.mm.close()
         if self.fd >= 0:
             os.close(self.fd)
+        if self.reservation is not None:
+            self.reservation.release()
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -111,12 +138,26 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def map_guest_ram(size: int, backing: Backing, name: str = "pc.ram") -> Mapping:
-    """Map ``size`` bytes of zeroed guest RAM with the given backing."""
+def map_guest_ram(size: int, backing: Backing, name: str = "pc.ram", *,
+                  reserve: bool = False) -> Mapping:
+    """Map ``size`` bytes of zeroed guest RAM with the given backing.
+
+    With ``reserve`` (hugetlb only) the huge pages are reserved and mapped atomically
+    with respect to other processes, and given back when the mapping is closed.
+    """
     page = backing.host_page_size
     if size <= 0 or size % page:
         raise ConfigError(
             f"memory size {size} is not a positive multiple of the {backing.value} page size")
+    if backing.is_hugetlb and reserve:
+        reservation = HugepageReservation(page, size // page).acquire()
+        try:
+            mapping = _map_hugetlb(size, backing, name)
+        except BaseException:
+            reservation.release()
+            raise
+        reservation.mapped()
+        return Mapping(mapping.mm, size, backing, mapping.fd, reservation)
     if backing.is_hugetlb:
         return _map_hugetlb(size, backing, name)
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
@@ -173,23 +214,88 @@ def free_hugepages(page_size: int) -> int:
         return 0
 
 
+LOCK_FILE_MODE: Final = 0o644  # flock needs only read access, so anyone may take it
+
+
+def hugepage_lock_path(page_size: int) -> Path:
+    """The lock file that serialises changes to the pool of ``page_size`` pages."""
+    base = Path("/run/lock")
+    if not base.is_dir():
+        base = Path("/tmp")
+    return base / f"livemig-hugepages-{page_size // KIB}kB.lock"
+
+
+class HugepagePoolLock:
+    """An exclusive ``flock`` on :func:`hugepage_lock_path`; take/drop are idempotent."""
+
+    def __init__(self, page_size: int) -> None:
+        self.path = hugepage_lock_path(page_size)
+        self._fd = -1
+
+    @property
+    def held(self) -> bool:
+        return self._fd >= 0
+
+    def take(self) -> None:
+        if self.held:
+            return
+        # O_NOFOLLOW: the directory may be world-writable; never follow a planted link.
+        flags = os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            fd = os.open(self.path, flags, LOCK_FILE_MODE)
+        except OSError as e:
+            raise MemoryMapError(f"open {self.path}", e.errno or errno.EIO) from None
+        try:
+            if os.fstat(fd).st_uid == os.geteuid():
+                os.fchmod(fd, LOCK_FILE_MODE)  # whatever the umask: others may lock it too
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def drop(self) -> None:
+        if self.held:
+            fd, self._fd = self._fd, -1
+            os.close(fd)  # closing the only descriptor releases the flock
+
+    def __enter__(self) -> HugepagePoolLock:
+        self.take()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.drop()
+
+
 class HugepageReservation:
     """Make sure ``count`` free huge pages of ``page_size`` exist; give them back on release.
 
-    Raises :class:`ConfigError` with instructions when the pages are missing and we may
-    not (or cannot) reserve them.
+    :meth:`acquire` returns holding the pool lock (see the module docstring): call
+    :meth:`mapped` once the memory that uses the pages is mapped, :meth:`release` after
+    it is unmapped.  Raises :class:`ConfigError` with instructions when the pages are
+    missing and we may not (or cannot) reserve them.
     """
 
     def __init__(self, page_size: int, count: int) -> None:
         self.page_size = page_size
         self.count = count
         self._knob = _pool_dir(page_size) / "nr_hugepages"
+        self._lock = HugepagePoolLock(page_size)
         self._added = 0  # pages this reservation added to the pool
 
     def acquire(self) -> HugepageReservation:
+        self._lock.take()
+        try:
+            self._reserve()
+        except BaseException:
+            self._lock.drop()
+            raise
+        return self
+
+    def _reserve(self) -> None:
         missing = self.count - free_hugepages(self.page_size)
         if missing <= 0:
-            return self
+            return
         how = (f"echo {missing} more > {self._knob} "
                f"(e.g. echo $(( $(cat {self._knob}) + {missing} )) > {self._knob})")
         if os.geteuid() != 0:
@@ -199,13 +305,21 @@ class HugepageReservation:
         self._knob.write_text(str(old + missing))
         self._added = int(self._knob.read_text()) - old
         if free_hugepages(self.page_size) < self.count:
-            self.release()
+            self._give_back()
             raise ConfigError(f"could not reserve {missing} huge pages of "
                               f"{self.page_size // KIB} KiB (memory too fragmented?)")
-        return self
+
+    def mapped(self) -> None:
+        """The pages are mapped (so reserved by the kernel for us): let others reserve."""
+        self._lock.drop()
 
     def release(self) -> None:
+        """Give back what :meth:`acquire` added; call it once the pages are unmapped."""
         # Give back only what we added: another reservation may still hold its share.
+        with self._lock:
+            self._give_back()
+
+    def _give_back(self) -> None:
         if self._added:
             now = int(self._knob.read_text())
             self._knob.write_text(str(max(0, now - self._added)))
