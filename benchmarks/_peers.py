@@ -21,9 +21,9 @@ leave ``inmigrate``, and returns a frozen :class:`MigrationResult` with the CPU 
 processes and the rest of the machine used meanwhile (``_cpu.py``).
 
 Cleanup is structural: peers (with the huge pages a QEMU peer reserves), profilers
-(``_profile.py``) and shaped links (``_links.py``) are context managers, so a failure or
-Ctrl-C unwinds them in reverse order; every child also dies with the harness
-(``_harness.py``).
+(``_profile.py``) and shaped links (:class:`livemig.netlab.NetnsPair`) are context
+managers, so a failure or Ctrl-C unwinds them in reverse order; every child also dies
+with the harness (``_harness.py``).
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ from typing import Any, ClassVar
 
 from _cpu import CpuTime, Usage
 from _harness import HarnessError, child_setup
-from _links import NETNS_PORT, netns_prefix
 
 from livemig.errors import LivemigError, MigrationError
 from livemig.guests import load_image, patch_range
 from livemig.kernel.mman import Backing, HugepageReservation
 from livemig.migration.state import MigrationStatus
+from livemig.netlab import NETNS_PORT, netns_prefix
 from livemig.vmm.vm import parse_size
 from livemig.vmmprocess import VmmFiles, VmmProcess, livemig_command, livemig_environment
 
@@ -445,7 +445,8 @@ def migration_uri(transport: str, workdir: Path, name: str, host: str = "127.0.0
                   port: int | None = None) -> str:
     """A fresh migration URI: a unix socket in ``workdir`` or a TCP port on ``host``.
 
-    On loopback a free port is picked; elsewhere (a :class:`ShapedLink` namespace, which
+    On loopback a free port is picked; elsewhere (a :class:`~livemig.netlab.NetnsPair`
+    namespace, which
     is private) :data:`NETNS_PORT` is free unless ``port`` says otherwise.
     """
     if transport == "unix":

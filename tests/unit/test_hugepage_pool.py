@@ -17,6 +17,7 @@ from collections.abc import Callable
 from multiprocessing.synchronize import Barrier
 
 import pytest
+from conftest import needs_root
 
 from livemig.errors import LivemigError
 from livemig.kernel.mman import (
@@ -30,7 +31,6 @@ from livemig.kernel.mman import (
     hugepage_lock_path,
     map_guest_ram,
 )
-from tests.conftest import needs_root
 
 PROCESSES = 4
 ROUNDS = 10
