@@ -58,6 +58,7 @@ from livemig.vmmprocess import VmmFiles, VmmProcess, livemig_command, livemig_en
 SUBNET = "10.213.57"  # /24; exists only inside a pair's namespaces
 NETNS_PORT = 4444  # a port that is always free inside a pair's namespaces
 COMMAND_TIMEOUT_S = 30.0
+MAX_TAG = 11  # so that the veth names fit in 15 bytes
 DROP_TABLE = "livemig_netlab_drop"
 _DROP_RULESET = (f"table inet {DROP_TABLE} {{\n"
                  "  chain input { type filter hook input priority -300; policy drop; }\n"
@@ -123,7 +124,9 @@ class NetnsPair:
                  tag: str | None = None) -> None:
         self.shaping = shaping
         tag = tag or secrets.token_hex(3)
-        # Interface names are at most 15 bytes.
+        if len(tag) > MAX_TAG:
+            raise NetlabError(f"tag {tag!r} is longer than {MAX_TAG} characters")
+        # Interface names are at most 15 bytes: "lml" + tag + "s"/"d".
         self.source = Endpoint(f"{prefix}-{tag}-src", f"lml{tag}s", f"{SUBNET}.1")
         self.dest = Endpoint(f"{prefix}-{tag}-dst", f"lml{tag}d", f"{SUBNET}.2")
         self._undo: list[list[str]] = []  # commands that remove what was made, in order
