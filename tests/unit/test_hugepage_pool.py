@@ -3,7 +3,8 @@
 Several processes reserve, map and touch 2 MiB pages at the same moment, again and again:
 without the lock one process sees the pages another has just added as free, maps them,
 and the other's ``mmap`` fails.  Every attempt must succeed, and the pool must end at
-the size it started with.
+the size it started with.  Pages are given back through the ledger in the lock file, so
+even the pages of a process killed while mapping them return to the pool.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from livemig.kernel.mman import (
     free_hugepages,
     hugepage_lock_path,
     map_guest_ram,
+    persistent_hugepages,
 )
 
 PROCESSES = 4
@@ -121,3 +123,28 @@ def test_pool_lock_excludes_other_processes_until_dropped() -> None:
         assert stat.S_IMODE(info.st_mode) == LOCK_FILE_MODE == 0o644
         assert try_lock() == 1  # held: another process cannot take it
     assert try_lock() == 0
+
+
+def _map_and_wait(pages: int, ready: mp.Queue[str]) -> None:
+    mapping = map_guest_ram(pages * HUGE, Backing.HUGETLB_2M, "pool-test", reserve=True)
+    mapping.mm[0] = 1
+    ready.put("mapped")
+    time.sleep(60)  # killed long before
+
+
+@needs_root
+@pytest.mark.usefixtures("hugepages_restored")
+def test_pages_of_a_killed_process_are_given_back_by_the_next_release() -> None:
+    if not os.path.isdir("/sys/kernel/mm/hugepages/hugepages-2048kB"):
+        pytest.skip("kernel has no 2 MiB huge pages")
+    start = persistent_hugepages(HUGE)
+    ctx = mp.get_context("fork")
+    ready: mp.Queue[str] = ctx.Queue()
+    victim = ctx.Process(target=_map_and_wait, args=(free_hugepages(HUGE) + 2, ready))
+    victim.start()
+    assert ready.get(timeout=60) == "mapped"
+    victim.kill()
+    victim.join(30)
+    assert persistent_hugepages(HUGE) > start  # it died without giving its pages back
+    map_guest_ram(HUGE, Backing.HUGETLB_2M, "pool-test", reserve=True).close()
+    assert persistent_hugepages(HUGE) == start
