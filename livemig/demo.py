@@ -107,7 +107,8 @@ class VmmProcess:
     def stop(self) -> int:
         """Quit over QMP (SIGKILL if that does not work); returns the exit status."""
         if self.proc.poll() is None:
-            with contextlib.suppress(Exception):
+            # The process may exit before its reply arrives (or already be exiting).
+            with contextlib.suppress(EOFError, ConnectionError):
                 self.qmp.execute("quit")
             try:
                 self.proc.wait(20)
@@ -120,8 +121,7 @@ class VmmProcess:
     def _close_qmp(self) -> None:
         qmp = getattr(self, "qmp", None)  # absent if the process never started
         if qmp is not None:
-            with contextlib.suppress(Exception):
-                qmp.close()
+            qmp.close()
 
 
 def watch_migration(client: QmpClient, console: Console, timeout: float,
