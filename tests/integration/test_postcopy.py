@@ -56,8 +56,8 @@ from livemig.errors import QmpError
 from livemig.instance import Instance
 from livemig.kernel.mman import Backing
 from livemig.kernel.uffd import FEATURE_THREAD_ID
+from livemig.migration.channel import Listener
 from livemig.migration.source import block_table
-from livemig.vmm.vcpu import Vcpu
 from livemig.wire import events as ev
 from livemig.wire.returnpath import ReturnPathEncoder
 
@@ -401,16 +401,17 @@ def test_destination_fails_cleanly_when_the_source_channels_are_cut_in_postcopy(
 
 def test_closing_a_destination_in_postcopy_waits_for_its_load_thread(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Stopping the guest of a failed postcopy may take a while (the fault thread's stop
-    # joins for up to 10 s): make its first step take 0.5 s so the outcome does not
-    # depend on thread scheduling.
-    request_pause = Vcpu.request_pause
+    # The load thread's work after "failed" (stopping the guest's faults, releasing its
+    # views of guest RAM, closing channels) may take a while: make its last step take
+    # 0.5 s, so a close that does not wait for the thread fails whatever the scheduling.
+    listener_close = Listener.close
 
-    def slow_request_pause(vcpu: Vcpu) -> None:
-        time.sleep(0.5)
-        request_pause(vcpu)
+    def slow_close_in_the_load_thread(listener: Listener) -> None:
+        listener_close(listener)
+        if threading.current_thread().name == "incoming":
+            time.sleep(0.5)
 
-    monkeypatch.setattr(Vcpu, "request_pause", slow_request_pause)
+    monkeypatch.setattr(Listener, "close", slow_close_in_the_load_thread)
     thread_errors: list[BaseException | None] = []
     monkeypatch.setattr(threading, "excepthook", lambda a: thread_errors.append(a.exc_value))
     cfg = postcopy_config("ab", **{"max-postcopy-bandwidth": SLOW_POSTCOPY})

@@ -125,6 +125,22 @@ def test_cancel_during_precopy_keeps_the_source_running(tmp_path: Path) -> None:
         assert status(d) != "running"
 
 
+def test_quitting_a_source_in_precopy_stops_its_migration_and_releases_its_vm(
+        tmp_path: Path) -> None:
+    with ab_instance(tmp_path) as src, empty_instance(tmp_path) as dst, \
+            client(qmp_path(dst)) as d:
+        uri = f"unix:{tmp_path / 'mig.sock'}"
+        d.execute("migrate-incoming", uri=uri)
+        with client(qmp_path(src)) as s:
+            s.execute("migrate-set-parameters", **{"max-bandwidth": 8 * MIB})
+            s.execute("migrate", uri=uri)
+            wait_migration(s, until=("active",))
+        src.close()  # what `quit` (or SIGTERM) does in `livemig run`: must unmap guest RAM
+        assert src.vm.runstate is RunState.SHUTDOWN
+        assert src.outgoing is not None and src.outgoing.status.status.finished
+        assert wait_migration(d, 10)["status"] == "failed"
+
+
 def test_cancel_while_the_destination_does_not_read(tmp_path: Path) -> None:
     # A peer that accepts and never reads: the source blocks in sendmsg once the socket
     # buffers are full, and cancel must still get it out at once.
