@@ -26,6 +26,7 @@ a test send whatever it wants back at chosen points of the stream.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import struct
@@ -283,24 +284,31 @@ class Relay:
         try:
             while data := src.recv(1 << 20):
                 dst.sendall(data)
-        except OSError:
-            pass  # cut: the other thread of the pair sees it too
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)  # pass an EOF on (an error if cut: none to pass)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the other end is gone (or cut): pass the end on
+        _shut(dst, socket.SHUT_WR)
 
     def cut(self) -> None:
         """Shut every connection (and the listener) down and wait for the threads."""
         self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         for s in self._socks:
-            with contextlib.suppress(OSError):  # ENOTCONN: the peer shut it already
-                s.shutdown(socket.SHUT_RDWR)
+            _shut(s, socket.SHUT_RDWR)
         for t in self._threads:
             t.join(30)
             assert not t.is_alive(), "a relay thread did not end"
         for s in self._socks:
             s.close()
         os.unlink(self.path)
+
+
+def _shut(sock: socket.socket, how: int) -> None:
+    """shutdown(); a socket whose peer has already gone is shut already (ENOTCONN)."""
+    try:
+        sock.shutdown(how)
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            raise
 
 
 # --- a hostile destination ----------------------------------------------------------------
