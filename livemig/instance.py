@@ -1,13 +1,16 @@
-"""One livemig VMM instance: a VM, its QMP monitor, and (later) its migrations.
+"""One livemig VMM instance: a VM, its QMP monitor, and its migrations.
 
 Theory of operation
 -------------------
 ``livemig run`` builds an :class:`Instance`: it owns the :class:`~livemig.vmm.vm.Vm`, the
-:class:`~livemig.control.qmp.QmpServer` and the QMP command table that maps QEMU's
-command names onto VM operations.  VM events (STOP, RESUME, SHUTDOWN) are forwarded to
+:class:`~livemig.control.qmp.QmpServer`, the QMP command table that maps QEMU's
+command names onto VM and migration operations, and the outgoing and incoming
+migration (at most one of each).  VM events (STOP, RESUME, SHUTDOWN) are forwarded to
 QMP clients.  :meth:`Instance.wait` blocks the main thread until ``quit`` (or a
-signal); then everything is closed in order: QMP first (no new commands), then the VM
-(vCPUs, fds, RAM, reserved huge pages).
+signal); then :meth:`Instance.close` closes everything in order: the migrations first
+(whatever phase they are in, postcopy included: their threads hold views of guest
+RAM), then the vCPUs, then QMP (no new commands), then the VM (fds, RAM, reserved huge
+pages).
 """
 
 from __future__ import annotations
@@ -190,6 +193,8 @@ class Instance:
         return self._quit.wait(timeout)
 
     def close(self) -> None:
+        """Stop the migrations and wait for their threads, then close the VM and QMP
+        (see the module docstring); an error on the way propagates."""
         if self.outgoing is not None:
             self.outgoing.abort()
             self.outgoing.join(10)
