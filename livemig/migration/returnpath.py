@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 from livemig.errors import ChannelClosedError, MigrationError
 from livemig.migration.channel import Channel
+from livemig.migration.state import detached
 from livemig.wire import events as ev
 from livemig.wire.blocks import BlockInfo
 from livemig.wire.returnpath import (
@@ -192,7 +193,7 @@ class ReturnPathReader:
                     raise ChannelClosedError("return path closed without SHUT")
         except Exception as e:
             log.info("return path ended: %s", str(e))
-            self.error = e.with_traceback(None)  # keep no frames alive
+            self.error = detached(e)  # keep no frames alive
         finally:
             with self._cond:
                 self.finished = True

@@ -45,6 +45,15 @@ def log_failure(logger: logging.Logger, what: str, e: BaseException) -> None:
         logger.critical("%s: internal error: %s\n%s", what, str(e), tb)
 
 
+def detached(e: Exception) -> Exception:
+    """``e`` without its traceback and chained exceptions, to be kept after the
+    ``except`` block: their frames would pin memoryviews of guest RAM (or of a
+    temporary huge page) and, through a frame that keeps the error, form a cycle that
+    only the garbage collector breaks, so the VM could not unmap its memory."""
+    e.__context__ = e.__cause__ = None
+    return e.with_traceback(None)
+
+
 class MigrationStatus(Enum):
     NONE = "none"
     SETUP = "setup"
