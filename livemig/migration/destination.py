@@ -38,6 +38,7 @@ from livemig.migration.state import (
     MigrationInfo,
     MigrationStatus,
     StatusMachine,
+    detached,
     log_failure,
 )
 from livemig.runtime import SwitchInterval
@@ -137,29 +138,38 @@ class DestinationMigration:
 
     def _await_recovery(self, failure: Exception) -> tuple[Channel, Channel | None]:
         """The load thread in postcopy-paused: until migrate-recover and the source's
-        new connections; then postcopy-recover."""
-        self.info.error_desc = str(failure)
+        new connections, then postcopy-recover.  A connection that fails to come
+        pauses again (another migrate-recover is needed); only quitting raises."""
+        while True:
+            self.info.error_desc = str(failure)
+            self._drop_channels()
+            with self._recover_cond:
+                if self._recover_listener is not None:  # a failure during a recovery
+                    self._recover_listener.close()
+                    self._recover_listener = None
+                self.status.set(MigrationStatus.POSTCOPY_PAUSED)
+                self._recover_cond.wait_for(lambda: self._recover_listener is not None
+                                            or self._aborted)
+                if self._aborted:
+                    raise MigrationError("the destination quit in postcopy-paused: the "
+                                         f"source was not heard from again ({failure})")
+                listener = self._recover_listener
+            assert listener is not None
+            try:
+                while self._channel is None or (self.caps.postcopy_preempt
+                                                and self._post_channel is None):
+                    self._accept_one(listener, timeout=None if self._channel is None else 30)
+            except Exception as e:
+                failure = detached(e)
+                continue
+            self.status.set(MigrationStatus.POSTCOPY_RECOVER)
+            return self._channel, self._post_channel
+
+    def _drop_channels(self) -> None:
         for ch in (self._channel, self._post_channel):
             if ch is not None:
                 ch.close()
         self._channel = self._post_channel = None
-        with self._recover_cond:
-            if self._recover_listener is not None:  # a failure during a recovery
-                self._recover_listener.close()
-                self._recover_listener = None
-            self.status.set(MigrationStatus.POSTCOPY_PAUSED)
-            self._recover_cond.wait_for(lambda: self._recover_listener is not None
-                                        or self._aborted)
-            if self._aborted:
-                raise MigrationError("the destination quit in postcopy-paused: the "
-                                     f"source was not heard from again ({failure})")
-            listener = self._recover_listener
-        assert listener is not None
-        while self._channel is None or (self.caps.postcopy_preempt
-                                        and self._post_channel is None):
-            self._accept_one(listener, timeout=None if self._channel is None else 30)
-        self.status.set(MigrationStatus.POSTCOPY_RECOVER)
-        return self._channel, self._post_channel
 
     def _on_resumed(self) -> None:
         with self._recover_cond:

@@ -170,8 +170,11 @@ class IncomingLoad:
                 failure = detached(e)
             while True:
                 self._pause(failure)
+                # Until migrate-recover connected the source again; raises (ending the
+                # load) only if the process quits meanwhile.
+                channels = self._await_recovery(failure)
                 try:
-                    self._recover(failure)
+                    self._recover(*channels)
                     break
                 except Exception as e:
                     failure = detached(e)
@@ -322,12 +325,11 @@ class IncomingLoad:
         self._placer.reset()
         self._fault_error = None
 
-    def _recover(self, failure: Exception) -> None:
-        """Over the connections ``migrate-recover`` accepts: answer RECV_BITMAP for
+    def _recover(self, main: Channel, post: Channel | None) -> None:
+        """Over the connections ``migrate-recover`` accepted: answer RECV_BITMAP for
         each block with what is here, acknowledge POSTCOPY_RESUME, take faults again."""
-        assert self._await_recovery is not None and self._handler is not None
-        assert self._postcopy is not None
-        self.channel, self._post_channel = self._await_recovery(failure)
+        assert self._handler is not None and self._postcopy is not None
+        self.channel, self._post_channel = main, post
         self._dec = Decoder(block_table(self.vm.blocks), postcopy=True,
                             resumed=[hs.RAM.section_id])
         rp = self._rp = ReturnPathWriter(self.channel)
