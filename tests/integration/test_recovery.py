@@ -10,6 +10,9 @@ lands twice, no page arrives as a silent zero.
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ from pc_helpers import (
 from livemig.control.client import QmpClient
 from livemig.errors import QmpError
 from livemig.kernel.mman import Backing
+from livemig.wire.encoder import Encoder
 
 pytestmark = pytest.mark.kvm
 
@@ -170,3 +174,68 @@ def test_recovery_commands_are_refused_outside_a_paused_postcopy(tmp_path: Path)
         with pytest.raises(QmpError, match="[Pp]ostcopy is active"):
             p.sq.execute("migrate_cancel")
         finish(p)
+
+
+def helper_pids(module: str) -> list[int]:
+    """Helper processes of this test process running ``python -m module``."""
+    me, out = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if ppid == me and module.encode() in args:
+            out.append(int(entry))
+    return out
+
+
+@pytest.mark.parametrize("module", ["livemig.migration.urgent", "livemig.migration.faultserver"],
+                         ids=["source-urgent-helper", "destination-fault-server"])
+def test_a_killed_helper_pauses_the_migration_and_a_recovery_completes_it(
+        tmp_path: Path, module: str) -> None:
+    """A helper process is recoverable like a link: its death pauses both sides (the
+    side that lost it names it in error-desc), and new helpers come with the new
+    connections."""
+    caps = caps_of(postcopy=True, preempt=True)
+    with migration_pair(tmp_path, recovery_config(caps, "process", Backing.ANON_4K)) as p:
+        start_postcopy(p)
+        (pid,) = helper_pids(module)
+        os.kill(pid, signal.SIGKILL)
+        src = wait_status(p.sq, "postcopy-paused")
+        dst = wait_status(p.dq, "postcopy-paused")
+        lost = src if "urgent" in module else dst
+        assert "helper" in lost.get("error-desc", "") or "server" in lost.get(
+            "error-desc", ""), lost
+        recover(p, tmp_path, "recover.sock")
+        finish(p)
+        assert pid not in helper_pids(module)
+
+
+def test_a_connection_lost_during_the_recovery_handshake_pauses_again(tmp_path: Path) -> None:
+    """QEMU's recovery/double-failures/handshake, destination side: a peer connects to
+    migrate-recover's socket, asks for a bitmap and vanishes before POSTCOPY_RESUME;
+    the destination pauses again, and a second recovery completes the migration."""
+    with migration_pair(tmp_path, recovery_config(caps_of(postcopy=True), "migration",
+                                                  Backing.ANON_4K)) as p:
+        start_postcopy(p)
+        p.sq.execute("migrate-pause")
+        wait_status(p.sq, "postcopy-paused")
+        wait_status(p.dq, "postcopy-paused")
+        path = tmp_path / "first.sock"
+        p.dq.execute("migrate-recover", uri=f"unix:{path}")
+        enc = Encoder(postcopy=True, resumed=[0])
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as peer:
+            peer.connect(str(path))
+            peer.sendall(enc.preamble() + enc.recv_bitmap("pc.ram"))
+            wait_status(p.dq, "postcopy-recover")
+            assert peer.recv(4096)  # the bitmap started to come back
+        info = wait_status(p.dq, "postcopy-paused")
+        assert info.get("error-desc"), info
+        recover(p, tmp_path, "second.sock")
+        finish(p)
+        assert migration_statuses(events(p.dq, ends_migration)).count("postcopy-paused") == 2
