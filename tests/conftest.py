@@ -37,8 +37,8 @@ def hugetlb_kib(pid: str) -> int:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("HugetlbPages:"):
                 return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
+    except (FileNotFoundError, ProcessLookupError):
+        pass  # the process has exited: it maps nothing
     return 0
 
 

@@ -93,6 +93,18 @@ class Guest:
         return not any(t.thread.is_alive() for t in self.touchers)
 
 
+def close_guest(guest: Guest, views: list[ctypes.Array[ctypes.c_char]],
+                mm: mmap.mmap) -> None:
+    """Close the guest, drop ``views`` (the only references to them) and unmap it; fail
+    if a thread touching it did not end (the mapping is then left alone, not unmapped
+    under the thread)."""
+    ended = guest.shutdown()
+    if ended:
+        views.clear()
+        mm.close()
+    assert ended, "a thread touching the guest memory did not end"
+
+
 def wait_for_faults(uffd: Userfaultfd, count: int, max_events: int = 64) -> list[PageFault]:
     faults: list[PageFault] = []
     deadline = time.monotonic() + TIMEOUT
@@ -121,15 +133,10 @@ def anon() -> Iterator[Guest]:
     """4 private anonymous 4 KiB pages registered in MISSING mode."""
     size = 4 * PAGE
     mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    view = (ctypes.c_char * size).from_buffer(mm)
-    guest = open_guest(ctypes.addressof(view), size, U.FEATURE_THREAD_ID)
-    try:
-        yield guest
-    finally:
-        if guest.shutdown():
-            del view
-            mm.close()
-        # else: a thread is still inside the mapping; leak it rather than unmap under it.
+    views = [(ctypes.c_char * size).from_buffer(mm)]
+    guest = open_guest(ctypes.addressof(views[0]), size, U.FEATURE_THREAD_ID)
+    yield guest
+    close_guest(guest, views, mm)
 
 
 # --- ABI -------------------------------------------------------------------------
@@ -182,7 +189,7 @@ def test_ioctl_numbers_match_uapi_header() -> None:
 
 def test_ioctls_are_called_without_holding_the_gil() -> None:
     # A PYFUNCTYPE/PyDLL prototype would keep the GIL across a blocking UFFDIO_COPY.
-    assert U._ioctl_ptr._flags_ & ctypes._FUNCFLAG_PYTHONAPI == 0  # type: ignore[attr-defined]
+    assert U.IOCTL._flags_ & ctypes._FUNCFLAG_PYTHONAPI == 0  # type: ignore[attr-defined]
 
 
 # --- parsing -------------------------------------------------------------------
@@ -439,15 +446,11 @@ def huge(huge_pages_2m: HugepageReservation) -> Iterator[Guest]:
     finally:
         os.close(fd)  # the mapping keeps the file alive
     huge_pages_2m.mapped()
-    view = (ctypes.c_char * HUGE).from_buffer(mm)
-    guest = open_guest(ctypes.addressof(view), HUGE,
+    views = [(ctypes.c_char * HUGE).from_buffer(mm)]
+    guest = open_guest(ctypes.addressof(views[0]), HUGE,
                        U.FEATURE_MISSING_HUGETLBFS | U.FEATURE_THREAD_ID)
-    try:
-        yield guest
-    finally:
-        if guest.shutdown():
-            del view
-            mm.close()
+    yield guest
+    close_guest(guest, views, mm)
 
 
 def test_huge_page_fault_reports_the_aligned_address_and_copy_places_2mib(
