@@ -166,7 +166,8 @@ class Instance:
             raise QmpError("migrate-incoming is only allowed on a VM started with --incoming")
         self.incoming = DestinationMigration(self.vm, MigrationUri.parse(uri), self.caps,
                                              self._emit, self._incoming_finished,
-                                             switch=self.switch)
+                                             switch=self.switch,
+                                             dead_link_timeout_ms=self.params.x_dead_link_timeout)
         self.incoming.start()
 
     def _incoming_finished(self, mig: DestinationMigration) -> None:

@@ -56,9 +56,12 @@ class DestinationMigration:
     def __init__(self, vm: Vm, uri: MigrationUri, caps: Capabilities,
                  emit: EventSink | None = None,
                  on_finished: Callable[[DestinationMigration], None] | None = None, *,
-                 switch: SwitchInterval | None = None) -> None:
+                 switch: SwitchInterval | None = None, dead_link_timeout_ms: int = 0
+                 ) -> None:
         """``switch``: the process's owner of the GIL switch interval (one per process,
-        shared by every migration in it)."""
+        shared by every migration in it).  ``dead_link_timeout_ms``: a TCP peer silent
+        that long is gone (0: wait for ever)."""
+        self.dead_link_timeout_ms = dead_link_timeout_ms
         self.vm = vm
         self.switch = switch or SwitchInterval()
         self.uri = uri
@@ -234,6 +237,7 @@ class DestinationMigration:
 
     def _accept_one(self, listener: Listener, timeout: float | None) -> None:
         ch = listener.accept(timeout=timeout)
+        ch.detect_dead_peer(self.dead_link_timeout_ms)
         kind = ChannelKind.MAIN if ch.is_file else identify_channel(ch.peek(4))
         if kind is ChannelKind.MAIN and self._channel is None:
             self._channel = ch

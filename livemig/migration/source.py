@@ -320,6 +320,7 @@ class SourceMigration:
     def _connect(self, name: str) -> Channel:
         ch = connect(self.uri, name=name)
         self._channels.append(ch)
+        ch.detect_dead_peer(self.params.x_dead_link_timeout)
         return ch
 
     def _setup(self) -> PageSender:
