@@ -17,17 +17,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from pc_helpers import (
     FINISHED,
     GUEST_PAGES,
+    MEM,
     NO_CONVERGENCE,
     Pair,
     PairConfig,
     caps_of,
+    client,
     ends_migration,
     events,
     guest_check,
+    guest_instance,
     hugepages_checked,
     migration_pair,
     migration_statuses,
@@ -39,6 +43,13 @@ from pc_helpers import (
 from livemig.control.client import QmpClient
 from livemig.errors import QmpError
 from livemig.kernel.mman import Backing
+from livemig.migration import handshake as hs
+from livemig.migration.handshake import Handshake, block_table
+from livemig.migration.source import device_sections
+from livemig.units import PAGE_SIZE
+from livemig.vmm.boot import boot_guest
+from livemig.vmm.vm import Vm, VmConfig
+from livemig.wire.blocks import host_page_summary
 from livemig.wire.encoder import Encoder
 
 pytestmark = pytest.mark.kvm
@@ -239,3 +250,50 @@ def test_a_connection_lost_during_the_recovery_handshake_pauses_again(tmp_path: 
         recover(p, tmp_path, "second.sock")
         finish(p)
         assert migration_statuses(events(p.dq, ends_migration)).count("postcopy-paused") == 2
+
+
+def test_a_postcopy_stream_that_skips_a_page_fails_the_destination_naming_it(
+        tmp_path: Path) -> None:
+    """Completeness: before it says completed, the destination checks that every host
+    page arrived (or was legitimately zero).  A test source that sends every page but
+    one, in postcopy, gets a typed failure naming the block and the page, never a
+    silent zero page."""
+    src_vm = Vm(VmConfig(MEM))
+    try:
+        boot_guest(src_vm, "ab")  # some non-zero pages worth sending
+        ram = src_vm.main_block.view()
+        pages = np.arange(MEM // PAGE_SIZE, dtype=np.uint64) * np.uint64(PAGE_SIZE)
+        skipped = int(pages[-1])
+        table = block_table(src_vm.blocks)
+        enc = Encoder(postcopy=True)
+        out: list[Any] = [enc.preamble()]
+        out += enc.device_state(hs.CAPABILITIES.section_id, hs.CAPABILITIES.name,
+                                Handshake(postcopy_ram=True).encode())
+        out += [enc.open_return_path(), enc.postcopy_advise(host_page_summary(table)),
+                enc.ram_start(hs.RAM.section_id), enc.mem_size(table),
+                enc.close_ram_section()]
+        package = enc.package()
+        blob = [package.postcopy_listen(),
+                *device_sections(package, src_vm.save_state(), "paused"),
+                package.postcopy_run()]
+        out += enc.packaged(b"".join(bytes(b) for b in blob))
+        out += [enc.ram_part(hs.RAM.section_id), *enc.pages("pc.ram", pages[:-1], ram),
+                enc.close_ram_section(), enc.ram_end(hs.RAM.section_id),
+                enc.close_ram_section(), enc.eof()]
+        stream = b"".join(bytes(b) for b in out)
+        out.clear()  # the page payloads are views of the VM's RAM
+        ram.release()
+    finally:
+        src_vm.close()
+    with guest_instance(tmp_path, None, "dst") as dst, client(dst) as dq:
+        dq.execute("migrate-set-capabilities",
+                   capabilities=[{"capability": "postcopy-ram", "state": True}])
+        path = tmp_path / "in.sock"
+        dq.execute("migrate-incoming", uri=f"unix:{path}")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as peer:
+            peer.connect(str(path))
+            peer.sendall(stream)
+            info = wait_migration(dq, 60)
+        assert info["status"] == "failed", info
+        assert f"1 host pages of pc.ram (first at {skipped:#x})" in info["error-desc"], info
+        assert dq.execute("query-status")["status"] != "running"
