@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from livemig.errors import LivemigError, MigrationError, RemoteProtocolError
+from livemig.errors import ChannelClosedError, LivemigError, MigrationError, RemoteProtocolError
 from livemig.kernel.uffd import Userfaultfd
 from livemig.migration.channel import Channel, Listener, MigrationUri
 from livemig.migration.load import IncomingLoad
@@ -144,7 +144,7 @@ class DestinationMigration:
         new connections, then postcopy-recover.  A connection that fails to come
         pauses again (another migrate-recover is needed); only quitting raises."""
         while True:
-            self.info.error_desc = str(failure)
+            self.info.error_desc = self._pause_reason(failure)
             self._drop_channels()
             with self._recover_cond:
                 if self._recover_listener is not None:  # a failure during a recovery
@@ -167,6 +167,14 @@ class DestinationMigration:
                 continue
             self.status.set(MigrationStatus.POSTCOPY_RECOVER)
             return self._channel, self._post_channel
+
+    @staticmethod
+    def _pause_reason(failure: Exception) -> str:
+        """What query-migrate says while paused: a lost connection says so plainly (the
+        source may be gone for good: then the VM cannot be saved)."""
+        if isinstance(failure, (ChannelClosedError, OSError)):
+            return f"lost the connection to the source: {failure}"
+        return str(failure)
 
     def _drop_channels(self) -> None:
         for ch in (self._channel, self._post_channel):

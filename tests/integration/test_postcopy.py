@@ -382,7 +382,7 @@ def test_destination_pauses_when_the_source_process_is_killed_in_postcopy(
         proc.wait(30)
         # The VM cannot be saved now (half its memory died with the source); the
         # destination says the source is gone and waits, as QEMU does.
-        assert_destination_paused(dq, "closed the main channel")
+        assert_destination_paused(dq, "lost the connection to the source")
     # Quitting the destination ends it: threads gone, nothing left behind.
     assert not incoming_threads()
 
@@ -399,7 +399,7 @@ def test_cut_connections_in_postcopy_pause_both_sides_and_a_recovery_completes(
         start_postcopy_after_first_round(p.sq)
         wait_migration(p.dq, until=("postcopy-active", *FINISHED))
         relay.cut()
-        assert_destination_paused(p.dq, "closed")
+        assert_destination_paused(p.dq, "lost the connection to the source")
         assert wait_migration(p.sq, 60, until=("postcopy-paused", *FINISHED))[
             "status"] == "postcopy-paused"
         assert not p.sq.execute("query-status")["running"]  # never runs here again
