@@ -4,8 +4,23 @@ Theory of operation
 -------------------
 A :class:`Vm` owns its KVM fds, its RAM blocks (one ``pc.ram`` block at guest-physical
 0), its vCPUs and its devices; nothing is global, so two VMs (a migration source and
-destination) can live in one process.  Guests start the way a PC BIOS hands over to a
-boot sector: the 512-byte image at 0x7c00, real mode, ``CS:IP = 0:7c00``, ``DL = 0x80``.
+destination) can live in one process.  Guests start either the way a PC BIOS hands over
+to a boot sector (the 512-byte image at 0x7c00, real mode, ``CS:IP = 0:7c00``,
+``DL = 0x80``) or the way a multiboot loader starts a kernel (``livemig.vmm.multiboot``:
+32-bit protected mode, ``EAX``/``EBX`` = magic and info block).
+
+Unless the config turns it off, the VM has KVM's in-kernel irqchip (two 8259 PICs, an
+IOAPIC, a local APIC per vCPU) and PIT, created before the vCPUs as KVM requires.  The
+serial port drives GSI 4 of that irqchip.  Application processors (``vcpus > 1`` needs
+the irqchip) wait inside ``KVM_RUN`` for INIT/SIPI from the boot processor.  Each vCPU
+gets the host's supported CPUID with its own APIC id (``livemig.vmm.cpuid``).
+
+The MSRs saved per vCPU (:attr:`Vm.msr_indices`) are those of
+``KVM_GET_MSR_INDEX_LIST`` that the vCPU can read, in the kernel's list order (which puts
+``IA32_TSC`` before ``IA32_TSC_DEADLINE`` and ``IA32_TSC_ADJUST``).
+
+A guest that triple-faults or resets through port 0xcf9 shuts the VM down (as QEMU's
+``-no-reboot``), emitting ``SHUTDOWN`` with ``guest: true``.
 
 The VM-level run state uses QEMU's ``RunState`` names (``prelaunch``, ``running``,
 ``paused``, ``inmigrate``, ``postmigrate``, ``shutdown``, ``internal-error``) because QMP
@@ -29,9 +44,11 @@ from typing import Any, BinaryIO
 from livemig.errors import ConfigError, VmStateError
 from livemig.kernel import kvm as K
 from livemig.kernel.mman import GIB, MIB, Backing, HugepageReservation
+from livemig.vmm.cpuid import CpuidPolicy
 from livemig.vmm.memory import RamBlock, make_block
-from livemig.vmm.serial import Serial
-from livemig.vmm.state import VmState
+from livemig.vmm.multiboot import MultibootImage
+from livemig.vmm.serial import COM1_IRQ, Serial
+from livemig.vmm.state import PlatformState, VmState
 from livemig.vmm.vcpu import Vcpu, VcpuRunState, install_kick_handler
 
 log = logging.getLogger("livemig.vm")
@@ -42,6 +59,8 @@ TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFFFBC000
 MAX_RAM = 3 * GIB  # RAM is one block below the 32-bit PCI hole
 MAIN_BLOCK = "pc.ram"
+MAX_VCPUS = 16
+RESET_PORT = 0xCF9  # PIIX/ICH reset control register: bit 2 starts a reset
 
 
 class RunState(Enum):
@@ -94,6 +113,8 @@ class VmConfig:
     backing: Backing = Backing.ANON_4K
     vcpus: int = 1
     reserve_hugepages: bool = True
+    irqchip: bool = True
+    cpuid: CpuidPolicy = CpuidPolicy()
 
     def validate(self) -> None:
         page = self.backing.host_page_size
@@ -102,8 +123,11 @@ class VmConfig:
                               f"{self.backing.value} page size ({page} bytes)")
         if self.mem_size < 2 * MIB or self.mem_size > MAX_RAM:
             raise ConfigError(f"memory size must be between 2 MiB and {MAX_RAM // GIB} GiB")
-        if self.vcpus != 1:
-            raise ConfigError("livemig guests are single-vCPU for now")
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise ConfigError(f"a VM has 1 to {MAX_VCPUS} vCPUs, not {self.vcpus}")
+        if self.vcpus > 1 and not self.irqchip:
+            raise ConfigError("several vCPUs need the in-kernel irqchip (INIT/SIPI)")
+        self.cpuid.validate()
 
 
 class Vm:
@@ -114,9 +138,10 @@ class Vm:
         install_kick_handler()
         self.config = config
         self.runstate = RunState.PRELAUNCH
+        self.failure: str | None = None  # why a vCPU stopped for good, if one did
         self._listeners: list[EventListener] = []
         self._lock = threading.RLock()
-        self.serial = Serial(serial_sink)
+        self.serial = Serial(serial_sink, self._serial_irq if config.irqchip else None)
         self._stack = contextlib.ExitStack()
         try:
             self._setup()
@@ -138,30 +163,44 @@ class Vm:
         if self.kvm.check_extension(K.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2):
             self.vm_fd.enable_cap(K.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
                                   K.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+        if cfg.irqchip:
+            self.vm_fd.create_irqchip()
+            self.vm_fd.create_pit2()
         block = make_block(self.vm_fd, MAIN_BLOCK, 0, cfg.mem_size, cfg.backing, slot=0)
         self._stack.callback(block.mapping.close)
         self.blocks: dict[str, RamBlock] = {block.name: block}
-        supported = set(self.kvm.msr_index_list())
-        self.msr_indices = [m for m in K.MIGRATED_MSRS if m in supported]
-        cpuid = self.kvm.supported_cpuid()
+        self.xsave = bool(self.kvm.check_extension(K.KVM_CAP_XSAVE))
+        supported = self.kvm.supported_cpuid()
         self.vcpus: list[Vcpu] = []
         for i in range(cfg.vcpus):
             fd = self.vm_fd.create_vcpu(i)
             self._stack.callback(fd.close)
-            fd.set_cpuid2(cpuid)
+            fd.set_cpuid2(cfg.cpuid.table_for(supported, i, cfg.vcpus))
             vcpu = Vcpu(fd, self, on_fatal=self._vcpu_failed)
             self._stack.callback(vcpu.stop)
             self.vcpus.append(vcpu)
+        probe = self.vcpus[0].fd
+        self.msr_indices = [m for m in self.kvm.msr_index_list() if probe.get_msrs([m])]
 
     # --- devices ----------------------------------------------------------------------
     def io_out(self, port: int, size: int, value: int) -> None:
         if self.serial.handles(port):
             self.serial.write(port, value & 0xFF)
+        elif port == RESET_PORT and value & 0x04:
+            self.guest_shutdown("guest-reset")
 
     def io_in(self, port: int, size: int) -> int:
         if self.serial.handles(port):
             return self.serial.read(port)
         return (1 << (8 * size)) - 1
+
+    def _serial_irq(self, level: bool) -> None:
+        self.vm_fd.irq_line(COM1_IRQ, level)
+
+    def guest_shutdown(self, reason: str) -> None:
+        """The guest asked to stop (from a vCPU thread, which must not wait for itself)."""
+        threading.Thread(target=self.shutdown, args=(reason, True), name="vm-shutdown",
+                         daemon=True).start()
 
     # --- memory -----------------------------------------------------------------------
     @property
@@ -205,6 +244,17 @@ class Vm:
         regs = K.KvmRegs()
         regs.rip, regs.rflags, regs.rdx, regs.rsp = BOOT_SECTOR_ADDR, 0x2, 0x80, 0x7000
         fd.set_regs(regs)
+
+    def load_multiboot(self, image: MultibootImage, cmdline: bytes = b"") -> None:
+        """Load a multiboot kernel and enter it on the boot processor, as QEMU's loader."""
+        self._require(RunState.PRELAUNCH, RunState.INMIGRATE)
+        for gpa, data in image.placements(self.main_block.size, cmdline):
+            self.write_guest(gpa, data)
+        fd = self.vcpus[0].fd
+        sregs = fd.get_sregs()
+        image.enter_protected_mode(sregs)
+        fd.set_sregs(sregs)
+        fd.set_regs(image.entry_regs())
 
     # --- run state --------------------------------------------------------------------
     def add_listener(self, listener: EventListener) -> None:
@@ -256,16 +306,17 @@ class Vm:
         if was_running:
             self._emit("STOP")
 
-    def shutdown(self, reason: str = "host-qmp-quit") -> None:
+    def shutdown(self, reason: str = "host-qmp-quit", guest: bool = False) -> None:
         with self._lock:
             if self.runstate is RunState.SHUTDOWN:
                 return
             for v in self.vcpus:
                 v.stop()
             self.runstate = RunState.SHUTDOWN
-        self._emit("SHUTDOWN", {"guest": False, "reason": reason})
+        self._emit("SHUTDOWN", {"guest": guest, "reason": reason})
 
     def _vcpu_failed(self, why: str) -> None:
+        self.failure = why
         with self._lock:
             if self.runstate is RunState.RUNNING:
                 self.runstate = RunState.INTERNAL_ERROR
@@ -276,8 +327,19 @@ class Vm:
         with self._lock:
             if self.runstate is RunState.RUNNING:
                 raise VmStateError("pause the VM before saving its state")
-            return VmState(tuple(v.save(self.msr_indices) for v in self.vcpus),
-                           self.serial.save())
+            vcpus = tuple(v.save(self.msr_indices, self.config.irqchip, self.xsave)
+                          for v in self.vcpus)
+            return VmState(vcpus, self.serial.save(), self._save_platform())
+
+    def _save_platform(self) -> PlatformState | None:
+        if not self.config.irqchip:
+            return None
+        fd = self.vm_fd
+        return PlatformState(
+            pic_master=fd.get_irqchip(K.KVM_IRQCHIP_PIC_MASTER),
+            pic_slave=fd.get_irqchip(K.KVM_IRQCHIP_PIC_SLAVE),
+            ioapic=fd.get_irqchip(K.KVM_IRQCHIP_IOAPIC), pit=fd.get_pit2(),
+            clock_ns=int(fd.get_clock().clock))
 
     def restore_state(self, state: VmState) -> None:
         with self._lock:
@@ -286,9 +348,20 @@ class Vm:
             if len(state.vcpus) != len(self.vcpus):
                 raise ConfigError(f"state has {len(state.vcpus)} vCPUs, VM has "
                                   f"{len(self.vcpus)}")
+            if state.platform is not None and not self.config.irqchip:
+                raise ConfigError("the saved VM had the in-kernel irqchip, this one has not")
+            platform = state.platform
+            fd = self.vm_fd
+            if platform is not None:
+                fd.set_irqchip(K.KVM_IRQCHIP_PIC_MASTER, platform.pic_master)
+                fd.set_irqchip(K.KVM_IRQCHIP_PIC_SLAVE, platform.pic_slave)
+                fd.set_irqchip(K.KVM_IRQCHIP_IOAPIC, platform.ioapic)
+                fd.set_pit2(platform.pit)
             for v, st in zip(self.vcpus, state.vcpus, strict=True):
                 v.restore(st)
             self.serial.restore(state.serial)
+            if platform is not None:
+                fd.set_clock(platform.clock_ns)
 
     def copy_ram_from(self, other: Vm) -> None:
         """Copy all RAM of a paused VM (for in-process save/restore tests and file loads)."""
