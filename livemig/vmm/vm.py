@@ -19,6 +19,10 @@ The MSRs saved per vCPU (:attr:`Vm.msr_indices`) are those of
 ``KVM_GET_MSR_INDEX_LIST`` that the vCPU can read, in the kernel's list order (which puts
 ``IA32_TSC`` before ``IA32_TSC_DEADLINE`` and ``IA32_TSC_ADJUST``).
 
+While the VM is paused its kvmclock stands still, as under QEMU: ``pause`` reads it
+(``KVM_GET_CLOCK``) and ``start`` sets it back (``KVM_SET_CLOCK``), so guest time does not
+jump by the length of a pause or of a migration's downtime.
+
 A guest that triple-faults or resets through port 0xcf9 shuts the VM down (as QEMU's
 ``-no-reboot``), emitting ``SHUTDOWN`` with ``guest: true``.
 
@@ -139,6 +143,7 @@ class Vm:
         self.config = config
         self.runstate = RunState.PRELAUNCH
         self.failure: str | None = None  # why a vCPU stopped for good, if one did
+        self._stopped_clock: int | None = None  # kvmclock while paused (ns)
         self._listeners: list[EventListener] = []
         self._lock = threading.RLock()
         self.serial = Serial(serial_sink, self._serial_irq if config.irqchip else None)
@@ -291,6 +296,9 @@ class Vm:
             if self.runstate is RunState.RUNNING:
                 return
             self.set_runstate(RunState.RUNNING)
+            if self._stopped_clock is not None:
+                self.vm_fd.set_clock(self._stopped_clock)
+                self._stopped_clock = None
             for v in self.vcpus:
                 v.resume()
         self._emit("RESUME")
@@ -302,6 +310,8 @@ class Vm:
             for v in self.vcpus:
                 if v.state is VcpuRunState.RUNNING:
                     v.pause()
+            if was_running and self.config.irqchip:
+                self._stopped_clock = int(self.vm_fd.get_clock().clock)
             self.set_runstate(to)
         if was_running:
             self._emit("STOP")
@@ -339,7 +349,8 @@ class Vm:
             pic_master=fd.get_irqchip(K.KVM_IRQCHIP_PIC_MASTER),
             pic_slave=fd.get_irqchip(K.KVM_IRQCHIP_PIC_SLAVE),
             ioapic=fd.get_irqchip(K.KVM_IRQCHIP_IOAPIC), pit=fd.get_pit2(),
-            clock_ns=int(fd.get_clock().clock))
+            clock_ns=self._stopped_clock if self._stopped_clock is not None
+            else int(fd.get_clock().clock))
 
     def restore_state(self, state: VmState) -> None:
         with self._lock:
@@ -361,7 +372,7 @@ class Vm:
                 v.restore(st)
             self.serial.restore(state.serial)
             if platform is not None:
-                fd.set_clock(platform.clock_ns)
+                self._stopped_clock = platform.clock_ns  # set by start(), right before running
 
     def copy_ram_from(self, other: Vm) -> None:
         """Copy all RAM of a paused VM (for in-process save/restore tests and file loads)."""
