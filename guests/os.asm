@@ -26,7 +26,8 @@
 ; 0x9e3779b1 | 1 modulo a power-of-two region) or hot (only the first `hot` pages).
 ; With `rate` > 0 a vCPU visits at most `rate` pages per timer tick and halts until the
 ; next one.  The pass number is mirrored in xmm1 (checked after every pass: FPU/XSAVE
-; state) and DR0 holds a constant (checked after every pass: debug registers).
+; state), DR0 and MSR_KERNEL_GS_BASE hold constants (checked after every pass: debug
+; registers and MSRs).
 ;
 ; Time.  After every page a vCPU reads kvmclock and checks that time did not go back
 ; and did not step by more than `max_jump_ms`; that its tick count moved within
@@ -39,6 +40,7 @@
 ;   K  no kvmclock                  C  time went backwards   J  time jumped
 ;   T  no timer tick in time        V  another vCPU stopped  P/S private/shared page
 ;   F  xmm1 lost (FPU state)        D  DR0 lost (debug registers)
+;   M  MSR_KERNEL_GS_BASE lost
 ;   X  an exception (followed by its vector in hex)
 ;
 ; Parameters live at image offset 0x20 (see livemig.guests.os, which patches them).
@@ -59,6 +61,8 @@ VEC_SERIAL      equ 0x24
 VEC_SPURIOUS    equ 0xFF
 SCATTER         equ 0x9E3779B1
 DR0_MAGIC       equ 0x5A5A0000
+GSB_MAGIC       equ 0x4C4D0000          ; MSR_KERNEL_GS_BASE := this + vCPU
+MSR_KERNEL_GS_BASE equ 0xC0000102
 
 ; per-vCPU record (PERCPU_SIZE bytes)
 PC_TICKS        equ 0                   ; timer interrupts taken (the ISR counts)
@@ -286,6 +290,11 @@ cpu_setup:
         mov     eax, DR0_MAGIC
         add     eax, edi
         mov     dr0, rax
+        mov     ecx, MSR_KERNEL_GS_BASE
+        mov     eax, GSB_MAGIC
+        add     eax, edi
+        xor     edx, edx
+        wrmsr
         call    percpu
         call    read_clock
         mov     [r15 + PC_LAST_NOW], rax
@@ -515,6 +524,12 @@ workload:
         add     ecx, r13d
         cmp     rax, rcx
         jne     .dr_lost
+        mov     ecx, MSR_KERNEL_GS_BASE ; MSRs kept?
+        rdmsr
+        sub     eax, GSB_MAGIC
+        or      eax, edx
+        cmp     eax, r13d
+        jne     .msr_lost
         inc     r12
         mov     [r15 + PC_GEN], r12
         test    r13d, r13d
@@ -527,6 +542,9 @@ workload:
         jmp     fail
 .dr_lost:
         mov     al, 'D'
+        jmp     fail
+.msr_lost:
+        mov     al, 'M'
         jmp     fail
 
 ; region_private / region_shared: RBX = base, RBP = pages, R10 = slot offset,

@@ -1,0 +1,136 @@
+"""Whole-VM state of the os guest: save, restore into a fresh VM, the guest goes on.
+
+Each state component is also left out once (the fresh VM's own value is restored in
+its place) and the guest, or its console, must show the damage:
+
+=============  ===================================================================
+component      what the guest then reports
+=============  ===================================================================
+lapic          ``ET``: its timer never ticks again
+kvmclock       ``EC``: time went backwards
+msrs           ``EM``: MSR_KERNEL_GS_BASE lost (or ``EC``/``EJ``: the kvmclock MSR and
+               the TSC lost; on a host whose guest TSC is the host's, kvmclock keeps
+               reading the stale record correctly)
+xsave/fpu      ``EF``: xmm1 no longer holds the pass number
+debugregs      ``ED``: DR0 lost
+mp_state       ``EV`` from vCPU 0: vCPU 1 waits for a SIPI and never runs
+ioapic         input typed after the restore is never echoed (the pin is masked)
+serial         input typed before the save is never echoed (FIFO and IER lost)
+=============  ===================================================================
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+
+from livemig.guests.os import OsParams
+from livemig.kernel.mman import MIB
+from livemig.vmm.boot import boot_os
+from livemig.vmm.checks import os_check
+from livemig.vmm.state import VmState
+from livemig.vmm.vm import Vm, VmConfig
+
+pytestmark = pytest.mark.kvm
+MEM = 64 * MIB
+VCPUS = 2
+PARAMS = OsParams.for_ram(MEM, VCPUS, tick_timeout_ms=2000)
+ERROR_LINE = re.compile(rb"E([A-Z])([0-9a-f])")
+TYPED_BEFORE = b"typed while paused"
+TYPED_AFTER = b"typed after restore"
+
+
+def _vcpus(*fields: str) -> Callable[[VmState, VmState], VmState]:
+    def take(state: VmState, fresh: VmState) -> VmState:
+        return replace(state, vcpus=tuple(
+            replace(s, **{f: getattr(f0, f) for f in fields})
+            for s, f0 in zip(state.vcpus, fresh.vcpus, strict=True)))
+    return take
+
+
+def _platform(field: str) -> Callable[[VmState, VmState], VmState]:
+    def take(state: VmState, fresh: VmState) -> VmState:
+        assert state.platform is not None and fresh.platform is not None
+        return replace(state, platform=replace(
+            state.platform, **{field: getattr(fresh.platform, field)}))
+    return take
+
+
+def _serial(state: VmState, fresh: VmState) -> VmState:
+    return replace(state, serial=fresh.serial)
+
+
+def _nothing(state: VmState, fresh: VmState) -> VmState:
+    return state
+
+
+def run_restored(leave_out: Callable[[VmState, VmState], VmState],
+                 check: Callable[[Vm], None]) -> None:
+    """Run the guest, type into it while paused, save, restore into a fresh VM with one
+    component left out, run it, type again, and hand it to ``check``."""
+    with Vm(VmConfig(MEM, vcpus=VCPUS)) as a:
+        boot_os(a, PARAMS)
+        a.start()
+        assert a.serial.wait_output(lambda o: o.count(b"B") >= 3 or b"E" in o, 30)
+        a.pause()
+        assert b"E" not in a.serial.output, a.serial.output
+        a.serial.feed(TYPED_BEFORE)
+        state = a.save_state()
+        with Vm(VmConfig(MEM, vcpus=VCPUS)) as b:
+            fresh = b.save_state()
+            b.copy_ram_from(a)
+            b.restore_state(leave_out(state, fresh))
+            b.start()
+            b.serial.wait_for(2, timeout=10)
+            b.serial.feed(TYPED_AFTER)
+            check(b)
+
+
+def test_whole_state_round_trips_into_a_fresh_vm_with_a_pending_interrupt() -> None:
+    def check(b: Vm) -> None:
+        assert b.serial.wait_output(
+            lambda o: TYPED_AFTER in o.replace(b"B", b"") or b"E" in o, 15)
+        b.pause()
+        out = b.serial.output.replace(b"B", b"")
+        assert b"E" not in out, out
+        assert out.startswith(TYPED_BEFORE)  # the interrupt pending at the save
+        assert TYPED_AFTER in out
+        result = os_check(b.main_block.array(), PARAMS)
+        assert result.ok, result.summary()
+    run_restored(_nothing, check)
+
+
+@pytest.mark.parametrize("leave_out,reasons,cpu", [
+    (_vcpus("lapic"), b"T", None),
+    (_platform("clock_ns"), b"C", None),
+    (_vcpus("msrs"), b"MCJ", None),
+    (_vcpus("xsave", "fpu"), b"F", None),
+    (_vcpus("debugregs"), b"D", None),
+    (_vcpus("mp_state"), b"V", b"0"),
+], ids=["lapic", "kvmclock", "msrs", "xsave", "debugregs", "mp_state"])
+def test_a_component_left_out_is_reported_by_the_guest(
+        leave_out: Callable[[VmState, VmState], VmState], reasons: bytes,
+        cpu: bytes | None) -> None:
+    def check(b: Vm) -> None:
+        assert b.serial.wait_output(lambda o: ERROR_LINE.search(o) is not None, 20), \
+            b.serial.output[-100:]
+        m = ERROR_LINE.search(b.serial.output)
+        assert m is not None and m.group(1) in reasons, b.serial.output[-100:]
+        assert cpu is None or m.group(2) == cpu
+    run_restored(leave_out, check)
+
+
+@pytest.mark.parametrize("leave_out,lost", [(_platform("ioapic"), TYPED_AFTER),
+                                            (_serial, TYPED_BEFORE)],
+                         ids=["ioapic", "serial"])
+def test_a_device_left_out_loses_the_serial_interrupt(
+        leave_out: Callable[[VmState, VmState], VmState], lost: bytes) -> None:
+    def check(b: Vm) -> None:
+        b.serial.wait_for(20, timeout=10)  # plenty of passes to take the interrupt
+        out = b.serial.output.replace(b"B", b"")
+        assert b"E" not in out, out
+        assert lost not in out
+    run_restored(leave_out, check)
