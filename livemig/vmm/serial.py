@@ -25,7 +25,7 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import BinaryIO
+from typing import Protocol
 
 from livemig.errors import RemoteProtocolError
 
@@ -39,6 +39,13 @@ _TAIL_LIMIT = 1 << 16
 RX_FIFO_LIMIT = 4096
 
 IrqLine = Callable[[bool], None]
+
+
+class Sink(Protocol):
+    """Where guest output goes: a file, stdout, or an interactive console."""
+
+    def write(self, data: bytes, /) -> int: ...
+    def flush(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,7 @@ class SerialState:
 class Serial:
     """COM1, writing guest output to ``sink`` (may be None) and to ``tail``."""
 
-    def __init__(self, sink: BinaryIO | None = None, irq: IrqLine | None = None) -> None:
+    def __init__(self, sink: Sink | None = None, irq: IrqLine | None = None) -> None:
         self.sink = sink
         self._irq = irq
         self._regs = SerialState()

@@ -43,7 +43,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, BinaryIO
+from typing import Any
 
 from livemig.errors import ConfigError, VmStateError
 from livemig.kernel import kvm as K
@@ -51,7 +51,7 @@ from livemig.kernel.mman import GIB, MIB, Backing, HugepageReservation
 from livemig.vmm.cpuid import CpuidPolicy
 from livemig.vmm.memory import RamBlock, make_block
 from livemig.vmm.multiboot import MultibootImage
-from livemig.vmm.serial import COM1_IRQ, Serial
+from livemig.vmm.serial import COM1_IRQ, Serial, Sink
 from livemig.vmm.state import PlatformState, VmState
 from livemig.vmm.vcpu import Vcpu, VcpuRunState, install_kick_handler
 
@@ -137,7 +137,7 @@ class VmConfig:
 class Vm:
     """A KVM virtual machine with one RAM block, vCPUs and a serial port."""
 
-    def __init__(self, config: VmConfig, serial_sink: BinaryIO | None = None) -> None:
+    def __init__(self, config: VmConfig, serial_sink: Sink | None = None) -> None:
         config.validate()
         install_kick_handler()
         self.config = config
