@@ -10,7 +10,7 @@ as the loader leaves it, or a switch to long mode with identity-mapped 2 MiB pag
 an IDT whose every vector counts an interrupt and sends the local APIC an EOI), the
 instruction under test, then ``K`` on the serial port.  livemig runs it with the
 in-kernel irqchip; the result is ``ok`` (``K`` printed), the VMM's failure message
-(the internal error with the failing bytes) or ``timeout``.
+(the internal error with the failing bytes), a triple fault, or ``timeout``.
 
 Usage::
 
@@ -109,7 +109,8 @@ isr:    lock inc qword [ticks]
         iretq
         align 8
 gdt:    dq 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF
-gdtr:   dw 23
+        dq 0x00CFF2000000FFFF, 0x00AFFA000000FFFF   ; 0x18 user data, 0x20 user code
+gdtr:   dw 39
         dq gdt
 idtr:   dw 4095
         dq idt
@@ -173,6 +174,13 @@ PROBES: dict[str, tuple[bool, str]] = {
     "cmpxchg16b": (True, "lea rdi, [buf]\n lock cmpxchg16b [rdi]"),
     "xrstor": (True, "xor eax, eax\n xor edx, edx\n lea rdi, [buf]\n xrstor [rdi]"),
     "sse movdqa": (True, "movdqa xmm0, [buf]"),
+    "movq xmm1, r12": (True, "movq xmm1, r12"),
+    "mov to/from dr0": (True, "mov eax, 5\n mov dr0, rax\n mov rax, dr0"),
+    "wrmsr/rdmsr MSR_KERNEL_GS_BASE": (True, "mov ecx, 0xC0000102\n mov eax, 7\n"
+                                       " xor edx, edx\n wrmsr\n rdmsr"),
+    # IOPL 3 lets ring 3 print the K (its hlt then faults with no TSS: after the K)
+    "iretq to ring 3": (True, "push 0x1B\n push 0x80000\n push 0x3002\n push 0x23\n"
+                        " push .user\n iretq\n.user:"),
 }
 
 
@@ -199,6 +207,8 @@ def run_probe(long_mode: bool, snippet: str, workdir: Path, timeout: float = 10.
                 return "ok"
             if vm.runstate is RunState.INTERNAL_ERROR:
                 return f"fails: {vm.failure}"
+            if vm.runstate is RunState.SHUTDOWN:
+                return "fails: triple fault (the VM shut down)"
             time.sleep(0.01)
         return "timeout"
 
