@@ -43,6 +43,8 @@
 ;   M  MSR_KERNEL_GS_BASE lost
 ;   X  an exception (followed by its vector in hex)
 ;
+; An NMI is not an error: its handler prints 'N' and returns.
+;
 ; Parameters live at image offset 0x20 (see livemig.guests.os, which patches them).
 
         bits 32
@@ -189,12 +191,17 @@ bsp64:
         lock inc dword [cpus_up]
         sti
         call    start_aps
+        pushfq                          ; "cpus N" as one piece of output
+        cli
+        call    lock_print
         lea     rsi, [msg_cpus]
-        call    puts
+        call    puts_raw
         mov     eax, [cpus_up]
         call    put_dec
         mov     al, 10
         call    putc
+        call    unlock_print
+        popfq
         call    wait_ticks
         lea     rsi, [msg_ticks]
         call    puts
@@ -243,7 +250,10 @@ build_idt:
 .2:     cmp     ecx, VEC_SPURIOUS
         jne     .3
         lea     rax, [isr_spurious]
-.3:     mov     rdx, rcx
+.3:     cmp     ecx, 2                  ; NMI: say "N" and go on
+        jne     .4
+        lea     rax, [isr_nmi]
+.4:     mov     rdx, rcx
         shl     rdx, 4
         lea     rdx, [idt + rdx]
         mov     word [rdx], ax
@@ -535,7 +545,7 @@ workload:
         test    r13d, r13d
         jnz     .pass
         mov     al, 'B'
-        call    putc
+        call    putc_locked
         jmp     .pass
 .fpu_lost:
         mov     al, 'F'
@@ -716,6 +726,7 @@ isr_timer:
 isr_serial:                             ; echo everything received
         push    rax
         push    rdx
+        call    lock_print
 .more:  mov     dx, COM1 + 5
         in      al, dx
         test    al, 1                   ; data ready
@@ -724,7 +735,8 @@ isr_serial:                             ; echo everything received
         in      al, dx
         call    putc
         jmp     .more
-.done:  push    rbx
+.done:  call    unlock_print
+        push    rbx
         mov     ebx, LAPIC
         mov     dword [rbx + 0xB0], 0
         pop     rbx
@@ -737,6 +749,13 @@ isr_other:
         mov     ebx, LAPIC
         mov     dword [rbx + 0xB0], 0
         pop     rbx
+        iretq
+
+isr_nmi:                                ; an NMI (QMP inject-nmi): print 'N'
+        push    rax
+        mov     al, 'N'
+        call    putc
+        pop     rax
         iretq
 
 isr_spurious:
@@ -782,8 +801,18 @@ putc:
         pop     rdx
         ret
 
-; puts: the zero-terminated string at RSI.
+; puts: the zero-terminated string at RSI, as one piece of console output.
 puts:
+        pushfq
+        cli
+        call    lock_print
+        call    puts_raw
+        call    unlock_print
+        popfq
+        ret
+
+; puts_raw: the same without the console lock (the caller holds it).
+puts_raw:
         push    rax
 .next:  mov     al, [rsi]
         test    al, al
@@ -792,6 +821,16 @@ puts:
         inc     rsi
         jmp     .next
 .end:   pop     rax
+        ret
+
+; putc_locked: AL as one piece of console output (any interrupt state).
+putc_locked:
+        pushfq
+        cli
+        call    lock_print
+        call    putc
+        call    unlock_print
+        popfq
         ret
 
 ; put_hex: the low nibble of AL as a hex digit.
@@ -814,8 +853,11 @@ put_dec:
 .ones:  mov     eax, edx
         jmp     put_hex
 
-; lock_print: take the console for an error report (never released: we halt).
+; lock_print / unlock_print: the console lock, so that lines from different vCPUs and
+; the echo do not interleave.  Only with interrupts off: the serial handler takes it
+; too.  (The NMI handler prints without it: an NMI may interrupt a holder.)
 lock_print:
+        push    rax
         mov     eax, 1
 .spin:  xchg    eax, [print_lock]
         test    eax, eax
@@ -823,7 +865,12 @@ lock_print:
         pause
         mov     eax, 1
         jmp     .spin
-.got:   ret
+.got:   pop     rax
+        ret
+
+unlock_print:
+        mov     dword [print_lock], 0
+        ret
 
 ; fail: AL = reason.  "E" reason vCPU, newline, halt this vCPU for good.
 fail:
@@ -841,6 +888,7 @@ fail:
         call    put_hex
         mov     al, 10
         call    putc
+        call    unlock_print
 halt_forever:
         cli
         hlt

@@ -175,6 +175,7 @@ PROBES: dict[str, tuple[bool, str]] = {
     "xrstor": (True, "xor eax, eax\n xor edx, edx\n lea rdi, [buf]\n xrstor [rdi]"),
     "sse movdqa": (True, "movdqa xmm0, [buf]"),
     "movq xmm1, r12": (True, "movq xmm1, r12"),
+    "pushfq / popfq": (True, "pushfq\n cli\n popfq"),
     "mov to/from dr0": (True, "mov eax, 5\n mov dr0, rax\n mov rax, dr0"),
     "wrmsr/rdmsr MSR_KERNEL_GS_BASE": (True, "mov ecx, 0xC0000102\n mov eax, 7\n"
                                        " xor edx, edx\n wrmsr\n rdmsr"),

@@ -360,6 +360,7 @@ IOCTLS: Final[dict[str, int]] = {
     "KVM_GET_XSAVE": _ior(0xA4, 4096),  # KVM_CAP_XSAVE
     "KVM_SET_XSAVE": _iow(0xA5, 4096),
     "KVM_GET_TSC_KHZ": _io(0xA3),  # KVM_CAP_GET_TSC_KHZ
+    "KVM_NMI": _io(0x9A),  # KVM_CAP_USER_NMI
 }
 
 KVM_API_VERSION: Final = 12
@@ -690,6 +691,10 @@ class VcpuFd(_Fd):
 
     def set_xsave(self, data: bytes) -> None:
         self._ioctl_buf("KVM_SET_XSAVE", KvmXsave.from_buffer_copy(data))
+
+    def nmi(self) -> None:
+        """Queue an NMI for this vCPU (taken when it next runs)."""
+        self._ioctl_int("KVM_NMI")
 
     def tsc_khz(self) -> int:
         return self._ioctl_int("KVM_GET_TSC_KHZ")

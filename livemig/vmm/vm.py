@@ -16,7 +16,8 @@ the irqchip) wait inside ``KVM_RUN`` for INIT/SIPI from the boot processor.  Eac
 gets the host's supported CPUID with its own APIC id (``livemig.vmm.cpuid``).
 
 The MSRs saved per vCPU (:attr:`Vm.msr_indices`) are those of
-``KVM_GET_MSR_INDEX_LIST`` that the vCPU can read, in the kernel's list order (which puts
+``KVM_GET_MSR_INDEX_LIST`` that a new vCPU can read and write back (which depends on the
+CPUID and on the irqchip), in the kernel's list order (which puts
 ``IA32_TSC`` before ``IA32_TSC_DEADLINE`` and ``IA32_TSC_ADJUST``).
 
 While the VM is paused its kvmclock stands still, as under QEMU: ``pause`` reads it
@@ -184,8 +185,16 @@ class Vm:
             vcpu = Vcpu(fd, self, on_fatal=self._vcpu_failed)
             self._stack.callback(vcpu.stop)
             self.vcpus.append(vcpu)
-        probe = self.vcpus[0].fd
-        self.msr_indices = [m for m in self.kvm.msr_index_list() if probe.get_msrs([m])]
+        self.msr_indices = self._migratable_msrs(self.vcpus[0].fd)
+
+    def _migratable_msrs(self, fd: K.VcpuFd) -> list[int]:
+        """The listed MSRs this (never run) vCPU can read and take back unchanged."""
+        out = []
+        for index in self.kvm.msr_index_list():
+            value = fd.get_msrs([index])
+            if value and fd.set_msrs(value) == 1:
+                out.append(index)
+        return out
 
     # --- devices ----------------------------------------------------------------------
     def io_out(self, port: int, size: int, value: int) -> None:
@@ -201,6 +210,13 @@ class Vm:
 
     def _serial_irq(self, level: bool) -> None:
         self.vm_fd.irq_line(COM1_IRQ, level)
+
+    def inject_nmi(self) -> None:
+        """An NMI on every vCPU, as QEMU's ``inject-nmi`` (needs the in-kernel irqchip)."""
+        if not self.config.irqchip:
+            raise VmStateError("NMIs need the in-kernel irqchip")
+        for v in self.vcpus:
+            v.fd.nmi()
 
     def guest_shutdown(self, reason: str) -> None:
         """The guest asked to stop (from a vCPU thread, which must not wait for itself)."""
