@@ -27,7 +27,7 @@
 ; With `rate` > 0 a vCPU visits at most `rate` pages per timer tick and halts until the
 ; next one.  The pass number is mirrored in xmm1 (checked after every pass: FPU/XSAVE
 ; state), DR0 and MSR_KERNEL_GS_BASE hold constants (checked after every pass: debug
-; registers and MSRs).
+; registers and MSRs); vCPU 0 also checks the PIC masks and the PIT's channel 0 mode.
 ;
 ; Time.  After every page a vCPU reads kvmclock and checks that time did not go back
 ; and did not step by more than `max_jump_ms`; that its tick count moved within
@@ -41,6 +41,7 @@
 ;   T  no timer tick in time        V  another vCPU stopped  P/S private/shared page
 ;   F  xmm1 lost (FPU state)        D  DR0 lost (debug registers)
 ;   M  MSR_KERNEL_GS_BASE lost
+;   I  (vCPU 0) the PIC masks changed  R  (vCPU 0) the PIT's channel 0 mode changed
 ;   X  an exception (followed by its vector in hex)
 ;
 ; An NMI is not an error: its handler prints 'N' and returns.
@@ -63,6 +64,7 @@ VEC_SERIAL      equ 0x24
 VEC_SPURIOUS    equ 0xFF
 SCATTER         equ 0x9E3779B1
 DR0_MAGIC       equ 0x5A5A0000
+PIT_MODE        equ 0x34                ; channel 0, lo/hi byte, mode 2, binary
 GSB_MAGIC       equ 0x4C4D0000          ; MSR_KERNEL_GS_BASE := this + vCPU
 MSR_KERNEL_GS_BASE equ 0xC0000102
 
@@ -185,6 +187,13 @@ bsp64:
         mov     al, 0xFF
         out     0x21, al
         out     0xA1, al
+        ; PIT channel 0: rate generator (its IRQ 0 stays masked everywhere); checked
+        ; after every pass with a read-back, as the PIC masks are
+        mov     al, PIT_MODE
+        out     0x43, al
+        mov     al, 0xFF
+        out     0x40, al
+        out     0x40, al
         call    serial_setup
         lea     rsi, [msg_boot]
         call    puts
@@ -544,9 +553,27 @@ workload:
         mov     [r15 + PC_GEN], r12
         test    r13d, r13d
         jnz     .pass
+        in      al, 0x21                ; vCPU 0: the legacy devices as it left them?
+        mov     ah, al
+        in      al, 0xA1
+        and     al, ah
+        cmp     al, 0xFF
+        jne     .pic_lost
+        mov     al, 0xE2                ; PIT read-back: status of channel 0
+        out     0x43, al
+        in      al, 0x40
+        and     al, 0x3F
+        cmp     al, PIT_MODE & 0x3F
+        jne     .pit_lost
         mov     al, 'B'
         call    putc_locked
         jmp     .pass
+.pic_lost:
+        mov     al, 'I'
+        jmp     fail
+.pit_lost:
+        mov     al, 'R'
+        jmp     fail
 .fpu_lost:
         mov     al, 'F'
         jmp     fail

@@ -14,6 +14,8 @@ msrs           ``EM``: MSR_KERNEL_GS_BASE lost (or ``EC``/``EJ``: the kvmclock M
 xsave/fpu      ``EF``: xmm1 no longer holds the pass number
 debugregs      ``ED``: DR0 lost
 mp_state       ``EV`` from vCPU 0: vCPU 1 waits for a SIPI and never runs
+pic            ``EI``: the PIC masks the guest set are gone
+pit            ``ER``: the PIT channel 0 mode the guest set is gone
 events         an NMI pending at the save is never taken (no ``N``)
 ioapic         input typed after the restore is never echoed (the pin is masked)
 serial         input typed before the save is never echoed (FIFO and IER lost)
@@ -113,7 +115,9 @@ def test_whole_state_round_trips_into_a_fresh_vm_with_a_pending_interrupt() -> N
     (_vcpus("xsave", "fpu"), b"F", None),
     (_vcpus("debugregs"), b"D", None),
     (_vcpus("mp_state"), b"V", b"0"),
-], ids=["lapic", "kvmclock", "msrs", "xsave", "debugregs", "mp_state"])
+    (_platform("pic_master"), b"I", b"0"),
+    (_platform("pit"), b"R", b"0"),
+], ids=["lapic", "kvmclock", "msrs", "xsave", "debugregs", "mp_state", "pic", "pit"])
 def test_a_component_left_out_is_reported_by_the_guest(
         leave_out: Callable[[VmState, VmState], VmState], reasons: bytes,
         cpu: bytes | None) -> None:

@@ -3,7 +3,10 @@ and the versioned state records (pure Python: no KVM)."""
 
 from __future__ import annotations
 
+import io
+import os
 import struct
+import time
 
 import pytest
 
@@ -11,6 +14,7 @@ from livemig.errors import ConfigError, RemoteProtocolError
 from livemig.guests.os import LOAD_ADDRESS, PARAMS_OFFSET, OsParams, Pattern, load_os_image
 from livemig.kernel.mman import MIB
 from livemig.vmm import cpuid
+from livemig.vmm.console import StdioConsole, open_console
 from livemig.vmm.multiboot import BOOT_MAGIC, INFO_ADDR, MultibootImage
 from livemig.vmm.serial import Serial, SerialState
 from livemig.vmm.state import PlatformState
@@ -106,3 +110,27 @@ def test_platform_state_round_trips_and_rejects_truncation() -> None:
     assert PlatformState.from_bytes(p.to_bytes()) == p
     with pytest.raises(RemoteProtocolError):
         PlatformState.from_bytes(p.to_bytes()[:-1])
+
+
+def test_stdio_console_feeds_input_to_the_uart_and_prints_its_output() -> None:
+    r, w = os.pipe()
+    out = io.BytesIO()
+    uart = Serial()
+    with os.fdopen(r, "rb") as stdin:
+        console = StdioConsole(stdin, out)
+        console.attach(uart)
+        os.write(w, b"hi")
+        deadline = time.monotonic() + 5
+        while not uart.read(0x3FD) & 0x01:  # LSR: data ready
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert bytes([uart.read(0x3F8), uart.read(0x3F8)]) == b"hi"
+        console.write(b"ok")
+        assert out.getvalue() == b"ok"
+        console.close()
+        os.close(w)
+
+
+def test_console_spec_must_be_stdio_or_a_unix_socket() -> None:
+    with pytest.raises(ConfigError, match="stdio or unix"):
+        open_console("tcp:1234")
