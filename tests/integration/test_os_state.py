@@ -30,8 +30,9 @@ from dataclasses import replace
 
 import pytest
 
+from livemig.errors import ConfigError, VmStateError
 from livemig.guests.os import OsParams
-from livemig.kernel.mman import MIB
+from livemig.kernel.mman import MIB, Backing
 from livemig.vmm.boot import boot_os
 from livemig.vmm.checks import os_check
 from livemig.vmm.state import VmState
@@ -40,7 +41,7 @@ from livemig.vmm.vm import Vm, VmConfig
 pytestmark = pytest.mark.kvm
 MEM = 64 * MIB
 VCPUS = 2
-PARAMS = OsParams.for_ram(MEM, VCPUS, tick_timeout_ms=2000)
+CONFIG = VmConfig(MEM, vcpus=VCPUS)
 ERROR_LINE = re.compile(rb"E([A-Z])([0-9a-f])\n")
 TYPED_BEFORE = b"typed while paused"
 TYPED_AFTER = b"typed after restore"
@@ -71,11 +72,11 @@ def _nothing(state: VmState, fresh: VmState) -> VmState:
 
 
 def run_restored(leave_out: Callable[[VmState, VmState], VmState],
-                 check: Callable[[Vm], None]) -> None:
+                 check: Callable[[Vm], None], config: VmConfig = CONFIG) -> None:
     """Run the guest, type into it and queue an NMI while paused, save, restore into a
     fresh VM with one component left out, run it, type again, and hand it to ``check``."""
-    with Vm(VmConfig(MEM, vcpus=VCPUS)) as a:
-        boot_os(a, PARAMS)
+    with Vm(config) as a:
+        boot_os(a, OsParams.for_ram(MEM, config.vcpus, tick_timeout_ms=2000))
         a.start()
         assert a.serial.wait_output(lambda o: o.count(b"B") >= 3 or b"E" in o, 30)
         a.pause()
@@ -83,7 +84,7 @@ def run_restored(leave_out: Callable[[VmState, VmState], VmState],
         a.serial.feed(TYPED_BEFORE)
         a.inject_nmi()  # pending in each vCPU's events until it runs again
         state = a.save_state()
-        with Vm(VmConfig(MEM, vcpus=VCPUS)) as b:
+        with Vm(config) as b:
             fresh = b.save_state()
             b.copy_ram_from(a)
             b.restore_state(leave_out(state, fresh))
@@ -93,7 +94,15 @@ def run_restored(leave_out: Callable[[VmState, VmState], VmState],
             check(b)
 
 
-def test_whole_state_round_trips_into_a_fresh_vm_with_a_pending_interrupt() -> None:
+@pytest.mark.parametrize("vcpus,backing", [(2, Backing.ANON_4K), (4, Backing.ANON_4K),
+                                          (2, Backing.HUGETLB_2M)],
+                         ids=["2-4K", "4-4K", "2-2M"])
+def test_whole_state_round_trips_into_a_fresh_vm_with_a_pending_interrupt(
+        vcpus: int, backing: Backing, request: pytest.FixtureRequest) -> None:
+    if backing.is_hugetlb:
+        request.getfixturevalue("hugepages_restored")
+    config = VmConfig(MEM, backing, vcpus=vcpus)
+
     def check(b: Vm) -> None:
         assert b.serial.wait_output(
             lambda o: TYPED_AFTER in o.replace(b"B", b"") or b"E" in o, 15)
@@ -102,10 +111,20 @@ def test_whole_state_round_trips_into_a_fresh_vm_with_a_pending_interrupt() -> N
         assert b"E" not in out, out
         assert out.replace(b"N", b"").startswith(TYPED_BEFORE)  # pending at the save
         assert TYPED_AFTER in out
-        assert out.count(b"N") == VCPUS  # each vCPU took the NMI pending at the save
-        result = os_check(b.main_block.array(), PARAMS)
+        assert out.count(b"N") == vcpus  # each vCPU took the NMI pending at the save
+        result = os_check(b.main_block.array(), OsParams.for_ram(MEM, vcpus))
         assert result.ok, result.summary()
-    run_restored(_nothing, check)
+    run_restored(_nothing, check, config)
+
+
+def test_state_the_destination_kvm_refuses_is_a_typed_error() -> None:
+    with Vm(CONFIG) as a, Vm(CONFIG) as b:
+        state = a.save_state()
+        bad_msr = replace(state.vcpus[0], msrs=(*state.vcpus[0].msrs, (0xDEAD0000, 1)))
+        with pytest.raises(VmStateError, match="refused MSR 0xdead0000"):
+            b.restore_state(replace(state, vcpus=(bad_msr, *state.vcpus[1:])))
+        with pytest.raises(ConfigError, match="vCPUs"):
+            b.restore_state(replace(state, vcpus=state.vcpus[:1]))
 
 
 @pytest.mark.parametrize("leave_out,reasons,cpu", [
