@@ -166,22 +166,24 @@ def migrate(qmp_path: str, uri: str, watch: bool, max_bandwidth: int | None,
 @main.command()
 @click.option("--mode", default="precopy", show_default=True,
               type=click.Choice(["precopy", "postcopy", "preempt"]))
-@click.option("--guest", default="ab", show_default=True, type=click.Choice(GUEST_NAMES))
+@click.option("--guest", default="ab", show_default=True, type=click.Choice(RUN_GUESTS))
 @click.option("--mem", default="256M", show_default=True)
 @click.option("--page-size", default="4K", show_default=True,
               type=click.Choice([b.value for b in Backing], case_sensitive=False))
+@click.option("--smp", default=1, show_default=True, help="Number of vCPUs.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Also write the report as JSON.")
 @_friendly_errors
-def demo(mode: str, guest: str, mem: str, page_size: str, json_path: str | None) -> None:
+def demo(mode: str, guest: str, mem: str, page_size: str, smp: int,
+         json_path: str | None) -> None:
     """Migrate a running guest between two local livemig processes and report."""
     from rich.console import Console
 
     from livemig.demo import DemoConfig, report_table, run_demo, write_json
 
     console = Console()
-    report = run_demo(DemoConfig(mode=mode, guest=guest, mem=mem, page_size=page_size),
-                      console)
+    report = run_demo(DemoConfig(mode=mode, guest=guest, mem=mem, page_size=page_size,
+                                 smp=smp), console)
     console.print(report_table(report))
     if json_path:
         write_json(report, json_path)

@@ -105,6 +105,17 @@ def test_migrate_command_to_nobody_is_one_error_line(tmp_path: Path) -> None:
         assert src.wait_serial(2)  # the source runs on
 
 
+def test_demo_migrates_a_two_vcpu_vm(tmp_path: Path) -> None:
+    """--smp reaches both VMMs: the destination takes the state of both vCPUs (it
+    refuses a stream with another number of them) and the guest goes on."""
+    out = tmp_path / "demo.json"
+    result = livemig("demo", "--mem", "64M", "--smp", "2", "--json", str(out), timeout=240)
+    assert result.returncode == 0, result.stderr + result.stdout[-2000:]
+    report = json.loads(out.read_text())
+    assert report["smp"] == 2 and report["destination"]["status"] == "completed"
+    assert report["check"]["guest_ran_on"] and report["check"]["bad_pages"] == 0
+
+
 def test_demo_migrates_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "demo.json"
     result = livemig("demo", "--mem", "64M", "--json", str(out), timeout=240)
