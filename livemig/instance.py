@@ -64,6 +64,7 @@ class Instance:
         reg("stop", lambda _a: self._stop(), params=())
         reg("cont", lambda _a: self._cont(), params=())
         reg("inject-nmi", lambda _a: self.vm.inject_nmi(), params=())
+        reg("system_reset", lambda _a: self.vm.reset(), params=())
         reg("quit", lambda _a: self._quit.set(), params=())
         reg("x-guest-check", lambda a: self.guest_check(a["guest"]),
             params=(Param("guest", "str"),))

@@ -24,8 +24,10 @@ While the VM is paused its kvmclock stands still, as under QEMU: ``pause`` reads
 (``KVM_GET_CLOCK``) and ``start`` sets it back (``KVM_SET_CLOCK``), so guest time does not
 jump by the length of a pause or of a migration's downtime.
 
-A guest that triple-faults or resets through port 0xcf9 shuts the VM down (as QEMU's
-``-no-reboot``), emitting ``SHUTDOWN`` with ``guest: true``.
+:meth:`Vm.reset` (QMP ``system_reset``) restores the state every part had when the VM
+was created and loads the boot image again.  A guest that triple-faults or resets
+through port 0xcf9 shuts the VM down (as QEMU's ``-no-reboot``), emitting ``SHUTDOWN``
+with ``guest: true``.
 
 The VM-level run state uses QEMU's ``RunState`` names (``prelaunch``, ``running``,
 ``paused``, ``inmigrate``, ``postmigrate``, ``shutdown``, ``internal-error``) because QMP
@@ -39,6 +41,7 @@ state; RAM moves separately (the migration stream, or :meth:`Vm.copy_ram_from`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -145,6 +148,7 @@ class Vm:
         self.runstate = RunState.PRELAUNCH
         self.failure: str | None = None  # why a vCPU stopped for good, if one did
         self._stopped_clock: int | None = None  # kvmclock while paused (ns)
+        self._boot: Callable[[], None] | None = None  # loads the image again at a reset
         self._listeners: list[EventListener] = []
         self._lock = threading.RLock()
         self.serial = Serial(serial_sink, self._serial_irq if config.irqchip else None)
@@ -186,6 +190,7 @@ class Vm:
             self._stack.callback(vcpu.stop)
             self.vcpus.append(vcpu)
         self.msr_indices = self._migratable_msrs(self.vcpus[0].fd)
+        self._power_on = self.save_state()  # what a reset goes back to
 
     def _migratable_msrs(self, fd: K.VcpuFd) -> list[int]:
         """The listed MSRs this (never run) vCPU can read and take back unchanged."""
@@ -256,6 +261,10 @@ class Vm:
         if len(image) != 512:
             raise ConfigError(f"a boot sector is 512 bytes, got {len(image)}")
         self._require(RunState.PRELAUNCH, RunState.INMIGRATE)
+        self._boot = functools.partial(self._enter_boot_sector, image)
+        self._boot()
+
+    def _enter_boot_sector(self, image: bytes) -> None:
         self.write_guest(BOOT_SECTOR_ADDR, image)
         fd = self.vcpus[0].fd
         sregs = fd.get_sregs()
@@ -269,6 +278,10 @@ class Vm:
     def load_multiboot(self, image: MultibootImage, cmdline: bytes = b"") -> None:
         """Load a multiboot kernel and enter it on the boot processor, as QEMU's loader."""
         self._require(RunState.PRELAUNCH, RunState.INMIGRATE)
+        self._boot = functools.partial(self._enter_multiboot, image, cmdline)
+        self._boot()
+
+    def _enter_multiboot(self, image: MultibootImage, cmdline: bytes) -> None:
         for gpa, data in image.placements(self.main_block.size, cmdline):
             self.write_guest(gpa, data)
         fd = self.vcpus[0].fd
@@ -340,6 +353,24 @@ class Vm:
                 v.stop()
             self.runstate = RunState.SHUTDOWN
         self._emit("SHUTDOWN", {"guest": guest, "reason": reason})
+
+    def reset(self) -> None:
+        """A hard reset, as QEMU's ``system_reset``: every vCPU and device goes back to
+        its power-on state (the state saved when the VM was created), the image is
+        loaded again, RAM is otherwise kept; a running VM runs on.  Emits ``RESET``."""
+        with self._lock:
+            if self._boot is None or self.runstate in (RunState.SHUTDOWN,
+                                                       RunState.INMIGRATE):
+                raise VmStateError(f"cannot reset a VM that is {self.runstate.value} or "
+                                   "has nothing booted")
+            was_running = self.runstate is RunState.RUNNING
+            if was_running:
+                self.pause()
+            self.restore_state(self._power_on)
+            self._boot()
+            if was_running:
+                self.start()
+        self._emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
 
     def _vcpu_failed(self, why: str) -> None:
         self.failure = why

@@ -119,3 +119,19 @@ def test_guest_reset_shuts_the_vm_down() -> None:
         while ("SHUTDOWN", {"guest": True, "reason": "guest-reset"}) not in events:
             assert time.monotonic() < deadline, events
             time.sleep(0.01)
+
+
+def test_system_reset_boots_the_guest_again_on_every_vcpu() -> None:
+    with Vm(VmConfig(MEM, vcpus=2)) as vm:
+        events: list[str] = []
+        vm.add_listener(lambda name, data: events.append(name))
+        boot_os(vm)
+        vm.start()
+        wait_running(vm)
+        vm.reset()
+        assert "RESET" in events and vm.running
+        assert vm.serial.wait_output(
+            lambda o: b"E" in o or o.count(b"ticks\n") == 2 and
+            o.rsplit(b"ticks\n", 1)[1].count(b"B") >= 2, BOOT_TIMEOUT), vm.serial.output[-100:]
+        out = vm.serial.output.replace(b"B", b"")
+        assert out == b"LMOS boot\ncpus 2\nticks\n" * 2, out
