@@ -16,7 +16,9 @@ debugregs      ``ED``: DR0 lost
 mp_state       ``EV`` from vCPU 0: vCPU 1 waits for a SIPI and never runs
 pic            ``EI``: the PIC masks the guest set are gone
 pit            ``ER``: the PIT channel 0 mode the guest set is gone
-events         an NMI pending at the save is never taken (no ``N``)
+events         an NMI pending at the save is never taken (no ``N``); an interrupt being
+               injected at the save is lost as well (then ``ET``: the APIC has it in
+               service and never gets its EOI)
 ioapic         input typed after the restore is never echoed (the pin is masked)
 serial         input typed before the save is never echoed (FIFO and IER lost)
 =============  ===================================================================
@@ -76,7 +78,7 @@ def run_restored(leave_out: Callable[[VmState, VmState], VmState],
     """Run the guest, type into it and queue an NMI while paused, save, restore into a
     fresh VM with one component left out, run it, type again, and hand it to ``check``."""
     with Vm(config) as a:
-        boot_os(a, OsParams.for_ram(MEM, config.vcpus, tick_timeout_ms=2000))
+        boot_os(a, OsParams.for_ram(MEM, config.vcpus))
         a.start()
         assert a.serial.wait_output(lambda o: o.count(b"B") >= 3 or b"E" in o, 30)
         a.pause()
@@ -151,15 +153,21 @@ def test_a_component_left_out_is_reported_by_the_guest(
     run_restored(leave_out, check)
 
 
-@pytest.mark.parametrize("leave_out,lost", [(_platform("ioapic"), TYPED_AFTER),
-                                            (_serial, TYPED_BEFORE),
-                                            (_vcpus("events"), b"N")],
-                         ids=["ioapic", "serial", "events"])
+@pytest.mark.parametrize("leave_out,lost,may_report", [
+    (_platform("ioapic"), TYPED_AFTER, b""),
+    (_serial, TYPED_BEFORE, b""),
+    # Without the events, an interrupt KVM was injecting at the save is dropped too,
+    # while the local APIC already counts it in service: then no timer interrupt is
+    # ever taken again, and the guest rightly reports missing ticks.
+    (_vcpus("events"), b"N", b"TV")], ids=["ioapic", "serial", "events"])
 def test_a_device_left_out_loses_an_interrupt(
-        leave_out: Callable[[VmState, VmState], VmState], lost: bytes) -> None:
+        leave_out: Callable[[VmState, VmState], VmState], lost: bytes,
+        may_report: bytes) -> None:
     def check(b: Vm) -> None:
         b.serial.wait_for(20, timeout=10)  # plenty of passes to take the interrupt
+        b.serial.wait_output(lambda o: ERROR_LINE.search(o) is not None, 0.5)
         out = b.serial.output.replace(b"B", b"")
-        assert b"E" not in out, out
+        error = ERROR_LINE.search(out)
+        assert error is None or error.group(1) in may_report, out
         assert lost not in out
     run_restored(leave_out, check)
