@@ -107,7 +107,8 @@ def postcopy_out_channel(writer: ChannelWriter) -> OutChannel:
 
 def device_sections(enc: Encoder, state: VmState, runstate: str) -> list[Buffer]:
     """The run state the guest had before migration (QEMU's "globalstate": the
-    destination starts the guest only if it was running here), each vCPU, the serial."""
+    destination starts the guest only if it was running here), each vCPU, the serial,
+    and the VM-wide devices (PIC, IOAPIC, PIT, kvmclock) when the VM has them."""
     out: list[Buffer] = []
     out += enc.device_state(hs.GLOBALSTATE.section_id, hs.GLOBALSTATE.name,
                             runstate.encode())
@@ -115,6 +116,9 @@ def device_sections(enc: Encoder, state: VmState, runstate: str) -> list[Buffer]
         sec = hs.cpu_section(i)
         out += enc.device_state(sec.section_id, sec.name, cpu.to_bytes(), instance_id=i)
     out += enc.device_state(hs.SERIAL.section_id, hs.SERIAL.name, state.serial.to_bytes())
+    if state.platform is not None:
+        out += enc.device_state(hs.PLATFORM.section_id, hs.PLATFORM.name,
+                                state.platform.to_bytes())
     return out
 
 
