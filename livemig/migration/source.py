@@ -573,7 +573,10 @@ class SourceMigration:
 
     def _fail(self, e: Exception) -> None:
         """Leave the source VM exactly as it was before the migration."""
-        cancelled = isinstance(e, MigrationCancelled) or self._cancel.is_set()
+        # In postcopy nothing is cancelled any more (the guest runs on the destination):
+        # quitting then ends the migration as failed.
+        cancelled = ((isinstance(e, MigrationCancelled) or self._cancel.is_set())
+                     and not self.status.status.postcopy)
         if not cancelled:
             log_failure(log, "migration failed", e)
         self.info.error_desc = "" if cancelled else str(e)

@@ -177,8 +177,13 @@ def migration_pair(tmp_path: Path, cfg: PairConfig) -> Iterator[Pair]:
                 yield Pair(src, dst, sq, dq, f"unix:{tmp_path / 'mig.sock'}", cfg.guest)
         finally:
             dst.close()
-            if src.outgoing is not None:
-                src.outgoing.wait(30)
+            out = src.outgoing
+            if out is not None:
+                # A source still streaming to it fails (precopy) or pauses (postcopy:
+                # the guest ran over there); closing the source then ends it.
+                assert wait_until(lambda: out.status.status.finished
+                                  or out.status.status is MigrationStatus.POSTCOPY_PAUSED,
+                                  30), out.status.status
 
 
 # --- QMP waits ----------------------------------------------------------------------------

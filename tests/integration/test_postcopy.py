@@ -451,4 +451,7 @@ def test_quitting_a_source_in_postcopy_releases_its_vm(tmp_path: Path) -> None:
         wait_migration(p.sq, until=("postcopy-active", *FINISHED))
         p.src.close()  # what `quit` (or SIGTERM) does in `livemig run`
         assert p.src.vm.runstate.value == "shutdown"
+        out = p.src.outgoing
+        assert out is not None and out.wait(5)
+        assert out.status.status.value == "failed"  # nothing to cancel in postcopy
 
