@@ -204,9 +204,14 @@ class LatencyStats:
         ns, vcpu = self._samples()
         per = np.bincount(vcpu.astype(np.int64), weights=ns, minlength=nvcpus + 1)
         per_vcpu = [int(per[i + 1]) // 1_000_000 for i in range(nvcpus)]
+        faults = np.bincount(vcpu.astype(np.int64), minlength=nvcpus + 1)
+        # QEMU 10's postcopy-vcpu-latency: each vCPU's mean wait for a page (ns).
+        vcpu_latency = [int(per[i + 1] // faults[i + 1]) if faults[i + 1] else 0
+                        for i in range(nvcpus)]
         return {
             "postcopy-blocktime": sum(per_vcpu),
             "postcopy-vcpu-blocktime": per_vcpu,
+            "postcopy-vcpu-latency": vcpu_latency,
             "postcopy-latency": s.mean_ns,
             "postcopy-latency-dist": list(s.dist),
             "x-postcopy-latency-percentiles": {

@@ -64,7 +64,8 @@ SLOW_PRECOPY = 30_000_000
 # ... and a downtime limit no stop-and-copy can meet keeps it from converging even when
 # the guest dirties little during a round (a busy machine slows the guest down).
 NO_CONVERGENCE = {"max-bandwidth": SLOW_PRECOPY, "downtime-limit": 1}
-LATENCY_KEYS = ("postcopy-blocktime", "postcopy-vcpu-blocktime", "postcopy-latency",
+LATENCY_KEYS = ("postcopy-blocktime", "postcopy-vcpu-blocktime", "postcopy-vcpu-latency",
+                "postcopy-latency",
                 "postcopy-latency-dist", "x-postcopy-latency-percentiles")
 
 

@@ -95,7 +95,10 @@ def test_the_os_guest_survives_a_migration(
             serial.output[-300:]
         assert not ERROR.search(serial.output), serial.output[-300:]
         if postcopy:
+            # Each vCPU faults on its own pages: every one of them waited for some.
             assert len(dst["postcopy-vcpu-blocktime"]) == vcpus, dst
+            assert len(dst["postcopy-vcpu-latency"]) == vcpus, dst
+            assert sum(1 for v in dst["postcopy-vcpu-latency"] if v > 0) >= 2, dst
         p.dq.execute("stop")
         check = p.dq.execute("x-guest-check", guest="os")
         assert check["bad_pages"] == 0, check
