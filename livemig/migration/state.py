@@ -212,6 +212,9 @@ class Parameters:
     x_postcopy_urgent_sender: UrgentMode = UrgentMode.PROCESS
     # ... and whether the background scan continues after the last requested page.
     x_postcopy_locality: bool = True
+    # No VM description after a precopy stream's EOF (QEMU's machine option
+    # suppress-vmdesc); docs/STREAM.md.
+    x_suppress_vmdesc: bool = False
 
     def to_qmp(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): _to_qmp_value(getattr(self, f.name))
