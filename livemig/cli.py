@@ -20,6 +20,7 @@ from livemig.errors import LivemigError
 from livemig.guests import GUEST_NAMES, load_image, load_image_file
 from livemig.instance import Instance
 from livemig.kernel.mman import Backing, keep_freed_buffers
+from livemig.migration.state import MigrationStatus
 from livemig.vmm.boot import boot_image
 from livemig.vmm.vm import Vm, VmConfig, parse_size
 
@@ -106,6 +107,10 @@ def run(guest: str | None, image: str | None, mem: str, page_size: str, qmp_path
         while not inst.wait(0.2):
             if deadline is not None and time.monotonic() >= deadline:
                 break
+        # As QEMU: a failed incoming migration ends the process with an error.
+        if inst.incoming is not None and inst.incoming.status.status is MigrationStatus.FAILED:
+            raise click.ClickException("incoming migration failed: "
+                                       f"{inst.incoming.info.error_desc or 'no reason given'}")
 
 
 @main.command()

@@ -40,6 +40,17 @@ def test_run_prints_the_guest_passes_to_the_serial_file(tmp_path: Path) -> None:
     assert b"E" not in out
 
 
+def test_failed_incoming_migration_exits_non_zero_and_says_why(tmp_path: Path) -> None:
+    stream = tmp_path / "corrupt.mig"
+    stream.write_bytes(b"QEVM" + b"\x00\x00\x00\x03" + b"\x07garbage")
+    result = livemig("run", "--incoming", f"file:{stream}", "--mem", "32M")
+    assert result.returncode == 1, result.stderr
+    assert len(error_lines(result)) == 1, result.stderr
+    assert "incoming migration failed" in error_lines(result)[0]
+    assert "Machine name length" in error_lines(result)[0]  # the stream's actual fault
+    assert "Traceback" not in result.stderr
+
+
 @pytest.fixture
 def short_image(tmp_path: Path) -> Path:
     path = tmp_path / "short.img"
