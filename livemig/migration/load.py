@@ -348,6 +348,7 @@ class IncomingLoad:
         if postcopy:
             self._end_postcopy()
         else:
+            self.loader.check_complete()
             self.vm.restore_state(self._vm_state())
         if self._rp is not None:
             self._rp.shut(0)

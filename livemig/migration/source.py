@@ -404,6 +404,7 @@ class SourceMigration:
             desc = describe([capabilities_payload(self._handshake), *devices])
             writer.write([enc.vm_description(desc)])
         writer.flush()
+        writer.channel.seal()  # a file: image gets its checksum
         if self._rp is not None:
             self._rp.wait_shut(timeout=60)
         st = self.info.ram

@@ -10,12 +10,14 @@ import json
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
 from helpers import livemig_process, wait_migration
 
 from livemig.errors import MigrationError
+from livemig.migration.channel import image_trailer
 from livemig.vmmprocess import VmmProcess
 
 pytestmark = pytest.mark.kvm
@@ -42,7 +44,8 @@ def test_run_prints_the_guest_passes_to_the_serial_file(tmp_path: Path) -> None:
 
 def test_failed_incoming_migration_exits_non_zero_and_says_why(tmp_path: Path) -> None:
     stream = tmp_path / "corrupt.mig"
-    stream.write_bytes(b"QEVM" + b"\x00\x00\x00\x03" + b"\x07garbage")
+    data = b"QEVM" + b"\x00\x00\x00\x03" + b"\x07garbage"
+    stream.write_bytes(data + image_trailer(zlib.crc32(data)))  # a valid checksum
     result = livemig("run", "--incoming", f"file:{stream}", "--mem", "32M")
     assert result.returncode == 1, result.stderr
     assert len(error_lines(result)) == 1, result.stderr
