@@ -19,7 +19,7 @@ needs postcopy-preempt on both; no QEMU version needs ``return-path`` for postco
 return path is opened by postcopy-ram itself).
 
 Links: ``loopback`` runs both peers in this network namespace over 127.0.0.1; a rate
-(``1gbit``, ``500mbit``...) builds a :class:`_links.ShapedLink` (two namespaces, a veth
+(``1gbit``, ``500mbit``...) builds a :class:`livemig.netlab.NetnsPair` (two namespaces, a veth
 pair with ``tbf`` on both ends) and runs the source in one namespace, the destination
 in the other.
 
@@ -69,7 +69,6 @@ from typing import Any
 
 import numpy as np
 from _harness import HarnessError
-from _links import NETNS_PORT, LinkSpec, ShapedLink
 from _peers import (
     UNLIMITED_BANDWIDTH,
     LivemigPeer,
@@ -88,6 +87,7 @@ from rich.table import Table
 
 import livemig
 from livemig.errors import LivemigError, MigrationError, QmpError
+from livemig.netlab import NETNS_PORT, NetnsPair, Shaping
 
 GUEST = "random"
 BOOT_PASSES = 1  # one 'B': every page of the range is tagged (non-zero)
@@ -357,8 +357,9 @@ def open_link(name: str, burst: str, latency: str) -> Iterator[Endpoints]:
         return
     if not _RATE.match(name):
         raise HarnessError(f"unknown link {name!r}: loopback or a rate such as 1gbit")
-    with ShapedLink(LinkSpec(rate=name, burst=burst, latency=latency)) as link:
-        yield Endpoints(name, link.source_ns, link.dest_ns, link.dest_addr)
+    shaping = Shaping(rate=name, burst=burst, latency=latency)
+    with NetnsPair(shaping, prefix="lmbench") as link:
+        yield Endpoints(name, link.source.ns, link.dest.ns, link.dest.addr)
 
 
 # --- one migration and one row ----------------------------------------------------------------

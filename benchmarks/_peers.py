@@ -21,9 +21,9 @@ leave ``inmigrate``, and returns a frozen :class:`MigrationResult` with the CPU 
 processes and the rest of the machine used meanwhile (``_cpu.py``).
 
 Cleanup is structural: peers (with the huge pages a QEMU peer reserves), profilers
-(``_profile.py``) and shaped links (``_links.py``) are context managers, so a failure or
-Ctrl-C unwinds them in reverse order; every child also dies with the harness
-(``_harness.py``).
+(``_profile.py``) and shaped links (:class:`livemig.netlab.NetnsPair`) are context
+managers, so a failure or Ctrl-C unwinds them in reverse order; every child also dies
+with the harness (``_harness.py``).
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ from typing import Any, ClassVar
 
 from _cpu import CpuTime, Usage
 from _harness import HarnessError, child_setup
-from _links import NETNS_PORT, netns_prefix
 
 from livemig.errors import LivemigError, MigrationError
 from livemig.guests import load_image, patch_range
 from livemig.kernel.mman import Backing, HugepageReservation
 from livemig.migration.state import MigrationStatus
+from livemig.netlab import NETNS_PORT, netns_prefix
 from livemig.vmm.vm import parse_size
 from livemig.vmmprocess import VmmFiles, VmmProcess, livemig_command, livemig_environment
 
@@ -108,11 +108,15 @@ class Peer(ABC):
                 self.vmm = VmmProcess(workdir, name, command=cmd, env=self.environment(),
                                       new_session=True,
                                       preexec_fn=child_setup(self.disable_thp()))
+                # The VMM answers QMP only after it has mapped its RAM: from now on the
+                # pages are its own, so other processes may reserve again.
+                if self._pool is not None:
+                    self._pool.mapped()
                 return
             except LivemigError as e:
                 self._release_pool()
-                # Another process on this machine may have taken the free huge pages we
-                # reserved before our VMM could map them: reserve again and retry.
+                # A process that does not take the pool lock (livemig.kernel.mman) may
+                # have taken the pages we reserved before our VMM mapped them: retry.
                 if "Cannot allocate memory" not in str(e) or attempt == SPAWN_ATTEMPTS:
                     raise
                 time.sleep(0.5)
@@ -254,9 +258,8 @@ class QemuPeer(Peer):
         return self.spec.backing is Backing.ANON_4K
 
     def hugepages(self) -> HugepageReservation | None:
-        # Reserved per process, right before it maps its RAM (QEMU's mmap then holds the
-        # pages), like livemig does for itself: a pool shared by several processes
-        # could be borrowed by anyone else reserving on this machine meanwhile.
+        # Reserved per process, holding the pool lock until QEMU has mapped its RAM (its
+        # mmap then holds the pages), like livemig does for itself.
         backing = self.spec.backing
         if not backing.is_hugetlb:
             return None
@@ -442,7 +445,8 @@ def migration_uri(transport: str, workdir: Path, name: str, host: str = "127.0.0
                   port: int | None = None) -> str:
     """A fresh migration URI: a unix socket in ``workdir`` or a TCP port on ``host``.
 
-    On loopback a free port is picked; elsewhere (a :class:`ShapedLink` namespace, which
+    On loopback a free port is picked; elsewhere (a :class:`~livemig.netlab.NetnsPair`
+    namespace, which
     is private) :data:`NETNS_PORT` is free unless ``port`` says otherwise.
     """
     if transport == "unix":

@@ -19,6 +19,7 @@ caller can catch them all; the branches say *who* is at fault::
      +-- MigrationError         the migration state machine failed or was refused
      |    +-- MigrationCancelled
      +-- QmpError               a QMP command failed (class + desc, as QEMU reports it)
+     +-- NetlabError            the test network lab could not build or change a link
 
 Errors are values worth reading: their message is a complete sentence suitable for
 a one-line CLI error or a QMP ``desc``.
@@ -108,3 +109,7 @@ class QmpError(LivemigError):
         self.error_class = error_class
         self.desc = desc
         super().__init__(desc)
+
+
+class NetlabError(LivemigError):
+    """The network lab (test and benchmark tooling) could not build or change a link."""

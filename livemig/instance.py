@@ -1,13 +1,16 @@
-"""One livemig VMM instance: a VM, its QMP monitor, and (later) its migrations.
+"""One livemig VMM instance: a VM, its QMP monitor, and its migrations.
 
 Theory of operation
 -------------------
 ``livemig run`` builds an :class:`Instance`: it owns the :class:`~livemig.vmm.vm.Vm`, the
-:class:`~livemig.control.qmp.QmpServer` and the QMP command table that maps QEMU's
-command names onto VM operations.  VM events (STOP, RESUME, SHUTDOWN) are forwarded to
+:class:`~livemig.control.qmp.QmpServer`, the QMP command table that maps QEMU's
+command names onto VM and migration operations, and the outgoing and incoming
+migration (at most one of each).  VM events (STOP, RESUME, SHUTDOWN) are forwarded to
 QMP clients.  :meth:`Instance.wait` blocks the main thread until ``quit`` (or a
-signal); then everything is closed in order: QMP first (no new commands), then the VM
-(vCPUs, fds, RAM, reserved huge pages).
+signal); then :meth:`Instance.close` closes everything in order: the migrations first
+(whatever phase they are in, postcopy included: their threads hold views of guest
+RAM), then the vCPUs, then QMP (no new commands), then the VM (fds, RAM, reserved huge
+pages).
 """
 
 from __future__ import annotations
@@ -101,12 +104,15 @@ class Instance:
     # --- migration commands (QEMU's names and shapes) ----------------------------------
     def _register_migration_commands(self) -> None:
         reg = self.commands.register
-        reg("migrate", lambda a: self.migrate(a["uri"]),
+        reg("migrate", lambda a: self.migrate(a["uri"], resume=a.get("resume", False)),
             params=(Param("uri", "str"), Param("blk", "bool", True), Param("inc", "bool", True),
                     Param("detach", "bool", True), Param("resume", "bool", True)))
         reg("migrate-incoming", lambda a: self.migrate_incoming(a["uri"]),
             params=(Param("uri", "str"),))
         reg("migrate_cancel", lambda _a: self.migrate_cancel(), params=())
+        reg("migrate-pause", lambda _a: self.migrate_pause(), params=())
+        reg("migrate-recover", lambda a: self.migrate_recover(a["uri"]),
+            params=(Param("uri", "str"),))
         reg("migrate-start-postcopy", lambda _a: self.migrate_start_postcopy(), params=())
         reg("query-migrate", lambda _a: self.query_migrate(), params=())
         # Ours: every page-request latency of the incoming postcopy, for exact CDFs.
@@ -135,7 +141,13 @@ class Instance:
         if self.outgoing is not None and not self.outgoing.status.status.finished:
             self.outgoing.update_params(self.params)
 
-    def migrate(self, uri: str) -> None:
+    def migrate(self, uri: str, *, resume: bool = False) -> None:
+        if resume:
+            # Postcopy recovery: the paused outgoing migration goes on over ``uri``.
+            if self.outgoing is None:
+                raise QmpError("Cannot resume if there is no paused migration")
+            self.outgoing.resume(MigrationUri.parse(uri))
+            return
         if self._migration_active():
             raise QmpError("There's a migration process in progress")
         if self.vm.runstate not in (RunState.RUNNING, RunState.PAUSED, RunState.PRELAUNCH,
@@ -154,7 +166,8 @@ class Instance:
             raise QmpError("migrate-incoming is only allowed on a VM started with --incoming")
         self.incoming = DestinationMigration(self.vm, MigrationUri.parse(uri), self.caps,
                                              self._emit, self._incoming_finished,
-                                             switch=self.switch)
+                                             switch=self.switch,
+                                             dead_link_timeout_ms=self.params.x_dead_link_timeout)
         self.incoming.start()
 
     def _incoming_finished(self, mig: DestinationMigration) -> None:
@@ -166,6 +179,20 @@ class Instance:
     def migrate_cancel(self) -> None:
         if self.outgoing is not None:
             self.outgoing.cancel()
+
+    def migrate_pause(self) -> None:
+        """Force a postcopy migration (either side) into postcopy-paused."""
+        for mig in (self.outgoing, self.incoming):
+            if mig is not None and mig.status.status.postcopy:
+                mig.pause()
+                return
+        raise QmpError("migrate-pause is only possible in postcopy-active or "
+                       "postcopy-recover")
+
+    def migrate_recover(self, uri: str) -> None:
+        if self.incoming is None:
+            raise QmpError("Migrate recover can only be run when postcopy is paused.")
+        self.incoming.recover(MigrationUri.parse(uri))
 
     def migrate_start_postcopy(self) -> None:
         if self.outgoing is None or self.outgoing.status.status.finished:
@@ -190,6 +217,8 @@ class Instance:
         return self._quit.wait(timeout)
 
     def close(self) -> None:
+        """Stop the migrations and wait for their threads, then close the VM and QMP
+        (see the module docstring); an error on the way propagates."""
         if self.outgoing is not None:
             self.outgoing.abort()
             self.outgoing.join(10)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from livemig.netlab import unavailable_reason
+
 HAVE_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
 HAVE_QEMU = shutil.which("qemu-system-x86_64") is not None
 
@@ -17,6 +19,10 @@ needs_kvm = pytest.mark.skipif(not HAVE_KVM, reason="/dev/kvm is not available")
 needs_qemu = pytest.mark.skipif(not (HAVE_KVM and HAVE_QEMU),
                                 reason="qemu-system-x86_64 or /dev/kvm is not available")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (huge page reservation)")
+_NETLAB_MISSING = unavailable_reason()
+needs_netlab = pytest.mark.skipif(_NETLAB_MISSING is not None, reason=_NETLAB_MISSING or "")
+needs_nft = pytest.mark.skipif(shutil.which("nft") is None,
+                               reason="dropping traffic needs nft (Debian package nftables)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -31,8 +37,8 @@ def hugetlb_kib(pid: str) -> int:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("HugetlbPages:"):
                 return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
+    except (FileNotFoundError, ProcessLookupError):
+        pass  # the process has exited: it maps nothing
     return 0
 
 

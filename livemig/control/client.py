@@ -7,6 +7,7 @@ qemu.qmp does the protocol; this wrapper only turns error replies into
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -57,7 +58,11 @@ class QmpClient:
         return list(self._qmp.get_events())
 
     def close(self) -> None:
-        self._qmp.close()
+        """End the session.  A server that is gone (it quit, or its process was
+        killed) has ended it already: qemu.qmp then reports the end of the stream,
+        which is not an error of closing.  Any other error propagates."""
+        with contextlib.suppress(EOFError, ConnectionResetError):
+            self._qmp.close()
 
     def __enter__(self) -> QmpClient:
         return self

@@ -17,12 +17,44 @@ instead of unmapping memory someone still reads.
 Huge pages must be reserved in ``/proc/sys/vm/nr_hugepages`` (or the per-size sysfs knob)
 before they can be used.  :class:`HugepageReservation` raises the pool by what is needed
 when running as root and gives it back on release.
+
+Reserving is atomic across processes
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The pool is machine-wide, and a free huge page belongs to whoever maps it first: if
+process A raises the pool and process B, starting at the same moment, sees A's new pages
+as free, B maps them and A's own ``mmap`` fails.  So every step that reads or changes the
+pool holds an exclusive ``flock`` on a lock file per page size,
+``/run/lock/livemig-hugepages-<size>kB.lock`` (``/tmp`` where ``/run/lock`` is missing):
+
+* :meth:`HugepageReservation.acquire` takes the lock, raises the pool and keeps the lock;
+* the memfd is mapped (``mmap`` of a shared hugetlb file reserves its pages in the
+  kernel's ``resv_hugepages``: from then on nobody else can take them, even before a page
+  is touched) and :meth:`HugepageReservation.mapped` drops the lock;
+* :meth:`HugepageReservation.release` gives pages back under the lock, after the mapping
+  is gone.
+
+Pages are interchangeable: a process that starts while another's pages are unmapped but
+not yet given back uses those and raises nothing.  So what is given back is not "what I
+added" but a ledger kept in the lock file: the number of pages livemig processes added
+and have not given back.  A release gives back the pages that are idle (free and not
+reserved by any mapping), at most the ledger; pages someone still maps are given back by
+whoever releases after them.  The pool is therefore back at its starting size once the
+last livemig process has released (or died: a killed process's pages become idle and the
+next release gives them back), and it is never shrunk below what is in use.
+
+:func:`map_guest_ram` with ``reserve=True`` does all of this itself: the returned
+:class:`Mapping` owns the reservation and gives the pages back when it is closed.  The
+lock file is left in place (so the lock's identity never changes while others wait on
+it), mode 0644 and owned by root once root has used it: anyone may take the lock, only
+root writes the ledger.
+An ``flock`` dies with its holder, so a killed process never leaves the pool locked.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 from dataclasses import dataclass
@@ -75,6 +107,9 @@ class Mapping:
     size: int
     backing: Backing
     fd: int  # the memfd for hugetlb, -1 for anonymous memory
+    # The huge pages this mapping raised the pool by, given back on close (None: the
+    # caller reserved them, or none were needed).
+    reservation: HugepageReservation | None = None
 
     @property
     def host_addr(self) -> int:
@@ -101,6 +136,8 @@ class Mapping:
         self.mm.close()
         if self.fd >= 0:
             os.close(self.fd)
+        if self.reservation is not None:
+            self.reservation.release()
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -111,12 +148,26 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def map_guest_ram(size: int, backing: Backing, name: str = "pc.ram") -> Mapping:
-    """Map ``size`` bytes of zeroed guest RAM with the given backing."""
+def map_guest_ram(size: int, backing: Backing, name: str = "pc.ram", *,
+                  reserve: bool = False) -> Mapping:
+    """Map ``size`` bytes of zeroed guest RAM with the given backing.
+
+    With ``reserve`` (hugetlb only) the huge pages are reserved and mapped atomically
+    with respect to other processes, and given back when the mapping is closed.
+    """
     page = backing.host_page_size
     if size <= 0 or size % page:
         raise ConfigError(
             f"memory size {size} is not a positive multiple of the {backing.value} page size")
+    if backing.is_hugetlb and reserve:
+        reservation = HugepageReservation(page, size // page).acquire()
+        try:
+            mapping = _map_hugetlb(size, backing, name)
+        except BaseException:
+            reservation.release()
+            raise
+        reservation.mapped()
+        return Mapping(mapping.mm, size, backing, mapping.fd, reservation)
     if backing.is_hugetlb:
         return _map_hugetlb(size, backing, name)
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
@@ -164,52 +215,175 @@ def _pool_dir(page_size: int) -> Path:
 
 
 def free_hugepages(page_size: int) -> int:
-    """Huge pages nobody has yet: free ones minus those promised to existing mappings."""
+    """Huge pages nobody has yet: free ones minus those promised to existing mappings.
+
+    The two counters are separate files: a page fault elsewhere between the two reads
+    takes one page from both, and would make a single pair of reads count one page too
+    many.  So free is read again after resv, until it has not changed.
+    """
+    pool = _pool_dir(page_size)
     try:
-        pool = _pool_dir(page_size)
         free = int((pool / "free_hugepages").read_text())
-        return free - int((pool / "resv_hugepages").read_text())
+        while True:
+            resv = int((pool / "resv_hugepages").read_text())
+            again = int((pool / "free_hugepages").read_text())
+            if again == free:
+                return free - resv
+            free = again
     except OSError:
         return 0
 
 
-class HugepageReservation:
-    """Make sure ``count`` free huge pages of ``page_size`` exist; give them back on release.
+def persistent_hugepages(page_size: int) -> int:
+    """The pool size proper: ``nr_hugepages`` without surplus pages (what a write to
+    ``nr_hugepages`` sets)."""
+    pool = _pool_dir(page_size)
+    return int((pool / "nr_hugepages").read_text()) - int(
+        (pool / "surplus_hugepages").read_text())
 
-    Raises :class:`ConfigError` with instructions when the pages are missing and we may
-    not (or cannot) reserve them.
+
+LOCK_FILE_MODE: Final = 0o644  # flock needs only read access, so anyone may take it
+
+
+def hugepage_lock_path(page_size: int) -> Path:
+    """The lock file that serialises changes to the pool of ``page_size`` pages."""
+    base = Path("/run/lock")
+    if not base.is_dir():
+        base = Path("/tmp")
+    return base / f"livemig-hugepages-{page_size // KIB}kB.lock"
+
+
+class HugepagePoolLock:
+    """An exclusive ``flock`` on :func:`hugepage_lock_path`; take/drop are idempotent.
+
+    While it is held, :meth:`added` / :meth:`set_added` read and write the ledger kept in
+    the file: how many pages livemig processes added to the pool and have not given
+    back.  Only root writes it (only root can change the pool).
+    """
+
+    def __init__(self, page_size: int) -> None:
+        self.path = hugepage_lock_path(page_size)
+        self._fd = -1
+
+    @property
+    def held(self) -> bool:
+        return self._fd >= 0
+
+    def take(self) -> None:
+        if self.held:
+            return
+        root = os.geteuid() == 0
+        # O_NOFOLLOW: the directory may be world-writable; never follow a planted link.
+        flags = (os.O_RDWR if root else os.O_RDONLY) | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            fd = os.open(self.path, flags, LOCK_FILE_MODE)
+        except OSError as e:
+            raise MemoryMapError(f"open {self.path}", e.errno or errno.EIO) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            owner = os.fstat(fd).st_uid
+            if root and owner != 0:
+                # Made by an unprivileged process: nobody else may have written a ledger.
+                os.fchown(fd, 0, 0)
+                os.ftruncate(fd, 0)
+            if owner == os.geteuid() or root:
+                os.fchmod(fd, LOCK_FILE_MODE)  # whatever the umask: others may lock it too
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def drop(self) -> None:
+        if self.held:
+            fd, self._fd = self._fd, -1
+            os.close(fd)  # closing the only descriptor releases the flock
+
+    def added(self) -> int:
+        """Pages livemig added to the pool and has not given back (the ledger)."""
+        text = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else 0
+
+    def set_added(self, pages: int) -> None:
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{max(0, pages)}\n".encode(), 0)
+
+    def __enter__(self) -> HugepagePoolLock:
+        self.take()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.drop()
+
+
+class HugepageReservation:
+    """Make sure ``count`` free huge pages of ``page_size`` exist; give pages back on release.
+
+    :meth:`acquire` returns holding the pool lock (see the module docstring): call
+    :meth:`mapped` once the memory that uses the pages is mapped, :meth:`release` after
+    it is unmapped.  Raises :class:`ConfigError` with instructions when the pages are
+    missing and we may not (or cannot) reserve them.
     """
 
     def __init__(self, page_size: int, count: int) -> None:
         self.page_size = page_size
         self.count = count
-        self._knob = _pool_dir(page_size) / "nr_hugepages"
-        self._added = 0  # pages this reservation added to the pool
+        self._pool = _pool_dir(page_size)
+        self._knob = self._pool / "nr_hugepages"
+        self._lock = HugepagePoolLock(page_size)
 
     def acquire(self) -> HugepageReservation:
+        self._lock.take()
+        try:
+            self._reserve()
+        except BaseException:
+            self._lock.drop()
+            raise
+        return self
+
+    def _reserve(self) -> None:
         missing = self.count - free_hugepages(self.page_size)
         if missing <= 0:
-            return self
+            return
         how = (f"echo {missing} more > {self._knob} "
                f"(e.g. echo $(( $(cat {self._knob}) + {missing} )) > {self._knob})")
         if os.geteuid() != 0:
             raise ConfigError(f"{self.count} huge pages of {self.page_size // KIB} KiB needed, "
                               f"{missing} missing; reserve them as root: {how}")
-        old = int(self._knob.read_text())
+        old = persistent_hugepages(self.page_size)
         self._knob.write_text(str(old + missing))
-        self._added = int(self._knob.read_text()) - old
+        added = persistent_hugepages(self.page_size) - old
+        self._lock.set_added(self._lock.added() + added)
         if free_hugepages(self.page_size) < self.count:
-            self.release()
+            self._give_back_idle()
             raise ConfigError(f"could not reserve {missing} huge pages of "
                               f"{self.page_size // KIB} KiB (memory too fragmented?)")
-        return self
+
+    def mapped(self) -> None:
+        """The pages are mapped (so reserved by the kernel for us): let others reserve."""
+        self._lock.drop()
 
     def release(self) -> None:
-        # Give back only what we added: another reservation may still hold its share.
-        if self._added:
-            now = int(self._knob.read_text())
-            self._knob.write_text(str(max(0, now - self._added)))
-            self._added = 0
+        """Give back the idle pages livemig added; call it once the pages are unmapped."""
+        with self._lock:
+            if os.geteuid() == 0:
+                self._give_back_idle()
+
+    def _give_back_idle(self) -> None:
+        # Only pages nobody has (free and unreserved) and at most what livemig added:
+        # pages another process maps stay, and whoever releases last gives them back.
+        # Shrinking below what is in use would not free anything now, but turn pages
+        # into "surplus" that the next raise of the pool would silently keep.
+        ledger = self._lock.added()
+        give = min(ledger, free_hugepages(self.page_size))
+        if give <= 0:
+            return
+        surplus = self._pool / "surplus_hugepages"
+        before, surplus_before = persistent_hugepages(self.page_size), int(surplus.read_text())
+        self._knob.write_text(str(before - give))
+        extra = int(surplus.read_text()) - surplus_before
+        if extra > 0:  # a page was taken meanwhile after all: keep it in the pool
+            self._knob.write_text(str(before - give + extra))
+        self._lock.set_added(ledger - (before - persistent_hugepages(self.page_size)))
 
     def __enter__(self) -> HugepageReservation:
         return self.acquire()

@@ -14,6 +14,20 @@ huge page) with ``recv_into`` until it is full; EOF before that raises
 
 All these calls block in the kernel with the GIL released (CPython releases it around
 socket and os I/O).
+
+Dead links
+~~~~~~~~~~
+A cut cable or a silent peer does not close a TCP socket: a ``recv`` waits forever and
+a ``send`` retransmits for many minutes.  :func:`set_dead_peer_timeout` bounds both by one
+timeout: ``TCP_USER_TIMEOUT`` aborts the connection when sent data stays unacknowledged
+that long, and keepalive probes (``SO_KEEPALIVE`` with ``TCP_KEEPIDLE`` /
+``TCP_KEEPINTVL`` / ``TCP_KEEPCNT``) make an idle connection send something to be
+acknowledged; with a user timeout set, Linux aborts an idle connection at the first probe
+after the peer has been silent for the timeout.  The blocked call then fails with
+``ETIMEDOUT``.
+
+:func:`socket_in_netns` creates a socket inside another network namespace (tests and the
+network lab use it): a socket stays in the namespace it was created in.
 """
 
 from __future__ import annotations
@@ -22,13 +36,14 @@ import ctypes
 import errno
 import os
 import socket
+import threading
 from collections.abc import Sequence
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
-from livemig.errors import ChannelClosedError
+from livemig.errors import ChannelClosedError, ConfigError, KernelError
 from livemig.units import PAGE_SIZE
 
 Buffer = bytes | bytearray | memoryview
@@ -217,3 +232,64 @@ def queued_bytes(sock: socket.socket) -> int:
     import struct
     buf = fcntl.ioctl(sock.fileno(), TIOCOUTQ, b"\0\0\0\0")
     return int(struct.unpack("i", buf)[0])
+
+
+KEEPALIVE_PROBES_PER_TIMEOUT: Final = 3  # keepalive probes sent within one timeout
+
+
+def set_dead_peer_timeout(sock: socket.socket, timeout_ms: int) -> None:
+    """Make a silent peer an error (``ETIMEDOUT``) after about ``timeout_ms``, whether or
+    not data is in flight (TCP only; other sockets are left alone).
+
+    Keepalive probes go out every third of the timeout (at least every second: the
+    kernel counts keepalive times in seconds), so the connection dies at most one probe
+    interval after the timeout.
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    if timeout_ms <= 0:
+        raise ConfigError(f"dead-peer timeout must be positive, not {timeout_ms} ms")
+    interval_s = max(1, timeout_ms // (1000 * KEEPALIVE_PROBES_PER_TIMEOUT))
+    probes = max(1, -(-timeout_ms // (1000 * interval_s)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, interval_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, probes)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
+
+
+CLONE_NEWNET: Final = 0x40000000
+_LIBC.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_LIBC.setns.restype = ctypes.c_int
+
+
+def socket_in_netns(netns_path: str, family: int = socket.AF_INET,
+                    kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A new socket in the network namespace at ``netns_path`` (``/run/netns/NAME``).
+
+    ``setns`` moves only the calling thread, so a short-lived thread enters the
+    namespace, creates the socket and ends: this process's own threads never change
+    namespace.  Needs CAP_SYS_ADMIN.
+    """
+    made: list[socket.socket] = []
+    failed: list[KernelError] = []
+
+    def create() -> None:
+        try:
+            fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _LIBC.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            made.append(socket.socket(family, kind))
+        except OSError as e:
+            failed.append(KernelError(f"socket in network namespace {netns_path}",
+                                      e.errno or errno.EIO))
+
+    thread = threading.Thread(target=create, name="netns-socket")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return made[0]

@@ -209,11 +209,12 @@ UFFDIO_ZEROPAGE: Final = iowr(UFFD_API, 0x04, UffdioZeropage)
 # --- libc entry points ------------------------------------------------------------
 # CFUNCTYPE (not PYFUNCTYPE / PyDLL) so the GIL is released during the call, and
 # use_errno so errno is captured right after the call, before Python can clobber it.
-# Private prototypes: setting argtypes on a shared CDLL attribute would leak into
-# other modules' use of the same libc handle.
+# Prototypes of our own: setting argtypes on a shared CDLL attribute would leak into
+# other modules' use of the same libc handle.  IOCTL is public so that tests can check
+# its calling convention; use the Userfaultfd methods to make calls.
 
 _LIBC: Final = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_ioctl_ptr: Final = ctypes.CFUNCTYPE(
+IOCTL: Final = ctypes.CFUNCTYPE(
     ctypes.c_int, ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, use_errno=True
 )(("ioctl", _LIBC))
 _syscall1: Final = ctypes.CFUNCTYPE(
@@ -226,7 +227,7 @@ def _ioctl(fd: int, request: int, arg: ctypes.Structure) -> int:
     the kernel wrote even on failure, e.g. uffdio_copy.copy)."""
     # `arg` is referenced by this frame until the call returns: that keeps the
     # struct's memory alive while the kernel reads and writes it.
-    if _ioctl_ptr(fd, request, ctypes.byref(arg)) < 0:
+    if IOCTL(fd, request, ctypes.byref(arg)) < 0:
         return ctypes.get_errno()
     return 0
 
@@ -320,7 +321,7 @@ class Userfaultfd:
             dev_error = f"{device}: {exc.strerror}"
         else:
             try:
-                fd = _ioctl_ptr(dev, USERFAULTFD_IOC_NEW, flags)
+                fd = IOCTL(dev, USERFAULTFD_IOC_NEW, flags)
                 dev_errno = ctypes.get_errno()
             finally:
                 os.close(dev)

@@ -151,6 +151,16 @@ class MigrationBitmap:
                 hp = self.bits.reshape(-1, per).any(axis=1)
                 self.bits[:] = np.repeat(hp, per)
 
+    def resync(self, received: npt.NDArray[np.bool_]) -> int:
+        """Postcopy recovery: every page the destination has not got is dirty again
+        (whole host pages); returns how many are.  ``received``: one bool per page."""
+        if len(received) != self.pages:
+            raise ValueError(f"a bitmap of {len(received)} pages for a block of {self.pages}")
+        with self.lock:
+            self.bits[:] = ~received
+        self.expand_to_host_pages()
+        return self.dirty_count()
+
     def dirty_ranges(self) -> list[tuple[int, int]]:
         """Runs of dirty pages as (start byte, length) pairs, for POSTCOPY_RAM_DISCARD."""
         edges = np.diff(np.concatenate(([0], self.bits.view(np.int8), [0])))

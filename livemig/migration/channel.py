@@ -36,6 +36,7 @@ from livemig.kernel.sock import (
     send_buffers,
     send_pages,
     set_buffer_sizes,
+    set_dead_peer_timeout,
     set_nodelay,
     set_notsent_lowat,
     write_buffers,
@@ -173,6 +174,13 @@ class Channel:
             raise ChannelClosedError(f"{self.name} channel: {e}") from None
         self.bytes_received += n
         return n
+
+    def detect_dead_peer(self, timeout_ms: int) -> None:
+        """A TCP peer silent for ``timeout_ms`` (0: never) makes this channel fail with
+        ETIMEDOUT, with or without data in flight: a cut link becomes an error, not a
+        hang (keepalive and TCP_USER_TIMEOUT)."""
+        if self.sock is not None and timeout_ms > 0:
+            set_dead_peer_timeout(self.sock, timeout_ms)
 
     def queued(self) -> int:
         """Bytes sent but not yet acknowledged by the peer (0 for files)."""

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from livemig.errors import LivemigError, MigrationError, RemoteProtocolError
+from livemig.errors import ChannelClosedError, LivemigError, MigrationError, RemoteProtocolError
 from livemig.kernel.uffd import Userfaultfd
 from livemig.migration.channel import Channel, Listener, MigrationUri
 from livemig.migration.load import IncomingLoad
@@ -38,6 +38,7 @@ from livemig.migration.state import (
     MigrationInfo,
     MigrationStatus,
     StatusMachine,
+    detached,
     log_failure,
 )
 from livemig.runtime import SwitchInterval
@@ -55,9 +56,12 @@ class DestinationMigration:
     def __init__(self, vm: Vm, uri: MigrationUri, caps: Capabilities,
                  emit: EventSink | None = None,
                  on_finished: Callable[[DestinationMigration], None] | None = None, *,
-                 switch: SwitchInterval | None = None) -> None:
+                 switch: SwitchInterval | None = None, dead_link_timeout_ms: int = 0
+                 ) -> None:
         """``switch``: the process's owner of the GIL switch interval (one per process,
-        shared by every migration in it)."""
+        shared by every migration in it).  ``dead_link_timeout_ms``: a TCP peer silent
+        that long is gone (0: wait for ever)."""
+        self.dead_link_timeout_ms = dead_link_timeout_ms
         self.vm = vm
         self.switch = switch or SwitchInterval()
         self.uri = uri
@@ -70,6 +74,10 @@ class DestinationMigration:
         self._channel: Channel | None = None
         self._post_channel: Channel | None = None
         self._load: IncomingLoad | None = None
+        # Postcopy recovery: the listener migrate-recover opened, and quitting.
+        self._recover_cond = threading.Condition()
+        self._recover_listener: Listener | None = None
+        self._aborted = False
         self._thread = threading.Thread(target=self._run, name="incoming", daemon=True)
         # Injectable so tests can play a host whose userfaultfd lacks features.
         self.uffd_features: Callable[[], int] = Userfaultfd.supported_features
@@ -92,10 +100,95 @@ class DestinationMigration:
 
     def abort(self) -> None:
         """Stop waiting or receiving (the process is shutting down)."""
+        with self._recover_cond:
+            self._aborted = True
+            if self._recover_listener is not None:
+                self._recover_listener.close()
+            self._recover_cond.notify_all()
         self._listener.close()
+        self._shutdown_channels()
+
+    def _shutdown_channels(self) -> None:
         for ch in (self._channel, self._post_channel):
             if ch is not None:
                 ch.shutdown()
+
+    def pause(self) -> None:
+        """migrate-pause: in postcopy, drop the connections; the migration pauses and
+        waits for :meth:`recover`, as when the network fails."""
+        if self.status.status not in (MigrationStatus.POSTCOPY_ACTIVE,
+                                      MigrationStatus.POSTCOPY_RECOVER):
+            raise MigrationError("migrate-pause is only possible in postcopy-active or "
+                                 "postcopy-recover")
+        self._shutdown_channels()
+
+    def recover(self, uri: MigrationUri) -> None:
+        """migrate-recover: listen on ``uri`` for the source's resumed connections."""
+        with self._recover_cond:
+            if self.status.status is not MigrationStatus.POSTCOPY_PAUSED:
+                raise MigrationError("Migrate recover can only be run when postcopy is "
+                                     "paused.")
+            if self._recover_listener is not None:
+                raise MigrationError("Migrate recovery is triggered already")
+            self._recover_listener = Listener(uri)  # bind now: errors reach the caller
+            self._recover_cond.notify_all()
+
+    @property
+    def recover_port(self) -> int:
+        """The TCP port migrate-recover listens on (useful with port 0)."""
+        listener = self._recover_listener
+        return listener.port if listener is not None else 0
+
+    def _await_recovery(self, failure: Exception) -> tuple[Channel, Channel | None]:
+        """The load thread in postcopy-paused: until migrate-recover and the source's
+        new connections, then postcopy-recover.  A connection that fails to come
+        pauses again (another migrate-recover is needed); only quitting raises."""
+        while True:
+            self.info.error_desc = self._pause_reason(failure)
+            self._drop_channels()
+            with self._recover_cond:
+                if self._recover_listener is not None:  # a failure during a recovery
+                    self._recover_listener.close()
+                    self._recover_listener = None
+                self.status.set(MigrationStatus.POSTCOPY_PAUSED)
+                self._recover_cond.wait_for(lambda: self._recover_listener is not None
+                                            or self._aborted)
+                if self._aborted:
+                    raise MigrationError("the destination quit in postcopy-paused: the "
+                                         f"source was not heard from again ({failure})")
+                listener = self._recover_listener
+            assert listener is not None
+            try:
+                while self._channel is None or (self.caps.postcopy_preempt
+                                                and self._post_channel is None):
+                    self._accept_one(listener, timeout=None if self._channel is None else 30)
+            except Exception as e:
+                failure = detached(e)
+                continue
+            self.status.set(MigrationStatus.POSTCOPY_RECOVER)
+            return self._channel, self._post_channel
+
+    @staticmethod
+    def _pause_reason(failure: Exception) -> str:
+        """What query-migrate says while paused: a lost connection says so plainly (the
+        source may be gone for good: then the VM cannot be saved)."""
+        if isinstance(failure, (ChannelClosedError, OSError)):
+            return f"lost the connection to the source: {failure}"
+        return str(failure)
+
+    def _drop_channels(self) -> None:
+        for ch in (self._channel, self._post_channel):
+            if ch is not None:
+                ch.close()
+        self._channel = self._post_channel = None
+
+    def _on_resumed(self) -> None:
+        with self._recover_cond:
+            if self._recover_listener is not None:
+                self._recover_listener.close()
+                self._recover_listener = None
+        self.info.error_desc = ""
+        self.status.set(MigrationStatus.POSTCOPY_ACTIVE)
 
     def _on_status(self, status: MigrationStatus) -> None:
         self.info.status = status
@@ -114,7 +207,8 @@ class DestinationMigration:
                 self.vm, self._channel, self.caps,
                 accept_postcopy_channel=self.accept_postcopy_channel,
                 on_postcopy_active=lambda: self.status.set(MigrationStatus.POSTCOPY_ACTIVE),
-                uffd_features=self.uffd_features, switch=self.switch)
+                uffd_features=self.uffd_features, switch=self.switch,
+                await_recovery=self._await_recovery, on_resumed=self._on_resumed)
             self._load.run()
             self._finish(self._load)
         except Exception as e:
@@ -123,6 +217,9 @@ class DestinationMigration:
             if self._load is not None:
                 self._load.close()
             self._listener.close()
+            with self._recover_cond:
+                if self._recover_listener is not None:
+                    self._recover_listener.close()
             for ch in (self._channel, self._post_channel):
                 if ch is not None:
                     ch.close()
@@ -134,20 +231,21 @@ class DestinationMigration:
         """Accept the main channel; with preemption the postcopy channel may come first.
         Each is identified by its first four bytes, so the order does not matter."""
         while self._channel is None:
-            self._accept_one(timeout=None)
+            self._accept_one(self._listener, timeout=None)
 
     def accept_postcopy_channel(self) -> Channel:
         """Preemption: the postcopy channel, accepted now if it has not come yet.
         Called before anything that can fault is loaded (see load.py)."""
         if self._post_channel is None:
-            self._accept_one(timeout=30)
+            self._accept_one(self._listener, timeout=30)
         if self._post_channel is None:
             raise RemoteProtocolError("a second main channel arrived instead of the "
                                       "postcopy channel")
         return self._post_channel
 
-    def _accept_one(self, timeout: float | None) -> None:
-        ch = self._listener.accept(timeout=timeout)
+    def _accept_one(self, listener: Listener, timeout: float | None) -> None:
+        ch = listener.accept(timeout=timeout)
+        ch.detect_dead_peer(self.dead_link_timeout_ms)
         kind = ChannelKind.MAIN if ch.is_file else identify_channel(ch.peek(4))
         if kind is ChannelKind.MAIN and self._channel is None:
             self._channel = ch

@@ -57,6 +57,7 @@ from livemig.vmm.memory import RamBlock
 from livemig.wire.blocks import BlockInfo
 
 OnError = Callable[[Exception], None]
+_HelperStart = tuple[Mapping[str, RamBlock], Userfaultfd, Mapping[int, int]]
 
 
 def receive_postcopy_channel(channel: Channel, placer: ChannelPlacer,
@@ -87,6 +88,17 @@ class FaultHandler(ABC):
         """Guest RAM is registered: start taking faults."""
 
     @abstractmethod
+    def pause(self) -> None:
+        """Postcopy paused (the connections are gone): stop taking faults, keep the
+        state; vCPUs that fault meanwhile wait in the kernel."""
+
+    @abstractmethod
+    def resume(self, rp: ReturnPathWriter, post_channel: Channel | None,
+               on_error: OnError) -> None:
+        """Take faults again over the new connections, and ask again for the pages
+        requested before the pause and still missing."""
+
+    @abstractmethod
     def wait_channel_end(self, timeout: float) -> None:
         """Until the postcopy channel has ended and its pages are placed."""
 
@@ -107,6 +119,8 @@ class ThreadFaultHandler(FaultHandler):
     def __init__(self, post_channel: Channel | None, switch: SwitchInterval) -> None:
         super().__init__(post_channel)
         self._switch = switch
+        self._state: PostcopyState | None = None
+        self._table: dict[str, BlockInfo] = {}
         self._fault: FaultThread | None = None
         self._placer: ChannelPlacer | None = None
         self._recv: threading.Thread | None = None
@@ -121,17 +135,41 @@ class ThreadFaultHandler(FaultHandler):
     def listen(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
                state: PostcopyState, rp: ReturnPathWriter, vcpu_tids: Mapping[int, int],
                on_error: OnError) -> None:
-        self._fault = FaultThread(state, rp.request, on_error)
-        self._fault.start()
+        self._state, self._table = state, block_table(blocks)
         if self.post_channel is not None:
             self._placer = ChannelPlacer(state, "postcopy")
+        self._start(rp, on_error)
+
+    def _start(self, rp: ReturnPathWriter, on_error: OnError) -> None:
+        assert self._state is not None
+        self._fault = FaultThread(self._state, rp.request, on_error)
+        self._fault.start()
+        if self.post_channel is not None:
+            assert self._placer is not None
             self._recv = threading.Thread(
                 target=receive_postcopy_channel, name="postcopy/recv", daemon=True,
-                args=(self.post_channel, self._placer, block_table(blocks), on_error))
+                args=(self.post_channel, self._placer, self._table, on_error))
             self._recv.start()
         # A fault wakes a thread of ours, which then needs the GIL quickly: the default
         # 5 ms switch interval would add up to 5 ms to every page request.
         self._gil = self._switch.switch_interval(POSTCOPY_SWITCH_INTERVAL)
+
+    def pause(self) -> None:
+        self.stop()
+        if self.post_channel is not None:
+            self.post_channel.shutdown()
+        if self._recv is not None:
+            self._recv.join(10)
+            self._recv = None
+        if self._placer is not None:
+            self._placer.reset()
+
+    def resume(self, rp: ReturnPathWriter, post_channel: Channel | None,
+               on_error: OnError) -> None:
+        assert self._state is not None
+        self.post_channel = post_channel
+        self._start(rp, on_error)
+        self._state.rerequest(rp.request)
 
     def wait_channel_end(self, timeout: float) -> None:
         if self._recv is not None:
@@ -168,7 +206,8 @@ class HelperFaultHandler(FaultHandler):
         self._server: FaultServer | None = FaultServer()  # imports while precopy runs
         self._shared: SharedMemory | None = None
         self._state: PostcopyState | None = None
-        self._pages = 0
+        self._pages = 0  # placed by the helpers of earlier connections
+        self._start_args: _HelperStart | None = None
 
     def advise(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
                vcpu_tids: Mapping[int, int]) -> PostcopyState:
@@ -183,10 +222,31 @@ class HelperFaultHandler(FaultHandler):
     def listen(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
                state: PostcopyState, rp: ReturnPathWriter, vcpu_tids: Mapping[int, int],
                on_error: OnError) -> None:
-        assert self._server is not None and self._shared is not None
-        assert self.post_channel is not None
+        self._start_args = (blocks, uffd, vcpu_tids)
+        self._start(on_error, rerequest=False)
+
+    def _start(self, on_error: OnError, *, rerequest: bool) -> None:
+        assert self._shared is not None and self.post_channel is not None
+        if self._server is None:  # a resume: the helper of the last connection is gone
+            self._server = FaultServer()
+        assert self._start_args is not None
+        blocks, uffd, vcpu_tids = self._start_args
         self._server.start(blocks, uffd, self.post_channel, self._shared, vcpu_tids,
-                           on_error)
+                           on_error, rerequest=rerequest)
+
+    def pause(self) -> None:
+        """The helper goes with the connection; the shared state stays."""
+        if self._server is not None:
+            self._pages += self._server.pages
+            self._server.close()
+            self._server = None
+        if self._state is not None:
+            self._state.release_owner("postcopy")
+
+    def resume(self, rp: ReturnPathWriter, post_channel: Channel | None,
+               on_error: OnError) -> None:
+        self.post_channel = post_channel
+        self._start(on_error, rerequest=True)
 
     def wait_channel_end(self, timeout: float) -> None:
         assert self._server is not None
@@ -194,12 +254,12 @@ class HelperFaultHandler(FaultHandler):
 
     @property
     def pages(self) -> int:
-        return self._server.pages if self._server is not None else self._pages
+        return self._pages + (self._server.pages if self._server is not None else 0)
 
     def stop(self) -> None:
         """Stop the helper, then keep the postcopy statistics in our own memory."""
         if self._server is not None:
-            self._pages = self._server.pages
+            self._pages += self._server.pages
             self._server.close()  # its copy of the userfaultfd too
             self._server = None
         if self._state is not None and self._shared is not None:

@@ -66,11 +66,14 @@ class FaultServer:
         self._done = threading.Event()
         self._error: LivemigError | None = None
         self._watcher: threading.Thread | None = None
+        self._stopping = False  # close() was asked: the helper's end is no failure
         self.pages = 0  # placed from the postcopy channel (reported at its end)
 
     def start(self, blocks: Mapping[str, HelperBlock], uffd: Userfaultfd, channel: Channel,
               shared: SharedMemory, vcpu_tids: Mapping[int, int],
-              on_error: Callable[[Exception], None]) -> None:
+              on_error: Callable[[Exception], None], *, rerequest: bool = False) -> None:
+        """``rerequest``: after a postcopy recovery, first ask again for the pages
+        requested before and still missing."""
         if channel.sock is None:
             raise MigrationError("the postcopy channel must be a socket")
         config = {
@@ -79,6 +82,7 @@ class FaultServer:
                        for n, b in blocks.items()],
             "vcpu_tids": {str(i): t for i, t in vcpu_tids.items()},
             "shared_size": shared.size,
+            "rerequest": rerequest,
         }
         self.helper.send(config, [uffd.fileno(), channel.sock.fileno(), shared.fd])
         self.helper.expect("ready", START_TIMEOUT)
@@ -95,12 +99,12 @@ class FaultServer:
             self.pages = int(msg.get("pages", 0))
         except LivemigError as e:
             self._error = e
-            on_error(e)
         except OSError as e:
             self._error = ChannelClosedError(f"fault server: {e}")
-            on_error(self._error)
         finally:
             self._done.set()
+        if self._error is not None and not self._stopping:
+            on_error(self._error)
 
     def wait_done(self, timeout: float) -> None:
         """Until the postcopy channel has ended and every page on it is placed."""
@@ -110,6 +114,7 @@ class FaultServer:
             raise self._error
 
     def close(self) -> None:
+        self._stopping = True
         self.helper.close()
         if self._watcher is not None:
             self._watcher.join(5)
@@ -139,6 +144,7 @@ class _Server:
             self.channel, ChannelPlacer(self.state, "postcopy"),
             {n: BlockInfo(size, hp) for n, size, hp, _ in blocks})
         self.requests = ReturnPathEncoder()
+        self.rerequest = bool(msg.get("rerequest", False))
 
     def request(self, block: str, offset: int, length: int) -> None:
         if self.receiver.ended:
@@ -151,6 +157,8 @@ class _Server:
         for fd in (uffd, sock, ctl):
             poll.register(fd, select.POLLIN)
         self.conn.send({"msg": "ready"})
+        if self.rerequest:
+            self.state.rerequest(self.request)
         while True:
             ready = {fd for fd, _ in poll.poll()}
             if uffd in ready:

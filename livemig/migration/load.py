@@ -53,7 +53,7 @@ from livemig.migration.handshake import Handshake, block_table
 from livemig.migration.pagesink import PageSink, RamLoader, dispatch_page_event, read_payload
 from livemig.migration.postcopy import RECV_CHUNK, ChannelPlacer, LatencyStats, PostcopyState
 from livemig.migration.returnpath import ReturnPathWriter
-from livemig.migration.state import Capabilities
+from livemig.migration.state import Capabilities, detached
 from livemig.migration.vmdesc import check_description
 from livemig.runtime import SwitchInterval
 from livemig.vmm.serial import SerialState
@@ -63,6 +63,7 @@ from livemig.wire import events as ev
 from livemig.wire.decoder import Decoder
 
 log = logging.getLogger("livemig.destination")
+AwaitRecovery = Callable[[Exception], tuple[Channel, Channel | None]]
 
 
 class LoadPhase(Enum):
@@ -98,9 +99,16 @@ class IncomingLoad:
     def __init__(self, vm: Vm, channel: Channel, caps: Capabilities, *,
                  accept_postcopy_channel: Callable[[], Channel],
                  on_postcopy_active: Callable[[], None],
-                 uffd_features: Callable[[], int], switch: SwitchInterval) -> None:
+                 uffd_features: Callable[[], int], switch: SwitchInterval,
+                 await_recovery: AwaitRecovery | None = None,
+                 on_resumed: Callable[[], None] = lambda: None) -> None:
+        """``await_recovery(failure)``: postcopy paused; returns the new main channel
+        and postcopy channel once ``migrate-recover`` connected them (raises if the
+        process quits).  Without it a failure in postcopy fails the load."""
         self.vm = vm
         self._switch = switch
+        self._await_recovery = await_recovery
+        self._on_resumed = on_resumed
         self.channel = channel
         self.caps = caps
         self._accept_postcopy_channel = accept_postcopy_channel
@@ -150,7 +158,31 @@ class IncomingLoad:
         self.history.append(new)
 
     def run(self) -> None:
-        """Handle events until EOF; the guest may be started before (postcopy RUN)."""
+        """Handle events until EOF; the guest may be started before (postcopy RUN).
+
+        Once the guest runs here, a failure pauses instead: the fault handler stops,
+        everything received stays, and the load goes on over new connections after a
+        recovery (:meth:`_recover`); a failure during the recovery pauses again."""
+        while True:
+            try:
+                self._receive()
+                return
+            except Exception as e:
+                if self.phase is not LoadPhase.RUNNING or self._await_recovery is None:
+                    raise
+                failure = detached(e)
+            while True:
+                self._pause(failure)
+                # Until migrate-recover connected the source again; raises (ending the
+                # load) only if the process quits meanwhile.
+                channels = self._await_recovery(failure)
+                try:
+                    self._recover(*channels)
+                    break
+                except Exception as e:
+                    failure = detached(e)
+
+    def _receive(self) -> None:
         while True:
             if self._fault_error is not None:
                 raise self._fault_error
@@ -316,12 +348,47 @@ class IncomingLoad:
         handler.listen(self.vm.blocks, uffd, pc, rp, self._vcpu_tids(), self._fault_failed)
         self._on_postcopy_active()
 
+    # --- postcopy recovery ------------------------------------------------------------------
+    def _pause(self, failure: Exception) -> None:
+        """Stop taking faults; forget the half-assembled huge pages (they come again);
+        keep every page placed."""
+        log.warning("postcopy paused: %s", str(failure))
+        assert self._handler is not None and self._placer is not None
+        self.channel.shutdown()
+        if self._post_channel is not None:
+            self._post_channel.shutdown()
+        self._handler.pause()
+        self._placer.reset()
+        self._fault_error = None
+
+    def _recover(self, main: Channel, post: Channel | None) -> None:
+        """Over the connections ``migrate-recover`` accepted: answer RECV_BITMAP for
+        each block with what is here, acknowledge POSTCOPY_RESUME, take faults again."""
+        assert self._handler is not None and self._postcopy is not None
+        self.channel, self._post_channel = main, post
+        self._dec = Decoder(block_table(self.vm.blocks), postcopy=True,
+                            resumed=[hs.RAM.section_id])
+        rp = self._rp = ReturnPathWriter(self.channel)
+        while True:
+            e = self._dec.next_event()
+            if e is ev.NEED_DATA:
+                self._dec.receive_data(self.channel.recv(RECV_CHUNK))
+            elif isinstance(e, ev.RecvBitmapRequest):
+                rp.recv_bitmap(e.block, self._postcopy.received_pages(e.block))
+            elif isinstance(e, ev.PostcopyResume):
+                break
+            elif not isinstance(e, ev.StreamStart):
+                raise RemoteProtocolError(f"unexpected {type(e).__name__} while resuming "
+                                          "postcopy")
+        rp.resume_ack()
+        quiet_background(self.channel)
+        self._handler.resume(rp, self._post_channel, self._fault_failed)
+        log.info("postcopy resumed")
+        self._on_resumed()
+
     def _fault_failed(self, e: Exception) -> None:
         """The fault handler failed (any thread): the load thread raises it."""
-        # Without its traceback or chained exceptions: their frames would pin
-        # memoryviews of guest RAM or of a temporary huge page.
-        e.__context__ = e.__cause__ = None
-        self._fault_error = e.with_traceback(None)
+        self._fault_error = detached(e)
         self.channel.shutdown()
 
     def _run_guest(self, _e: ev.PostcopyRun) -> None:

@@ -289,6 +289,38 @@ class PostcopyState:
                 out[name] = (len(absent), int(absent[0]) * st.host_page)
         return out
 
+    # --- recovery ------------------------------------------------------------------------
+    def received_pages(self, name: str) -> npt.NDArray[np.bool_]:
+        """One bool per 4 KiB page of block ``name``: here (placed in postcopy, or
+        loaded in precopy and not discarded since), for MIG_RP_MSG_RECV_BITMAP."""
+        st = self.blocks[name]
+        here = st.received | st.precopy_present
+        return np.repeat(here, st.host_page // PAGE_SIZE)
+
+    def pending_requests(self) -> list[tuple[str, int, int]]:
+        """Host pages asked for and not placed yet (block, offset, length): after a
+        recovery they are asked for again (the old request may have been lost)."""
+        out = []
+        for name, st in self.blocks.items():
+            for hp in np.flatnonzero((st.arrays.fault_ns > 0) & ~st.received).tolist():
+                out.append((name, hp * st.host_page, st.host_page))
+        return out
+
+    def rerequest(self, request: Callable[[str, int, int], None]) -> int:
+        """Ask again for every pending page; returns how many."""
+        pending = self.pending_requests()
+        for block, offset, length in pending:
+            request(block, offset, length)
+        return len(pending)
+
+    def release_owner(self, channel: str) -> None:
+        """Forget the huge pages ``channel`` was assembling (its connection is gone;
+        they will be sent again whole)."""
+        cid = CHANNEL_IDS[channel]
+        with self.lock:
+            for st in self.blocks.values():
+                st.arrays.owner[st.arrays.owner == cid] = 0
+
     # --- precopy bookkeeping ----------------------------------------------------------
     def mark_precopy(self, name: str, offsets: npt.NDArray[np.uint64]) -> None:
         st = self.blocks[name]
@@ -386,6 +418,12 @@ class ChannelPlacer:
             buf = np.frombuffer(m, dtype=np.uint8).reshape(-1, PAGE_SIZE)
             self._tmp[st.name] = buf
         return buf
+
+    def reset(self) -> None:
+        """The channel's connection is gone: drop the huge pages half assembled (the
+        source sends them again whole after recovery)."""
+        self._cur.clear()
+        self.state.release_owner(self.channel)
 
     def pending(self) -> list[tuple[str, int]]:
         """Huge pages this channel has started but not finished (block, offset)."""

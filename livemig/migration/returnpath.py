@@ -17,14 +17,26 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
 
 from livemig.errors import ChannelClosedError, MigrationError
 from livemig.migration.channel import Channel
+from livemig.migration.state import detached
 from livemig.wire import events as ev
 from livemig.wire.blocks import BlockInfo
-from livemig.wire.returnpath import Pong, ReqPages, ReturnPathDecoder, ReturnPathEncoder, Shut
+from livemig.wire.returnpath import (
+    Pong,
+    RecvBitmap,
+    ReqPages,
+    ResumeAck,
+    ReturnPathDecoder,
+    ReturnPathEncoder,
+    Shut,
+)
 
 log = logging.getLogger("livemig.returnpath")
 
@@ -48,6 +60,15 @@ class ReturnPathWriter:
     def shut(self, status: int = 0) -> None:
         with self._lock:
             self._channel.send([self._enc.shut(status)])
+
+    def recv_bitmap(self, block: str, received: npt.NDArray[np.bool_]) -> None:
+        """Postcopy recovery: which 4 KiB pages of ``block`` are here."""
+        with self._lock:
+            self._channel.send([self._enc.recv_bitmap(block, received)])
+
+    def resume_ack(self) -> None:
+        with self._lock:
+            self._channel.send([self._enc.resume_ack()])
 
 
 @dataclass(frozen=True)
@@ -100,6 +121,8 @@ class ReturnPathReader:
         self._on_request = on_request
         self._cond = threading.Condition()
         self._pongs: set[int] = set()
+        self._bitmaps: dict[str, npt.NDArray[np.bool_]] = {}
+        self._resume_acked = False
         self.shut_status: int | None = None
         self.error: Exception | None = None
         self.finished = False
@@ -111,13 +134,27 @@ class ReturnPathReader:
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
-    def wait_pong(self, value: int, timeout: float) -> None:
+    def _wait(self, done: Callable[[], bool], timeout: float, what: str) -> None:
         with self._cond:
-            if not self._cond.wait_for(lambda: value in self._pongs or self.finished, timeout):
-                raise MigrationError(f"the destination did not answer PING {value} "
-                                     f"within {timeout:.0f} s")
-            if value not in self._pongs:
-                raise MigrationError(f"the destination closed the return path: {self.error}")
+            if not self._cond.wait_for(lambda: done() or self.finished, timeout):
+                raise MigrationError(f"the destination did not send {what} within "
+                                     f"{timeout:.0f} s")
+            if not done():
+                raise MigrationError(f"the destination closed the return path before "
+                                     f"{what}: {self.error}")
+
+    def wait_pong(self, value: int, timeout: float) -> None:
+        self._wait(lambda: value in self._pongs, timeout, f"PONG {value}")
+
+    def wait_bitmaps(self, blocks: Collection[str], timeout: float
+                     ) -> dict[str, npt.NDArray[np.bool_]]:
+        """Postcopy recovery: the received-pages bitmap of each of ``blocks``."""
+        self._wait(lambda: all(b in self._bitmaps for b in blocks), timeout,
+                   "the received bitmaps")
+        return {b: self._bitmaps[b] for b in blocks}
+
+    def wait_resume_ack(self, timeout: float) -> None:
+        self._wait(lambda: self._resume_acked, timeout, "RESUME_ACK")
 
     def wait_shut(self, timeout: float) -> None:
         """The destination's SHUT, which must report success (QEMU: a non-zero status
@@ -144,6 +181,14 @@ class ReturnPathReader:
                     with self._cond:
                         self._pongs.add(e.value)
                         self._cond.notify_all()
+                elif isinstance(e, RecvBitmap):
+                    with self._cond:
+                        self._bitmaps[e.block] = e.received
+                        self._cond.notify_all()
+                elif isinstance(e, ResumeAck):
+                    with self._cond:
+                        self._resume_acked = True
+                        self._cond.notify_all()
                 elif isinstance(e, Shut):
                     with self._cond:
                         self.shut_status = e.status
@@ -152,7 +197,7 @@ class ReturnPathReader:
                     raise ChannelClosedError("return path closed without SHUT")
         except Exception as e:
             log.info("return path ended: %s", str(e))
-            self.error = e.with_traceback(None)  # keep no frames alive
+            self.error = detached(e)  # keep no frames alive
         finally:
             with self._cond:
                 self.finished = True

@@ -241,6 +241,16 @@ class PageSender:
             self.trace("postcopy_preempt_switch_channel", channel=channel)
             self.current = channel
 
+    def reconnect(self, main: OutChannel, post: OutChannel | None) -> None:
+        """Postcopy recovery: go on over new connections.  Nothing sent on the old ones
+        is assumed to have arrived (the bitmaps are resynchronised from the
+        destination's), so an interrupted huge page is forgotten, not resumed."""
+        with self._post_lock:
+            self.main, self.post = main, post
+            self.preempted = None
+            self._hint = None
+            self.current = main.name
+
     def reset_channel(self) -> None:
         """End of a round or completion: back to the precopy channel."""
         if self.post is not None:

@@ -60,6 +60,7 @@ from livemig.migration.state import (
     MigrationStatus,
     Parameters,
     StatusMachine,
+    detached,
     log_failure,
 )
 from livemig.migration.trace import Tracer
@@ -80,6 +81,8 @@ from livemig.wire.encoder import Encoder
 log = logging.getLogger("livemig.source")
 
 EventSink = Callable[[str, dict[str, Any]], None]
+# Postcopy recovery: how long the destination may take to send its bitmaps and ack.
+RESUME_TIMEOUT_S = 30.0
 
 
 # --- the order of the stream (docs/STREAM.md); also driven by the protocol tests -------
@@ -166,6 +169,11 @@ class SourceMigration:
         self._was_running = False
         self._runstate_before = RunState.PAUSED.value
         self._handshake = self.urgent.handshake()
+        # Postcopy recovery: what cut the link (any thread), the resume request, and the
+        # bytes sent on connections that are gone.
+        self._link_error: Exception | None = None
+        self._resume_cond = threading.Condition()
+        self._previous_bytes = 0
         self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
 
     # --- control (any thread) -------------------------------------------------------------
@@ -188,6 +196,33 @@ class SourceMigration:
         """The process is shutting down: stop whatever phase we are in."""
         self._cancel.set()
         self.disconnect()
+        with self._resume_cond:
+            self._resume_cond.notify_all()
+
+    def pause(self) -> None:
+        """migrate-pause: in postcopy, drop the connections; the migration pauses and
+        waits for :meth:`resume`, as when the network fails."""
+        if self.status.status not in (MigrationStatus.POSTCOPY_ACTIVE,
+                                      MigrationStatus.POSTCOPY_RECOVER):
+            raise MigrationError("migrate-pause is only possible in postcopy-active or "
+                                 "postcopy-recover")
+        self._link_failed(MigrationError("paused by migrate-pause"))
+
+    def resume(self, uri: MigrationUri) -> None:
+        """migrate resume=true: go on with a paused postcopy over a new connection."""
+        with self._resume_cond:
+            if self.status.status is not MigrationStatus.POSTCOPY_PAUSED:
+                raise MigrationError("Cannot resume if there is no paused migration")
+            self.uri = uri
+            self.status.set(MigrationStatus.POSTCOPY_RECOVER_SETUP)
+            self._resume_cond.notify_all()
+
+    def _link_failed(self, e: Exception) -> None:
+        """A connection of this migration failed (any thread): the migration thread
+        notices at once, because every connection is shut down."""
+        if self._link_error is None:
+            self._link_error = detached(e)
+        self.disconnect()
 
     def disconnect(self) -> None:
         """Shut down every connection of this migration, as a dead network would."""
@@ -200,14 +235,14 @@ class SourceMigration:
         self.params = self.params.live_update(params)
         sender = self._sender
         if sender is not None:
-            postcopy = self.status.status is MigrationStatus.POSTCOPY_ACTIVE
+            postcopy = self.status.status.postcopy
             sender.limiter.limit = (self.params.max_postcopy_bandwidth if postcopy
                                     else self.params.max_bandwidth)
 
     def cancel(self) -> None:
         if self.status.status.finished:
             return
-        if self.status.status is MigrationStatus.POSTCOPY_ACTIVE:
+        if self.status.status.postcopy:
             raise MigrationError("Postcopy is active: the guest's memory is split between "
                                  "the two hosts, cancel is not possible")
         self._cancel.set()
@@ -230,7 +265,7 @@ class SourceMigration:
     def _transferred(self, sender: PageSender) -> int:
         """Bytes sent on every channel of this migration (one definition for the live
         and the final figure)."""
-        return sender.main.writer.bytes_sent + self.urgent.bytes_sent()
+        return self._previous_bytes + sender.main.writer.bytes_sent + self.urgent.bytes_sent()
 
     def query(self) -> dict[str, Any]:
         """query-migrate's answer for this migration."""
@@ -289,6 +324,7 @@ class SourceMigration:
     def _connect(self, name: str) -> Channel:
         ch = connect(self.uri, name=name)
         self._channels.append(ch)
+        ch.detect_dead_peer(self.params.x_dead_link_timeout)
         return ch
 
     def _setup(self) -> PageSender:
@@ -323,7 +359,7 @@ class SourceMigration:
             self._rp.start()
             self._rp.wait_pong(1, timeout=30)
         self.urgent.start(self.vm.blocks, sender.post.writer.channel if sender.post else None,
-                          self.trace)
+                          self.trace, self._link_failed)
         self.vm.set_dirty_logging(True)
         self.info.setup_ns = time.monotonic_ns() - self.info.start_ns
         return sender
@@ -452,10 +488,7 @@ class SourceMigration:
         # megabytes queued in the kernel.
         quiet_background(sender.writer.channel)
         with self.urgent.postcopy_gil(self.switch):
-            sender.postcopy_loop(self.requests, self._postcopy_failed)
-        self._check_postcopy_alive()
-        self.trace.counts.update(end_postcopy_stream(sender, self.urgent))
-        self._rp.wait_shut(timeout=60)
+            self._postcopy_until_done(sender)
         st.transferred = self._transferred(sender)
         st.postcopy_bytes = st.transferred - before - st.downtime_bytes
         st.remaining = 0
@@ -463,12 +496,91 @@ class SourceMigration:
         self.vm.set_runstate(RunState.POSTMIGRATE)
         self.status.set(MigrationStatus.COMPLETED)
 
+    def _postcopy_until_done(self, sender: PageSender) -> None:
+        """Send the rest, requested pages first.  A failure of any connection pauses
+        the migration until ``migrate resume=true`` (the guest runs on the destination
+        and its memory is split: failing would lose it); only quitting ends it."""
+        while True:
+            try:
+                sender.postcopy_loop(self.requests, self._postcopy_failed)
+                self._check_postcopy_alive()
+                self.trace.counts.update(end_postcopy_stream(sender, self.urgent))
+                assert self._rp is not None
+                self._rp.wait_shut(timeout=60)
+                return
+            except Exception as e:
+                failure = detached(e)
+            while True:
+                self._pause(sender, failure)
+                try:
+                    self._resume(sender)
+                    break
+                except Exception as e:
+                    failure = detached(e)
+
+    def _pause(self, sender: PageSender, failure: Exception) -> None:
+        """Drop the connections, keep everything else (RAM, bitmaps), and wait for a
+        resume; raise if the process quits meanwhile."""
+        if self._cancel.is_set():
+            raise MigrationError("the source quit in postcopy: the guest's memory is split "
+                                 f"between the two hosts ({failure})")
+        error = self._link_error or failure
+        log_failure(log, "postcopy paused", error)
+        self.info.error_desc = str(error)
+        self._previous_bytes += sender.main.writer.bytes_sent + (
+            sender.post.writer.bytes_sent if sender.post is not None else 0)
+        self.disconnect()
+        if self._rp is not None:
+            self._rp.join(5)
+        for ch in self._channels:
+            ch.close()
+        self._channels.clear()
+        self.urgent.pause()
+        while self.requests.pop() is not None:
+            pass  # the destination asks again for what it still misses
+        self._link_error = None
+        with self._resume_cond:
+            self.status.set(MigrationStatus.POSTCOPY_PAUSED)
+            self._resume_cond.wait_for(
+                lambda: self.status.status is MigrationStatus.POSTCOPY_RECOVER_SETUP
+                or self._cancel.is_set())
+        if self._cancel.is_set():
+            raise MigrationError("the source quit in postcopy-paused: the guest's memory "
+                                 "is split between the two hosts")
+
+    def _resume(self, sender: PageSender) -> None:
+        """Connect anew, learn what the destination has (RECV_BITMAP per block), mark
+        everything else dirty, POSTCOPY_RESUME, and go on when it is acknowledged."""
+        channel = self._main = self._connect("main")
+        post_ch = self._connect("postcopy") if self.caps.postcopy_preempt else None
+        self.status.set(MigrationStatus.POSTCOPY_RECOVER)
+        main = OutChannel("precopy", Encoder(postcopy=True, resumed=[hs.RAM.section_id]),
+                          ChannelWriter(channel))
+        post = postcopy_out_channel(ChannelWriter(post_ch)) if post_ch is not None else None
+        sender.reconnect(main, post)
+        blocks = block_table(self.vm.blocks)
+        self._rp = ReturnPathReader(channel, blocks, self._on_request)
+        self._rp.start()
+        enc = main.encoder
+        main.writer.write([enc.preamble(), *(enc.recv_bitmap(name) for name in blocks)])
+        main.writer.flush()
+        received = self._rp.wait_bitmaps(list(blocks), RESUME_TIMEOUT_S)
+        dirty = sum(sender.bitmaps[name].resync(bits) for name, bits in received.items())
+        log.info("resuming postcopy: %d pages to send", dirty)
+        main.writer.write_now([enc.postcopy_resume()])
+        self._rp.wait_resume_ack(RESUME_TIMEOUT_S)
+        quiet_background(channel)
+        self.urgent.start(self.vm.blocks, post_ch, self.trace, self._link_failed)
+        self.info.error_desc = ""
+        self.status.set(MigrationStatus.POSTCOPY_ACTIVE)
+
     def _postcopy_failed(self) -> bool:
-        return self._rp is None or (self._rp.finished and self._rp.shut_status is None)
+        return (self._link_error is not None or self._rp is None
+                or (self._rp.finished and self._rp.shut_status is None))
 
     def _check_postcopy_alive(self) -> None:
         if self._postcopy_failed():
-            err = self._rp.error if self._rp is not None else None
+            err = self._link_error or (self._rp.error if self._rp is not None else None)
             raise MigrationError(f"the destination vanished during postcopy: {err}")
 
     def _fail(self, e: Exception) -> None:

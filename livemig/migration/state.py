@@ -45,11 +45,23 @@ def log_failure(logger: logging.Logger, what: str, e: BaseException) -> None:
         logger.critical("%s: internal error: %s\n%s", what, str(e), tb)
 
 
+def detached(e: Exception) -> Exception:
+    """``e`` without its traceback and chained exceptions, to be kept after the
+    ``except`` block: their frames would pin memoryviews of guest RAM (or of a
+    temporary huge page) and, through a frame that keeps the error, form a cycle that
+    only the garbage collector breaks, so the VM could not unmap its memory."""
+    e.__context__ = e.__cause__ = None
+    return e.with_traceback(None)
+
+
 class MigrationStatus(Enum):
     NONE = "none"
     SETUP = "setup"
     ACTIVE = "active"
     POSTCOPY_ACTIVE = "postcopy-active"
+    POSTCOPY_PAUSED = "postcopy-paused"  # a channel failed in postcopy: wait for recovery
+    POSTCOPY_RECOVER_SETUP = "postcopy-recover-setup"  # source: connecting anew
+    POSTCOPY_RECOVER = "postcopy-recover"  # connected: resynchronising
     DEVICE = "device"
     CANCELLING = "cancelling"
     CANCELLED = "cancelled"
@@ -61,6 +73,13 @@ class MigrationStatus(Enum):
         return self in (MigrationStatus.COMPLETED, MigrationStatus.FAILED,
                         MigrationStatus.CANCELLED)
 
+    @property
+    def postcopy(self) -> bool:
+        """The guest runs on the destination: cancelling would lose it."""
+        return self in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_PAUSED,
+                        MigrationStatus.POSTCOPY_RECOVER_SETUP,
+                        MigrationStatus.POSTCOPY_RECOVER)
+
 
 _S = MigrationStatus
 STATUS_TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
@@ -69,7 +88,15 @@ STATUS_TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     _S.ACTIVE: frozenset({_S.DEVICE, _S.POSTCOPY_ACTIVE, _S.COMPLETED, _S.FAILED,
                           _S.CANCELLING}),
     _S.DEVICE: frozenset({_S.COMPLETED, _S.FAILED, _S.CANCELLING, _S.POSTCOPY_ACTIVE}),
-    _S.POSTCOPY_ACTIVE: frozenset({_S.COMPLETED, _S.FAILED}),
+    _S.POSTCOPY_ACTIVE: frozenset({_S.COMPLETED, _S.FAILED, _S.POSTCOPY_PAUSED}),
+    # Recovery (QEMU's names): paused until migrate-recover (destination) or migrate
+    # resume=true (source); a failure while recovering pauses again.  FAILED only when
+    # the process gives up (quit): the guest's memory is split between two hosts.
+    _S.POSTCOPY_PAUSED: frozenset({_S.POSTCOPY_RECOVER_SETUP, _S.POSTCOPY_RECOVER,
+                                   _S.FAILED}),
+    _S.POSTCOPY_RECOVER_SETUP: frozenset({_S.POSTCOPY_RECOVER, _S.POSTCOPY_PAUSED,
+                                          _S.FAILED}),
+    _S.POSTCOPY_RECOVER: frozenset({_S.POSTCOPY_ACTIVE, _S.POSTCOPY_PAUSED, _S.FAILED}),
     _S.CANCELLING: frozenset({_S.CANCELLED, _S.FAILED}),
     _S.CANCELLED: frozenset(),
     _S.COMPLETED: frozenset(),
@@ -239,6 +266,10 @@ class Parameters:
     # No VM description after a precopy stream's EOF (QEMU's machine option
     # suppress-vmdesc); docs/STREAM.md.
     x_suppress_vmdesc: bool = False
+    # Ours: a TCP peer silent for this long (ms) is gone (TCP_USER_TIMEOUT and
+    # keepalive on every connection): in postcopy the migration pauses instead of
+    # hanging on a cut link.
+    x_dead_link_timeout: int = 5000
 
     def to_qmp(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): _to_qmp_value(getattr(self, f.name))

@@ -26,13 +26,19 @@ import os
 import select
 import socket
 import sys
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from livemig.errors import ChannelClosedError, MigrationError, RemoteProtocolError
+from livemig.errors import (
+    ChannelClosedError,
+    LivemigError,
+    MigrationError,
+    RemoteProtocolError,
+)
 from livemig.kernel.shared import (
     Counters,
     Field,
@@ -100,9 +106,17 @@ class UrgentServer:
 
     def __init__(self) -> None:
         self.helper = HelperProcess(MODULE)
+        self._finished = threading.Event()  # the helper answered "finish", or failed
+        self._trace: dict[str, int] = {}
+        self._error: LivemigError | None = None
+        self._watcher: threading.Thread | None = None
+        self._stopping = False  # close() was asked: the helper's end is no failure
 
     def start(self, blocks: Mapping[str, HelperBlock], shared: SharedBits, channel: Channel,
-              trace_patterns: tuple[str, ...]) -> None:
+              trace_patterns: tuple[str, ...],
+              on_error: Callable[[Exception], None] = lambda _e: None) -> None:
+        """Hand the helper the postcopy channel; ``on_error`` hears of its failure (or
+        death) at once, from the thread that watches its control socket."""
         if channel.sock is None:
             raise MigrationError("the postcopy channel must be a socket")
         fds = [channel.sock.fileno(), shared.memory.fd]
@@ -117,16 +131,42 @@ class UrgentServer:
                           "shared_size": shared.memory.size, "trace": list(trace_patterns)},
                          fds)
         self.helper.expect("ready", START_TIMEOUT)
+        self._watcher = threading.Thread(target=self._watch, args=(on_error,),
+                                         name="urgent/watch", daemon=True)
+        self._watcher.start()
+
+    def _watch(self, on_error: Callable[[Exception], None]) -> None:
+        """The only reader of the control socket once started: "finished", or an error
+        (the helper's own report, or its death)."""
+        try:
+            msg = self.helper.recv()
+            if msg.get("msg") != "finished":
+                raise MigrationError(f"urgent helper sent {msg.get('msg')!r}")
+            self._trace = {str(k): int(v) for k, v in dict(msg.get("trace", {})).items()}
+        except LivemigError as e:
+            self._error = e
+        except OSError as e:
+            self._error = ChannelClosedError(f"urgent helper: {e}")
+        finally:
+            self._finished.set()
+        if self._error is not None and not self._stopping:
+            on_error(self._error)
 
     def finish(self, timeout: float = 60.0) -> dict[str, int]:
         """End the postcopy channel after the last urgent page; the helper's trace
         counters come back."""
         self.helper.send({"msg": "finish"})
-        msg = self.helper.expect("finished", timeout)
-        return {str(k): int(v) for k, v in dict(msg.get("trace", {})).items()}
+        if not self._finished.wait(timeout):
+            raise MigrationError(f"urgent helper did not finish in {timeout:.0f} s")
+        if self._error is not None:
+            raise self._error
+        return self._trace
 
     def close(self) -> None:
+        self._stopping = True
         self.helper.close()
+        if self._watcher is not None:
+            self._watcher.join(5)
 
 
 # --- the helper process ---------------------------------------------------------------

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import ClassVar
 
@@ -87,8 +87,13 @@ class UrgentSender(ABC):
         return self._sender
 
     def start(self, blocks: Mapping[str, HelperBlock], post_channel: Channel | None,  # noqa: B027 - optional hook
-              tracer: Tracer) -> None:
-        """The channels and the return path are up (the destination agreed)."""
+              tracer: Tracer, on_error: Callable[[Exception], None]) -> None:
+        """The channels and the return path are up (the destination agreed): at setup,
+        and again after each postcopy recovery.  ``on_error`` hears of a failure
+        the migration thread would not see (a helper's)."""
+
+    def pause(self) -> None:  # noqa: B027 - optional hook
+        """Postcopy paused: the channels are gone; keep what a resume needs."""
 
     @abstractmethod
     def on_request(self, req: PageRequest, queue: RequestQueue) -> None:
@@ -163,9 +168,17 @@ class ProcessSender(UrgentSender):
         return self._bits.bits, self._bits.lock
 
     def start(self, blocks: Mapping[str, HelperBlock], post_channel: Channel | None,
-              tracer: Tracer) -> None:
-        assert self._server is not None and self._bits is not None and post_channel
-        self._server.start(blocks, self._bits, post_channel, tracer.patterns)
+              tracer: Tracer, on_error: Callable[[Exception], None]) -> None:
+        assert self._bits is not None and post_channel
+        if self._server is None:  # a resume: the helper of the last connection is gone
+            self._server = UrgentServer()
+        self._server.start(blocks, self._bits, post_channel, tracer.patterns, on_error)
+
+    def pause(self) -> None:
+        """The helper goes with the connection; the shared bits and counters stay."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
 
     def postcopy_gil(self, switch: SwitchInterval) -> AbstractContextManager[object]:
         return contextlib.nullcontext()  # requests never reach a thread of this process

@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 
 from livemig.errors import ConfigError, VmStateError
 from livemig.kernel import kvm as K
-from livemig.kernel.mman import Backing, HugepageReservation
+from livemig.kernel.mman import Backing
 from livemig.units import GIB, MIB
 from livemig.vmm.memory import RamBlock, make_block
 from livemig.vmm.serial import Serial
@@ -127,9 +127,6 @@ class Vm:
 
     def _setup(self) -> None:
         cfg = self.config
-        if cfg.backing.is_hugetlb and cfg.reserve_hugepages:
-            count = cfg.mem_size // cfg.backing.host_page_size
-            self._stack.enter_context(HugepageReservation(cfg.backing.host_page_size, count))
         self.kvm = K.Kvm()
         self._stack.callback(self.kvm.close)
         self.vm_fd = self.kvm.create_vm()
@@ -139,7 +136,9 @@ class Vm:
         if self.kvm.check_extension(K.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2):
             self.vm_fd.enable_cap(K.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
                                   K.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
-        block = make_block(self.vm_fd, MAIN_BLOCK, 0, cfg.mem_size, cfg.backing, slot=0)
+        # The block's mapping reserves its huge pages and gives them back on close.
+        block = make_block(self.vm_fd, MAIN_BLOCK, 0, cfg.mem_size, cfg.backing, slot=0,
+                           reserve=cfg.reserve_hugepages)
         self._stack.callback(block.mapping.close)
         self.blocks: dict[str, RamBlock] = {block.name: block}
         supported = set(self.kvm.msr_index_list())

@@ -33,7 +33,9 @@ from livemig.wire.events import (
     PostcopyAdvise,
     PostcopyListen,
     PostcopyRamDiscard,
+    PostcopyResume,
     PostcopyRun,
+    RecvBitmapRequest,
 )
 
 _HEADER = struct.Struct(">BHH")
@@ -89,6 +91,13 @@ def parse_command(cmd_no: int, payload: bytes, blocks: Mapping[str, BlockInfo]) 
         event = PostcopyRun()
     elif cmd is Command.POSTCOPY_RAM_DISCARD:
         event = _parse_discard(r, blocks)
+    elif cmd is Command.POSTCOPY_RESUME:
+        event = PostcopyResume()
+    elif cmd is Command.RECV_BITMAP:
+        name = decode_name(r.counted(), "RECV_BITMAP block")
+        if name not in blocks:
+            raise RemoteProtocolError(f"RECV_BITMAP names unknown RAM block {name!r}.")
+        event = RecvBitmapRequest(name)
     else:  # pragma: no cover - the decoder handles PACKAGED itself
         raise AssertionError(cmd)
     r.finish()

@@ -74,7 +74,9 @@ class Command(IntEnum):
     POSTCOPY_LISTEN = 4
     POSTCOPY_RUN = 5
     POSTCOPY_RAM_DISCARD = 6
+    POSTCOPY_RESUME = 7  # postcopy recovery: the source is ready to go on
     PACKAGED = 8
+    RECV_BITMAP = 10  # postcopy recovery: send me the bitmap of this block's pages
 
 
 # Payload length of each fixed-size command; None = variable (QEMU's mig_cmd_args).
@@ -85,7 +87,9 @@ COMMAND_LENGTHS: Final[dict[Command, int | None]] = {
     Command.POSTCOPY_LISTEN: 0,
     Command.POSTCOPY_RUN: 0,
     Command.POSTCOPY_RAM_DISCARD: None,
+    Command.POSTCOPY_RESUME: 0,
     Command.PACKAGED: 4,
+    Command.RECV_BITMAP: None,  # u8 length + block name
 }
 DISCARD_VERSION: Final = 0  # QEMU: postcopy_ram_discard_version
 MAX_COMMAND_PAYLOAD: Final = 0xFFFF  # be16 length field

@@ -146,7 +146,11 @@ class Decoder:
         devices: Collection[str] | None = None,
         max_record: int = MAX_RECORD,
         max_device_state: int = MAX_DEVICE_STATE,
+        resumed: Collection[int] = (),
     ) -> None:
+        """``resumed``: ids of iterable sections started on an earlier connection of the
+        same migration (postcopy recovery): their PART and END sections may follow the
+        preamble without a START."""
         self._blocks = dict(blocks)
         self._channel = channel
         self._postcopy = postcopy
@@ -159,10 +163,10 @@ class Decoder:
         self._eof = False
         self._sticky = StickyError()
         self._last_block: str | None = None  # per channel, like QEMU's last_recv_block
-        self._iterables: dict[int, bool] = {}  # START section id -> has ENDed
+        self._iterables: dict[int, bool] = {sid: False for sid in resumed}  # -> has ENDed
         self._device_ids: set[int] = set()
         self._section: _OpenSection | None = None
-        self._mem_size_seen = False
+        self._mem_size_seen = bool(resumed)
         self._pkg_end: int | None = None  # stream offset where the PACKAGED blob ends
         self._payload_left = 0
         self._described = False  # the VM description after EOF has been read

@@ -21,7 +21,7 @@ Use one Encoder per channel.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum, auto
 
@@ -98,17 +98,21 @@ class Encoder:
         channel: ChannelKind = ChannelKind.MAIN,
         postcopy: bool = False,
         machine: str = MACHINE_NAME,
+        resumed: Collection[int] = (),
     ) -> None:
+        """``resumed``: ids of iterable sections started on an earlier connection of the
+        same migration (postcopy recovery): their PART and END sections may follow the
+        preamble without a START."""
         self._channel = channel
         self._postcopy = postcopy
         self._machine = local_name(machine)
         self._state = _State.FRESH
         self._packaged_child = False
         self._last_block: str | None = None
-        self._iterables: dict[int, bool] = {}  # START section id -> has ENDed
+        self._iterables: dict[int, bool] = {sid: False for sid in resumed}  # -> has ENDed
         self._device_ids: set[int] = set()
         self._section: tuple[SectionType, int] | None = None
-        self._mem_size_sent = False
+        self._mem_size_sent = bool(resumed)
         self._described = False
 
     def package(self) -> Encoder:
@@ -341,6 +345,15 @@ class Encoder:
 
     def postcopy_run(self) -> bytes:
         return self._command(Command.POSTCOPY_RUN)
+
+    def recv_bitmap(self, block: str) -> bytes:
+        """Postcopy recovery: ask for the bitmap of ``block``'s received pages."""
+        raw = local_name(block)
+        return self._command(Command.RECV_BITMAP, bytes([len(raw)]) + raw)
+
+    def postcopy_resume(self) -> bytes:
+        """Postcopy recovery: the source goes on (after the bitmaps)."""
+        return self._command(Command.POSTCOPY_RESUME)
 
     def postcopy_ram_discard(self, block: str, ranges: Sequence[tuple[int, int]]) -> bytes:
         """Discard byte ranges (start, length); split over several commands if long."""

@@ -164,6 +164,19 @@ class PostcopyRamDiscard:
 
 
 @dataclass(frozen=True, slots=True)
+class RecvBitmapRequest:
+    """MIG_CMD_RECV_BITMAP (postcopy recovery): answer with the bitmap of the pages of
+    ``block`` received so far, on the return path."""
+
+    block: str
+
+
+@dataclass(frozen=True, slots=True)
+class PostcopyResume:
+    """MIG_CMD_POSTCOPY_RESUME (postcopy recovery): the source goes on; acknowledge."""
+
+
+@dataclass(frozen=True, slots=True)
 class Packaged:
     """MIG_CMD_PACKAGED: the next ``length`` bytes (all buffered) form a sub-stream.
 
@@ -210,6 +223,8 @@ Event = (
     | PostcopyListen
     | PostcopyRun
     | PostcopyRamDiscard
+    | RecvBitmapRequest
+    | PostcopyResume
     | Packaged
     | PackagedEnd
     | StreamEnd

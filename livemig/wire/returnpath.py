@@ -4,14 +4,23 @@ Theory of operation: after MIG_CMD_OPEN_RETURN_PATH the destination writes
 messages back on the main connection: ``be16 type, be16 len, len bytes``
 (QEMU's migrate_send_rp_message).  livemig speaks four of QEMU's types:
 
-====  ============  ============================================
+====  ============  ============================================================
 type  name          payload
-====  ============  ============================================
+====  ============  ============================================================
 1     SHUT          be32 status (0 = fine); nothing may follow
 2     PONG          be32 value echoed from a PING
 3     REQ_PAGES_ID  be64 start, be32 length, u8 len + block name
 4     REQ_PAGES     be64 start, be32 length (same block as before)
-====  ============  ============================================
+5     RECV_BITMAP   u8 len + block name; *then, outside the message*: be64 size,
+                    ``size`` bytes of bitmap (bit i = 4 KiB page i received, in
+                    little-endian 64-bit words), be64 0x0123456789abcdef
+6     RESUME_ACK    be32 1
+====  ============  ============================================================
+
+RECV_BITMAP and RESUME_ACK are postcopy recovery's (QEMU's
+``migrate_send_rp_recv_bitmap`` / ``ramblock_recv_bitmap_send`` and
+``migrate_send_rp_resume_ack``): the destination answers MIG_CMD_RECV_BITMAP with what
+it has placed, and MIG_CMD_POSTCOPY_RESUME with the acknowledgement.
 
 Like QEMU, the encoder names the block only when it differs from the last one
 it requested, and the decoder resolves REQ_PAGES to the last named block
@@ -27,6 +36,10 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
 
 from livemig.errors import (
     ChannelClosedError,
@@ -48,6 +61,7 @@ from livemig.wire.events import NEED_DATA, Closed, NeedData
 _HEADER = struct.Struct(">HH")
 _REQ = struct.Struct(">QI")
 _BE32 = struct.Struct(">I")
+_BE64 = struct.Struct(">Q")
 MAX_RP_PAYLOAD = 512  # QEMU's source_return_path_thread buffer
 
 
@@ -58,9 +72,16 @@ class RpType(IntEnum):
     PONG = 2
     REQ_PAGES_ID = 3
     REQ_PAGES = 4
+    RECV_BITMAP = 5
+    RESUME_ACK = 6
 
 
-_FIXED_LENGTHS = {RpType.SHUT: 4, RpType.PONG: 4, RpType.REQ_PAGES: 12}
+_FIXED_LENGTHS = {RpType.SHUT: 4, RpType.PONG: 4, RpType.REQ_PAGES: 12,
+                  RpType.RESUME_ACK: 4}
+RECV_BITMAP_ENDING: Final = 0x0123456789ABCDEF  # QEMU's RAMBLOCK_RECV_BITMAP_ENDING
+RESUME_ACK_VALUE: Final = 1  # QEMU's MIGRATION_RESUME_ACK_VALUE
+# Without the block table a bitmap is bounded by this (1 TiB of 4 KiB pages).
+MAX_BITMAP_BYTES: Final = (1 << 40) // PAGE_SIZE // 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +107,35 @@ class ReqPages:
     length: int
 
 
-RpEvent = Shut | Pong | ReqPages | Closed
+@dataclass(frozen=True, slots=True, eq=False)
+class RecvBitmap:
+    """The destination's received pages of ``block``: one bool per 4 KiB page."""
+
+    block: str
+    received: npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeAck:
+    """The destination took MIG_CMD_POSTCOPY_RESUME: postcopy goes on."""
+
+    value: int
+
+
+RpEvent = Shut | Pong | ReqPages | RecvBitmap | ResumeAck | Closed
+
+
+def _bitmap_words(received: npt.NDArray[np.bool_]) -> bytes:
+    """QEMU's layout: bit i of little-endian 64-bit word i // 64 is page i."""
+    n = len(received)
+    padded = np.zeros(-(-n // 64) * 64, dtype=np.bool_)
+    padded[:n] = received
+    return np.packbits(padded, bitorder="little").tobytes()
+
+
+def _bitmap_bools(raw: bytes, pages: int) -> npt.NDArray[np.bool_]:
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+    return bits[:pages].astype(np.bool_)
 
 
 class ReturnPathEncoder:
@@ -117,6 +166,16 @@ class ReturnPathEncoder:
         data = self._message(RpType.REQ_PAGES_ID, payload)
         self._last_block = block
         return data
+
+    def recv_bitmap(self, block: str, received: npt.NDArray[np.bool_]) -> bytes:
+        """Postcopy recovery: the bitmap of ``block``'s received 4 KiB pages."""
+        raw = local_name(block)
+        words = _bitmap_words(received)
+        return (self._message(RpType.RECV_BITMAP, bytes([len(raw)]) + raw)
+                + _BE64.pack(len(words)) + words + _BE64.pack(RECV_BITMAP_ENDING))
+
+    def resume_ack(self) -> bytes:
+        return self._message(RpType.RESUME_ACK, _BE32.pack(RESUME_ACK_VALUE))
 
     def _message(self, kind: RpType, payload: bytes) -> bytes:
         if self._shut:
@@ -188,15 +247,28 @@ class ReturnPathDecoder:
         if (expected is not None and length != expected) or length > MAX_RP_PAYLOAD:
             raise RemoteProtocolError(f"Return path {kind.name} has bad length {length}.")
         event = self._parse_payload(kind, PayloadReader(r.take(length), f"Return path {kind.name}"))
+        if isinstance(event, RecvBitmap):
+            event = self._parse_bitmap(r, event.block)
         if kind is RpType.SHUT:
             self._done = True
         return event
 
     def _parse_payload(self, kind: RpType, p: PayloadReader) -> RpEvent:
-        if kind is RpType.SHUT or kind is RpType.PONG:
+        if kind in (RpType.SHUT, RpType.PONG, RpType.RESUME_ACK):
             value = p.be32()
             p.finish()
+            if kind is RpType.RESUME_ACK:
+                if value != RESUME_ACK_VALUE:
+                    raise RemoteProtocolError(f"RESUME_ACK carries {value}, not "
+                                              f"{RESUME_ACK_VALUE}.")
+                return ResumeAck(value)
             return Shut(value) if kind is RpType.SHUT else Pong(value)
+        if kind is RpType.RECV_BITMAP:
+            block = decode_name(p.counted(), "RECV_BITMAP block")
+            p.finish()
+            if self._blocks is not None and block not in self._blocks:
+                raise RemoteProtocolError(f"RECV_BITMAP for unknown RAM block {block!r}.")
+            return RecvBitmap(block, np.zeros(0, dtype=np.bool_))  # bitmap follows
         start, length = p.be64(), p.be32()
         name = p.counted() if kind is RpType.REQ_PAGES_ID else None
         p.finish()
@@ -204,6 +276,26 @@ class ReturnPathDecoder:
         self._check_request(block, start, length)
         self._last_block = block
         return ReqPages(block, start, length)
+
+    def _parse_bitmap(self, r: Reader, block: str) -> RecvBitmap:
+        """The bitmap after a RECV_BITMAP message: its size, the words, the end mark."""
+        size = r.be64()
+        if self._blocks is not None:
+            pages = self._blocks[block].length // PAGE_SIZE
+            expected = -(-pages // 64) * 8
+            if size != expected:
+                raise RemoteProtocolError(f"RECV_BITMAP of {block!r} has {size} bytes; its "
+                                          f"{pages} pages need {expected}.")
+        elif size > MAX_BITMAP_BYTES or size % 8:
+            raise RemoteProtocolError(f"RECV_BITMAP of {block!r} has a bad size {size}.")
+        else:
+            pages = size * 8
+        raw = r.take(size)
+        ending = r.be64()
+        if ending != RECV_BITMAP_ENDING:
+            raise RemoteProtocolError(f"RECV_BITMAP of {block!r} ends with {ending:#x}, not "
+                                      f"{RECV_BITMAP_ENDING:#x}.")
+        return RecvBitmap(block, _bitmap_bools(raw, pages))
 
     def _request_block(self, raw: bytes | None) -> str:
         if raw is None:

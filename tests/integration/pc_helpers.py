@@ -14,9 +14,9 @@ from converging, and ``migrate-start-postcopy`` is sent once ``query-migrate`` s
 that the first round is over (``ram.dirty-sync-count >= 2``).
 
 Every wait is bounded (this machine is a nested VM: bounds are generous) so a hang
-becomes a failure, and clean-up must work even after a failed or hung migration:
-:func:`close_instance` cuts a source's channels itself when ``quit`` would be refused
-(``migrate_cancel`` is refused during postcopy).
+becomes a failure.  Instances are closed with :meth:`~livemig.instance.Instance.close`,
+what ``quit`` does, whatever state their migrations are in (it stops a source even in
+postcopy, where ``migrate_cancel`` is refused); an error while closing fails the test.
 
 :class:`FakeDestination` is a raw socket that accepts a source's main channel,
 decodes it with livemig's sans-IO decoder, answers PINGs on the return path and lets
@@ -26,6 +26,7 @@ a test send whatever it wants back at chosen points of the stream.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import struct
@@ -40,7 +41,7 @@ import helpers
 import pytest
 
 from livemig.control.client import QmpClient
-from livemig.errors import ChannelClosedError, QmpError
+from livemig.errors import ChannelClosedError
 from livemig.guests import DEFAULT_RANGE_START
 from livemig.instance import Instance
 from livemig.kernel.mman import Backing
@@ -94,67 +95,6 @@ def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.02)
 
 
 # --- instances ----------------------------------------------------------------------------
-def _shut_outgoing(inst: Instance) -> None:
-    """Cut a source's channels so its migration thread ends (cancel is refused in
-    postcopy); the channel attributes are private, this is clean-up of last resort."""
-    out = inst.outgoing
-    if out is None:
-        return
-    for ch in (out._channel, out._post_channel):
-        if ch is not None:
-            ch.shutdown()
-    out.join(30)
-
-
-def release_failed_setup(inst: Instance) -> None:
-    """Work around a known bug (tested on its own): a source whose setup failed after
-    its page sender was built keeps the sender's views of guest RAM, so the VM cannot
-    unmap it.  Release them once the migration thread is gone."""
-    out = inst.outgoing
-    if out is None:
-        return
-    out.join(30)
-    sender = out._sender
-    if sender is not None and out.status.status.finished:
-        sender.release()
-
-
-def join_incoming(inst: Instance) -> None:
-    """Work around a known bug (tested on its own): Instance.close() only waits for the
-    incoming status, which is set before the load thread has stopped the guest and
-    dropped its views of guest RAM; so stop the load thread and join it first."""
-    inc = inst.incoming
-    if inc is None:
-        return
-    if not inc.status.status.finished:
-        inc.abort()
-    inc._thread.join(30)
-
-
-def close_instance(inst: Instance) -> None:
-    """Close an instance whatever state its migrations are in.
-
-    Instance.close() raises when a source is still in postcopy-active (its cancel is
-    refused): then cut the channels and close the parts ourselves.  An AttributeError
-    is the Listener.close race of a destination (a known bug with its own test); the
-    two other known bugs are worked around first (see the functions called)."""
-    if inst.outgoing is not None and inst.outgoing.status.status.finished:
-        release_failed_setup(inst)
-    join_incoming(inst)
-    try:
-        inst.close()
-        return
-    except QmpError:
-        _shut_outgoing(inst)
-        release_failed_setup(inst)
-    except AttributeError:
-        pass
-    inst.vm.shutdown()
-    if inst.qmp is not None:
-        inst.qmp.close()
-    inst.vm.close()
-
-
 @contextlib.contextmanager
 def guest_instance(tmp_path: Path, guest: str | None, name: str, mem: int = MEM,
                    backing: Backing = Backing.ANON_4K,
@@ -168,7 +108,7 @@ def guest_instance(tmp_path: Path, guest: str | None, name: str, mem: int = MEM,
             assert inst.vm.serial.wait_for(2, timeout=60), inst.vm.serial.output[-80:]
         yield inst
     finally:
-        close_instance(inst)
+        inst.close()
 
 
 @contextlib.contextmanager
@@ -178,8 +118,7 @@ def client(inst: Instance) -> Iterator[QmpClient]:
     try:
         yield c
     finally:
-        with contextlib.suppress(Exception):
-            c.close()
+        c.close()
 
 
 @dataclass
@@ -237,7 +176,7 @@ def migration_pair(tmp_path: Path, cfg: PairConfig) -> Iterator[Pair]:
                     sq.execute("migrate-set-parameters", **dict(cfg.params))
                 yield Pair(src, dst, sq, dq, f"unix:{tmp_path / 'mig.sock'}", cfg.guest)
         finally:
-            close_instance(dst)
+            dst.close()
             if src.outgoing is not None:
                 src.outgoing.wait(30)
 
@@ -304,6 +243,77 @@ def runs_on(vm: Vm, passes: int = 2, timeout: float = 60) -> bool:
     vm.serial.wait_for(passes, timeout=timeout)  # also returns at an E
     out = vm.serial.output
     return b"E" not in out and out.count(b"B") - before >= passes
+
+
+# --- a link that can be cut -------------------------------------------------------------
+class Relay:
+    """A unix-socket relay between a source and a destination, so a test can cut the
+    migration's connections the way a dead link does, without touching either side.
+
+    Every connection to :attr:`uri` (the main channel, and with preemption the
+    postcopy channel) is joined to a new connection to ``target`` (a unix path) by
+    two copying threads.  :meth:`cut` shuts every socket down: both sides see their
+    channels end at once.
+    """
+
+    def __init__(self, path: str, target: str) -> None:
+        self.path, self._target = path, target
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        self._listener.listen(4)
+        self._socks: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept, name="relay", daemon=True)]
+        self._threads[0].start()
+
+    @property
+    def uri(self) -> str:
+        return f"unix:{self.path}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                a, _ = self._listener.accept()
+            except OSError:
+                return  # cut
+            b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            b.connect(self._target)
+            self._socks += [a, b]
+            for src, dst in ((a, b), (b, a)):
+                t = threading.Thread(target=self._copy, args=(src, dst), daemon=True,
+                                     name="relay")
+                t.start()
+                self._threads.append(t)
+
+    @staticmethod
+    def _copy(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 20):
+                dst.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the other end is gone (or cut): pass the end on
+        _shut(dst, socket.SHUT_WR)
+
+    def cut(self) -> None:
+        """Shut every connection (and the listener) down and wait for the threads."""
+        self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for s in self._socks:
+            _shut(s, socket.SHUT_RDWR)
+        for t in self._threads:
+            t.join(30)
+            assert not t.is_alive(), "a relay thread did not end"
+        for s in self._socks:
+            s.close()
+        os.unlink(self.path)
+
+
+def _shut(sock: socket.socket, how: int) -> None:
+    """shutdown(); a socket whose peer has already gone is shut already (ENOTCONN)."""
+    try:
+        sock.shutdown(how)
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            raise
 
 
 # --- a hostile destination ----------------------------------------------------------------

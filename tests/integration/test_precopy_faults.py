@@ -17,9 +17,9 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from helpers import (
@@ -125,6 +125,22 @@ def test_cancel_during_precopy_keeps_the_source_running(tmp_path: Path) -> None:
         # The destination sees the stream end early: it fails and does not start.
         assert wait_migration(d, 10)["status"] == "failed"
         assert status(d) != "running"
+
+
+def test_quitting_a_source_in_precopy_stops_its_migration_and_releases_its_vm(
+        tmp_path: Path) -> None:
+    with ab_instance(tmp_path) as src, empty_instance(tmp_path) as dst, \
+            client(qmp_path(dst)) as d:
+        uri = f"unix:{tmp_path / 'mig.sock'}"
+        d.execute("migrate-incoming", uri=uri)
+        with client(qmp_path(src)) as s:
+            s.execute("migrate-set-parameters", **{"max-bandwidth": 8 * MIB})
+            s.execute("migrate", uri=uri)
+            wait_migration(s, until=("active",))
+        src.close()  # what `quit` (or SIGTERM) does in `livemig run`: must unmap guest RAM
+        assert src.vm.runstate is RunState.SHUTDOWN
+        assert src.outgoing is not None and src.outgoing.status.status.finished
+        assert wait_migration(d, 10)["status"] == "failed"
 
 
 def test_cancel_while_the_destination_does_not_read(tmp_path: Path) -> None:
@@ -349,7 +365,7 @@ def test_vm_closes_after_a_stream_cut_mid_page_while_logs_are_kept(tmp_path: Pat
                              + b"\x06pc.ram" + PAGE[:100])
             assert wait_migration(d, 10)["status"] == "failed"
             assert kept.buffer  # the error record is kept
-            dst.close()  # must unmap guest RAM (close_instance would hide the error)
+            dst.close()  # while the record is kept: must still unmap guest RAM
     finally:
         logging.getLogger("livemig").removeHandler(kept)
 
@@ -410,42 +426,33 @@ def test_bad_qmp_input_gets_an_error_reply_and_the_session_goes_on(tmp_path: Pat
 
 # --- closing a destination that waits for its migration -----------------------------------
 
-class _SlowCloseSocket:
-    """A listening socket whose first shutdown() waits until the load thread (woken by it)
-    has finished, so the interleaving of the two Listener.close() calls is deterministic."""
-
-    def __init__(self, real: socket.socket, load_thread: threading.Thread) -> None:
-        self._real = real
-        self._load_thread = load_thread
-        self._shut = False
-
-    def shutdown(self, how: int) -> None:
-        self._real.shutdown(how)
-        if not self._shut:
-            self._shut = True
-            self._load_thread.join(5)
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        return getattr(self._real, name)  # type: ignore[no-any-return]
-
-
 def test_closing_a_destination_that_waits_for_a_connection_is_clean(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing (``quit``) and the woken load thread both close the listener: whichever
+    comes second must find nothing left to do, not a half-closed socket."""
     thread_errors: list[BaseException | None] = []
     monkeypatch.setattr(threading, "excepthook",
                         lambda args: thread_errors.append(args.exc_value))
-    inst = Instance(_fresh_vm())
-    try:
+    with Instance(_fresh_vm()) as inst:
         inst.migrate_incoming("tcp:127.0.0.1:0")
         mig = inst.incoming
         assert mig is not None
-        listener = mig._listener  # white box: make the race deterministic
         assert wait_until(lambda: mig.status.status.value == "setup", 10)
-        assert listener._sock is not None
-        listener._sock = cast(socket.socket, _SlowCloseSocket(listener._sock, mig._thread))
+        # Make the interleaving deterministic: the first shutdown of the listening
+        # socket (close's) wakes the load thread, then waits until it has finished.
+        shutdown, port = socket.socket.shutdown, mig.port
+        first = threading.Event()
+
+        def shutdown_then_let_the_load_thread_finish(sock: socket.socket, how: int) -> None:
+            shutdown(sock, how)
+            if (sock.family == socket.AF_INET and sock.getsockname()[1] == port
+                    and not first.is_set()):
+                first.set()
+                mig.join(5)
+
+        monkeypatch.setattr(socket.socket, "shutdown",
+                            shutdown_then_let_the_load_thread_finish)
         inst.close()
-    finally:
-        if inst.vm.runstate is not RunState.SHUTDOWN:
-            inst.vm.close()
+        assert first.is_set()
     assert mig.status.status.value == "failed"
     assert thread_errors == []

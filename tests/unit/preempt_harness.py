@@ -128,8 +128,7 @@ class PatternBlock:
         return 0  # postcopy: the guest runs elsewhere, nothing is dirtied here
 
     def close(self) -> None:
-        with contextlib.suppress(BufferError):  # a view may outlive us; GC frees it
-            self._map.close()
+        self._map.close()
 
 
 # --- the timeline ----------------------------------------------------------------------
@@ -597,8 +596,7 @@ class BufferPlacer:
 
     def close(self) -> None:
         del self.mem
-        with contextlib.suppress(BufferError):
-            self._map.close()
+        self._map.close()
 
 
 def _no_payload_left(slot: memoryview) -> None:

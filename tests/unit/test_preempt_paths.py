@@ -10,7 +10,6 @@ the same placers and to the destination's own postcopy-channel receive loop.
 
 from __future__ import annotations
 
-import gc
 import struct
 from collections.abc import Callable, Iterator
 
@@ -91,8 +90,6 @@ def dest() -> Iterator[Dest]:
         return d
 
     yield build
-    # The decoder's errors form reference cycles (see the xfail test below): free them.
-    gc.collect()
     for d in made:
         d.close()
 
@@ -483,7 +480,7 @@ def hostile_stream(blk: PatternBlock, whole: bool, ending: str) -> tuple[bytes, 
 
 def test_destination_can_close_its_placers_after_a_postcopy_channel_error(
         block: Blocks, dest: Dest) -> None:
-    """_Load keeps the receive loop's error (fault_error) until it closes the placers:
+    """The load keeps the receive loop's error until it closes the placers:
     that error must not pin the temporary huge page."""
     blk = block("2M", 2)
     table = {BLK: BlockInfo(blk.size, blk.host_page_size)}

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from livemig.errors import UffdError
+from livemig.errors import ConfigError, UffdError
 from livemig.kernel import uffd as U
+from livemig.kernel.mman import HugepageReservation
 from livemig.kernel.uffd import PageFault, Userfaultfd
 
 PAGE = mmap.PAGESIZE
@@ -92,6 +93,18 @@ class Guest:
         return not any(t.thread.is_alive() for t in self.touchers)
 
 
+def close_guest(guest: Guest, views: list[ctypes.Array[ctypes.c_char]],
+                mm: mmap.mmap) -> None:
+    """Close the guest, drop ``views`` (the only references to them) and unmap it; fail
+    if a thread touching it did not end (the mapping is then left alone, not unmapped
+    under the thread)."""
+    ended = guest.shutdown()
+    if ended:
+        views.clear()
+        mm.close()
+    assert ended, "a thread touching the guest memory did not end"
+
+
 def wait_for_faults(uffd: Userfaultfd, count: int, max_events: int = 64) -> list[PageFault]:
     faults: list[PageFault] = []
     deadline = time.monotonic() + TIMEOUT
@@ -120,15 +133,10 @@ def anon() -> Iterator[Guest]:
     """4 private anonymous 4 KiB pages registered in MISSING mode."""
     size = 4 * PAGE
     mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    view = (ctypes.c_char * size).from_buffer(mm)
-    guest = open_guest(ctypes.addressof(view), size, U.FEATURE_THREAD_ID)
-    try:
-        yield guest
-    finally:
-        if guest.shutdown():
-            del view
-            mm.close()
-        # else: a thread is still inside the mapping; leak it rather than unmap under it.
+    views = [(ctypes.c_char * size).from_buffer(mm)]
+    guest = open_guest(ctypes.addressof(views[0]), size, U.FEATURE_THREAD_ID)
+    yield guest
+    close_guest(guest, views, mm)
 
 
 # --- ABI -------------------------------------------------------------------------
@@ -181,7 +189,7 @@ def test_ioctl_numbers_match_uapi_header() -> None:
 
 def test_ioctls_are_called_without_holding_the_gil() -> None:
     # A PYFUNCTYPE/PyDLL prototype would keep the GIL across a blocking UFFDIO_COPY.
-    assert U._ioctl_ptr._flags_ & ctypes._FUNCFLAG_PYTHONAPI == 0  # type: ignore[attr-defined]
+    assert U.IOCTL._flags_ & ctypes._FUNCFLAG_PYTHONAPI == 0  # type: ignore[attr-defined]
 
 
 # --- parsing -------------------------------------------------------------------
@@ -406,32 +414,29 @@ def test_copy_into_unregistered_or_misaligned_memory_raises(anon: Guest) -> None
 # --- 2 MiB hugetlbfs ----------------------------------------------------------------
 
 @pytest.fixture
-def huge_pages_2m() -> Iterator[None]:
-    """Reserve one more 2 MiB huge page for the test, and give it back afterwards.
+def huge_pages_2m() -> Iterator[HugepageReservation]:
+    """One free 2 MiB huge page for the test, given back afterwards.
 
-    Uses the per-size sysfs knob (the default huge page size need not be 2 MiB) and
-    gives back only what it added, so a concurrent user of the pool is not disturbed.
+    Reserved as livemig reserves: under the pool lock, held until the test has mapped
+    the page (``mapped()``), so a concurrent user of the pool cannot take it meanwhile.
     """
     if os.geteuid() != 0:
         pytest.skip("raising the huge page pool needs root")
     if not HUGE_SYSFS.is_dir():
         pytest.skip("kernel has no 2 MiB huge pages")
-    knob = HUGE_SYSFS / "nr_hugepages"
-    old = int(knob.read_text())
-    knob.write_text(f"{old + 1}\n")
-    added = int(knob.read_text()) - old
+    reservation = HugepageReservation(HUGE, 1)
     try:
-        free = int((HUGE_SYSFS / "free_hugepages").read_text())
-        reserved = int((HUGE_SYSFS / "resv_hugepages").read_text())
-        if free - reserved < 1:
-            pytest.skip("could not reserve a 2 MiB huge page (memory fragmented?)")
-        yield
+        reservation.acquire()
+    except ConfigError:
+        pytest.skip("could not reserve a 2 MiB huge page (memory fragmented?)")
+    try:
+        yield reservation
     finally:
-        knob.write_text(f"{max(int(knob.read_text()) - added, 0)}\n")
+        reservation.release()
 
 
 @pytest.fixture
-def huge(huge_pages_2m: None) -> Iterator[Guest]:
+def huge(huge_pages_2m: HugepageReservation) -> Iterator[Guest]:
     """One shared 2 MiB hugetlbfs page (memfd) registered in MISSING mode."""
     fd = os.memfd_create("livemig-uffd-test",
                          os.MFD_CLOEXEC | os.MFD_HUGETLB | os.MFD_HUGE_2MB)
@@ -440,15 +445,12 @@ def huge(huge_pages_2m: None) -> Iterator[Guest]:
         mm = mmap.mmap(fd, HUGE, flags=mmap.MAP_SHARED)
     finally:
         os.close(fd)  # the mapping keeps the file alive
-    view = (ctypes.c_char * HUGE).from_buffer(mm)
-    guest = open_guest(ctypes.addressof(view), HUGE,
+    huge_pages_2m.mapped()
+    views = [(ctypes.c_char * HUGE).from_buffer(mm)]
+    guest = open_guest(ctypes.addressof(views[0]), HUGE,
                        U.FEATURE_MISSING_HUGETLBFS | U.FEATURE_THREAD_ID)
-    try:
-        yield guest
-    finally:
-        if guest.shutdown():
-            del view
-            mm.close()
+    yield guest
+    close_guest(guest, views, mm)
 
 
 def test_huge_page_fault_reports_the_aligned_address_and_copy_places_2mib(

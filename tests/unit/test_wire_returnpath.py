@@ -101,7 +101,7 @@ def test_any_split_points_give_the_same_messages(cuts: list[int]) -> None:
     [
         (req(0, PAGE_SIZE), "REQ_PAGES arrived before any REQ_PAGES_ID"),
         (msg(0, b""), "Unknown return path message type 0"),
-        (msg(5, b""), "Unknown return path message type 5"),
+        (msg(7, b""), "Unknown return path message type 7"),
         (msg(1, b"\0\0"), "SHUT has bad length 2"),
         (msg(2, b"\0" * 5), "PONG has bad length 5"),
         (msg(4, b"\0" * 16), "REQ_PAGES has bad length 16"),

@@ -273,7 +273,7 @@ def test_mem_size_may_come_only_once() -> None:
     ("record", "match"),
     [
         (cmd(0, b""), "Unknown or unsupported command 0x0"),
-        (cmd(7, b""), "Unknown or unsupported command 0x7"),
+        (cmd(11, b""), "Unknown or unsupported command 0xb"),
         (cmd(9, b""), "Unknown or unsupported command 0x9"),
         (cmd(0xFFFF, b""), "command 0xffff"),
         (cmd(1, b"\0"), "OPEN_RETURN_PATH has length 1; expected 0"),

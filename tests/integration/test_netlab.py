@@ -1,0 +1,203 @@
+"""The network lab: two namespaces joined by a veth link, and real faults on it.
+
+Each test builds its own pair (random names), connects real TCP sockets created inside
+the namespaces, breaks the link the way the kernel would see a real failure, and checks
+what both ends observe.  Every bound is generous (a loaded nested VM), but a hang always
+becomes a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import needs_kvm, needs_netlab, needs_nft
+from netlab_helpers import connection
+
+from livemig.errors import NetlabError
+from livemig.netlab import NETNS_PORT, NetnsPair, Shaping
+
+pytestmark = needs_netlab
+
+CHUNK = 64 * 1024
+
+
+def namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+
+
+def link_exists(dev: str) -> bool:
+    return subprocess.run(["ip", "link", "show", "dev", dev], capture_output=True,
+                          check=False).returncode == 0
+
+
+def assert_removed(pair: NetnsPair) -> None:
+    assert not {e.ns for e in pair.ends} & namespaces()
+    assert not any(link_exists(e.dev) for e in pair.ends)
+
+
+class Sender:
+    """Sends zeroes on a socket from a thread until stopped."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._send)
+        sock.settimeout(0.2)
+        self.thread.start()
+
+    def _send(self) -> None:
+        data = bytes(CHUNK)
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):  # a full buffer: check stop, go on
+                self.sock.send(data)
+
+    def join(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+
+def received_within(sock: socket.socket, seconds: float) -> int:
+    """Bytes that arrive on ``sock`` within ``seconds``."""
+    got = 0
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            n = len(sock.recv(1 << 20))
+        except TimeoutError:
+            break
+        assert n, "the sender closed the connection"
+        got += n
+    return got
+
+
+def drain(sock: socket.socket, limit: float = 10.0) -> None:
+    """Read until nothing more arrives for half a second (what was already on its way
+    when the link broke); data that keeps flowing is a failure."""
+    deadline = time.monotonic() + limit
+    while received_within(sock, 0.5):
+        assert time.monotonic() < deadline, "data still flows over the broken link"
+
+
+# --- the pair itself ------------------------------------------------------------------------
+def test_pair_joins_two_namespaces_and_is_removed_on_exit() -> None:
+    with NetnsPair() as pair:
+        assert {e.ns for e in pair.ends} <= namespaces()
+        with connection(pair) as (client, server):
+            client.sendall(b"ping")
+            assert server.recv(4) == b"ping"
+            assert server.getpeername()[0] == pair.source.addr
+    assert_removed(pair)
+
+
+def test_an_error_inside_the_block_leaves_nothing_behind() -> None:
+    with pytest.raises(RuntimeError, match="boom"), NetnsPair(Shaping()) as pair:
+        pair.link_down()
+        raise RuntimeError("boom")
+    assert_removed(pair)
+
+
+def test_a_setup_failure_half_way_leaves_nothing_behind() -> None:
+    pair = NetnsPair(Shaping(rate="not-a-rate"))
+    with pytest.raises(NetlabError, match="tc qdisc add"), pair:
+        pass
+    assert_removed(pair)
+
+
+def test_shaping_puts_tbf_with_the_rate_on_both_ends() -> None:
+    with NetnsPair(Shaping(rate="100mbit")) as pair:
+        for end in pair.ends:
+            out = pair.run(end, ["tc", "qdisc", "show", "dev", end.dev])
+            assert "tbf" in out and "100Mbit" in out
+
+
+def test_commands_run_inside_the_namespace() -> None:
+    with NetnsPair() as pair:
+        assert f"inet {pair.source.addr}/24" in pair.run(pair.source, ["ip", "-4", "addr"])
+        proc = pair.popen(pair.dest, ["ip", "-4", "addr"], stdout=subprocess.PIPE, text=True)
+        out, _ = proc.communicate(timeout=30)
+        assert f"inet {pair.dest.addr}/24" in out
+
+
+@needs_kvm
+@pytest.mark.kvm
+def test_livemig_run_inside_a_namespace(tmp_path: Path) -> None:
+    with NetnsPair() as pair:
+        vmm = pair.vmm(pair.source, tmp_path, "src", ["--mem", "16M", "--guest", "ab"])
+        try:
+            assert vmm.qmp.execute("query-status")["status"] == "running"
+            assert os.stat(f"/proc/{vmm.pid}/ns/net").st_ino == \
+                os.stat(f"/run/netns/{pair.source.ns}").st_ino
+        finally:
+            assert vmm.stop() == 0
+
+
+# --- faults ---------------------------------------------------------------------------------
+def _link_cut(pair: NetnsPair) -> contextlib.AbstractContextManager[None]:
+    return pair.link_cut()
+
+
+def _dropping(pair: NetnsPair) -> contextlib.AbstractContextManager[None]:
+    return pair.dropping()
+
+
+@pytest.mark.parametrize("fault", [_link_cut, pytest.param(_dropping, marks=needs_nft)],
+                         ids=["link-down", "drop-all"])
+def test_a_stream_stalls_during_the_fault_and_resumes_after_it(
+        fault: Callable[[NetnsPair], contextlib.AbstractContextManager[None]]) -> None:
+    with NetnsPair() as pair, connection(pair) as (client, server):
+        sender = Sender(client)
+        try:
+            assert received_within(server, 5) > 0
+            with fault(pair):
+                drain(server)  # what was already on its way
+                assert received_within(server, 1.5) == 0
+            assert received_within(server, 10) > 0
+        finally:
+            sender.join()
+
+
+@needs_nft
+def test_connect_times_out_while_everything_is_dropped() -> None:
+    with NetnsPair() as pair, pair.socket(pair.dest) as listener:
+        listener.bind((pair.dest.addr, NETNS_PORT))
+        listener.listen()
+        with pair.dropping(), pair.socket(pair.source) as client:
+            client.settimeout(2)
+            with pytest.raises(TimeoutError):
+                client.connect((pair.dest.addr, NETNS_PORT))
+        with pair.socket(pair.source) as client:  # and the listener was there all along
+            client.settimeout(10)
+            client.connect((pair.dest.addr, NETNS_PORT))
+
+
+def _reset_or_eof(sock: socket.socket) -> str:
+    sock.settimeout(10)
+    try:
+        data = sock.recv(1)
+    except (ConnectionResetError, ConnectionAbortedError) as e:
+        return type(e).__name__
+    assert data == b"", "the connection still delivers data"
+    return "EOF"
+
+
+def test_killing_connections_on_a_port_resets_both_ends_and_spares_others() -> None:
+    with NetnsPair() as pair, connection(pair) as (client, server), \
+            connection(pair, NETNS_PORT + 1) as (other_client, other_server):
+        assert pair.kill_connections(NETNS_PORT) >= 1
+        assert _reset_or_eof(client) in ("ConnectionResetError", "ConnectionAbortedError")
+        assert _reset_or_eof(server) in ("ConnectionResetError", "ConnectionAbortedError",
+                                         "EOF")
+        other_client.sendall(b"still here")
+        other_server.settimeout(10)
+        assert other_server.recv(10) == b"still here"
