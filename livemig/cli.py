@@ -12,17 +12,23 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 import click
 
 from livemig.errors import LivemigError, QmpError
 from livemig.guests import GUEST_NAMES, load_image, load_image_file
+from livemig.guests.os import OS_GUEST
 from livemig.instance import Instance
 from livemig.kernel.mman import Backing, keep_freed_buffers
 from livemig.migration.state import MigrationStatus, UrgentMode
-from livemig.vmm.boot import boot_image
+from livemig.vmm.boot import boot_image, boot_os
+from livemig.vmm.console import Console, open_console
+from livemig.vmm.cpuid import FEATURES, CpuidPolicy
+from livemig.vmm.serial import Sink
 from livemig.vmm.vm import Vm, VmConfig, parse_size
+
+RUN_GUESTS = (*GUEST_NAMES, OS_GUEST)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -52,8 +58,14 @@ def main(debug: bool) -> None:
 
 
 @contextlib.contextmanager
-def _serial_sink(path: str | None) -> Iterator[BinaryIO]:
-    if path is None:
+def _serial_sink(path: str | None, console_spec: str | None) -> Iterator[Sink]:
+    if console_spec is not None:
+        console = open_console(console_spec)
+        try:
+            yield console
+        finally:
+            console.close()
+    elif path is None:
         yield sys.stdout.buffer
     else:
         with open(path, "wb") as f:
@@ -66,13 +78,18 @@ def _quit_on_signals(instance: Instance) -> None:
 
 
 @main.command()
-@click.option("--guest", help=f"Built-in guest program: {', '.join(GUEST_NAMES)}.")
+@click.option("--guest", help=f"Built-in guest program: {', '.join(RUN_GUESTS)}.")
 @click.option("--image", type=click.Path(dir_okay=False), help="Any 512-byte boot sector.")
 @click.option("--mem", default="256M", show_default=True, help="Guest RAM size.")
 @click.option("--page-size", default="4K", show_default=True,
               help="Guest RAM backing: 4K pages, THP, or hugetlbfs 2M / 1G pages.")
 @click.option("--qmp", "qmp_path", type=click.Path(), help="QMP unix socket path.")
 @click.option("--serial", type=click.Path(dir_okay=False), help="Serial output file.")
+@click.option("--console", "console_spec", metavar="stdio|unix:PATH",
+              help="Interactive serial console (input and output) instead of --serial.")
+@click.option("--smp", default=1, show_default=True, help="Number of vCPUs.")
+@click.option("--cpuid-hide", default="", metavar="FEATURE,...",
+              help=f"CPUID features to hide from the guest: {', '.join(sorted(FEATURES))}.")
 @click.option("--duration", type=float, help="Quit after this many seconds.")
 @click.option("-S", "paused", is_flag=True, help="Do not start the vCPUs (cont over QMP).")
 @click.option("--incoming", help="Wait for a migration on this URI (tcp:HOST:PORT, "
@@ -82,24 +99,34 @@ def _quit_on_signals(instance: Instance) -> None:
                    "lines to stderr, as QEMU's -trace.")
 @_friendly_errors
 def run(guest: str | None, image: str | None, mem: str, page_size: str, qmp_path: str | None,
-        serial: str | None, duration: float | None, paused: bool,
-        incoming: str | None, trace: tuple[str, ...]) -> None:
+        serial: str | None, console_spec: str | None, smp: int, cpuid_hide: str,
+        duration: float | None, paused: bool, incoming: str | None,
+        trace: tuple[str, ...]) -> None:
     """Run a VM until `quit` over QMP, a signal, or --duration."""
     if incoming is None and (guest is None) == (image is None):
         raise click.UsageError("give exactly one of --guest or --image")
     if incoming is not None and (guest or image):
         raise click.UsageError("--incoming receives its guest: no --guest or --image")
-    config = VmConfig(parse_size(mem), Backing.parse(page_size))
+    if serial is not None and console_spec is not None:
+        raise click.UsageError("give --serial or --console, not both")
+    hide = frozenset(f for f in cpuid_hide.split(",") if f)
+    config = VmConfig(parse_size(mem), Backing.parse(page_size), vcpus=smp,
+                      cpuid=CpuidPolicy(hide))
     keep_freed_buffers()
-    with _serial_sink(serial) as sink, \
+    with _serial_sink(serial, console_spec) as sink, \
             Instance(Vm(config, sink), qmp_path, exit_after_incoming=incoming is not None,
                      trace=trace, trace_sink=sys.stderr) as inst:
+        if isinstance(sink, Console):
+            sink.attach(inst.vm.serial)
         _quit_on_signals(inst)
         if incoming is not None:
             if incoming != "defer":
                 inst.migrate_incoming(incoming)
         else:
-            boot_image(inst.vm, load_image(guest) if guest else load_image_file(image or ""))
+            if guest == OS_GUEST:
+                boot_os(inst.vm)
+            else:
+                boot_image(inst.vm, load_image(guest) if guest else load_image_file(image or ""))
             if not paused:
                 inst.vm.start()
         deadline = None if duration is None else time.monotonic() + duration
@@ -220,22 +247,24 @@ def _check_agreement(src: Any, dst: Any) -> None:
 @main.command()
 @click.option("--mode", default="precopy", show_default=True,
               type=click.Choice(["precopy", "postcopy", "preempt"]))
-@click.option("--guest", default="ab", show_default=True, type=click.Choice(GUEST_NAMES))
+@click.option("--guest", default="ab", show_default=True, type=click.Choice(RUN_GUESTS))
 @click.option("--mem", default="256M", show_default=True)
 @click.option("--page-size", default="4K", show_default=True,
               type=click.Choice([b.value for b in Backing], case_sensitive=False))
+@click.option("--smp", default=1, show_default=True, help="Number of vCPUs.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Also write the report as JSON.")
 @_friendly_errors
-def demo(mode: str, guest: str, mem: str, page_size: str, json_path: str | None) -> None:
+def demo(mode: str, guest: str, mem: str, page_size: str, smp: int,
+         json_path: str | None) -> None:
     """Migrate a running guest between two local livemig processes and report."""
     from rich.console import Console
 
     from livemig.demo import DemoConfig, report_table, run_demo, write_json
 
     console = Console()
-    report = run_demo(DemoConfig(mode=mode, guest=guest, mem=mem, page_size=page_size),
-                      console)
+    report = run_demo(DemoConfig(mode=mode, guest=guest, mem=mem, page_size=page_size,
+                                 smp=smp), console)
     console.print(report_table(report))
     if json_path:
         write_json(report, json_path)

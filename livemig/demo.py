@@ -39,6 +39,7 @@ class DemoConfig:
     guest: str = "ab"
     mem: str = "256M"
     page_size: str = "4K"
+    smp: int = 1
     warmup_passes: int = 2
     timeout: float = 300.0
 
@@ -136,7 +137,7 @@ def _progress_view(console: Console) -> _BarView | _LineView:
 
 @contextlib.contextmanager
 def _processes(cfg: DemoConfig, workdir: Path) -> Iterator[tuple[VmmProcess, VmmProcess]]:
-    common = ["--mem", cfg.mem, "--page-size", cfg.page_size]
+    common = ["--mem", cfg.mem, "--page-size", cfg.page_size, "--smp", str(cfg.smp)]
     src = VmmProcess(workdir, "source", ["--guest", cfg.guest, *common])
     try:
         dst = VmmProcess(workdir, "destination", ["--incoming", "defer", *common])
@@ -182,7 +183,7 @@ def run_demo(cfg: DemoConfig, console: Console) -> dict[str, Any]:
         dst.qmp.execute("stop")
         check = dst.qmp.execute("x-guest-check", guest=cfg.guest)
         return {"mode": cfg.mode, "guest": cfg.guest, "mem": cfg.mem,
-                "page_size": cfg.page_size, "source": source_info,
+                "page_size": cfg.page_size, "smp": cfg.smp, "source": source_info,
                 "destination": dest_info,
                 "check": {"pages": check["pages"], "bad_pages": check["bad_pages"],
                           "guest_ran_on": ran_on,

@@ -22,7 +22,8 @@ from typing import Any, TextIO
 
 from livemig.control.commands import CommandTable, Param
 from livemig.control.qmp import QmpServer
-from livemig.errors import QmpError
+from livemig.errors import ConfigError, QmpError
+from livemig.guests.os import LOAD_ADDRESS, OS_GUEST, PARAMS_OFFSET, PARAMS_SIZE, OsParams
 from livemig.migration.channel import MigrationUri
 from livemig.migration.destination import DestinationMigration
 from livemig.migration.source import SourceMigration
@@ -30,7 +31,7 @@ from livemig.migration.state import Capabilities, MigrationStatus, Parameters
 from livemig.migration.trace import Tracer
 from livemig.runtime import SwitchInterval
 from livemig.vmm.boot import guest_range
-from livemig.vmm.checks import ab_check, random_check
+from livemig.vmm.checks import AbCheckResult, PageCheckResult, ab_check, os_check, random_check
 from livemig.vmm.vm import RunState, Vm
 
 log = logging.getLogger("livemig.instance")
@@ -70,6 +71,8 @@ class Instance:
         reg("query-status", lambda _a: self.query_status(), params=())
         reg("stop", lambda _a: self._stop(), params=())
         reg("cont", lambda _a: self._cont(), params=())
+        reg("inject-nmi", lambda _a: self.vm.inject_nmi(), params=())
+        reg("system_reset", lambda _a: self.vm.reset(), params=())
         reg("quit", lambda _a: self._quit.set(), params=())
         reg("x-guest-check", lambda a: self.guest_check(a["guest"]),
             params=(Param("guest", "str"),))
@@ -82,11 +85,22 @@ class Instance:
         """Our extension: run the host-side check of a paused livemig guest's RAM."""
         if self.vm.running:
             raise QmpError("stop the VM before checking its memory")
-        if guest not in ("ab", "random"):
-            raise QmpError(f"unknown guest {guest!r}; choose ab or random")
         start, end = guest_range(self.vm)
         ram = self.vm.main_block.array()
-        result = ab_check(ram, start, end) if guest == "ab" else random_check(ram, start, end)
+        result: AbCheckResult | PageCheckResult
+        if guest == "ab":
+            result = ab_check(ram, start, end)
+        elif guest == "random":
+            result = random_check(ram, start, end)
+        elif guest == OS_GUEST:
+            try:
+                params = OsParams.unpack(self.vm.read_guest(LOAD_ADDRESS + PARAMS_OFFSET,
+                                                            PARAMS_SIZE))
+            except ConfigError as e:
+                raise QmpError(f"this VM does not run the os guest: {e}") from None
+            result = os_check(ram, params)
+        else:
+            raise QmpError(f"unknown guest {guest!r}; choose ab, random or os")
         return {"pages": result.pages, "bad_pages": len(result.bad_pages),
                 "first_bad_pages": list(result.bad_pages[:16])}
 

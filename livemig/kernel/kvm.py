@@ -176,6 +176,52 @@ class KvmVcpuEvents(ctypes.Structure):
     ]
 
 
+class KvmIrqLevel(ctypes.Structure):
+    _fields_ = [("irq", u32), ("level", u32)]
+
+
+class KvmIrqchip(ctypes.Structure):
+    """``struct kvm_irqchip``: one chip (PIC master, PIC slave or IOAPIC) as 512 bytes."""
+
+    _fields_ = [("chip_id", u32), ("pad", u32), ("chip", u8 * 512)]
+
+
+class KvmPitConfig(ctypes.Structure):
+    _fields_ = [("flags", u32), ("pad", u32 * 15)]
+
+
+class KvmPitState2(ctypes.Structure):
+    """``struct kvm_pit_state2``: three channel records, flags, reserved words."""
+
+    _fields_ = [("channels", u8 * 72), ("flags", u32), ("reserved", u32 * 9)]
+
+
+class KvmLapicState(ctypes.Structure):
+    _fields_ = [("regs", u8 * 1024)]
+
+
+class KvmClockData(ctypes.Structure):
+    _fields_ = [("clock", u64), ("flags", u32), ("pad0", u32), ("realtime", u64),
+                ("host_tsc", u64), ("pad", u32 * 4)]
+
+
+class KvmDebugregs(ctypes.Structure):
+    _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64),
+                ("reserved", u64 * 9)]
+
+
+class KvmXsave(ctypes.Structure):
+    _fields_ = [("region", u32 * 1024)]
+
+
+class KvmRunMmio(ctypes.Structure):
+    _fields_ = [("phys_addr", u64), ("data", u8 * 8), ("len", u32), ("is_write", u8)]
+
+
+class KvmRunInternal(ctypes.Structure):
+    _fields_ = [("suberror", u32), ("ndata", u32), ("data", u64 * 16)]
+
+
 class KvmRunIo(ctypes.Structure):
     _fields_ = [
         ("direction", u8),
@@ -203,6 +249,18 @@ class KvmRunHeader(ctypes.Structure):
     ]
 
 
+class KvmRunMmioView(ctypes.Structure):
+    """The same head with the union read as an MMIO exit."""
+
+    _fields_ = [*KvmRunHeader._fields_[:-1], ("mmio", KvmRunMmio)]
+
+
+class KvmRunInternalView(ctypes.Structure):
+    """The same head with the union read as an internal-error exit."""
+
+    _fields_ = [*KvmRunHeader._fields_[:-1], ("internal", KvmRunInternal)]
+
+
 # The register groups of a vCPU's saved state, each carried as its kernel struct's bytes.
 VCPU_STATE_STRUCTS: Final[dict[str, type[ctypes.Structure]]] = {
     "regs": KvmRegs,
@@ -210,6 +268,9 @@ VCPU_STATE_STRUCTS: Final[dict[str, type[ctypes.Structure]]] = {
     "fpu": KvmFpu,
     "xcrs": KvmXcrs,
     "events": KvmVcpuEvents,
+    "xsave": KvmXsave,
+    "debugregs": KvmDebugregs,
+    "lapic": KvmLapicState,
 }
 VCPU_STATE_SIZES: Final[dict[str, int]] = {
     name: ctypes.sizeof(struct) for name, struct in VCPU_STATE_STRUCTS.items()}
@@ -236,6 +297,15 @@ IOCTLS: Final[dict[str, int]] = {
     "KVM_ENABLE_CAP": iow(KVMIO, 0xA3, KvmEnableCap),  # KVM_CAP_ENABLE_CAP_VM
     # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2
     "KVM_CLEAR_DIRTY_LOG": iowr(KVMIO, 0xC0, KvmClearDirtyLog),
+    "KVM_CREATE_IRQCHIP": io(KVMIO, 0x60),  # KVM_CAP_IRQCHIP
+    "KVM_IRQ_LINE": iow(KVMIO, 0x61, KvmIrqLevel),
+    "KVM_GET_IRQCHIP": iowr(KVMIO, 0x62, KvmIrqchip),
+    "KVM_SET_IRQCHIP": ior(KVMIO, 0x63, KvmIrqchip),  # sic: the kernel declares it _IOR
+    "KVM_CREATE_PIT2": iow(KVMIO, 0x77, KvmPitConfig),  # KVM_CAP_PIT2
+    "KVM_GET_PIT2": ior(KVMIO, 0x9F, KvmPitState2),  # KVM_CAP_PIT_STATE2
+    "KVM_SET_PIT2": iow(KVMIO, 0xA0, KvmPitState2),
+    "KVM_SET_CLOCK": iow(KVMIO, 0x7B, KvmClockData),  # KVM_CAP_ADJUST_CLOCK
+    "KVM_GET_CLOCK": ior(KVMIO, 0x7C, KvmClockData),
     # vCPU fd
     "KVM_RUN": io(KVMIO, 0x80),
     "KVM_GET_REGS": ior(KVMIO, 0x81, KvmRegs),
@@ -253,6 +323,14 @@ IOCTLS: Final[dict[str, int]] = {
     "KVM_SET_VCPU_EVENTS": iow(KVMIO, 0xA0, KvmVcpuEvents),
     "KVM_GET_XCRS": ior(KVMIO, 0xA6, KvmXcrs),  # KVM_CAP_XCRS
     "KVM_SET_XCRS": iow(KVMIO, 0xA7, KvmXcrs),
+    "KVM_GET_LAPIC": ior(KVMIO, 0x8E, KvmLapicState),  # KVM_CAP_IRQCHIP
+    "KVM_SET_LAPIC": iow(KVMIO, 0x8F, KvmLapicState),
+    "KVM_GET_DEBUGREGS": ior(KVMIO, 0xA1, KvmDebugregs),  # KVM_CAP_DEBUGREGS
+    "KVM_SET_DEBUGREGS": iow(KVMIO, 0xA2, KvmDebugregs),
+    "KVM_GET_XSAVE": ior(KVMIO, 0xA4, KvmXsave),  # KVM_CAP_XSAVE
+    "KVM_SET_XSAVE": iow(KVMIO, 0xA5, KvmXsave),
+    "KVM_GET_TSC_KHZ": io(KVMIO, 0xA3),  # KVM_CAP_GET_TSC_KHZ
+    "KVM_NMI": io(KVMIO, 0x9A),  # KVM_CAP_USER_NMI
 }
 
 KVM_API_VERSION: Final = 12
@@ -261,6 +339,18 @@ KVM_CAP_NR_MEMSLOTS: Final = 10
 KVM_CAP_IMMEDIATE_EXIT: Final = 136
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: Final = 168
 KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE: Final = 1
+KVM_CAP_IRQCHIP: Final = 0
+KVM_CAP_PIT2: Final = 33
+KVM_CAP_XSAVE: Final = 55
+KVM_PIT_SPEAKER_DUMMY: Final = 1
+# struct kvm_irqchip chip ids
+KVM_IRQCHIP_PIC_MASTER: Final = 0
+KVM_IRQCHIP_PIC_SLAVE: Final = 1
+KVM_IRQCHIP_IOAPIC: Final = 2
+# mp_state values
+KVM_MP_STATE_RUNNABLE: Final = 0
+KVM_MP_STATE_UNINITIALIZED: Final = 1
+KVM_MP_STATE_HALTED: Final = 3
 KVM_MEM_LOG_DIRTY_PAGES: Final = 1
 
 # exit reasons
@@ -274,16 +364,6 @@ KVM_EXIT_INTERNAL_ERROR: Final = 17
 KVM_EXIT_IO_IN: Final = 0
 KVM_EXIT_IO_OUT: Final = 1
 
-# MSRs a guest needs across a migration (filtered by what the host supports)
-MIGRATED_MSRS: Final[tuple[int, ...]] = (
-    0x10,  # IA32_TSC
-    0x174, 0x175, 0x176,  # SYSENTER_CS/ESP/EIP
-    0x1A0,  # IA32_MISC_ENABLE
-    0x277,  # IA32_PAT
-    0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,  # STAR, LSTAR, CSTAR, SFMASK
-    0xC0000102,  # KERNEL_GS_BASE
-    0xC0000103,  # TSC_AUX
-)
 
 
 def _libc() -> ctypes.CDLL:
@@ -405,6 +485,44 @@ class VmFd(_Fd):
         self._ioctl_buf("KVM_CLEAR_DIRTY_LOG",
                         KvmClearDirtyLog(slot, num_pages, first_page, bitmap_addr))
 
+    def create_irqchip(self) -> None:
+        """PIC, IOAPIC and a local APIC per vCPU in the kernel (before any vCPU exists)."""
+        self._ioctl_int("KVM_CREATE_IRQCHIP")
+
+    def create_pit2(self) -> None:
+        self._ioctl_buf("KVM_CREATE_PIT2", KvmPitConfig(flags=KVM_PIT_SPEAKER_DUMMY))
+
+    def irq_line(self, irq: int, level: bool) -> None:
+        """Drive a GSI (an ISA IRQ reaches both the PIC and the IOAPIC pin of that number)."""
+        self._ioctl_buf("KVM_IRQ_LINE", KvmIrqLevel(irq, int(level)))
+
+    def get_irqchip(self, chip_id: int) -> bytes:
+        chip = KvmIrqchip(chip_id=chip_id)
+        self._ioctl_buf("KVM_GET_IRQCHIP", chip)
+        return bytes(chip.chip)
+
+    def set_irqchip(self, chip_id: int, data: bytes) -> None:
+        chip = KvmIrqchip(chip_id=chip_id)
+        ctypes.memmove(chip.chip, data, len(chip.chip))
+        self._ioctl_buf("KVM_SET_IRQCHIP", chip)
+
+    def get_pit2(self) -> bytes:
+        p = KvmPitState2()
+        self._ioctl_buf("KVM_GET_PIT2", p)
+        return bytes(p)
+
+    def set_pit2(self, data: bytes) -> None:
+        self._ioctl_buf("KVM_SET_PIT2", KvmPitState2.from_buffer_copy(data))
+
+    def get_clock(self) -> KvmClockData:
+        c = KvmClockData()
+        self._ioctl_buf("KVM_GET_CLOCK", c)
+        return c
+
+    def set_clock(self, clock_ns: int) -> None:
+        """Set kvmclock to ``clock_ns`` (what ``KVM_GET_CLOCK`` said at the save)."""
+        self._ioctl_buf("KVM_SET_CLOCK", KvmClockData(clock=clock_ns))
+
     def create_vcpu(self, index: int) -> VcpuFd:
         fd = self._ioctl_int("KVM_CREATE_VCPU", index)
         return VcpuFd(fd, index, self.kvm.vcpu_mmap_size())
@@ -457,6 +575,17 @@ class VcpuFd(_Fd):
         return IoExit(int(io.port), int(io.size), int(io.count),
                       io.direction == KVM_EXIT_IO_OUT, int(io.data_offset))
 
+    def mmio_exit(self) -> KvmRunMmio:
+        """The MMIO exit record (valid after ``KVM_EXIT_MMIO``); the VMM fills ``data``
+        for a read."""
+        view: KvmRunMmio = KvmRunMmioView.from_buffer(self.run_map).mmio
+        return view
+
+    def internal_error(self) -> tuple[int, tuple[int, ...]]:
+        """``(suberror, data words)`` of a ``KVM_EXIT_INTERNAL_ERROR``."""
+        ie = KvmRunInternalView.from_buffer(self.run_map).internal
+        return int(ie.suberror), tuple(int(w) for w in ie.data[: min(int(ie.ndata), 16)])
+
     def set_immediate_exit(self, value: bool) -> None:
         self.run.immediate_exit = 1 if value else 0
 
@@ -508,6 +637,37 @@ class VcpuFd(_Fd):
 
     def set_mp_state(self, state: int) -> None:
         self._ioctl_buf("KVM_SET_MP_STATE", KvmMpState(state))
+
+    def get_lapic(self) -> bytes:
+        lapic = KvmLapicState()
+        self._ioctl_buf("KVM_GET_LAPIC", lapic)
+        return bytes(lapic)
+
+    def set_lapic(self, data: bytes) -> None:
+        self._ioctl_buf("KVM_SET_LAPIC", KvmLapicState.from_buffer_copy(data))
+
+    def get_debugregs(self) -> bytes:
+        d = KvmDebugregs()
+        self._ioctl_buf("KVM_GET_DEBUGREGS", d)
+        return bytes(d)
+
+    def set_debugregs(self, data: bytes) -> None:
+        self._ioctl_buf("KVM_SET_DEBUGREGS", KvmDebugregs.from_buffer_copy(data))
+
+    def get_xsave(self) -> bytes:
+        x = KvmXsave()
+        self._ioctl_buf("KVM_GET_XSAVE", x)
+        return bytes(x)
+
+    def set_xsave(self, data: bytes) -> None:
+        self._ioctl_buf("KVM_SET_XSAVE", KvmXsave.from_buffer_copy(data))
+
+    def nmi(self) -> None:
+        """Queue an NMI for this vCPU (taken when it next runs)."""
+        self._ioctl_int("KVM_NMI")
+
+    def tsc_khz(self) -> int:
+        return self._ioctl_int("KVM_GET_TSC_KHZ")
 
     def set_cpuid2(self, raw_cpuid2: bytes) -> None:
         self._ioctl_buf("KVM_SET_CPUID2", bytearray(raw_cpuid2))

@@ -116,10 +116,7 @@ class DestinationMigration:
     def pause(self) -> None:
         """migrate-pause: in postcopy, drop the connections; the migration pauses and
         waits for :meth:`recover`, as when the network fails."""
-        if self.status.status not in (MigrationStatus.POSTCOPY_ACTIVE,
-                                      MigrationStatus.POSTCOPY_RECOVER):
-            raise MigrationError("migrate-pause is only possible in postcopy-active or "
-                                 "postcopy-recover")
+        self.status.status.require_pausable()
         self._shutdown_channels()
 
     def recover(self, uri: MigrationUri) -> None:

@@ -28,17 +28,22 @@ from __future__ import annotations
 import logging
 import select
 import socket
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from livemig.errors import ChannelClosedError, LivemigError, MigrationError
+from livemig.errors import MigrationError
 from livemig.kernel.placement import PagePlacer, RemoteRange
 from livemig.kernel.shared import ProcessLock, SharedMemory
 from livemig.kernel.uffd import Userfaultfd
 from livemig.migration.channel import Channel
-from livemig.migration.helper import HelperBlock, HelperConn, HelperProcess, helper_main
+from livemig.migration.helper import (
+    HelperBlock,
+    HelperConn,
+    HelperProcess,
+    HelperWatch,
+    helper_main,
+)
 from livemig.migration.postcopy import (
     BlockState,
     ChannelPlacer,
@@ -63,11 +68,7 @@ class FaultServer:
 
     def __init__(self) -> None:
         self.helper = HelperProcess(MODULE)
-        self._done = threading.Event()
-        self._error: LivemigError | None = None
-        self._watcher: threading.Thread | None = None
-        self._stopping = False  # close() was asked: the helper's end is no failure
-        self.pages = 0  # placed from the postcopy channel (reported at its end)
+        self._watch: HelperWatch | None = None
 
     def start(self, blocks: Mapping[str, HelperBlock], uffd: Userfaultfd, channel: Channel,
               shared: SharedMemory, vcpu_tids: Mapping[int, int],
@@ -86,38 +87,23 @@ class FaultServer:
         }
         self.helper.send(config, [uffd.fileno(), channel.sock.fileno(), shared.fd])
         self.helper.expect("ready", START_TIMEOUT)
-        self._watcher = threading.Thread(target=self._watch, args=(on_error,),
-                                         name="postcopy/fault-server", daemon=True)
-        self._watcher.start()
+        self._watch = HelperWatch(self.helper, "done", "postcopy/fault-server", on_error)
 
-    def _watch(self, on_error: Callable[[Exception], None]) -> None:
-        """Wait for the helper's end-of-channel report (or its failure)."""
-        try:
-            msg = self.helper.recv()
-            if msg.get("msg") != "done":
-                raise MigrationError(f"fault server sent {msg.get('msg')!r}")
-            self.pages = int(msg.get("pages", 0))
-        except LivemigError as e:
-            self._error = e
-        except OSError as e:
-            self._error = ChannelClosedError(f"fault server: {e}")
-        finally:
-            self._done.set()
-        if self._error is not None and not self._stopping:
-            on_error(self._error)
+    @property
+    def pages(self) -> int:
+        """Pages placed from the postcopy channel (reported at its end)."""
+        return int(self._watch.message.get("pages", 0)) if self._watch is not None else 0
 
     def wait_done(self, timeout: float) -> None:
         """Until the postcopy channel has ended and every page on it is placed."""
-        if not self._done.wait(timeout):
-            raise MigrationError("the postcopy channel did not end")
-        if self._error is not None:
-            raise self._error
+        assert self._watch is not None, "start() first"
+        self._watch.wait(timeout, "the postcopy channel did not end")
 
     def close(self) -> None:
-        self._stopping = True
-        self.helper.close()
-        if self._watcher is not None:
-            self._watcher.join(5)
+        if self._watch is not None:
+            self._watch.close()
+        else:
+            self.helper.close()
 
 
 # --- the helper process ---------------------------------------------------------------

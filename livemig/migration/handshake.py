@@ -7,8 +7,8 @@ Every fact here is read by both sides, so it has one definition here and nowhere
 
 * **Sections.**  The stream carries the ``ram`` section (iterative) and livemig's
   device sections (``livemig/...``), each with a section id and an instance id as in
-  QEMU.  :data:`RAM`, :data:`CAPABILITIES`, :data:`GLOBALSTATE`, :data:`SERIAL` and
-  :func:`cpu_section` name them.
+  QEMU.  :data:`RAM`, :data:`CAPABILITIES`, :data:`GLOBALSTATE`, :data:`SERIAL`,
+  :data:`PLATFORM` and :func:`cpu_section` name them.
 * **The capabilities section** (:class:`Handshake`) opens the stream, before anything
   that can fault is loaded: ``postcopy-ram`` and ``postcopy-preempt`` must be equal on
   both sides (QEMU 7.2 trusts the user; a mismatch there loses the pages sent on a
@@ -44,6 +44,7 @@ RAM = Section("ram", 0, RAM_VERSION_ID)
 SERIAL = Section("livemig/serial", 2)
 GLOBALSTATE = Section("livemig/globalstate", 3)
 CAPABILITIES = Section("livemig/capabilities", 4)
+PLATFORM = Section("livemig/platform", 5)  # PIC, IOAPIC, PIT, kvmclock (with an irqchip)
 CPU_NAME = "livemig/cpu"
 _CPU_FIRST_ID, _CPU_ID_STRIDE = 1, 16
 
@@ -58,7 +59,7 @@ def device_section(idstr: str, instance_id: int, vcpus: int) -> Section | None:
     or None if there is no such section."""
     if idstr == CPU_NAME:
         return cpu_section(instance_id) if 0 <= instance_id < vcpus else None
-    single = {s.name: s for s in (SERIAL, GLOBALSTATE, CAPABILITIES)}.get(idstr)
+    single = {s.name: s for s in (SERIAL, GLOBALSTATE, CAPABILITIES, PLATFORM)}.get(idstr)
     return single if instance_id == 0 else None
 
 

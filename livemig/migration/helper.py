@@ -28,6 +28,7 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -151,6 +152,56 @@ class HelperProcess:
             self.proc.kill()
             self.proc.wait()
         self.ctl.close()
+
+
+class HelperWatch:
+    """Reads a started helper's control socket on a thread of its own until the one
+    message of ``final`` kind comes (kept in :attr:`message`) or the helper fails (its
+    report, or its death).  A failure goes to ``on_error`` at once, unless the helper
+    was stopped on purpose (:meth:`close`)."""
+
+    def __init__(self, helper: HelperProcess, final: str, name: str,
+                 on_error: Callable[[Exception], None]) -> None:
+        self.helper = helper
+        self.final = final
+        self.message: dict[str, Any] = {}
+        self.error: LivemigError | None = None
+        self._done = threading.Event()
+        self._stopping = False
+        self._on_error = on_error
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            msg = self.helper.recv()
+            if msg.get("msg") != self.final:
+                raise MigrationError(f"helper {self.helper.module} sent {msg.get('msg')!r}, "
+                                     f"expected {self.final!r}")
+            self.message = msg
+        except LivemigError as e:
+            self.error = e
+        except OSError as e:
+            self.error = ChannelClosedError(f"helper {self.helper.module}: {e}")
+        finally:
+            self._done.set()
+        if self.error is not None and not self._stopping:
+            self._on_error(self.error)
+
+    def wait(self, timeout: float, what: str) -> dict[str, Any]:
+        """The final message; the helper's failure is raised."""
+        if not self._done.wait(timeout):
+            raise MigrationError(f"helper {self.helper.module}: {what} within "
+                                 f"{timeout:.0f} s")
+        if self.error is not None:
+            raise self.error
+        return self.message
+
+    def close(self) -> None:
+        """Stop the helper (its end is then no failure) and the watching thread."""
+        self._stopping = True
+        self.helper.close()
+        self._thread.join(5)
 
 
 class ParentGone(ChannelClosedError):

@@ -34,6 +34,7 @@ loaded through :meth:`IncomingLoad.stats`.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -57,7 +58,7 @@ from livemig.migration.state import Capabilities, detached
 from livemig.migration.vmdesc import check_description
 from livemig.runtime import SwitchInterval
 from livemig.vmm.serial import SerialState
-from livemig.vmm.state import VcpuState, VmState
+from livemig.vmm.state import PlatformState, VcpuState, VmState
 from livemig.vmm.vm import RunState, Vm
 from livemig.wire import events as ev
 from livemig.wire.decoder import Decoder
@@ -121,6 +122,11 @@ class IncomingLoad:
         self._dec = Decoder(block_table(vm.blocks), postcopy=caps.postcopy_ram)
         self._cpus: dict[int, VcpuState] = {}
         self._serial: SerialState | None = None
+        self._platform: PlatformState | None = None
+        # Postcopy: the device state is restored and the guest started on a thread of
+        # their own (see _run_guest); its failure, if any.
+        self._starter: threading.Thread | None = None
+        self._start_error: Exception | None = None
         self._runstate: str | None = None  # the source's run state (globalstate section)
         self._theirs: Handshake | None = None  # the source's capabilities section
         self._loaded: list[ev.DeviceState] = []  # device sections, in stream order
@@ -146,6 +152,7 @@ class IncomingLoad:
             hs.SERIAL.name: self._serial_state,
             hs.GLOBALSTATE.name: self._globalstate,
             hs.CAPABILITIES.name: self._capabilities,
+            hs.PLATFORM.name: self._platform_state,
         }
 
     # --- the state machine --------------------------------------------------------------
@@ -168,6 +175,7 @@ class IncomingLoad:
                 self._receive()
                 return
             except Exception as e:
+                self._check_started()  # a guest that cannot start is no link failure
                 if self.phase is not LoadPhase.RUNNING or self._await_recovery is None:
                     raise
                 failure = detached(e)
@@ -262,6 +270,9 @@ class IncomingLoad:
     def _serial_state(self, e: ev.DeviceState) -> None:
         self._serial = SerialState.from_bytes(e.data)
 
+    def _platform_state(self, e: ev.DeviceState) -> None:
+        self._platform = PlatformState.from_bytes(e.data)
+
     def _globalstate(self, e: ev.DeviceState) -> None:
         try:
             self._runstate = RunState(e.data.decode("ascii")).value
@@ -283,7 +294,8 @@ class IncomingLoad:
     def _vm_state(self) -> VmState:
         if self._serial is None or sorted(self._cpus) != list(range(len(self.vm.vcpus))):
             raise RemoteProtocolError("the stream ended without the CPU and serial state")
-        return VmState(tuple(self._cpus[i] for i in range(len(self._cpus))), self._serial)
+        return VmState(tuple(self._cpus[i] for i in range(len(self._cpus))), self._serial,
+                       self._platform)
 
     # --- return path and postcopy ---------------------------------------------------------
     def _open_return_path(self, _e: ev.OpenReturnPath) -> None:
@@ -392,9 +404,33 @@ class IncomingLoad:
         self.channel.shutdown()
 
     def _run_guest(self, _e: ev.PostcopyRun) -> None:
+        """Restore the device state and start the guest, on a thread of their own:
+        restoring can touch guest pages that have not arrived (KVM writes the kvmclock
+        page when its MSR is set), and only this thread reads the main channel they may
+        come on.  (QEMU likewise loads them outside its listen thread.)"""
         self._enter(LoadPhase.RUNNING, "POSTCOPY_RUN")
-        self.vm.restore_state(self._vm_state())
-        self._start_or_keep_paused()
+        state = self._vm_state()  # a missing section fails here, at once
+        self._starter = threading.Thread(target=self._start_guest, args=(state,),
+                                         name="postcopy/run", daemon=True)
+        self._starter.start()
+
+    def _start_guest(self, state: VmState) -> None:
+        try:
+            self.vm.restore_state(state)
+            self._start_or_keep_paused()
+        except Exception as e:
+            # Not a link failure: this state cannot be restored here; no recovery helps.
+            self._start_error = detached(e)
+            self.channel.shutdown()
+
+    def _check_started(self, timeout: float | None = None) -> None:
+        """Raise the guest start's failure; with ``timeout``, wait for it to finish."""
+        if self._starter is not None and timeout is not None:
+            self._starter.join(timeout)
+            if self._starter.is_alive():
+                raise MigrationError("restoring the device state did not finish")
+        if self._start_error is not None:
+            raise MigrationError(f"cannot start the guest here: {self._start_error}")
 
     def _start_or_keep_paused(self) -> None:
         """Start the guest if it was running on the source; else keep its run state."""
@@ -423,6 +459,7 @@ class IncomingLoad:
     def _end_postcopy(self) -> None:
         handler, placer, pc = self._handler, self._placer, self._postcopy
         assert handler is not None and placer is not None and pc is not None
+        self._check_started(timeout=60)
         handler.wait_channel_end(30)  # the source ends the postcopy channel first
         if self._fault_error is not None:
             raise self._fault_error
@@ -478,6 +515,8 @@ class IncomingLoad:
             steps.append(self._postcopy.close)
         if self._uffd is not None:
             steps.append(self._uffd.close)
+        if self._starter is not None:
+            steps.append(lambda: self._starter.join(10) if self._starter else None)
         steps.append(self.loader.release)
         for step in steps:
             try:

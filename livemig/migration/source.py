@@ -202,10 +202,7 @@ class SourceMigration:
     def pause(self) -> None:
         """migrate-pause: in postcopy, drop the connections; the migration pauses and
         waits for :meth:`resume`, as when the network fails."""
-        if self.status.status not in (MigrationStatus.POSTCOPY_ACTIVE,
-                                      MigrationStatus.POSTCOPY_RECOVER):
-            raise MigrationError("migrate-pause is only possible in postcopy-active or "
-                                 "postcopy-recover")
+        self.status.status.require_pausable()
         self._link_failed(MigrationError("paused by migrate-pause"))
 
     def resume(self, uri: MigrationUri) -> None:

@@ -73,6 +73,12 @@ class MigrationStatus(Enum):
         return self in (MigrationStatus.COMPLETED, MigrationStatus.FAILED,
                         MigrationStatus.CANCELLED)
 
+    def require_pausable(self) -> None:
+        """migrate-pause is refused outside postcopy-active and postcopy-recover."""
+        if self not in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_RECOVER):
+            raise MigrationError("migrate-pause is only possible in postcopy-active or "
+                                 "postcopy-recover")
+
     @property
     def postcopy(self) -> bool:
         """The guest runs on the destination: cancelling would lose it."""

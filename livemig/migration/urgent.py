@@ -26,7 +26,6 @@ import os
 import select
 import socket
 import sys
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -35,7 +34,6 @@ import numpy.typing as npt
 
 from livemig.errors import (
     ChannelClosedError,
-    LivemigError,
     MigrationError,
     RemoteProtocolError,
 )
@@ -52,7 +50,13 @@ from livemig.kernel.shared import (
 )
 from livemig.migration.bitmap import split_zero_pages, take_bits
 from livemig.migration.channel import Channel, ChannelWriter
-from livemig.migration.helper import HelperBlock, HelperConn, HelperProcess, helper_main
+from livemig.migration.helper import (
+    HelperBlock,
+    HelperConn,
+    HelperProcess,
+    HelperWatch,
+    helper_main,
+)
 from livemig.migration.sender import write_window
 from livemig.migration.trace import Tracer
 from livemig.units import PAGE_SIZE
@@ -106,11 +110,7 @@ class UrgentServer:
 
     def __init__(self) -> None:
         self.helper = HelperProcess(MODULE)
-        self._finished = threading.Event()  # the helper answered "finish", or failed
-        self._trace: dict[str, int] = {}
-        self._error: LivemigError | None = None
-        self._watcher: threading.Thread | None = None
-        self._stopping = False  # close() was asked: the helper's end is no failure
+        self._watch: HelperWatch | None = None
 
     def start(self, blocks: Mapping[str, HelperBlock], shared: SharedBits, channel: Channel,
               trace_patterns: tuple[str, ...],
@@ -131,42 +131,21 @@ class UrgentServer:
                           "shared_size": shared.memory.size, "trace": list(trace_patterns)},
                          fds)
         self.helper.expect("ready", START_TIMEOUT)
-        self._watcher = threading.Thread(target=self._watch, args=(on_error,),
-                                         name="urgent/watch", daemon=True)
-        self._watcher.start()
-
-    def _watch(self, on_error: Callable[[Exception], None]) -> None:
-        """The only reader of the control socket once started: "finished", or an error
-        (the helper's own report, or its death)."""
-        try:
-            msg = self.helper.recv()
-            if msg.get("msg") != "finished":
-                raise MigrationError(f"urgent helper sent {msg.get('msg')!r}")
-            self._trace = {str(k): int(v) for k, v in dict(msg.get("trace", {})).items()}
-        except LivemigError as e:
-            self._error = e
-        except OSError as e:
-            self._error = ChannelClosedError(f"urgent helper: {e}")
-        finally:
-            self._finished.set()
-        if self._error is not None and not self._stopping:
-            on_error(self._error)
+        self._watch = HelperWatch(self.helper, "finished", "urgent/watch", on_error)
 
     def finish(self, timeout: float = 60.0) -> dict[str, int]:
         """End the postcopy channel after the last urgent page; the helper's trace
         counters come back."""
+        assert self._watch is not None, "start() first"
         self.helper.send({"msg": "finish"})
-        if not self._finished.wait(timeout):
-            raise MigrationError(f"urgent helper did not finish in {timeout:.0f} s")
-        if self._error is not None:
-            raise self._error
-        return self._trace
+        msg = self._watch.wait(timeout, "the postcopy channel did not end")
+        return {str(k): int(v) for k, v in dict(msg.get("trace", {})).items()}
 
     def close(self) -> None:
-        self._stopping = True
-        self.helper.close()
-        if self._watcher is not None:
-            self._watcher.join(5)
+        if self._watch is not None:
+            self._watch.close()
+        else:
+            self.helper.close()
 
 
 # --- the helper process ---------------------------------------------------------------

@@ -26,7 +26,7 @@ fields do not cover exactly (the tests save real state and check this).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from livemig.errors import LocalProtocolError, RemoteProtocolError
 from livemig.kernel.layout import VCPU_STATE_LAYOUTS, FieldLayout
@@ -34,7 +34,7 @@ from livemig.migration import handshake as hs
 from livemig.migration.handshake import Handshake, Section
 from livemig.units import PAGE_SIZE
 from livemig.vmm.serial import SerialState
-from livemig.vmm.state import VcpuState, VmState
+from livemig.vmm.state import PlatformState, VcpuState, VmState
 from livemig.wire import events as ev
 from livemig.wire.vmdesc import (
     DeviceDescription,
@@ -66,13 +66,17 @@ def capabilities_payload(handshake: Handshake) -> DevicePayload:
 
 def device_payloads(state: VmState, runstate: str) -> list[DevicePayload]:
     """The run state the guest had before migration (QEMU's "globalstate"), each vCPU,
-    the serial port: the device sections of the end of a stream, in order."""
+    the serial port, and the VM-wide devices (PIC, IOAPIC, PIT, kvmclock) when the VM has
+    an irqchip: the device sections of the end of a stream, in order."""
     run = runstate.encode("ascii")
     out = [DevicePayload(hs.GLOBALSTATE, 0, run, (field("runstate", "buffer", len(run)),))]
     for i, cpu in enumerate(state.vcpus):
         out.append(DevicePayload(hs.cpu_section(i), i, cpu.to_bytes(), _cpu_fields(cpu)))
     out.append(DevicePayload(hs.SERIAL, 0, state.serial.to_bytes(),
                              _serial_fields(state.serial)))
+    if state.platform is not None:
+        out.append(DevicePayload(hs.PLATFORM, 0, state.platform.to_bytes(),
+                                 _platform_fields()))
     return out
 
 
@@ -133,7 +137,20 @@ def _layout(layout: Sequence[FieldLayout]) -> list[Field]:
     return out
 
 
+def _platform_fields() -> tuple[Field, ...]:
+    """PlatformState.to_bytes: magic, version (le16), kvmclock (le64 ns), then each VM-wide
+    device's kernel state."""
+    devices = [field(name, "buffer", size) for name, size in PlatformState.SIZES.items()]
+    return (field("magic", "buffer", 4), field("version", "buffer", 2),
+            field("clock_ns", "buffer", 8), *devices)
+
+
 def _serial_fields(serial: SerialState) -> tuple[Field, ...]:
-    """SerialState.to_bytes: magic, version (le16), one byte per register."""
-    regs = [field(f.name, "uint8", 1) for f in fields(serial)]
-    return (field("magic", "buffer", 4), field("version", "buffer", 2), *regs)
+    """SerialState.to_bytes: magic, version (le16), one byte per register, the pending
+    THR-empty interrupt, the receive FIFO's length (le16) and bytes."""
+    regs = [field(name, "uint8", 1) for name in ("ier", "lcr", "mcr", "scr", "dll", "dlm")]
+    out: list[Field] = [field("magic", "buffer", 4), field("version", "buffer", 2), *regs,
+                        field("thre_pending", "bool", 1), field("rx_length", "buffer", 2)]
+    if serial.rx:
+        out.append(field("rx", "buffer", len(serial.rx)))
+    return tuple(out)

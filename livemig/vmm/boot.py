@@ -1,8 +1,10 @@
-"""Booting guests: patch a livemig guest's test range to the VM's RAM and load it."""
+"""Booting guests: boot sectors with their test range patched in, or the os kernel."""
 
 from __future__ import annotations
 
 from livemig.guests import DEFAULT_RANGE_START, load_image, patch_range
+from livemig.guests.os import OsParams, load_os_image
+from livemig.vmm.multiboot import MultibootImage
 from livemig.vmm.vm import Vm
 
 
@@ -19,3 +21,12 @@ def boot_image(vm: Vm, image: bytes) -> None:
 
 def boot_guest(vm: Vm, name: str) -> None:
     boot_image(vm, load_image(name))
+
+
+def boot_os(vm: Vm, params: OsParams | None = None) -> OsParams:
+    """Load the os guest for this VM (default: all its vCPUs, regions filling its RAM)."""
+    if params is None:
+        params = OsParams.for_ram(vm.main_block.size, len(vm.vcpus))
+    params.validate(vm.main_block.size)
+    vm.load_multiboot(MultibootImage.parse(params.patch(load_os_image())))
+    return params

@@ -28,6 +28,9 @@ uniform range holding ``x`` is reported as ``v = x, k = 0``.
 *random* keeps each page's page number (address >> 12) in its first u32 LE;
 :func:`random_check` compares all of them at once.
 
+*os* (``livemig.guests.os``) tags every page of its regions and keeps per-vCPU pass
+counters in them: :func:`os_check`.
+
 Bad pages are always reported as absolute guest page numbers (guest-physical address
 >> 12), the same numbering the random guest uses and the migration stream speaks.
 """
@@ -41,6 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from livemig.errors import ConfigError
+from livemig.guests.os import OsParams, Pattern
 
 PAGE_SHIFT: Final = 12
 PAGE_SIZE: Final = 1 << PAGE_SHIFT
@@ -72,9 +76,11 @@ class AbCheckResult:
 
 
 @dataclass(frozen=True)
-class RandomCheckResult:
-    """Outcome of :func:`random_check`; ``bad_pages`` are absolute page numbers."""
+class PageCheckResult:
+    """Outcome of :func:`random_check` or :func:`os_check` (``guest`` says which);
+    ``bad_pages`` are absolute page numbers."""
 
+    guest: str
     pages: int
     bad_pages: tuple[int, ...]
 
@@ -83,7 +89,7 @@ class RandomCheckResult:
         return not self.bad_pages
 
     def summary(self) -> str:
-        return f"random: {self.pages} pages: {_bad_summary(self.bad_pages)}"
+        return f"{self.guest}: {self.pages} pages: {_bad_summary(self.bad_pages)}"
 
 
 def ab_check(ram: RamLike, start: int, end: int) -> AbCheckResult:
@@ -101,11 +107,12 @@ def ab_check(ram: RamLike, start: int, end: int) -> AbCheckResult:
     )
 
 
-def random_check(ram: RamLike, start: int, end: int) -> RandomCheckResult:
+def random_check(ram: RamLike, start: int, end: int) -> PageCheckResult:
     """Check that every page in ``[start, end)`` starts with its own page number."""
     tags = np.ascontiguousarray(_page_heads(ram, start, end)[:, :4]).view("<u4")[:, 0]
     expected = np.arange(start >> PAGE_SHIFT, end >> PAGE_SHIFT, dtype=np.uint32)
-    return RandomCheckResult(
+    return PageCheckResult(
+        guest="random",
         pages=len(tags),
         bad_pages=_absolute(np.flatnonzero(tags != expected), start),
     )
@@ -175,3 +182,39 @@ def _bad_summary(bad: tuple[int, ...]) -> str:
     shown = ", ".join(f"{p:#x}" for p in bad[:8])
     more = f", ... ({len(bad)} in all)" if len(bad) > 8 else ""
     return f"{len(bad)} bad page(s): {shown}{more}"
+
+
+def os_check(ram: RamLike, params: OsParams) -> PageCheckResult:
+    """Check the os guest's regions on a paused VM (layout in ``livemig.guests.os``).
+
+    Every page of a region must carry its tag (``gpa | owner``) in its first qword.  Each
+    vCPU's pass counters -- one slot per private page, its own slot in every shared page
+    -- hold two values at most, ``g`` and ``g + 1`` (a pass is under way); with the hot
+    pattern, pages outside the hot set were visited only once, at start, and hold 0.
+    """
+    bad: list[npt.NDArray[np.intp]] = []
+    pages = 0
+    hot = params.hot_pages if params.pattern is Pattern.HOT else None
+    for cpu in range(params.ncpus):
+        counters = []
+        for base, n, owner, slot in ((params.private_base(cpu), params.private_pages,
+                                      cpu + 1, 1),
+                                     (params.shared_base, params.shared_pages, 0xFFF,
+                                      1 + cpu)):
+            heads = _page_heads(ram, base, base + n * PAGE_SIZE).view("<u8")
+            expected = np.arange(base, base + n * PAGE_SIZE, PAGE_SIZE, dtype=np.uint64)
+            bad.append(np.flatnonzero(heads[:, 0] != (expected | np.uint64(owner)))
+                       + (base >> PAGE_SHIFT))
+            counts = heads[:, slot]
+            if hot is not None:
+                bad.append(np.flatnonzero(counts[hot:] != 0) + hot + (base >> PAGE_SHIFT))
+                counts = counts[:hot]
+            counters.append((counts, base))
+            if cpu == 0 or owner != 0xFFF:
+                pages += n
+        low = min(int(c.min()) for c, _ in counters)
+        for counts, base in counters:
+            bad.append(np.flatnonzero((counts < low) | (counts > low + 1))
+                       + (base >> PAGE_SHIFT))
+    flat = np.unique(np.concatenate(bad)) if bad else np.empty(0, dtype=np.intp)
+    return PageCheckResult("os", pages, tuple(int(p) for p in flat))

@@ -3,22 +3,37 @@
 Theory of operation
 -------------------
 :class:`VcpuState` holds everything KVM needs to resume a vCPU where it stopped: general
-and special registers, FPU, XCRs, vCPU events, MP state and the MSRs a guest uses.  The
-register groups are kept as the kernel's own struct bytes (their layout is the x86_64
-KVM ABI, checked by size on restore), MSRs as (index, value) pairs.  ``halted`` records
-that the vCPU executed HLT with no interrupt source (livemig has no irqchip), so a halted
-guest stays halted on the destination.
+and special registers, FPU and the XSAVE area with the XCRs, debug registers, the local
+APIC, the MSRs, the pending events (exception, interrupt, NMI, SIPI) and the MP state
+(running, halted, waiting for SIPI).  The register groups are kept as the kernel's own
+struct bytes (their layout is the x86_64 KVM ABI, checked by size on decode), MSRs as
+(index, value) pairs in the order the VM chose them (see ``Vm.msr_indices``).
+``halted`` records that a vCPU without the in-kernel irqchip executed HLT: nothing can
+wake it, so it stays halted on the destination.  Fields a VM does not have (no XCRs, no
+local APIC without the irqchip) are empty.
 
-:class:`VmState` combines the vCPUs and the serial port; the migration stream carries
-each as an opaque FULL section payload (``to_bytes``).  Decoding validates magic,
-version and every length, and raises :class:`RemoteProtocolError` on anything else.
+:class:`PlatformState` is the VM-wide part of KVM: the two PICs and the IOAPIC as
+``KVM_GET_IRQCHIP`` returns them, the PIT (``KVM_GET_PIT2``) and kvmclock
+(``KVM_GET_CLOCK``: the guest's clock in ns when the VM stopped).
+
+:class:`VmState` combines the vCPUs, the serial port and the platform.  The migration
+stream carries each part as an opaque FULL section payload (``to_bytes``).  Decoding
+validates magic, version and every length, and raises :class:`RemoteProtocolError` on
+anything else.
+
+The restore order (``Vm.restore_state``) follows Firecracker and QEMU: CPUID was set when
+the vCPU was created; then the irqchips and the PIT; per vCPU sregs (the mode) before
+regs, XSAVE and XCRs, debug registers, the local APIC before the MSRs (the TSC deadline
+MSR needs the APIC's timer mode) and before the events, MP state, the events last; then
+the serial port, which re-drives its interrupt line into the restored IOAPIC; kvmclock
+last, right before the vCPUs run.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from livemig.errors import RemoteProtocolError
 from livemig.kernel.kvm import VCPU_STATE_SIZES
@@ -42,11 +57,17 @@ class VcpuState:
     msrs: tuple[tuple[int, int], ...]
     mp_state: int
     halted: bool = False
+    xsave: bytes = b""  # empty when the host has no XSAVE
+    debugregs: bytes = b""
+    lapic: bytes = b""  # empty without the in-kernel irqchip
 
-    MAGIC = b"LMCP"
-    VERSION = 1
-    # The register groups in stream order, each the size of its kernel struct.
-    SIZES = {name: VCPU_STATE_SIZES[name] for name in ("regs", "sregs", "fpu", "xcrs", "events")}
+    MAGIC: ClassVar[bytes] = b"LMCP"
+    VERSION: ClassVar[int] = 2
+    # field -> size in bytes (each a kernel struct's); the ones in OPTIONAL may be empty
+    SIZES: ClassVar[dict[str, int]] = {
+        name: VCPU_STATE_SIZES[name]
+        for name in ("regs", "sregs", "fpu", "xcrs", "events", "xsave", "debugregs", "lapic")}
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"xcrs", "xsave", "debugregs", "lapic"})
 
     def to_bytes(self) -> bytes:
         parts = [_HEADER.pack(self.MAGIC, self.VERSION, int(self.halted))]
@@ -67,7 +88,7 @@ class VcpuState:
         blobs: dict[str, bytes] = {}
         for name, size in cls.SIZES.items():
             (n,) = r.unpack(_COUNT)
-            if n != size and not (name == "xcrs" and n == 0):
+            if n != size and not (name in cls.OPTIONAL and n == 0):
                 raise RemoteProtocolError(f"cpu state field {name} is {n} bytes, not {size}")
             blobs[name] = r.take(n)
         (nmsrs,) = r.unpack(_COUNT)
@@ -80,11 +101,46 @@ class VcpuState:
 
 
 @dataclass(frozen=True)
+class PlatformState:
+    """The VM-wide KVM devices: PIC master and slave, IOAPIC, PIT, kvmclock."""
+
+    pic_master: bytes
+    pic_slave: bytes
+    ioapic: bytes
+    pit: bytes
+    clock_ns: int
+
+    MAGIC: ClassVar[bytes] = b"LMPL"
+    VERSION: ClassVar[int] = 1
+    SIZES: ClassVar[dict[str, int]] = {"pic_master": 512, "pic_slave": 512, "ioapic": 512,
+                                       "pit": 112}
+    _HEAD: ClassVar[struct.Struct] = struct.Struct("<4sHQ")
+
+    def to_bytes(self) -> bytes:
+        return self._HEAD.pack(self.MAGIC, self.VERSION, self.clock_ns) + b"".join(
+            getattr(self, name) for name in self.SIZES)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PlatformState:
+        r = _Reader(data, "platform state")
+        magic, version, clock_ns = r.unpack(cls._HEAD)
+        if magic != cls.MAGIC or version != cls.VERSION:
+            raise RemoteProtocolError(f"unknown platform state {magic!r} version {version}")
+        blobs = {name: r.take(size) for name, size in cls.SIZES.items()}
+        r.finish()
+        return cls(clock_ns=clock_ns, **blobs)
+
+
+@dataclass(frozen=True)
 class VmState:
-    """Everything but RAM: what the stop-and-copy phase sends after the last pages."""
+    """Everything but RAM: what the stop-and-copy phase sends after the last pages.
+
+    ``platform`` is None for a VM without the in-kernel irqchip.
+    """
 
     vcpus: tuple[VcpuState, ...]
     serial: SerialState
+    platform: PlatformState | None = None
 
 
 class _Reader:

@@ -3,8 +3,12 @@
 Theory of operation
 -------------------
 Each vCPU has one thread that loops on ``KVM_RUN`` (GIL released while the guest runs)
-and handles exits: port I/O goes to the device bus, HLT parks the vCPU (livemig has no
-interrupt controller, so a halted vCPU stays halted until it is reset or restored).
+and handles exits: port I/O goes to the device bus, MMIO outside the in-kernel devices
+reads as all ones and ignores writes (there is no such device), a triple fault
+(``KVM_EXIT_SHUTDOWN``) asks the VM to shut down.  With the in-kernel irqchip, HLT, the
+local APIC and INIT/SIPI are handled inside ``KVM_RUN`` (an application processor blocks
+there until its SIPI).  Without it, HLT exits to us and parks the vCPU: nothing could
+wake it, so it stays halted until it is reset or restored.
 
 Commands (``resume``, ``pause``, ``stop``) come from other threads.  To get a running
 vCPU out of the guest we set ``kvm_run.immediate_exit`` (so a vCPU just about to enter
@@ -53,6 +57,7 @@ TRANSITIONS: dict[VcpuRunState, frozenset[VcpuRunState]] = {
 class IoBus(Protocol):
     def io_out(self, port: int, size: int, value: int) -> None: ...
     def io_in(self, port: int, size: int) -> int: ...
+    def guest_shutdown(self, reason: str) -> None: ...
 
 
 def install_kick_handler() -> None:
@@ -165,6 +170,19 @@ class Vcpu:
             self._handle_io()
         elif reason == K.KVM_EXIT_HLT:
             self.halted = True
+        elif reason == K.KVM_EXIT_MMIO:
+            mmio = self.fd.mmio_exit()
+            if not mmio.is_write:
+                for i in range(8):
+                    mmio.data[i] = 0xFF
+        elif reason == K.KVM_EXIT_SHUTDOWN:
+            self.bus.guest_shutdown("guest-reset")
+            return False
+        elif reason == K.KVM_EXIT_INTERNAL_ERROR:
+            sub, data = self.fd.internal_error()
+            words = " ".join(f"{w:#x}" for w in data)
+            return self._fatal(f"KVM internal error {sub} (data {words}) at "
+                               f"rip {self.fd.get_regs().rip:#x}")
         elif reason != K.KVM_EXIT_INTR:
             return self._fatal(f"unexpected exit reason {reason}")
         return True
@@ -193,29 +211,45 @@ class Vcpu:
         if self.state is VcpuRunState.RUNNING:
             raise VmStateError(f"vcpu{self.fd.index} is running; pause it first")
 
-    def save(self, msr_indices: Sequence[int]) -> VcpuState:
+    def save(self, msr_indices: Sequence[int], lapic: bool, xsave: bool) -> VcpuState:
+        """Read the vCPU's state; ``lapic``/``xsave`` say whether the VM has them."""
         self._require_stopped_guest()
         fd = self.fd
         try:
             xcrs = bytes(fd.get_xcrs())
         except KvmError:
             xcrs = b""
+        msrs = tuple(fd.get_msrs(msr_indices))
+        if len(msrs) != len(msr_indices):
+            raise VmStateError(f"vcpu{fd.index}: KVM read {len(msrs)} of "
+                               f"{len(msr_indices)} MSRs")
         return VcpuState(
             regs=bytes(fd.get_regs()), sregs=bytes(fd.get_sregs()), fpu=bytes(fd.get_fpu()),
-            xcrs=xcrs, events=bytes(fd.get_vcpu_events()),
-            msrs=tuple(fd.get_msrs(msr_indices)), mp_state=fd.get_mp_state(),
-            halted=self.halted)
+            xcrs=xcrs, events=bytes(fd.get_vcpu_events()), msrs=msrs,
+            mp_state=fd.get_mp_state(), halted=self.halted,
+            xsave=fd.get_xsave() if xsave else b"", debugregs=fd.get_debugregs(),
+            lapic=fd.get_lapic() if lapic else b"")
 
     def restore(self, st: VcpuState) -> None:
+        """Load a saved state, in the order of ``livemig.vmm.state`` (events last)."""
         self._require_stopped_guest()
         fd = self.fd
-        # Order matters: sregs (mode) before regs, MSRs before events, as QEMU does.
         fd.set_sregs(K.KvmSregs.from_buffer_copy(st.sregs))
         fd.set_regs(K.KvmRegs.from_buffer_copy(st.regs))
-        fd.set_fpu(K.KvmFpu.from_buffer_copy(st.fpu))
+        if st.xsave:
+            fd.set_xsave(st.xsave)
+        else:
+            fd.set_fpu(K.KvmFpu.from_buffer_copy(st.fpu))
         if st.xcrs:
             fd.set_xcrs(K.KvmXcrs.from_buffer_copy(st.xcrs))
-        fd.set_msrs(st.msrs)
-        fd.set_vcpu_events(K.KvmVcpuEvents.from_buffer_copy(st.events))
+        if st.debugregs:
+            fd.set_debugregs(st.debugregs)
+        if st.lapic:
+            fd.set_lapic(st.lapic)
+        done = fd.set_msrs(st.msrs)
+        if done != len(st.msrs):
+            raise VmStateError(f"vcpu{fd.index}: KVM refused MSR {st.msrs[done][0]:#x} "
+                               f"({done} of {len(st.msrs)} restored)")
         fd.set_mp_state(st.mp_state)
+        fd.set_vcpu_events(K.KvmVcpuEvents.from_buffer_copy(st.events))
         self.halted = st.halted

@@ -4,8 +4,30 @@ Theory of operation
 -------------------
 A :class:`Vm` owns its KVM fds, its RAM blocks (one ``pc.ram`` block at guest-physical
 0), its vCPUs and its devices; nothing is global, so two VMs (a migration source and
-destination) can live in one process.  Guests start the way a PC BIOS hands over to a
-boot sector: the 512-byte image at 0x7c00, real mode, ``CS:IP = 0:7c00``, ``DL = 0x80``.
+destination) can live in one process.  Guests start either the way a PC BIOS hands over
+to a boot sector (the 512-byte image at 0x7c00, real mode, ``CS:IP = 0:7c00``,
+``DL = 0x80``) or the way a multiboot loader starts a kernel (``livemig.vmm.multiboot``:
+32-bit protected mode, ``EAX``/``EBX`` = magic and info block).
+
+Unless the config turns it off, the VM has KVM's in-kernel irqchip (two 8259 PICs, an
+IOAPIC, a local APIC per vCPU) and PIT, created before the vCPUs as KVM requires.  The
+serial port drives GSI 4 of that irqchip.  Application processors (``vcpus > 1`` needs
+the irqchip) wait inside ``KVM_RUN`` for INIT/SIPI from the boot processor.  Each vCPU
+gets the host's supported CPUID with its own APIC id (``livemig.vmm.cpuid``).
+
+The MSRs saved per vCPU (:attr:`Vm.msr_indices`) are those of
+``KVM_GET_MSR_INDEX_LIST`` that a new vCPU can read and write back (which depends on the
+CPUID and on the irqchip), in the kernel's list order (which puts
+``IA32_TSC`` before ``IA32_TSC_DEADLINE`` and ``IA32_TSC_ADJUST``).
+
+While the VM is paused its kvmclock stands still, as under QEMU: ``pause`` reads it
+(``KVM_GET_CLOCK``) and ``start`` sets it back (``KVM_SET_CLOCK``), so guest time does not
+jump by the length of a pause or of a migration's downtime.
+
+:meth:`Vm.reset` (QMP ``system_reset``) restores the state every part had when the VM
+was created and loads the boot image again.  A guest that triple-faults or resets
+through port 0xcf9 shuts the VM down (as QEMU's ``-no-reboot``), emitting ``SHUTDOWN``
+with ``guest: true``.
 
 The VM-level run state uses QEMU's ``RunState`` names (``prelaunch``, ``running``,
 ``paused``, ``inmigrate``, ``postmigrate``, ``shutdown``, ``internal-error``) because QMP
@@ -19,20 +41,23 @@ state; RAM moves separately (the migration stream, or :meth:`Vm.copy_ram_from`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, BinaryIO
+from typing import Any
 
 from livemig.errors import ConfigError, VmStateError
 from livemig.kernel import kvm as K
 from livemig.kernel.mman import Backing
 from livemig.units import GIB, MIB
+from livemig.vmm.cpuid import CpuidPolicy
 from livemig.vmm.memory import RamBlock, make_block
-from livemig.vmm.serial import Serial
-from livemig.vmm.state import VmState
+from livemig.vmm.multiboot import MultibootImage
+from livemig.vmm.serial import COM1_IRQ, Serial, Sink
+from livemig.vmm.state import PlatformState, VmState
 from livemig.vmm.vcpu import Vcpu, VcpuRunState, install_kick_handler
 
 log = logging.getLogger("livemig.vm")
@@ -43,6 +68,8 @@ TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFFFBC000
 MAX_RAM = 3 * GIB  # RAM is one block below the 32-bit PCI hole
 MAIN_BLOCK = "pc.ram"
+MAX_VCPUS = 16
+RESET_PORT = 0xCF9  # PIIX/ICH reset control register: bit 2 starts a reset
 
 
 class RunState(Enum):
@@ -95,6 +122,8 @@ class VmConfig:
     backing: Backing = Backing.ANON_4K
     vcpus: int = 1
     reserve_hugepages: bool = True
+    irqchip: bool = True
+    cpuid: CpuidPolicy = CpuidPolicy()
 
     def validate(self) -> None:
         page = self.backing.host_page_size
@@ -103,21 +132,27 @@ class VmConfig:
                               f"{self.backing.value} page size ({page} bytes)")
         if self.mem_size < 2 * MIB or self.mem_size > MAX_RAM:
             raise ConfigError(f"memory size must be between 2 MiB and {MAX_RAM // GIB} GiB")
-        if self.vcpus != 1:
-            raise ConfigError("livemig guests are single-vCPU for now")
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise ConfigError(f"a VM has 1 to {MAX_VCPUS} vCPUs, not {self.vcpus}")
+        if self.vcpus > 1 and not self.irqchip:
+            raise ConfigError("several vCPUs need the in-kernel irqchip (INIT/SIPI)")
+        self.cpuid.validate()
 
 
 class Vm:
     """A KVM virtual machine with one RAM block, vCPUs and a serial port."""
 
-    def __init__(self, config: VmConfig, serial_sink: BinaryIO | None = None) -> None:
+    def __init__(self, config: VmConfig, serial_sink: Sink | None = None) -> None:
         config.validate()
         install_kick_handler()
         self.config = config
         self.runstate = RunState.PRELAUNCH
+        self.failure: str | None = None  # why a vCPU stopped for good, if one did
+        self._stopped_clock: int | None = None  # kvmclock while paused (ns)
+        self._boot: Callable[[], None] | None = None  # loads the image again at a reset
         self._listeners: list[EventListener] = []
         self._lock = threading.RLock()
-        self.serial = Serial(serial_sink)
+        self.serial = Serial(serial_sink, self._serial_irq if config.irqchip else None)
         self._stack = contextlib.ExitStack()
         try:
             self._setup()
@@ -136,32 +171,62 @@ class Vm:
         if self.kvm.check_extension(K.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2):
             self.vm_fd.enable_cap(K.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
                                   K.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+        if cfg.irqchip:
+            self.vm_fd.create_irqchip()
+            self.vm_fd.create_pit2()
         # The block's mapping reserves its huge pages and gives them back on close.
         block = make_block(self.vm_fd, MAIN_BLOCK, 0, cfg.mem_size, cfg.backing, slot=0,
                            reserve=cfg.reserve_hugepages)
         self._stack.callback(block.mapping.close)
         self.blocks: dict[str, RamBlock] = {block.name: block}
-        supported = set(self.kvm.msr_index_list())
-        self.msr_indices = [m for m in K.MIGRATED_MSRS if m in supported]
-        cpuid = self.kvm.supported_cpuid()
+        self.xsave = bool(self.kvm.check_extension(K.KVM_CAP_XSAVE))
+        supported = self.kvm.supported_cpuid()
         self.vcpus: list[Vcpu] = []
         for i in range(cfg.vcpus):
             fd = self.vm_fd.create_vcpu(i)
             self._stack.callback(fd.close)
-            fd.set_cpuid2(cpuid)
+            fd.set_cpuid2(cfg.cpuid.table_for(supported, i, cfg.vcpus))
             vcpu = Vcpu(fd, self, on_fatal=self._vcpu_failed)
             self._stack.callback(vcpu.stop)
             self.vcpus.append(vcpu)
+        self.msr_indices = self._migratable_msrs(self.vcpus[0].fd)
+        self._power_on = self.save_state()  # what a reset goes back to
+
+    def _migratable_msrs(self, fd: K.VcpuFd) -> list[int]:
+        """The listed MSRs this (never run) vCPU can read and take back unchanged."""
+        out = []
+        for index in self.kvm.msr_index_list():
+            value = fd.get_msrs([index])
+            if value and fd.set_msrs(value) == 1:
+                out.append(index)
+        return out
 
     # --- devices ----------------------------------------------------------------------
     def io_out(self, port: int, size: int, value: int) -> None:
         if self.serial.handles(port):
             self.serial.write(port, value & 0xFF)
+        elif port == RESET_PORT and value & 0x04:
+            self.guest_shutdown("guest-reset")
 
     def io_in(self, port: int, size: int) -> int:
         if self.serial.handles(port):
             return self.serial.read(port)
         return (1 << (8 * size)) - 1
+
+    def _serial_irq(self, level: bool) -> None:
+        self.vm_fd.irq_line(COM1_IRQ, level)
+
+    def inject_nmi(self) -> None:
+        """An NMI on every vCPU, as QEMU's ``inject-nmi`` (needs the in-kernel irqchip)."""
+        if not self.config.irqchip:
+            raise VmStateError("NMIs need the in-kernel irqchip")
+        for v in self.vcpus:
+            v.fd.nmi()
+
+    def guest_shutdown(self, reason: str) -> None:
+        """The guest asked to stop (from a vCPU thread, which must not wait for itself)."""
+        threading.Thread(target=self.shutdown, args=(reason, True), name="vm-shutdown",
+                         daemon=True).start()
 
     # --- memory -----------------------------------------------------------------------
     @property
@@ -196,6 +261,10 @@ class Vm:
         if len(image) != 512:
             raise ConfigError(f"a boot sector is 512 bytes, got {len(image)}")
         self._require(RunState.PRELAUNCH, RunState.INMIGRATE)
+        self._boot = functools.partial(self._enter_boot_sector, image)
+        self._boot()
+
+    def _enter_boot_sector(self, image: bytes) -> None:
         self.write_guest(BOOT_SECTOR_ADDR, image)
         fd = self.vcpus[0].fd
         sregs = fd.get_sregs()
@@ -205,6 +274,21 @@ class Vm:
         regs = K.KvmRegs()
         regs.rip, regs.rflags, regs.rdx, regs.rsp = BOOT_SECTOR_ADDR, 0x2, 0x80, 0x7000
         fd.set_regs(regs)
+
+    def load_multiboot(self, image: MultibootImage, cmdline: bytes = b"") -> None:
+        """Load a multiboot kernel and enter it on the boot processor, as QEMU's loader."""
+        self._require(RunState.PRELAUNCH, RunState.INMIGRATE)
+        self._boot = functools.partial(self._enter_multiboot, image, cmdline)
+        self._boot()
+
+    def _enter_multiboot(self, image: MultibootImage, cmdline: bytes) -> None:
+        for gpa, data in image.placements(self.main_block.size, cmdline):
+            self.write_guest(gpa, data)
+        fd = self.vcpus[0].fd
+        sregs = fd.get_sregs()
+        image.enter_protected_mode(sregs)
+        fd.set_sregs(sregs)
+        fd.set_regs(image.entry_regs())
 
     # --- run state --------------------------------------------------------------------
     def add_listener(self, listener: EventListener) -> None:
@@ -241,6 +325,9 @@ class Vm:
             if self.runstate is RunState.RUNNING:
                 return
             self.set_runstate(RunState.RUNNING)
+            if self._stopped_clock is not None:
+                self.vm_fd.set_clock(self._stopped_clock)
+                self._stopped_clock = None
             for v in self.vcpus:
                 v.resume()
         self._emit("RESUME")
@@ -252,20 +339,41 @@ class Vm:
             for v in self.vcpus:
                 if v.state is VcpuRunState.RUNNING:
                     v.pause()
+            if was_running and self.config.irqchip:
+                self._stopped_clock = int(self.vm_fd.get_clock().clock)
             self.set_runstate(to)
         if was_running:
             self._emit("STOP")
 
-    def shutdown(self, reason: str = "host-qmp-quit") -> None:
+    def shutdown(self, reason: str = "host-qmp-quit", guest: bool = False) -> None:
         with self._lock:
             if self.runstate is RunState.SHUTDOWN:
                 return
             for v in self.vcpus:
                 v.stop()
             self.runstate = RunState.SHUTDOWN
-        self._emit("SHUTDOWN", {"guest": False, "reason": reason})
+        self._emit("SHUTDOWN", {"guest": guest, "reason": reason})
+
+    def reset(self) -> None:
+        """A hard reset, as QEMU's ``system_reset``: every vCPU and device goes back to
+        its power-on state (the state saved when the VM was created), the image is
+        loaded again, RAM is otherwise kept; a running VM runs on.  Emits ``RESET``."""
+        with self._lock:
+            if self._boot is None or self.runstate in (RunState.SHUTDOWN,
+                                                       RunState.INMIGRATE):
+                raise VmStateError(f"cannot reset a VM that is {self.runstate.value} or "
+                                   "has nothing booted")
+            was_running = self.runstate is RunState.RUNNING
+            if was_running:
+                self.pause()
+            self.restore_state(self._power_on)
+            self._boot()
+            if was_running:
+                self.start()
+        self._emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
 
     def _vcpu_failed(self, why: str) -> None:
+        self.failure = why
         with self._lock:
             if self.runstate is RunState.RUNNING:
                 self.runstate = RunState.INTERNAL_ERROR
@@ -276,8 +384,20 @@ class Vm:
         with self._lock:
             if self.runstate is RunState.RUNNING:
                 raise VmStateError("pause the VM before saving its state")
-            return VmState(tuple(v.save(self.msr_indices) for v in self.vcpus),
-                           self.serial.save())
+            vcpus = tuple(v.save(self.msr_indices, self.config.irqchip, self.xsave)
+                          for v in self.vcpus)
+            return VmState(vcpus, self.serial.save(), self._save_platform())
+
+    def _save_platform(self) -> PlatformState | None:
+        if not self.config.irqchip:
+            return None
+        fd = self.vm_fd
+        return PlatformState(
+            pic_master=fd.get_irqchip(K.KVM_IRQCHIP_PIC_MASTER),
+            pic_slave=fd.get_irqchip(K.KVM_IRQCHIP_PIC_SLAVE),
+            ioapic=fd.get_irqchip(K.KVM_IRQCHIP_IOAPIC), pit=fd.get_pit2(),
+            clock_ns=self._stopped_clock if self._stopped_clock is not None
+            else int(fd.get_clock().clock))
 
     def restore_state(self, state: VmState) -> None:
         with self._lock:
@@ -286,9 +406,20 @@ class Vm:
             if len(state.vcpus) != len(self.vcpus):
                 raise ConfigError(f"state has {len(state.vcpus)} vCPUs, VM has "
                                   f"{len(self.vcpus)}")
+            if state.platform is not None and not self.config.irqchip:
+                raise ConfigError("the saved VM had the in-kernel irqchip, this one has not")
+            platform = state.platform
+            fd = self.vm_fd
+            if platform is not None:
+                fd.set_irqchip(K.KVM_IRQCHIP_PIC_MASTER, platform.pic_master)
+                fd.set_irqchip(K.KVM_IRQCHIP_PIC_SLAVE, platform.pic_slave)
+                fd.set_irqchip(K.KVM_IRQCHIP_IOAPIC, platform.ioapic)
+                fd.set_pit2(platform.pit)
             for v, st in zip(self.vcpus, state.vcpus, strict=True):
                 v.restore(st)
             self.serial.restore(state.serial)
+            if platform is not None:
+                self._stopped_clock = platform.clock_ns  # set by start(), right before running
 
     def copy_ram_from(self, other: Vm) -> None:
         """Copy all RAM of a paused VM (for in-process save/restore tests and file loads)."""

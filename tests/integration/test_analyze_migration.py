@@ -78,7 +78,9 @@ def test_qemu_script_reads_a_saved_guest(script: Path, tmp_path: Path,
     assert desc["page_size"] == 4096
     names = [d["name"] for d in desc["devices"]]
     assert names == ["livemig/capabilities", "livemig/globalstate", "livemig/cpu",
-                     "livemig/serial"]
+                     "livemig/serial", "livemig/platform"]
+    platform = state["livemig/platform (5)"]
+    assert set(platform) >= {"clock_ns", "pic_master", "pic_slave", "ioapic", "pit"}
     cpu = state["livemig/cpu (1)"]
     rip = bytes.fromhex(cpu["regs"]["rip"].replace(" ", ""))
     assert rip == regs.regs[16 * 8:17 * 8]  # the 17th u64 of kvm_regs, memory order

@@ -6,8 +6,10 @@ traceback; ``run`` really runs a guest; ``migrate`` and ``demo`` really migrate 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 from helpers import livemig_process, wait_migration
 
+from livemig.control.client import QmpClient
 from livemig.errors import MigrationError
 from livemig.migration.channel import image_trailer
 from livemig.vmmprocess import VmmProcess
@@ -187,6 +190,17 @@ def test_migrate_command_to_nobody_is_one_error_line(tmp_path: Path) -> None:
         assert src.wait_serial(2)  # the source runs on
 
 
+def test_demo_migrates_a_two_vcpu_vm(tmp_path: Path) -> None:
+    """--smp reaches both VMMs: the destination takes the state of both vCPUs (it
+    refuses a stream with another number of them) and the guest goes on."""
+    out = tmp_path / "demo.json"
+    result = livemig("demo", "--mem", "64M", "--smp", "2", "--json", str(out), timeout=240)
+    assert result.returncode == 0, result.stderr + result.stdout[-2000:]
+    report = json.loads(out.read_text())
+    assert report["smp"] == 2 and report["destination"]["status"] == "completed"
+    assert report["check"]["guest_ran_on"] and report["check"]["bad_pages"] == 0
+
+
 def test_demo_migrates_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "demo.json"
     result = livemig("demo", "--mem", "64M", "--json", str(out), timeout=240)
@@ -209,3 +223,42 @@ def test_a_vmm_that_cannot_start_is_reported_at_once_with_its_error(tmp_path: Pa
         VmmProcess(tmp_path, "bad", ["--mem", "3M", "--page-size", "2M"])
     assert time.monotonic() - start < 20
     assert "Error:" in str(info.value)
+
+
+def test_run_os_guest_with_a_socket_console_echoes_what_the_user_types(
+        tmp_path: Path) -> None:
+    console_path = tmp_path / "console.sock"
+    qmp_path = tmp_path / "qmp.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "livemig", "run", "--guest", "os",
+                             "--smp", "2", "--mem", "64M", "--console", f"unix:{console_path}",
+                             "--qmp", str(qmp_path)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not console_path.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.02)
+        with socket.socket(socket.AF_UNIX) as con:
+            con.connect(str(console_path))
+            con.settimeout(1)
+            out = b""
+            typed = False
+            while b"hello console" not in out.replace(b"B", b""):
+                assert time.monotonic() < deadline and b"E" not in out, out[-100:]
+                if not typed and out.count(b"B") >= 2:
+                    con.sendall(b"hello console")
+                    typed = True
+                with contextlib.suppress(TimeoutError):
+                    out += con.recv(4096)
+        assert out.startswith(b"LMOS boot\ncpus 2\nticks\n")
+        with QmpClient(str(qmp_path)) as qmp:
+            qmp.execute("stop")
+            check = qmp.execute("x-guest-check", guest="os")
+            assert check["pages"] > 0 and check["bad_pages"] == 0, check
+            qmp.execute("quit")
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        assert proc.stderr is not None
+        proc.stderr.close()

@@ -1,4 +1,5 @@
-"""The built-in guests boot in real QEMU/KVM and make progress without errors.
+"""The built-in guests boot in real QEMU/KVM and make progress without errors; the os
+guest prints the same console lines under QEMU and under livemig.
 
 Each guest is patched for a 64 MiB VM, booted headless with its serial port going to
 a file, and the file is polled until two passes ('B') have been reported; an 'E'
@@ -18,6 +19,9 @@ from pathlib import Path
 import pytest
 
 from livemig.guests import GUEST_NAMES, load_image, patch_range
+from livemig.guests.os import OsParams, load_os_image
+from livemig.vmm.multiboot import MultibootImage
+from livemig.vmm.vm import Vm, VmConfig
 
 QEMU = shutil.which("qemu-system-x86_64")
 RAM = 64 << 20
@@ -31,24 +35,12 @@ pytestmark = [
 ]
 
 
-def boot_until_passes(image: Path, serial: Path) -> tuple[str, float]:
-    """Boot ``image``; return serial output once WANTED_PASSES 'B's (or an 'E') appear."""
+def boot_until_passes(boot: list[str], serial: Path) -> tuple[str, float]:
+    """Boot with the ``boot`` arguments; return serial output once WANTED_PASSES 'B's
+    (or an 'E') appear."""
     assert QEMU is not None
-    cmd = [
-        QEMU,
-        "-accel",
-        "kvm",
-        "-m",
-        f"{RAM >> 20}M",
-        "-drive",
-        f"file={image},format=raw",
-        "-display",
-        "none",
-        "-nodefaults",
-        "-no-reboot",
-        "-serial",
-        f"file:{serial}",
-    ]
+    cmd = [QEMU, "-accel", "kvm", "-m", f"{RAM >> 20}M", *boot, "-display", "none",
+           "-nodefaults", "-no-reboot", "-serial", f"file:{serial}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     began = time.monotonic()
     out = ""
@@ -70,6 +62,29 @@ def boot_until_passes(image: Path, serial: Path) -> tuple[str, float]:
 def test_guest_boots_in_qemu_and_passes_its_self_check(name: str, tmp_path: Path) -> None:
     image = tmp_path / f"{name}.img"
     image.write_bytes(patch_range(load_image(name), 1 << 20, RAM))
-    out, elapsed = boot_until_passes(image, tmp_path / "serial.out")
+    out, elapsed = boot_until_passes(["-drive", f"file={image},format=raw"],
+                                     tmp_path / "serial.out")
     assert "E" not in out, f"{name} reported a failed self-check: {out!r}"
     assert out.count("B") >= WANTED_PASSES, f"{name}: only {out!r} after {elapsed:.1f} s"
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("vcpus", [1, 2, 4])
+def test_os_guest_prints_the_same_console_in_qemu_and_livemig(vcpus: int,
+                                                             tmp_path: Path) -> None:
+    """The same multiboot image: QEMU's -kernel and livemig's loader, same boot lines."""
+    image = OsParams.for_ram(RAM, vcpus).patch(load_os_image())
+    kernel = tmp_path / "os.img"
+    kernel.write_bytes(image)
+    qemu_out, elapsed = boot_until_passes(["-smp", str(vcpus), "-kernel", str(kernel)],
+                                          tmp_path / "serial.out")
+    with Vm(VmConfig(RAM, vcpus=vcpus)) as vm:
+        vm.load_multiboot(MultibootImage.parse(image))
+        vm.start()
+        vm.serial.wait_for(WANTED_PASSES, timeout=TIMEOUT_S)
+        ours = vm.serial.output.decode()
+    boot_lines = f"LMOS boot\ncpus {vcpus}\nticks\n"
+    assert "E" not in qemu_out and "E" not in ours, (qemu_out, ours)
+    assert qemu_out.startswith(boot_lines), f"QEMU after {elapsed:.1f} s: {qemu_out!r}"
+    assert ours.startswith(boot_lines), ours
+    assert qemu_out[len(boot_lines):].strip("B") == ours[len(boot_lines):].strip("B") == ""

@@ -121,6 +121,26 @@ def test_state_round_trip_into_a_fresh_vm(backing: Backing, hugepages_restored: 
             assert result.pages == (end - start) // 4096
 
 
+def test_boot_sector_guests_run_and_round_trip_without_the_irqchip() -> None:
+    config = VmConfig(MEM, irqchip=False)
+    with Vm(config) as a:
+        boot_guest(a, "ab")
+        a.start()
+        assert a.serial.wait_for(2, timeout=60)
+        a.pause()
+        state = a.save_state()
+        assert state.platform is None and all(v.lapic == b"" for v in state.vcpus)
+        with Vm(config) as b:
+            b.copy_ram_from(a)
+            b.restore_state(state)
+            b.start()
+            assert b.serial.wait_for(2, timeout=60)
+            b.pause()
+            assert b"E" not in b.serial.output
+            start, end = guest_range(b)
+            assert ab_check(b.main_block.array(), start, end).ok
+
+
 def test_run_state_machine_refuses_bad_transitions(ab_vm: Vm) -> None:
     events: list[str] = []
     ab_vm.add_listener(lambda name, data: events.append(name))

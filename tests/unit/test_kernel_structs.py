@@ -34,6 +34,14 @@ SIZES = {
     K.KvmCpuid2Header: 8,
     K.KvmMpState: 4,
     K.KvmVcpuEvents: 64,
+    K.KvmIrqLevel: 8,
+    K.KvmIrqchip: 520,
+    K.KvmPitConfig: 64,
+    K.KvmPitState2: 112,
+    K.KvmLapicState: 1024,
+    K.KvmClockData: 48,
+    K.KvmDebugregs: 128,
+    K.KvmXsave: 4096,
 }
 
 
@@ -45,7 +53,8 @@ def test_struct_size_matches_kernel(struct: type[ctypes.Structure], size: int) -
 
 def test_saved_vcpu_state_sizes_are_the_kernel_struct_sizes() -> None:
     assert K.VCPU_STATE_SIZES == {"regs": 144, "sregs": 312, "fpu": 416, "xcrs": 392,
-                                  "events": 64}
+                                  "events": 64, "xsave": 4096, "debugregs": 128,
+                                  "lapic": 1024}
 
 
 # Field offsets from <linux/kvm.h> / <asm/kvm.h> (x86_64).
@@ -116,6 +125,23 @@ KERNEL_IOCTLS = {
     "KVM_SET_VCPU_EVENTS": 0x4040AEA0,
     "KVM_GET_XCRS": 0x8188AEA6,
     "KVM_SET_XCRS": 0x4188AEA7,
+    "KVM_CREATE_IRQCHIP": 0xAE60,
+    "KVM_IRQ_LINE": 0x4008AE61,
+    "KVM_GET_IRQCHIP": 0xC208AE62,
+    "KVM_SET_IRQCHIP": 0x8208AE63,
+    "KVM_CREATE_PIT2": 0x4040AE77,
+    "KVM_GET_PIT2": 0x8070AE9F,
+    "KVM_SET_PIT2": 0x4070AEA0,
+    "KVM_SET_CLOCK": 0x4030AE7B,
+    "KVM_GET_CLOCK": 0x8030AE7C,
+    "KVM_GET_LAPIC": 0x8400AE8E,
+    "KVM_SET_LAPIC": 0x4400AE8F,
+    "KVM_GET_DEBUGREGS": 0x8080AEA1,
+    "KVM_SET_DEBUGREGS": 0x4080AEA2,
+    "KVM_GET_XSAVE": 0x9000AEA4,
+    "KVM_SET_XSAVE": 0x5000AEA5,
+    "KVM_GET_TSC_KHZ": 0xAEA3,
+    "KVM_NMI": 0xAE9A,
 }
 
 

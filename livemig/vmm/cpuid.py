@@ -1,0 +1,105 @@
+"""The CPUID table each vCPU sees: the host's supported leaves, per-vCPU ids, features hidden.
+
+Theory of operation
+-------------------
+``KVM_GET_SUPPORTED_CPUID`` returns every leaf KVM can present to a guest on this host
+(a ``kvm_cpuid2`` header and 40-byte ``kvm_cpuid_entry2`` records).  A VMM must then make
+the table *per vCPU*: the initial APIC id lives in leaf 1 ``EBX[31:24]`` and the x2APIC id
+in leaf 0xB ``EDX`` (and on AMD leaf 0x8000001E ``EAX``); leaf 1 ``EBX[23:16]`` is the
+number of logical processors in the package.  livemig presents one package with one core
+per vCPU and APIC id == vCPU index.
+
+Some hosts cannot run every instruction they advertise (a nested KVM whose instruction
+emulator lacks ``popcnt`` or ``xsave``): :data:`FEATURES` names CPUID bits, and a
+:class:`CpuidPolicy` clears the ones named in ``hide`` in every vCPU's table.  The table is
+set with ``KVM_SET_CPUID2`` once, before the vCPU first runs (the first step of a restore,
+as in Firecracker and QEMU).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Final
+
+from livemig.errors import ConfigError
+
+_HEADER = struct.Struct("<II")  # nent, padding
+_ENTRY = struct.Struct("<7I12x")  # function, index, flags, eax, ebx, ecx, edx, padding
+_REGS = ("eax", "ebx", "ecx", "edx")
+
+# name -> (leaf, subleaf, register, bit)
+FEATURES: Final[dict[str, tuple[int, int, str, int]]] = {
+    "popcnt": (1, 0, "ecx", 23),
+    "x2apic": (1, 0, "ecx", 21),
+    "tsc-deadline": (1, 0, "ecx", 24),
+    "xsave": (1, 0, "ecx", 26),
+    "avx": (1, 0, "ecx", 28),
+    "rdrand": (1, 0, "ecx", 30),
+    "cx16": (1, 0, "ecx", 13),
+    "smap": (7, 0, "ebx", 20),
+    "smep": (7, 0, "ebx", 7),
+    "pku": (7, 0, "ecx", 3),
+    "kvmclock": (0x40000001, 0, "eax", 3),  # KVM_FEATURE_CLOCKSOURCE2
+    "kvm-pv-eoi": (0x40000001, 0, "eax", 6),
+}
+
+
+@dataclass
+class CpuidEntry:
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+
+@dataclass(frozen=True)
+class CpuidPolicy:
+    """What a VM's vCPUs are told: ``hide`` names entries of :data:`FEATURES` to clear."""
+
+    hide: frozenset[str] = field(default_factory=frozenset)
+
+    def validate(self) -> None:
+        unknown = sorted(self.hide - FEATURES.keys())
+        if unknown:
+            raise ConfigError(f"unknown CPUID feature(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(sorted(FEATURES))}")
+
+    def table_for(self, supported: bytes, vcpu: int, nvcpus: int) -> bytes:
+        """The raw ``kvm_cpuid2`` for vCPU ``vcpu`` of ``nvcpus``."""
+        entries = parse(supported)
+        for e in entries:
+            if e.function == 1:
+                e.ebx = (e.ebx & 0x0000FFFF) | (vcpu << 24) | (min(nvcpus, 255) << 16)
+                e.edx |= 1 << 28 if nvcpus > 1 else 0  # HTT: the count field is valid
+            elif e.function == 0xB:
+                e.edx = vcpu
+            elif e.function == 0x8000001E:
+                e.eax = vcpu
+        for name in sorted(self.hide):
+            leaf, sub, reg, bit = FEATURES[name]
+            for e in entries:
+                if e.function == leaf and e.index == sub:
+                    setattr(e, reg, getattr(e, reg) & ~(1 << bit))
+        return encode(entries)
+
+
+def parse(raw: bytes) -> list[CpuidEntry]:
+    (nent, _) = _HEADER.unpack_from(raw)
+    return [CpuidEntry(*_ENTRY.unpack_from(raw, _HEADER.size + i * _ENTRY.size))
+            for i in range(nent)]
+
+
+def encode(entries: list[CpuidEntry]) -> bytes:
+    return _HEADER.pack(len(entries), 0) + b"".join(
+        _ENTRY.pack(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in entries)
+
+
+def lookup(raw: bytes, function: int, index: int = 0) -> CpuidEntry | None:
+    for e in parse(raw):
+        if e.function == function and e.index == index:
+            return e
+    return None

@@ -1,0 +1,102 @@
+"""The os guest migrated whole: several vCPUs with LAPIC timers, the IOAPIC-routed serial
+interrupt, kvmclock, MSRs and XSAVE cross a migration in every mode.
+
+The guest checks itself (ticks on every vCPU, time continuous and never backwards, its
+pages and counters, registers it parked) and prints ``E`` + a reason on any error; the
+host-side check (``x-guest-check os``) verifies its regions on the paused destination.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pc_helpers import (
+    FINISHED,
+    NO_CONVERGENCE,
+    Pair,
+    capabilities,
+    client,
+    hugepages_checked,
+    start_postcopy_after_first_round,
+    wait_migration,
+)
+
+from livemig.instance import Instance
+from livemig.kernel.mman import Backing
+from livemig.runtime import SwitchInterval
+from livemig.units import MIB
+from livemig.vmm.boot import boot_os
+from livemig.vmm.vm import Vm, VmConfig
+
+pytestmark = pytest.mark.kvm
+
+MEM = 64 * MIB
+ERROR = re.compile(rb"E[A-Z][0-9a-f]\n")
+
+
+@contextlib.contextmanager
+def os_pair(tmp_path: Path, vcpus: int, backing: Backing, *, postcopy: bool,
+            preempt: bool, sender: str = "process") -> Iterator[Pair]:
+    switch = SwitchInterval()
+    src = Instance(Vm(VmConfig(MEM, backing, vcpus=vcpus)), str(tmp_path / "src.qmp"),
+                   switch=switch)
+    dst: Instance | None = None
+    try:
+        boot_os(src.vm)
+        src.vm.start()
+        # Every vCPU up and ticking before the migration starts.
+        assert src.vm.serial.wait_output(lambda out: out.count(b"B") >= 2 * vcpus, 60), \
+            src.vm.serial.output[-200:]
+        dst = Instance(Vm(VmConfig(MEM, backing, vcpus=vcpus)), str(tmp_path / "dst.qmp"),
+                       switch=switch)
+        with client(src) as sq, client(dst) as dq:
+            caps = capabilities(postcopy=postcopy, preempt=preempt)
+            sq.execute("migrate-set-capabilities", capabilities=caps)
+            dq.execute("migrate-set-capabilities", capabilities=caps)
+            params = {**NO_CONVERGENCE, "x-postcopy-urgent-sender": sender} if postcopy \
+                else {"downtime-limit": 300}
+            sq.execute("migrate-set-parameters", **params)
+            yield Pair(src, dst, sq, dq, f"unix:{tmp_path / 'mig.sock'}", "os")
+    finally:
+        if dst is not None:
+            dst.close()
+        src.close()
+
+
+MODES = [pytest.param(False, False, "migration", id="precopy"),
+         pytest.param(True, False, "migration", id="postcopy"),
+         pytest.param(True, True, "migration", id="preempt-migration"),
+         pytest.param(True, True, "process", id="preempt-process")]
+
+
+@pytest.mark.parametrize("vcpus", [2, 4])
+@pytest.mark.parametrize(("postcopy", "preempt", "sender"), MODES)
+def test_the_os_guest_survives_a_migration(
+        tmp_path: Path, request: pytest.FixtureRequest, vcpus: int, postcopy: bool,
+        preempt: bool, sender: str) -> None:
+    backing = Backing.HUGETLB_2M if vcpus == 4 and postcopy else Backing.ANON_4K
+    hugepages_checked(request, backing)
+    with os_pair(tmp_path, vcpus, backing, postcopy=postcopy, preempt=preempt,
+                 sender=sender) as p:
+        p.listen()
+        p.migrate()
+        if postcopy:
+            start_postcopy_after_first_round(p.sq)
+        src, dst = wait_migration(p.sq, 120), wait_migration(p.dq, 120)
+        assert (src["status"], dst["status"]) == ("completed", "completed"), (src, dst)
+        serial = p.dst.vm.serial
+        before = serial.output.count(b"B")
+        # The guest goes on: every vCPU reports passes again, and nothing went wrong.
+        assert serial.wait_output(lambda out: out.count(b"B") >= before + 2 * vcpus, 60), \
+            serial.output[-300:]
+        assert not ERROR.search(serial.output), serial.output[-300:]
+        if postcopy:
+            assert len(dst["postcopy-vcpu-blocktime"]) == vcpus, dst
+        p.dq.execute("stop")
+        check = p.dq.execute("x-guest-check", guest="os")
+        assert check["bad_pages"] == 0, check
+        assert wait_migration(p.sq, 5, until=FINISHED)["status"] == "completed"
