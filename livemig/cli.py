@@ -16,11 +16,12 @@ from typing import Any, TypeVar
 
 import click
 
-from livemig.errors import LivemigError
+from livemig.errors import LivemigError, QmpError
 from livemig.guests import GUEST_NAMES, load_image, load_image_file
 from livemig.guests.os import OS_GUEST
 from livemig.instance import Instance
 from livemig.kernel.mman import Backing, keep_freed_buffers
+from livemig.migration.state import MigrationStatus, UrgentMode
 from livemig.vmm.boot import boot_image, boot_os
 from livemig.vmm.console import Console, open_console
 from livemig.vmm.cpuid import FEATURES, CpuidPolicy
@@ -133,34 +134,114 @@ def run(guest: str | None, image: str | None, mem: str, page_size: str, qmp_path
         while not inst.wait(0.2):
             if deadline is not None and time.monotonic() >= deadline:
                 break
+        # As QEMU: a failed incoming migration ends the process with an error.
+        if inst.incoming is not None and inst.incoming.status.status is MigrationStatus.FAILED:
+            raise click.ClickException("incoming migration failed: "
+                                       f"{inst.incoming.info.error_desc or 'no reason given'}")
 
 
 @main.command()
 @click.option("--qmp", "qmp_path", required=True, type=click.Path(), help="Source QMP socket.")
 @click.option("--to", "uri", required=True, help="Destination URI (tcp:, unix:, file:).")
+@click.option("--dest-qmp", type=click.Path(),
+              help="Destination QMP socket: the same capabilities are set there (it must "
+                   "wait with --incoming defer; its migrate-incoming is then sent too), "
+                   "and both sides are checked to agree.")
 @click.option("--watch/--no-watch", default=True, help="Show progress until it ends.")
 @click.option("--max-bandwidth", type=int, help="Bytes per second (0 = unlimited).")
 @click.option("--downtime-limit", type=int, help="Milliseconds.")
+@click.option("--postcopy", is_flag=True,
+              help="Switch to postcopy: after --postcopy-after seconds, or when precopy "
+                   "stops converging.")
+@click.option("--postcopy-after", type=float, metavar="SECONDS",
+              help="Switch to postcopy this long after the start.")
+@click.option("--preempt", is_flag=True, help="Postcopy with preemption (implies --postcopy).")
+@click.option("--urgent-sender", type=click.Choice([m.value for m in UrgentMode]),
+              help="Who sends requested pages with --preempt (x-postcopy-urgent-sender).")
+@click.option("--max-postcopy-bandwidth", type=int,
+              help="Bytes per second of background pages in postcopy (0 = unlimited).")
 @_friendly_errors
-def migrate(qmp_path: str, uri: str, watch: bool, max_bandwidth: int | None,
-            downtime_limit: int | None) -> None:
-    """Migrate the VM behind a QMP socket to URI, with a progress bar."""
+def migrate(qmp_path: str, uri: str, dest_qmp: str | None, watch: bool,
+            max_bandwidth: int | None, downtime_limit: int | None, postcopy: bool,
+            postcopy_after: float | None, preempt: bool, urgent_sender: str | None,
+            max_postcopy_bandwidth: int | None) -> None:
+    """Migrate the VM behind a QMP socket to URI, showing its progress."""
     from rich.console import Console
 
     from livemig.control.client import QmpClient
-    from livemig.demo import watch_migration
+    from livemig.demo import PostcopySwitch, watch_migration
 
-    with QmpClient(qmp_path) as qmp:
-        params = {k: v for k, v in (("max-bandwidth", max_bandwidth),
-                                    ("downtime-limit", downtime_limit)) if v is not None}
+    postcopy = postcopy or preempt
+    if postcopy_after is not None and not postcopy:
+        raise click.UsageError("--postcopy-after needs --postcopy")
+    if urgent_sender is not None and not preempt:
+        raise click.UsageError("--urgent-sender needs --preempt")
+    if postcopy and not watch:
+        raise click.UsageError("--postcopy switches while it watches: drop --no-watch")
+    caps = {"postcopy-ram": postcopy, "postcopy-preempt": preempt}
+    params = {k: v for k, v in (("max-bandwidth", max_bandwidth),
+                                ("downtime-limit", downtime_limit),
+                                ("max-postcopy-bandwidth", max_postcopy_bandwidth),
+                                ("x-postcopy-urgent-sender", urgent_sender)) if v is not None}
+    with QmpClient(qmp_path) as qmp, \
+            (QmpClient(dest_qmp) if dest_qmp else contextlib.nullcontext()) as dst:
+        _set_capabilities(qmp, caps, "source")
+        if dst is not None:
+            _start_destination(dst, caps, uri)
+            _check_agreement(qmp, dst)
         if params:
             qmp.execute("migrate-set-parameters", **params)
         qmp.execute("migrate", uri=uri)
         if watch:
-            info = watch_migration(qmp, Console(), timeout=24 * 3600)
+            hook = PostcopySwitch(qmp, postcopy_after) if postcopy else None
+            info = watch_migration(qmp, Console(), timeout=24 * 3600, on_active=hook)
             if info["status"] != "completed":
                 raise click.ClickException(f"migration {info['status']}: "
                                            f"{info.get('error-desc', '')}")
+
+
+def _set_capabilities(qmp: Any, caps: dict[str, bool], side: str) -> None:
+    """Turn on the capabilities asked for (others stay as the side has them)."""
+    wanted = [{"capability": name, "state": True} for name, on in caps.items() if on]
+    if not wanted:
+        return
+    try:
+        qmp.execute("migrate-set-capabilities", capabilities=wanted)
+    except QmpError as e:
+        raise click.ClickException(f"cannot set {', '.join(n for n, on in caps.items() if on)}"
+                                   f" on the {side}: {e}") from None
+
+
+def _start_destination(dst: Any, caps: dict[str, bool], uri: str) -> None:
+    """Capabilities first, then migrate-incoming, as QEMU's -incoming defer needs."""
+    waiting = dst.execute("query-migrate").get("status", "none") == "none"
+    if not waiting and any(caps.values()):
+        raise click.ClickException(
+            "the destination's incoming migration has already started, so its "
+            "capabilities cannot change: start it with --incoming defer")
+    _set_capabilities(dst, caps, "destination")
+    if waiting:
+        dst.execute("migrate-incoming", uri=uri)
+
+
+AGREED_CAPABILITIES = ("postcopy-ram", "postcopy-preempt")
+
+
+def _check_agreement(src: Any, dst: Any) -> None:
+    """Both sides must have the same postcopy capabilities (the stream's handshake would
+    refuse the migration later; say it now, by name)."""
+    def caps(qmp: Any) -> dict[str, bool]:
+        return {c["capability"]: c["state"]
+                for c in qmp.execute("query-migrate-capabilities")}
+
+    theirs, ours = caps(dst), caps(src)
+    differ = [n for n in AGREED_CAPABILITIES if theirs.get(n) != ours.get(n)]
+    if differ:
+        raise click.ClickException(
+            "source and destination disagree on " + ", ".join(
+                f"{n} (source {'on' if ours.get(n) else 'off'}, destination "
+                f"{'on' if theirs.get(n) else 'off'})" for n in differ)
+            + ": set the same on both sides")
 
 
 @main.command()

@@ -46,28 +46,14 @@ class DemoConfig:
 
 def watch_migration(client: QmpClient, console: Console, timeout: float,
                     on_active: Any = None) -> dict[str, Any]:
-    """Poll query-migrate with a progress bar until the migration ends."""
-    columns = (TextColumn("[bold]{task.fields[status]:<16}"), BarColumn(),
-               TextColumn("{task.percentage:>5.1f}%"),
-               TextColumn("{task.fields[xfer]} sent, {task.fields[left]} left, "
-                          "{task.fields[rate]}, round {task.fields[rounds]}"),
-               TimeElapsedColumn())
+    """Poll query-migrate until the migration ends, showing its progress: a bar in a
+    terminal, plain lines otherwise (a log, a pipe)."""
     deadline = time.monotonic() + timeout
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("migrate", total=100, status="setup", xfer="0 MiB",
-                                 left="?", rate="-", rounds=0)
+    with _progress_view(console) as view:
         while True:
             info = client.execute("query-migrate")
             status = info.get("status", "none")
-            ram = info.get("ram", {})
-            total = max(ram.get("total", 1), 1)
-            done = 100.0 if status == "completed" else \
-                min(99.0, 100.0 * (1 - ram.get("remaining", total) / total))
-            progress.update(task, completed=done, status=status,
-                            xfer=f"{ram.get('transferred', 0) / 2**20:.0f} MiB",
-                            left=f"{ram.get('remaining', 0) / 2**20:.0f} MiB",
-                            rate=f"{ram.get('mbps', 0):.0f} Mbit/s",
-                            rounds=ram.get("dirty-sync-count", 0))
+            view.update(status, info.get("ram", {}))
             if MigrationStatus(status).finished:
                 return dict(info)
             if on_active is not None and status == "active":
@@ -77,6 +63,76 @@ def watch_migration(client: QmpClient, console: Console, timeout: float,
                 raise MigrationError(f"migration did not finish in {timeout:.0f} s")
             # Rounds of a small guest last tens of ms: poll fast while a hook waits.
             time.sleep(0.1 if on_active is None else 0.01)
+
+
+def _progress_figures(status: str, ram: dict[str, Any]) -> dict[str, Any]:
+    total = max(ram.get("total", 1), 1)
+    done = 100.0 if status == "completed" else \
+        min(99.0, 100.0 * (1 - ram.get("remaining", total) / total))
+    return {"status": status, "done": done,
+            "xfer": f"{ram.get('transferred', 0) / 2**20:.0f} MiB",
+            "left": f"{ram.get('remaining', 0) / 2**20:.0f} MiB",
+            "rate": f"{ram.get('mbps', 0):.0f} Mbit/s",
+            "rounds": ram.get("dirty-sync-count", 0)}
+
+
+class _BarView:
+    """A terminal: one progress bar, redrawn in place."""
+
+    def __init__(self, console: Console) -> None:
+        columns = (TextColumn("[bold]{task.fields[status]:<16}"), BarColumn(),
+                   TextColumn("{task.percentage:>5.1f}%"),
+                   TextColumn("{task.fields[xfer]} sent, {task.fields[left]} left, "
+                              "{task.fields[rate]}, round {task.fields[rounds]}"),
+                   TimeElapsedColumn())
+        self._progress = Progress(*columns, console=console, transient=False)
+        self._task = self._progress.add_task("migrate", total=100, status="setup",
+                                             xfer="0 MiB", left="?", rate="-", rounds=0)
+
+    def __enter__(self) -> _BarView:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def update(self, status: str, ram: dict[str, Any]) -> None:
+        f = _progress_figures(status, ram)
+        done = f.pop("done")
+        self._progress.update(self._task, completed=done, **f)
+
+
+class _LineView:
+    """Not a terminal: a plain line per status change and at most one a second."""
+
+    INTERVAL = 1.0
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+        self._t0 = time.monotonic()
+        self._last: tuple[str, float] | None = None
+
+    def __enter__(self) -> _LineView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, status: str, ram: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if self._last is not None and self._last[0] == status \
+                and now - self._last[1] < self.INTERVAL:
+            return
+        self._last = (status, now)
+        f = _progress_figures(status, ram)
+        self._console.print(f"{now - self._t0:7.1f}s {f['status']:<16} {f['done']:5.1f}% "
+                            f"{f['xfer']} sent, {f['left']} left, {f['rate']}, "
+                            f"round {f['rounds']}", markup=False, highlight=False,
+                            soft_wrap=True)
+
+
+def _progress_view(console: Console) -> _BarView | _LineView:
+    return _BarView(console) if console.is_terminal else _LineView(console)
 
 
 @contextlib.contextmanager
@@ -147,6 +203,34 @@ def _postcopy_after_one_round(qmp: QmpClient, mode: str) -> Any:
             switched = True
 
     return hook
+
+
+class PostcopySwitch:
+    """A watch hook for ``livemig migrate --postcopy``: switch to postcopy after
+    ``after`` seconds, or, without it, once precopy stops converging (a completed round
+    left at least as much to send as the round before)."""
+
+    def __init__(self, qmp: QmpClient, after: float | None) -> None:
+        self._qmp = qmp
+        self._after = after
+        self._t0 = time.monotonic()
+        self._rounds: dict[int, int] = {}  # dirty-sync-count -> remaining bytes then
+        self.switched = False
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        if self.switched:
+            return
+        if self._after is not None:
+            due = time.monotonic() - self._t0 >= self._after
+        else:
+            ram = info.get("ram", {})
+            r = ram.get("dirty-sync-count", 0)
+            self._rounds.setdefault(r, ram.get("remaining", 0))
+            before = self._rounds.get(r - 1)
+            due = r >= 3 and before is not None and self._rounds[r] >= before
+        if due:
+            self._qmp.execute("migrate-start-postcopy")
+            self.switched = True
 
 
 def _wait_destination(dst: VmmProcess, timeout: float) -> dict[str, Any]:

@@ -12,7 +12,8 @@ caller can catch them all; the branches say *who* is at fault::
      +-- VmStateError           an operation not allowed in the VM's current state
      +-- StreamError            a migration stream problem
      |    +-- RemoteProtocolError   the peer sent something invalid (corrupt, truncated,
-     |    |                         unknown section/block, out-of-range page, ...)
+     |    |    |                    unknown section/block, out-of-range page, ...)
+     |    |    +-- MissingPagesError  a stream ended without every page of RAM
      |    +-- LocalProtocolError    we tried to send something the protocol forbids
      |    +-- ChannelClosedError    the peer vanished (EOF / reset) mid-stream
      +-- MigrationError         the migration state machine failed or was refused
@@ -73,6 +74,16 @@ class StreamError(LivemigError):
 
 class RemoteProtocolError(StreamError):
     """The peer sent bytes that break the stream protocol."""
+
+
+class MissingPagesError(RemoteProtocolError):
+    """A stream ended without some pages of guest RAM: ``block`` and ``first`` (a byte
+    offset) name the first page that never arrived, ``count`` how many did not."""
+
+    def __init__(self, block: str, first: int, count: int) -> None:
+        self.block, self.first, self.count = block, first, count
+        super().__init__(f"the stream ended without {count} pages of RAM block {block!r} "
+                         f"(the first at offset {first:#x})")
 
 
 class LocalProtocolError(StreamError):

@@ -7,7 +7,9 @@ A migration URI is QEMU's: ``tcp:HOST:PORT``, ``unix:PATH`` or ``file:PATH``.
 :class:`Channel` is one byte stream with exactly one owning thread per direction; it
 offers batched zero-copy sends (:meth:`Channel.send`), reads into caller buffers
 (:meth:`Channel.recv_into`), and ``file:`` channels that behave the same, so a whole
-migration stream can be saved to a file and loaded back.
+migration stream can be saved to a file and loaded back.  A saved image ends with a
+CRC32 of all its bytes (:meth:`Channel.seal`), checked before anything of it is loaded
+(:func:`check_image`), as snapshot formats do.
 
 :class:`ChannelWriter` collects encoded records (header bytes + memoryviews of guest RAM)
 and flushes them with one ``sendmsg`` when enough are queued or when told to, and counts
@@ -20,11 +22,12 @@ import contextlib
 import os
 import socket
 import threading
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from livemig.errors import ChannelClosedError, ConfigError
+from livemig.errors import ChannelClosedError, ConfigError, RemoteProtocolError
 from livemig.kernel.sock import (
     Buffer,
     queued_bytes,
@@ -43,6 +46,38 @@ from livemig.wire.encoder import PageRecords
 
 Scheme = Literal["tcp", "unix", "file"]
 SOCKET_BUFFER = 4 << 20
+
+# A file: image ends with a checksum trailer after the stream: "LMCK" and the CRC32 of
+# every byte before it as 8 lowercase hex digits (no NUL byte and no '{', so QEMU's
+# analyze-migration.py still finds the VM description before it).  docs/STREAM.md.
+IMAGE_MAGIC = b"LMCK"
+IMAGE_TRAILER = len(IMAGE_MAGIC) + 8
+_CHECK_CHUNK = 4 << 20
+
+
+def image_trailer(crc: int) -> bytes:
+    return IMAGE_MAGIC + b"%08x" % (crc & 0xFFFFFFFF)
+
+
+def check_image(fd: int) -> int:
+    """Check the checksum of the image open at ``fd`` before anything of it is loaded;
+    return the length of the stream it holds (the image without its trailer)."""
+    size = os.fstat(fd).st_size
+    if size < IMAGE_TRAILER:
+        raise RemoteProtocolError(f"the image is {size} bytes long: too short for a "
+                                  "livemig image and its checksum")
+    stream, crc = size - IMAGE_TRAILER, 0
+    for pos in range(0, stream, _CHECK_CHUNK):
+        crc = zlib.crc32(os.pread(fd, min(_CHECK_CHUNK, stream - pos), pos), crc)
+    trailer = os.pread(fd, IMAGE_TRAILER, stream)
+    if trailer[: len(IMAGE_MAGIC)] != IMAGE_MAGIC:
+        raise RemoteProtocolError("the image has no checksum trailer: it is truncated, "
+                                  "or not a livemig image")
+    if trailer != image_trailer(crc):
+        raise RemoteProtocolError(
+            f"the image is corrupt: its checksum is {trailer[len(IMAGE_MAGIC):]!r} but its "
+            f"bytes give CRC32 {crc:08x}")
+    return stream
 
 
 @dataclass(frozen=True)
@@ -78,13 +113,17 @@ class Channel:
     """One end of a migration byte stream (a socket or a file)."""
 
     def __init__(self, sock: socket.socket | None = None, fd: int = -1,
-                 name: str = "main") -> None:
+                 name: str = "main", file_stream: int = 0) -> None:
+        """``file_stream``: for an image being read, the length of its stream (reads
+        stop there, before the checksum trailer)."""
         self.sock = sock
         self.fd = fd
         self.name = name
         self.bytes_sent = 0
         self.bytes_received = 0
         self._closed = False
+        self._crc = 0  # of the bytes written to a file, for its trailer
+        self._file_left = file_stream
 
     @property
     def is_file(self) -> bool:
@@ -94,7 +133,17 @@ class Channel:
         if self.sock is not None:
             self.bytes_sent += send_buffers(self.sock, buffers)
         else:
-            self.bytes_sent += write_buffers(self.fd, buffers)
+            self._write_file(buffers)
+
+    def _write_file(self, buffers: Sequence[Buffer]) -> None:
+        for b in buffers:
+            self._crc = zlib.crc32(b, self._crc)
+        self.bytes_sent += write_buffers(self.fd, buffers)
+
+    def seal(self) -> None:
+        """The stream is complete: a file gets its checksum trailer (a socket nothing)."""
+        if self.sock is None:
+            write_buffers(self.fd, [image_trailer(self._crc)])
 
     def send_pages(self, rec: PageRecords, ram: memoryview) -> None:
         """PAGE records with payloads straight from guest RAM (one scatter-gather
@@ -109,7 +158,7 @@ class Channel:
             if i == 0 and rec.prefix:
                 bufs.append(rec.prefix)
             bufs.append(ram[off : off + PAGE_SIZE])
-        self.bytes_sent += write_buffers(self.fd, bufs)
+        self._write_file(bufs)
 
     def recv_into(self, view: memoryview) -> int:
         """Read what is available (at least one byte); 0 means EOF."""
@@ -117,7 +166,8 @@ class Channel:
             if self.sock is not None:
                 n = self.sock.recv_into(view)
             else:
-                n = os.readv(self.fd, [view])
+                n = os.readv(self.fd, [view[: self._file_left]]) if self._file_left else 0
+                self._file_left -= n
         except (ConnectionResetError, OSError) as e:
             if self._closed:
                 return 0
@@ -142,7 +192,8 @@ class Channel:
             if self.sock is not None:
                 data = self.sock.recv(max_bytes)
             else:
-                data = os.read(self.fd, max_bytes)
+                data = os.read(self.fd, min(max_bytes, self._file_left))
+                self._file_left -= len(data)
         except OSError as e:
             if self._closed:
                 return b""
@@ -168,7 +219,11 @@ class Channel:
         if self.sock is not None:
             recv_exact_into(self.sock, view)
         else:
+            if len(view) > self._file_left:
+                raise ChannelClosedError(f"{self.name} channel: the stream ends after "
+                                         f"{self._file_left} of {len(view)} bytes")
             read_exact_into(self.fd, view)
+            self._file_left -= len(view)
         self.bytes_received += len(view)
 
     def shutdown(self) -> None:
@@ -240,7 +295,12 @@ class Listener:
                 fd = os.open(self.uri.path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:
                 raise ChannelClosedError(f"cannot open {self.uri}: {e.strerror}") from None
-            return Channel(fd=fd, name=name)
+            try:
+                stream = check_image(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            return Channel(fd=fd, name=name, file_stream=stream)
         sock = self._sock
         if sock is None:
             raise ChannelClosedError(f"stopped listening on {self.uri}")

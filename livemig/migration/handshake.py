@@ -28,16 +28,19 @@ from typing import NamedTuple, Protocol
 from livemig.errors import MigrationError, RemoteProtocolError
 from livemig.migration.state import Capabilities
 from livemig.wire.blocks import BlockInfo
+from livemig.wire.constants import RAM_VERSION_ID
 
 
 class Section(NamedTuple):
-    """A section of the stream: its idstr and section id (instance 0 unless said)."""
+    """A section of the stream: its idstr, section id and format version (instance 0
+    unless said); the destination refuses any other version."""
 
     name: str
     section_id: int
+    version: int = 1
 
 
-RAM = Section("ram", 0)
+RAM = Section("ram", 0, RAM_VERSION_ID)
 SERIAL = Section("livemig/serial", 2)
 GLOBALSTATE = Section("livemig/globalstate", 3)
 CAPABILITIES = Section("livemig/capabilities", 4)
@@ -51,9 +54,21 @@ def cpu_section(index: int) -> Section:
     return Section(CPU_NAME, _CPU_FIRST_ID + _CPU_ID_STRIDE * index)
 
 
+def device_section(idstr: str, instance_id: int, vcpus: int) -> Section | None:
+    """The device section ``idstr`` instance ``instance_id`` of a VM with ``vcpus`` vCPUs,
+    or None if there is no such section."""
+    if idstr == CPU_NAME:
+        return cpu_section(instance_id) if 0 <= instance_id < vcpus else None
+    single = {s.name: s for s in (SERIAL, GLOBALSTATE, CAPABILITIES, PLATFORM)}.get(idstr)
+    return single if instance_id == 0 else None
+
+
 # In the capabilities section, after the capabilities: the destination's fault handler
 # must send its page requests on the postcopy channel (urgent.py reads them there).
 URGENT_PROCESS_OPTION = "urgent=process"
+# ... and: the VM description follows the main channel's EOF (when the stream ends in
+# precopy; QEMU's suppress-vmdesc turns it off).
+VMDESC_OPTION = "vmdesc"
 
 
 @dataclass(frozen=True)
@@ -63,10 +78,15 @@ class Handshake:
     postcopy_ram: bool = False
     postcopy_preempt: bool = False
     urgent_process: bool = False  # requests travel on the postcopy channel
+    vmdesc: bool = False  # a precopy end brings the VM description after EOF
 
     @classmethod
     def of(cls, caps: Capabilities, *, urgent_process: bool = False) -> Handshake:
         return cls(caps.postcopy_ram, caps.postcopy_preempt, urgent_process)
+
+    def options(self) -> list[str]:
+        return [name for name, on in ((URGENT_PROCESS_OPTION, self.urgent_process),
+                                      (VMDESC_OPTION, self.vmdesc)) if on]
 
     def agreed(self) -> str:
         """The capabilities both sides must have (or both lack), comma-separated."""
@@ -76,21 +96,28 @@ class Handshake:
 
     def encode(self) -> bytes:
         text = self.agreed()
-        if self.urgent_process:
-            text += ";" + URGENT_PROCESS_OPTION
+        if self.options():
+            text += ";" + ",".join(self.options())
         return text.encode("ascii")
 
     @classmethod
     def decode(cls, data: bytes) -> Handshake:
-        text = data.decode("ascii", "replace")
+        try:
+            text = data.decode("ascii")
+        except UnicodeDecodeError:
+            raise RemoteProtocolError("the capabilities section is not ASCII") from None
         agreed, _, options = text.partition(";")
         names = set(filter(None, agreed.split(",")))
         unknown = names - {"postcopy-ram", "postcopy-preempt"}
         if unknown:
             raise RemoteProtocolError(f"unknown capabilities {sorted(unknown)} in the "
                                       "capabilities section")
+        opts = set(filter(None, options.split(",")))
+        if opts - {URGENT_PROCESS_OPTION, VMDESC_OPTION}:
+            raise RemoteProtocolError(f"unknown options {sorted(opts)} in the capabilities "
+                                      "section")
         return cls("postcopy-ram" in names, "postcopy-preempt" in names,
-                   URGENT_PROCESS_OPTION in options.split(","))
+                   URGENT_PROCESS_OPTION in opts, VMDESC_OPTION in opts)
 
     def check_matches(self, ours: Capabilities) -> None:
         """Refuse a source whose agreed capabilities differ from this destination's."""

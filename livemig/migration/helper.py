@@ -64,10 +64,23 @@ def _recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
         for fd in fds:
             os.close(fd)
         raise ChannelClosedError("the helper process closed its control socket")
-    msg = json.loads(data)
+    try:
+        return decode_message(data), fds
+    except MigrationError:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def decode_message(data: bytes) -> dict[str, Any]:
+    """One control message: a JSON object, or MigrationError."""
+    try:
+        msg = json.loads(data)
+    except (ValueError, RecursionError):
+        msg = None
     if not isinstance(msg, dict):
         raise MigrationError(f"bad helper message {data[:80]!r}")
-    return msg, fds
+    return msg
 
 
 def error_from(msg: dict[str, Any]) -> LivemigError:

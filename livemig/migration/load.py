@@ -55,6 +55,7 @@ from livemig.migration.pagesink import PageSink, RamLoader, dispatch_page_event,
 from livemig.migration.postcopy import RECV_CHUNK, ChannelPlacer, LatencyStats, PostcopyState
 from livemig.migration.returnpath import ReturnPathWriter
 from livemig.migration.state import Capabilities, detached
+from livemig.migration.vmdesc import check_description
 from livemig.runtime import SwitchInterval
 from livemig.vmm.serial import SerialState
 from livemig.vmm.state import PlatformState, VcpuState, VmState
@@ -127,6 +128,8 @@ class IncomingLoad:
         self._starter: threading.Thread | None = None
         self._start_error: Exception | None = None
         self._runstate: str | None = None  # the source's run state (globalstate section)
+        self._theirs: Handshake | None = None  # the source's capabilities section
+        self._loaded: list[ev.DeviceState] = []  # device sections, in stream order
         self._rp: ReturnPathWriter | None = None
         self._handler: FaultHandler | None = None
         self._post_channel: Channel | None = None
@@ -196,6 +199,7 @@ class IncomingLoad:
                 self._dec.receive_data(self.channel.recv(RECV_CHUNK))  # b"" = EOF
                 continue
             if isinstance(e, ev.StreamEnd):
+                self._read_description()
                 self._check_nothing_follows()
                 self._end()
                 return
@@ -214,6 +218,18 @@ class IncomingLoad:
     def _fill(self, slot: memoryview) -> None:
         read_payload(self._dec, self.channel, slot)
 
+    def _read_description(self) -> None:
+        """A stream that ends in precopy brings the VM description it announced
+        (docs/STREAM.md); it must describe exactly the device sections loaded."""
+        if self._theirs is None or not self._theirs.vmdesc or self.phase is LoadPhase.RUNNING:
+            return
+        while (e := self._dec.next_event()) is ev.NEED_DATA:
+            self._dec.receive_data(self.channel.recv(RECV_CHUNK))
+        if not isinstance(e, ev.VmDescriptionEvent):
+            raise RemoteProtocolError("the stream ended without the VM description it "
+                                      "announced")
+        check_description(e.description, self._loaded)
+
     def _check_nothing_follows(self) -> None:
         """A saved stream (file:) must end at its EOF record: trailing bytes mean a
         corrupt or concatenated file.  (A socket stays open for the return path.)"""
@@ -228,10 +244,25 @@ class IncomingLoad:
 
     # --- device state ---------------------------------------------------------------------
     def _device_state(self, e: ev.DeviceState) -> None:
+        """Each device section once, with the section id, instance id and version this
+        livemig writes (handshake.py)."""
         handler = self._devices.get(e.idstr)
         if handler is None:
             raise RemoteProtocolError(f"unknown device section {e.idstr!r}")
+        section = hs.device_section(e.idstr, e.instance_id, len(self.vm.vcpus))
+        if section is None:
+            raise RemoteProtocolError(f"device section {e.idstr!r} has instance id "
+                                      f"{e.instance_id}, which this VM does not have")
+        if (e.section_id, e.version_id) != (section.section_id, section.version):
+            raise RemoteProtocolError(
+                f"device section {e.idstr!r} instance {e.instance_id} has section id "
+                f"{e.section_id} version {e.version_id}; expected section id "
+                f"{section.section_id} version {section.version}")
+        if any((d.idstr, d.instance_id) == (e.idstr, e.instance_id) for d in self._loaded):
+            raise RemoteProtocolError(f"device section {e.idstr!r} instance "
+                                      f"{e.instance_id} arrives twice")
         handler(e)
+        self._loaded.append(e)
 
     def _cpu_state(self, e: ev.DeviceState) -> None:
         self._cpus[e.instance_id] = VcpuState.from_bytes(e.data)
@@ -243,7 +274,11 @@ class IncomingLoad:
         self._platform = PlatformState.from_bytes(e.data)
 
     def _globalstate(self, e: ev.DeviceState) -> None:
-        self._runstate = e.data.decode("ascii", "replace")
+        try:
+            self._runstate = RunState(e.data.decode("ascii")).value
+        except (UnicodeDecodeError, ValueError):
+            raise RemoteProtocolError(f"unknown run state {e.data[:64]!r} in the "
+                                      "globalstate section") from None
 
     def _capabilities(self, e: ev.DeviceState) -> None:
         """Both sides must agree on postcopy-ram and postcopy-preempt; the source's
@@ -251,6 +286,7 @@ class IncomingLoad:
         accepted now, before anything that can fault is loaded."""
         theirs = Handshake.decode(e.data)
         theirs.check_matches(self.caps)
+        self._theirs = theirs
         if self.caps.postcopy_preempt:
             self._post_channel = self._accept_postcopy_channel()
         self._handler = choose_fault_handler(theirs, self._post_channel, self._switch)
@@ -415,6 +451,7 @@ class IncomingLoad:
         if postcopy:
             self._end_postcopy()
         else:
+            self.loader.check_complete()
             self.vm.restore_state(self._vm_state())
         if self._rp is not None:
             self._rp.shut(0)

@@ -28,6 +28,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from livemig.errors import MissingPagesError
 from livemig.migration.channel import Channel
 from livemig.units import PAGE_SIZE
 from livemig.vmm.memory import RamBlock
@@ -77,25 +78,41 @@ Loaded = Callable[[str, npt.NDArray[np.uint64]], None]
 
 
 class RamLoader:
-    """The precopy sink: decoded pages straight into their final place in guest RAM."""
+    """The precopy sink: decoded pages straight into their final place in guest RAM.
+
+    It also keeps, per block, which pages arrived at least once (one bool per page,
+    set with the same index array as the copy), so a stream that ends without some
+    page is refused (:meth:`check_complete`) instead of leaving stale memory.
+    """
 
     def __init__(self, blocks: dict[str, RamBlock]) -> None:
         self._pages: dict[str, npt.NDArray[np.uint8]] = {}
         self._words: dict[str, npt.NDArray[np.uint64]] = {}
         self._views: dict[str, memoryview] = {}
+        self._received: dict[str, npt.NDArray[np.bool_]] = {}
         for name, block in blocks.items():
             arr = block.array()
             self._pages[name] = arr.reshape(-1, PAGE_SIZE)
             self._words[name] = arr.view(np.uint64).reshape(-1, PAGE_SIZE // 8)
             self._views[name] = block.view()
+            self._received[name] = np.zeros(block.size // PAGE_SIZE, dtype=np.bool_)
         self.pages = 0
         self.zero_pages = 0
         # Told of every page loaded, once postcopy is advised (PostcopyState.mark_precopy).
         self.on_loaded: Loaded | None = None
 
     def _loaded(self, block: str, offsets: npt.NDArray[np.uint64]) -> None:
+        self._received[block][offsets // PAGE_SIZE] = True
         if self.on_loaded is not None:
             self.on_loaded(block, offsets)
+
+    def check_complete(self) -> None:
+        """Every page of every block arrived at least once, or MissingPagesError
+        naming the first block with a page missing and its first missing page."""
+        for name, got in self._received.items():
+            missing = np.flatnonzero(~got)
+            if len(missing):
+                raise MissingPagesError(name, int(missing[0]) * PAGE_SIZE, len(missing))
 
     def batch(self, e: ev.PageBatch) -> None:
         self._pages[e.block][e.offsets // PAGE_SIZE] = e.data

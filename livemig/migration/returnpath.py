@@ -156,12 +156,16 @@ class ReturnPathReader:
     def wait_resume_ack(self, timeout: float) -> None:
         self._wait(lambda: self._resume_acked, timeout, "RESUME_ACK")
 
-    def wait_shut(self, timeout: float) -> int:
+    def wait_shut(self, timeout: float) -> None:
+        """The destination's SHUT, which must report success (QEMU: a non-zero status
+        marks the return path bad and fails the migration)."""
         with self._cond:
             self._cond.wait_for(lambda: self.finished, timeout)
             if self.shut_status is None:
                 raise MigrationError(f"no SHUT from the destination: {self.error}")
-            return self.shut_status
+            if self.shut_status != 0:
+                raise MigrationError("the destination failed to load the stream (SHUT "
+                                     f"status {self.shut_status})")
 
     def _run(self) -> None:
         try:

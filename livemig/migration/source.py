@@ -36,7 +36,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from livemig.errors import MigrationCancelled, MigrationError
@@ -64,9 +65,14 @@ from livemig.migration.state import (
 )
 from livemig.migration.trace import Tracer
 from livemig.migration.urgent_sender import UrgentSender, choose_urgent_sender
+from livemig.migration.vmdesc import (
+    DevicePayload,
+    capabilities_payload,
+    describe,
+    device_payloads,
+)
 from livemig.runtime import SwitchInterval
 from livemig.units import PAGE_SIZE
-from livemig.vmm.state import VmState
 from livemig.vmm.vm import RunState, Vm
 from livemig.wire.blocks import BlockInfo, host_page_summary
 from livemig.wire.channel import ChannelKind
@@ -88,8 +94,7 @@ def write_stream_head(main: OutChannel, blocks: Mapping[str, BlockInfo],
     writer.write([enc.preamble()])
     # Capabilities both sides must agree on, before anything else (QEMU validates its
     # own in the configuration section).
-    writer.write(enc.device_state(hs.CAPABILITIES.section_id, hs.CAPABILITIES.name,
-                                  handshake.encode()))
+    writer.write(device_sections(enc, [capabilities_payload(handshake)]))
     if handshake.postcopy_ram:
         writer.write([enc.open_return_path(), enc.postcopy_advise(host_page_summary(blocks))])
     writer.write([enc.ram_start(hs.RAM.section_id), enc.mem_size(blocks),
@@ -105,20 +110,14 @@ def postcopy_out_channel(writer: ChannelWriter) -> OutChannel:
     return ch
 
 
-def device_sections(enc: Encoder, state: VmState, runstate: str) -> list[Buffer]:
-    """The run state the guest had before migration (QEMU's "globalstate": the
-    destination starts the guest only if it was running here), each vCPU, the serial,
-    and the VM-wide devices (PIC, IOAPIC, PIT, kvmclock) when the VM has them."""
+def device_sections(enc: Encoder, payloads: Sequence[DevicePayload]) -> list[Buffer]:
+    """The device sections (:func:`~livemig.migration.vmdesc.device_payloads`: the run
+    state the guest had before migration -- the destination starts the guest only if it
+    was running here --, each vCPU, the serial)."""
     out: list[Buffer] = []
-    out += enc.device_state(hs.GLOBALSTATE.section_id, hs.GLOBALSTATE.name,
-                            runstate.encode())
-    for i, cpu in enumerate(state.vcpus):
-        sec = hs.cpu_section(i)
-        out += enc.device_state(sec.section_id, sec.name, cpu.to_bytes(), instance_id=i)
-    out += enc.device_state(hs.SERIAL.section_id, hs.SERIAL.name, state.serial.to_bytes())
-    if state.platform is not None:
-        out += enc.device_state(hs.PLATFORM.section_id, hs.PLATFORM.name,
-                                state.platform.to_bytes())
+    for p in payloads:
+        out += enc.device_state(p.section.section_id, p.section.name, p.data,
+                                instance_id=p.instance_id, version_id=p.section.version)
     return out
 
 
@@ -169,6 +168,7 @@ class SourceMigration:
         self._paused_by_us = False
         self._was_running = False
         self._runstate_before = RunState.PAUSED.value
+        self._handshake = self.urgent.handshake()
         # Postcopy recovery: what cut the link (any thread), the resume request, and the
         # bytes sent on connections that are gone.
         self._link_error: Exception | None = None
@@ -341,7 +341,10 @@ class SourceMigration:
         self._sender = sender
         self.urgent.attach(sender)
         sender.post = post
-        write_stream_head(main, blocks, self.urgent.handshake())
+        # QEMU's suppress-vmdesc: no VM description after EOF.
+        self._handshake = replace(self.urgent.handshake(),
+                                  vmdesc=not self.params.x_suppress_vmdesc)
+        write_stream_head(main, blocks, self._handshake)
         if self.caps.postcopy_preempt and sender.post is None:
             sender.post = self._open_postcopy_channel()
         if self.caps.postcopy_ram:
@@ -415,9 +418,9 @@ class SourceMigration:
         sender.sync()
         return t0
 
-    def _device_sections(self, enc: Encoder) -> list[Buffer]:
+    def _device_payloads(self) -> list[DevicePayload]:
         runstate = RunState.RUNNING.value if self._was_running else self._runstate_before
-        return device_sections(enc, self.vm.save_state(), runstate)
+        return device_payloads(self.vm.save_state(), runstate)
 
     def _complete(self, sender: PageSender) -> None:
         """Stop-and-copy: pause, send the rest and the device state, EOF."""
@@ -427,9 +430,14 @@ class SourceMigration:
         writer.write([enc.ram_end(hs.RAM.section_id)])
         sender.send_all_remaining()
         writer.write([enc.close_ram_section()])
-        writer.write(self._device_sections(enc))
+        devices = self._device_payloads()
+        writer.write(device_sections(enc, devices))
         writer.write([enc.eof()])
+        if self._handshake.vmdesc:  # what QEMU's analyze-migration.py reads
+            desc = describe([capabilities_payload(self._handshake), *devices])
+            writer.write([enc.vm_description(desc)])
         writer.flush()
+        writer.channel.seal()  # a file: image gets its checksum
         if self._rp is not None:
             self._rp.wait_shut(timeout=60)
         st = self.info.ram
@@ -458,7 +466,8 @@ class SourceMigration:
             if ranges:
                 writer.write([enc.postcopy_ram_discard(name, ranges)])
         package = enc.package()
-        blob: list[Buffer] = [package.postcopy_listen(), *self._device_sections(package),
+        blob: list[Buffer] = [package.postcopy_listen(),
+                              *device_sections(package, self._device_payloads()),
                               package.postcopy_run()]
         writer.write(enc.packaged(b"".join(blob)))
         writer.flush()

@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
-from typing import Any, TypeVar, get_type_hints
+from typing import Annotated, Any, TypeVar, get_args, get_origin, get_type_hints
 
 from livemig.errors import ConfigError, LivemigError, MigrationError
 from livemig.units import PAGE_SIZE
@@ -162,9 +162,32 @@ class UrgentMode(Enum):
     PROCESS = "process"          # a helper process on each side owns the postcopy channel
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of an integer field (``Annotated[int, Range(...)]``), checked
+    with the field's type; the refusal names the range and its unit, as QEMU's does."""
+
+    low: int
+    high: int
+    unit: str
+
+
+U64_MAX = (1 << 64) - 1  # QEMU's 'size' type: bandwidths are at most SIZE_MAX
+MAX_DOWNTIME_MS = 2_000_000  # QEMU's MAX_MIGRATE_DOWNTIME (2000 s)
+MAX_ITERATIONS = 100_000
+
+
 def _check_value(owner: str, name: str, kind: Any, value: Any) -> Any:
     """``value`` for field ``name`` of declared type ``kind``, or a ConfigError that says
     what the field takes (QEMU's wording).  Enums are given and shown by value."""
+    if get_origin(kind) is Annotated:
+        base, *meta = get_args(kind)
+        value = _check_value(owner, name, base, value)
+        for r in meta:
+            if isinstance(r, Range) and not r.low <= value <= r.high:
+                raise ConfigError(f"{owner} '{name}' expects an integer in the range of "
+                                  f"{r.low} to {r.high} {r.unit}")
+        return value
     if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{owner} '{name}' expects a boolean")
@@ -185,7 +208,7 @@ def _check_value(owner: str, name: str, kind: Any, value: Any) -> Any:
 def _updated(obj: _T, owner: str, changes: Mapping[str, Any], missing: str) -> _T:
     """A copy of the frozen dataclass ``obj`` with ``changes`` (QMP names: '-' for '_')
     applied, each checked against its field's declared type."""
-    hints = get_type_hints(type(obj))
+    hints = get_type_hints(type(obj), include_extras=True)
     known = {f.name.replace("_", "-"): f.name for f in fields(obj)}  # type: ignore[arg-type]
     new: dict[str, Any] = {}
     for qmp_name, value in changes.items():
@@ -234,10 +257,11 @@ class Parameters:
     downtime limit apply at once; the design choices below stay as they were).
     """
 
-    max_bandwidth: int = 0
-    downtime_limit: int = 300
-    max_postcopy_bandwidth: int = 0
-    x_max_iterations: int = 30  # ours: give up converging after this many rounds
+    max_bandwidth: Annotated[int, Range(0, U64_MAX, "bytes/second")] = 0
+    downtime_limit: Annotated[int, Range(0, MAX_DOWNTIME_MS, "milliseconds")] = 300
+    max_postcopy_bandwidth: Annotated[int, Range(0, U64_MAX, "bytes/second")] = 0
+    # ours: give up converging after this many rounds
+    x_max_iterations: Annotated[int, Range(0, MAX_ITERATIONS, "rounds")] = 30
     # Postcopy preemption knobs (ours, "x-" as QEMU marks experimental properties):
     # break huge pages for urgent requests (QEMU's x-postcopy-preempt-break-huge) ...
     x_postcopy_preempt_break_huge: bool = True
@@ -245,6 +269,9 @@ class Parameters:
     x_postcopy_urgent_sender: UrgentMode = UrgentMode.PROCESS
     # ... and whether the background scan continues after the last requested page.
     x_postcopy_locality: bool = True
+    # No VM description after a precopy stream's EOF (QEMU's machine option
+    # suppress-vmdesc); docs/STREAM.md.
+    x_suppress_vmdesc: bool = False
     # Ours: a TCP peer silent for this long (ms) is gone (TCP_USER_TIMEOUT and
     # keepalive on every connection): in postcopy the migration pauses instead of
     # hanging on a cut link.

@@ -44,7 +44,7 @@ class SectionType(IntEnum):
     END = 0x03
     FULL = 0x04
     SUBSECTION = 0x05  # QEMU uses it inside vmstate only; never valid at top level
-    VMDESCRIPTION = 0x06  # QEMU's JSON trailer after EOF; we never send it
+    VMDESCRIPTION = 0x06  # QEMU's JSON description of the devices, after EOF
     CONFIGURATION = 0x07
     COMMAND = 0x08
     FOOTER = 0x7E
@@ -105,3 +105,4 @@ MAX_MACHINE_NAME: Final = 256  # QEMU machine type names are short
 # --- resource limits (livemig) ----------------------------------------------------
 MAX_RECORD: Final = 64 * 1024 * 1024  # bytes one record (or PACKAGED blob) may need
 MAX_DEVICE_STATE: Final = 16 * 1024 * 1024  # payload of one FULL device section
+MAX_VMDESC: Final = 16 * 1024 * 1024  # JSON of the VM description after EOF

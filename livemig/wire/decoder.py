@@ -71,6 +71,7 @@ from livemig.wire.constants import (
     MAX_DEVICE_STATE,
     MAX_MACHINE_NAME,
     MAX_RECORD,
+    MAX_VMDESC,
     OFFSET_MASK,
     PAGE_CONT,
     PAGE_RECORD_SIZE,
@@ -103,9 +104,11 @@ from livemig.wire.events import (
     SectionComplete,
     StreamEnd,
     StreamStart,
+    VmDescriptionEvent,
     ZeroPages,
 )
 from livemig.wire.ram import page_view, parse_mem_size, scan_pages, scan_zeros
+from livemig.wire.vmdesc import parse_description
 
 _PACKAGED_HEADER = 1 + 2 + 2 + 4  # COMMAND byte, cmd, len, be32 blob length
 
@@ -166,6 +169,7 @@ class Decoder:
         self._mem_size_seen = bool(resumed)
         self._pkg_end: int | None = None  # stream offset where the PACKAGED blob ends
         self._payload_left = 0
+        self._described = False  # the VM description after EOF has been read
 
     # ------------------------------------------------------------------ input
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
@@ -198,7 +202,7 @@ class Decoder:
     def _next_event(self) -> Event | NeedData:
         if self._state is _State.PAYLOAD:
             return self._payload_pending()
-        if self._state in (_State.DONE, _State.CLOSED):
+        if self._state in (_State.DONE, _State.CLOSED) and not self._description_next():
             return self._after_end()
         if self._pkg_end is not None and self._buf.consumed == self._pkg_end:
             return self._end_package()
@@ -245,6 +249,15 @@ class Decoder:
             f"record ({self._buf.available()} bytes of it arrived)."
         )
 
+    def _description_next(self) -> bool:
+        """After the main channel's EOF: do the buffered bytes start the one VM
+        description a stream may carry?"""
+        if (self._state is not _State.DONE or self._channel is not ChannelKind.MAIN
+                or self._described or not self._buf.available()):
+            return False
+        self._buf.contiguous(1)
+        return self._buf.head[self._buf.pos] == SectionType.VMDESCRIPTION
+
     def _after_end(self) -> Event | NeedData:
         extra = self._buf.available()
         if extra:
@@ -270,7 +283,20 @@ class Decoder:
             return self._parse_postcopy_preamble(r)
         if self._state is _State.RAM:
             return self._parse_ram(r)
+        if self._state is _State.DONE:
+            return self._parse_description(r)
         return self._parse_top(r)
+
+    def _parse_description(self, r: Reader) -> VmDescriptionEvent:
+        r.u8()  # QEMU_VM_VMDESCRIPTION, seen by _description_next
+        n = r.be32()
+        if n > MAX_VMDESC:
+            raise RemoteProtocolError(
+                f"The VM description of {n} bytes exceeds the {MAX_VMDESC}-byte limit."
+            )
+        description = parse_description(r.take(n))
+        self._described = True
+        return VmDescriptionEvent(description)
 
     # --------------------------------------------------------------- preamble
     def _parse_main_preamble(self, r: Reader) -> StreamStart:

@@ -39,6 +39,7 @@ from livemig.wire.constants import (
     MACHINE_NAME,
     MAX_DEVICE_STATE,
     MAX_RECORD,
+    MAX_VMDESC,
     PAGE_CONT,
     PAGE_RECORD_SIZE,
     POSTCOPY_MAGIC,
@@ -53,6 +54,7 @@ from livemig.wire.constants import (
     RamFlag,
     SectionType,
 )
+from livemig.wire.vmdesc import VmDescription
 
 Buffers = list[bytes | memoryview]
 
@@ -111,6 +113,7 @@ class Encoder:
         self._device_ids: set[int] = set()
         self._section: tuple[SectionType, int] | None = None
         self._mem_size_sent = bool(resumed)
+        self._described = False
 
     def package(self) -> Encoder:
         """A child encoder for the records of a PACKAGED blob (no preamble, no EOF)."""
@@ -145,6 +148,19 @@ class Encoder:
         self._require(_State.TOP, "send EOF")
         self._state = _State.DONE
         return bytes([SectionType.EOF])
+
+    def vm_description(self, description: VmDescription) -> bytes:
+        """QEMU_VM_VMDESCRIPTION after EOF: the JSON description of the device sections
+        (QEMU writes it after precopy, never after postcopy)."""
+        if self._channel is not ChannelKind.MAIN or self._state is not _State.DONE:
+            raise LocalProtocolError("The VM description goes after the main channel's EOF.")
+        if self._described:
+            raise LocalProtocolError("The VM description is sent once.")
+        raw = description.encode()
+        if len(raw) > MAX_VMDESC:
+            raise LocalProtocolError(f"The VM description is over {MAX_VMDESC} bytes.")
+        self._described = True
+        return bytes([SectionType.VMDESCRIPTION]) + _BE32.pack(len(raw)) + raw
 
     # -------------------------------------------------------------- sections
     def ram_start(self, section_id: int) -> bytes:

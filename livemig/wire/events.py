@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from livemig.wire.channel import ChannelKind
 from livemig.wire.constants import SectionType
+from livemig.wire.vmdesc import VmDescription
 
 
 class _Sentinel(Enum):
@@ -196,6 +197,13 @@ class StreamEnd:
 
 
 @dataclass(frozen=True, slots=True)
+class VmDescriptionEvent:
+    """The VM description after QEMU_VM_EOF (well formed; see livemig.wire.vmdesc)."""
+
+    description: VmDescription
+
+
+@dataclass(frozen=True, slots=True)
 class Closed:
     """The transport reached EOF after a clean end; nothing more will come."""
 
@@ -220,5 +228,6 @@ Event = (
     | Packaged
     | PackagedEnd
     | StreamEnd
+    | VmDescriptionEvent
     | Closed
 )

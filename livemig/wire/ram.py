@@ -108,17 +108,38 @@ def page_view(head: bytes, first_payload: int, count: int) -> npt.NDArray[np.uin
 def _scan(
     head: bytes, pos: int, limit: int, block_len: int, stride: int, flags: int
 ) -> U64Array:
-    k = (limit - pos) // stride
-    if k == 0 or block_len < PAGE_SIZE:
+    """The run is checked in windows that start small and double while every record
+    qualifies, so the work is proportional to the run found (plus one first window),
+    not to the bytes buffered: a buffer of short runs stays linear to decode."""
+    total = (limit - pos) // stride
+    if total == 0 or block_len < PAGE_SIZE:
         return _EMPTY
+    runs: list[U64Array] = []
+    done, window = 0, _FIRST_WINDOW
+    while done < total:
+        k = min(window, total - done)
+        offsets, n = _scan_window(head, pos + done * stride, k, block_len, stride, flags)
+        runs.append(offsets[:n])
+        done += n
+        if n < k:
+            break
+        window *= 2
+    result: U64Array = runs[0] if len(runs) == 1 else np.concatenate(runs)
+    return result
+
+
+_FIRST_WINDOW = 64  # records checked before the window doubles
+
+
+def _scan_window(head: bytes, pos: int, k: int, block_len: int, stride: int,
+                 flags: int) -> tuple[U64Array, int]:
+    """Offsets of ``k`` records at ``pos`` and how many lead the run."""
     words = np.ndarray((k,), dtype=">u8", buffer=head, offset=pos, strides=(stride,))
     words = words.astype(np.uint64)
-    offsets = words & np.uint64(OFFSET_MASK)
+    offsets: U64Array = words & np.uint64(OFFSET_MASK)
     ok = (words & np.uint64(FLAG_MASK)) == flags
     ok &= offsets <= np.uint64(block_len - PAGE_SIZE)
     if stride == ZERO_RECORD_SIZE:
         fill = np.ndarray((k,), dtype=np.uint8, buffer=head, offset=pos + 8, strides=(stride,))
         ok &= fill == 0
-    n = k if ok.all() else int(np.argmin(ok))
-    result: U64Array = offsets[:n]
-    return result
+    return offsets, (k if ok.all() else int(np.argmin(ok)))

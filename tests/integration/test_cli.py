@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from helpers import livemig_process, wait_migration
 
 from livemig.control.client import QmpClient
 from livemig.errors import MigrationError
+from livemig.migration.channel import image_trailer
 from livemig.vmmprocess import VmmProcess
 
 pytestmark = pytest.mark.kvm
@@ -41,6 +44,18 @@ def test_run_prints_the_guest_passes_to_the_serial_file(tmp_path: Path) -> None:
     out = serial.read_bytes()
     assert out.count(b"B") >= 2
     assert b"E" not in out
+
+
+def test_failed_incoming_migration_exits_non_zero_and_says_why(tmp_path: Path) -> None:
+    stream = tmp_path / "corrupt.mig"
+    data = b"QEVM" + b"\x00\x00\x00\x03" + b"\x07garbage"
+    stream.write_bytes(data + image_trailer(zlib.crc32(data)))  # a valid checksum
+    result = livemig("run", "--incoming", f"file:{stream}", "--mem", "32M")
+    assert result.returncode == 1, result.stderr
+    assert len(error_lines(result)) == 1, result.stderr
+    assert "incoming migration failed" in error_lines(result)[0]
+    assert "Machine name length" in error_lines(result)[0]  # the stream's actual fault
+    assert "Traceback" not in result.stderr
 
 
 @pytest.fixture
@@ -92,6 +107,76 @@ def test_migrate_command_moves_a_running_guest(tmp_path: Path) -> None:
         assert wait_migration(dst.qmp)["status"] == "completed"
         assert dst.wait_serial(3), dst.serial()[-80:]
         assert dst.qmp.execute("query-status")["status"] == "running"
+
+
+PROGRESS_LINE = re.compile(r"^ *\d+\.\ds (setup|active|postcopy-active|completed) +"
+                           r"\d+\.\d% \d+ MiB sent, \d+ MiB left, \d+ Mbit/s, round \d+$")
+
+
+def test_migrate_command_does_postcopy_with_preemption_on_both_sides(tmp_path: Path) -> None:
+    uri = f"unix:{tmp_path / 'mig.sock'}"
+    with livemig_process(tmp_path, "src", ["--guest", "ab", "--mem", "32M"]) as src, \
+            livemig_process(tmp_path, "dst", ["--incoming", "defer", "--mem", "32M"]) as dst:
+        assert src.wait_serial(2)
+        result = livemig("migrate", "--qmp", src.qmp_path, "--dest-qmp", dst.qmp_path,
+                         "--to", uri, "--preempt", "--postcopy-after", "0",
+                         "--urgent-sender", "return-path", "--max-bandwidth", str(64 << 20),
+                         timeout=120)
+        assert result.returncode == 0, result.stderr + result.stdout
+        info = src.qmp.execute("query-migrate")
+        assert info["status"] == "completed"
+        assert info["x-postcopy-urgent-sender"] == "return-path"
+        assert info["ram"]["postcopy-bytes"] > 0  # it did switch to postcopy
+        caps = {c["capability"]: c["state"]
+                for c in dst.qmp.execute("query-migrate-capabilities")}
+        assert caps["postcopy-ram"] and caps["postcopy-preempt"]
+        assert wait_migration(dst.qmp)["status"] == "completed"
+        assert dst.wait_serial(3), dst.serial()[-80:]
+    # Not a terminal: plain progress lines, never a cut-off bar.
+    lines = result.stdout.splitlines()
+    assert lines and all(PROGRESS_LINE.match(line) for line in lines), result.stdout
+    assert any(" postcopy-active " in line for line in lines), result.stdout
+    assert "completed" in lines[-1]
+
+
+def test_migrate_command_refuses_sides_that_disagree(tmp_path: Path) -> None:
+    with livemig_process(tmp_path, "src", ["--guest", "ab", "--mem", "32M"]) as src, \
+            livemig_process(tmp_path, "dst", ["--incoming", "defer", "--mem", "32M"]) as dst:
+        dst.qmp.execute("migrate-set-capabilities",
+                        capabilities=[{"capability": "postcopy-ram", "state": True}])
+        result = livemig("migrate", "--qmp", src.qmp_path, "--dest-qmp", dst.qmp_path,
+                         "--to", f"unix:{tmp_path / 'mig.sock'}")
+        assert result.returncode == 1
+        assert error_lines(result) == [
+            "Error: source and destination disagree on postcopy-ram (source off, "
+            "destination on): set the same on both sides"], result.stderr
+        assert src.qmp.execute("query-migrate") == {}  # nothing was started
+
+
+def test_migrate_command_postcopy_needs_a_deferred_destination(tmp_path: Path) -> None:
+    uri = f"unix:{tmp_path / 'mig.sock'}"
+    with livemig_process(tmp_path, "src", ["--guest", "ab", "--mem", "32M"]) as src, \
+            livemig_process(tmp_path, "dst", ["--incoming", uri, "--mem", "32M"]) as dst:
+        wait_migration(dst.qmp, 30, until=("setup",))
+        result = livemig("migrate", "--qmp", src.qmp_path, "--dest-qmp", dst.qmp_path,
+                         "--to", uri, "--postcopy")
+        assert result.returncode == 1
+        assert "--incoming defer" in error_lines(result)[0], result.stderr
+
+
+def test_qemu_qmp_shell_drives_a_livemig_vm(tmp_path: Path) -> None:
+    """QEMU's interactive qmp-shell (from qemu.qmp) against a livemig QMP socket."""
+    with livemig_process(tmp_path, "vm", ["--guest", "ab", "--mem", "32M"]) as vm:
+        commands = ("query-status\nmigrate-set-parameters max-bandwidth=1048576\n"
+                    "query-migrate-parameters\nstop\nquery-status\n")
+        result = subprocess.run([sys.executable, "-m", "qemu.qmp.qmp_shell", vm.qmp_path],
+                                input=commands, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        out = result.stdout
+        assert '"status": "running"' in out, out
+        assert '"max-bandwidth": 1048576' in out, out
+        assert '"status": "paused"' in out, out
+        assert vm.qmp.execute("query-status")["status"] == "paused"
 
 
 def test_migrate_command_to_nobody_is_one_error_line(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from qemu.qmp import ExecuteError, QMPClient
 from livemig.control.client import QmpClient
 from livemig.errors import QmpError
 from livemig.instance import Instance
+from livemig.migration.channel import IMAGE_TRAILER, image_trailer
 from livemig.units import MIB
 from livemig.vmm.vm import RunState, Vm, VmConfig
 
@@ -170,7 +172,15 @@ def good_stream(tmp_path_factory: pytest.TempPathFactory) -> bytes:
         s.execute("stop")
         s.execute("migrate", uri=f"file:{tmp / 'good.stream'}")
         assert wait_migration(s)["status"] == "completed"
-    return (tmp / "good.stream").read_bytes()
+    image = (tmp / "good.stream").read_bytes()
+    assert image[:-IMAGE_TRAILER] + image_trailer(zlib.crc32(image[:-IMAGE_TRAILER])) == image
+    return image[:-IMAGE_TRAILER]  # the stream; load_stream seals what it loads
+
+
+def sealed(stream: bytes) -> bytes:
+    """``stream`` as a file: image with a valid checksum: the decoder must find what is
+    wrong with it (the checksum alone would refuse any change)."""
+    return stream + image_trailer(zlib.crc32(stream))
 
 
 def _landmarks(stream: bytes) -> dict[str, int]:
@@ -184,7 +194,9 @@ def _landmarks(stream: bytes) -> dict[str, int]:
     caps = stream.index(b"livemig/capabilities")
     ram_start = stream.index(b"\x03ram") - 5
     assert stream[:4] == b"QEVM" and stream[20] == 0x04 and stream[ram_start] == 0x01
-    assert stream[-1] == 0x00
+    desc = stream.index(b'{"page_size"')  # the VM description's JSON, after EOF
+    eof = desc - 6
+    assert stream[eof : eof + 2] == b"\x00\x06"
     return {
         "magic": 0, "version": 7, "configuration": 8, "machine name": 13,
         "capabilities FULL": 20, "capabilities idstr": caps + 2,
@@ -192,7 +204,9 @@ def _landmarks(stream: bytes) -> dict[str, int]:
         "MEM_SIZE total": block - 4, "block name": block + 1,
         "record flags": first_record, "cpu idstr": cpu + 2,
         "cpu state length": cpu + len("livemig/cpu") + 8, "serial idstr": serial + 9,
-        "FULL byte": cpu - 6, "EOF": len(stream) - 1,
+        "FULL byte": cpu - 6, "EOF": eof, "VM description marker": eof + 1,
+        "VM description length": eof + 5, "VM description": desc,
+        "VM description device name": stream.index(b'"livemig/serial"', desc) + 9,
     }
 
 
@@ -210,7 +224,7 @@ def load_stream(tmp_path: Path, data: bytes) -> tuple[dict[str, Any], Instance, 
     """Feed ``data`` to a fresh destination over QMP; returns its query-migrate,
     the instance (still open: the caller checks it) and the VM events it emitted."""
     path = tmp_path / "replay.stream"
-    path.write_bytes(data)
+    path.write_bytes(sealed(data))
     inst = Instance(_fresh_vm(), str(tmp_path / "dst.qmp"))
     vm_events: list[str] = []
     inst.vm.add_listener(lambda event, _data: vm_events.append(event))
@@ -248,6 +262,35 @@ def test_corrupt_or_truncated_stream_fails_without_starting_the_guest(
                 assert status(d) != "running", what
         finally:
             inst.close()
+
+
+def load_image(tmp_path: Path, image: bytes) -> dict[str, Any]:
+    path = tmp_path / "image.mig"
+    path.write_bytes(image)
+    with empty_instance(tmp_path) as dst, client(qmp_path(dst)) as d:
+        d.execute("migrate-incoming", uri=f"file:{path}")
+        info = wait_migration(d, 30)
+        assert status(d) != "running"
+        assert nonzero_bytes(dst.vm) == 0  # refused before anything was loaded
+    return info
+
+
+@pytest.mark.parametrize("where", [0.0, 0.5, 0.99])
+def test_a_flipped_byte_anywhere_in_an_image_fails_its_checksum(
+        tmp_path: Path, good_stream: bytes, where: float) -> None:
+    image = bytearray(sealed(good_stream))
+    image[int(len(good_stream) * where)] ^= 0x01  # page data too, which nothing else checks
+    info = load_image(tmp_path, bytes(image))
+    assert info["status"] == "failed"
+    assert "checksum" in info["error-desc"], info
+
+
+@pytest.mark.parametrize("cut", [5, 13, 4096])
+def test_a_truncated_image_is_refused_before_loading(
+        tmp_path: Path, good_stream: bytes, cut: int) -> None:
+    info = load_image(tmp_path, sealed(good_stream)[:-cut])
+    assert info["status"] == "failed"
+    assert "checksum" in info["error-desc"], info
 
 
 def test_bytes_after_eof_are_refused(tmp_path: Path, good_stream: bytes) -> None:

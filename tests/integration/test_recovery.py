@@ -46,6 +46,7 @@ from livemig.kernel.mman import Backing
 from livemig.migration import handshake as hs
 from livemig.migration.handshake import Handshake, block_table
 from livemig.migration.source import device_sections
+from livemig.migration.vmdesc import device_payloads
 from livemig.units import PAGE_SIZE
 from livemig.vmm.boot import boot_guest
 from livemig.vmm.vm import Vm, VmConfig
@@ -274,7 +275,7 @@ def test_a_postcopy_stream_that_skips_a_page_fails_the_destination_naming_it(
                 enc.close_ram_section()]
         package = enc.package()
         blob = [package.postcopy_listen(),
-                *device_sections(package, src_vm.save_state(), "paused"),
+                *device_sections(package, device_payloads(src_vm.save_state(), "paused")),
                 package.postcopy_run()]
         out += enc.packaged(b"".join(bytes(b) for b in blob))
         out += [enc.ram_part(hs.RAM.section_id), *enc.pages("pc.ram", pages[:-1], ram),

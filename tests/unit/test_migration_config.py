@@ -29,12 +29,22 @@ from livemig.migration.urgent_sender import (
     ("x-postcopy-urgent-sender", "thread", "migration, return-path, process"),
     ("x-postcopy-urgent-sender", 2, "migration, return-path, process"),
     ("no-such-parameter", 1, "is unexpected"),
+    ("max-bandwidth", 10**30, "range of 0 to 18446744073709551615 bytes/second"),
+    ("max-postcopy-bandwidth", 1 << 64, "range of 0 to 18446744073709551615"),
+    ("downtime-limit", 2_000_001, "range of 0 to 2000000 milliseconds"),
+    ("x-max-iterations", 2**63, "range of 0 to 100000 rounds"),
 ])
 def test_a_bad_parameter_is_refused_with_what_it_takes(name: str, value: object,
                                                        says: str) -> None:
     with pytest.raises(ConfigError, match=says) as err:
         Parameters().updated({name: value})
     assert not isinstance(err.value, QmpError)  # the migration layer's own error
+
+
+def test_parameters_take_their_upper_bounds() -> None:
+    p = Parameters().updated({"max-bandwidth": (1 << 64) - 1, "downtime-limit": 2_000_000,
+                              "x-max-iterations": 100_000})
+    assert p.to_qmp()["max-bandwidth"] == (1 << 64) - 1
 
 
 def test_parameters_take_the_enum_by_value_and_report_it_by_value() -> None:

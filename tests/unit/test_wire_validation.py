@@ -342,7 +342,7 @@ def test_any_record_over_max_record_is_refused_without_waiting_for_it() -> None:
 
 
 def test_trailing_garbage_after_eof_is_refused() -> None:
-    events = refused(PREAMBLE + b"\x00" + b"\x06", "1 bytes of trailing garbage")
+    events = refused(PREAMBLE + b"\x00" + b"\x07", "1 bytes of trailing garbage")
     assert isinstance(events[-1], StreamEnd)
 
 
