@@ -199,7 +199,7 @@ def make_link(kind: str) -> Iterator[Link]:
               help="x-dead-link-timeout on both sides.")
 @click.option("--postcopy-bandwidth", default=4_000_000, show_default=True,
               help="max-postcopy-bandwidth (bytes/s): how long postcopy lasts.")
-@click.option("--max-gap", default=1.5, show_default=True,
+@click.option("--max-gap", default=1.0, show_default=True,
               help="Longest random wait (s) before each cut.")
 @click.option("--seed", type=int, default=None, help="Random seed (default: random).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),

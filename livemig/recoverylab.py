@@ -299,12 +299,16 @@ class RecoveryRun:
                 raise MigrationError(f"first round not over: {info}")
             time.sleep(POLL_S)
         self.src.qmp.execute("migrate-start-postcopy")
-        self._expect(self.wait("postcopy-active"), "postcopy-active")
+        # A short postcopy may be over before the first poll: then there is nothing to cut.
+        self._reached("postcopy-active", "no postcopy")
 
-    def _expect(self, got: tuple[str, str], want: str) -> None:
-        if got != (want, want):
-            raise MigrationError(f"expected both {want}: source {got[0]}, "
-                                 f"destination {got[1]}")
+    def _reached(self, want: str, failure: str) -> tuple[str, str]:
+        """Wait until both sides report ``want`` or both completed; else a
+        MigrationError starting with ``failure``."""
+        got = self.wait(want)
+        if got not in ((want, want), ("completed", "completed")):
+            raise MigrationError(f"{failure}: source {got[0]}, destination {got[1]}")
+        return got
 
     def active(self) -> bool:
         return self.statuses() == ("postcopy-active", "postcopy-active")
@@ -321,7 +325,8 @@ class RecoveryRun:
                 return None  # migrate-pause came too late
             raise
         try:
-            got = self.wait("postcopy-paused")
+            got = self._reached("postcopy-paused", f"a cut with {fault.name} did not pause "
+                                                   "both sides")
             paused = time.monotonic()
             errors = tuple(str(v.qmp.execute("query-migrate").get("error-desc", ""))
                            for v in (self.src, self.dst))
@@ -329,14 +334,8 @@ class RecoveryRun:
             fault.lift(self)
         if got == ("completed", "completed"):
             return None
-        if got != ("postcopy-paused", "postcopy-paused"):
-            raise MigrationError(f"a cut with {fault.name} did not pause both sides: "
-                                 f"source {got[0]}, destination {got[1]}")
         self.recover()
-        got = self.wait("postcopy-active")
-        if got not in (("postcopy-active", "postcopy-active"), ("completed", "completed")):
-            raise MigrationError(f"no resume after {fault.name}: source {got[0]}, "
-                                 f"destination {got[1]}")
+        self._reached("postcopy-active", f"no resume after {fault.name}")
         return Cut(fault.name, paused - start, time.monotonic() - paused, errors)
 
     def recover(self) -> None:
