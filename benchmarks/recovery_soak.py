@@ -71,6 +71,7 @@ class MigrationRecord:
     to_paused_s: list[float] = field(default_factory=list)
     to_resumed_s: list[float] = field(default_factory=list)
     recoveries: int = 0
+    resume_retries: int = 0
     status: str = "not started"
     bad_pages: int = 0
     latency_us: list[float] = field(default_factory=list)
@@ -78,6 +79,7 @@ class MigrationRecord:
     seconds: float = 0.0
     other_cpu_s: float = 0.0
     error: str = ""
+    exits: dict[str, str] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -98,37 +100,45 @@ def soak_one(rec: MigrationRecord, link: Link, workdir: Path, cfg: RecoveryConfi
 
 def run_one(rec: MigrationRecord, link: Link, workdir: Path, cfg: RecoveryConfig,
             cuts: int, max_gap: float, rng: random.Random) -> None:
-    with RecoveryRun(link, workdir, cfg) as run:
-        before = Usage.take(run.src.pid, run.dst.pid)
-        try:
-            run.start_postcopy()
-            split = None  # latency samples before the first recovery
-            for _ in range(cuts):
-                time.sleep(rng.uniform(0, max_gap))
-                if not run.active():
-                    break
-                fault = rng.choice(link.faults())
-                got = run.cut(fault)
-                if got is None:
-                    break
-                rec.faults.append(got.fault)
-                rec.to_paused_s.append(got.to_paused)
-                rec.to_resumed_s.append(got.to_resumed)
-                if split is None:
-                    split = len(run.latency_samples())
-            rec.recoveries = run.recoveries
-            outcome = run.finish()
-            rec.status = f"{outcome.src_status}/{outcome.dst_status}"
-            if outcome.completed:
-                rec.status = "completed"
-                rec.bad_pages = outcome.bad_pages
-            rec.latency_us = [ns / 1000 for ns in outcome.latency_ns]
-            rec.after_recovery_us = rec.latency_us[split or len(rec.latency_us):]
-            rec.other_cpu_s = Usage.take(run.src.pid, run.dst.pid).other_since(before)
-        except Exception:
-            rec.recoveries = run.recoveries
-            rec.logs = {v.name: v.log_text()[-LOG_TAIL:] for v in (run.src, run.dst)}
-            raise
+    run = RecoveryRun(link, workdir, cfg)
+    try:
+        soak_run(rec, run, link, cuts, max_gap, rng)
+    finally:
+        run.close()
+        rec.exits = run.exits
+
+
+def soak_run(rec: MigrationRecord, run: RecoveryRun, link: Link, cuts: int, max_gap: float,
+             rng: random.Random) -> None:
+    before = Usage.take(run.src.pid, run.dst.pid)
+    try:
+        run.start_postcopy()
+        split = None  # latency samples before the first recovery
+        for _ in range(cuts):
+            time.sleep(rng.uniform(0, max_gap))
+            if not run.active():
+                break
+            got = run.cut(rng.choice(link.faults()))
+            if got is None:
+                break
+            rec.faults.append(got.fault)
+            rec.to_paused_s.append(got.to_paused)
+            rec.to_resumed_s.append(got.to_resumed)
+            if split is None:
+                split = len(run.latency_samples())
+        outcome = run.finish()
+    except Exception:
+        rec.logs = {v.name: v.log_text()[-LOG_TAIL:] for v in (run.src, run.dst)}
+        raise
+    finally:
+        rec.recoveries, rec.resume_retries = run.recoveries, run.resume_retries
+    rec.status = f"{outcome.src_status}/{outcome.dst_status}"
+    if outcome.completed:
+        rec.status = "completed"
+        rec.bad_pages = outcome.bad_pages
+    rec.latency_us = [ns / 1000 for ns in outcome.latency_ns]
+    rec.after_recovery_us = rec.latency_us[split or len(rec.latency_us):]
+    rec.other_cpu_s = Usage.take(run.src.pid, run.dst.pid).other_since(before)
 
 
 def percentiles(samples: Sequence[float]) -> tuple[str, str]:
@@ -144,7 +154,8 @@ def seconds(values: Sequence[float], how: str) -> str:
     return f"{statistics.median(values) if how == 'median' else max(values):.2f}"
 
 
-COLUMNS = ("pages", "design", "migrations", "cuts", "recoveries", "failed", "bad pages",
+COLUMNS = ("pages", "design", "migrations", "cuts", "recoveries", "resume retries", "failed",
+           "bad pages",
            "paused→resumed s median", "max", "fault→paused s median",
            "latency µs p50", "p99", "after recovery p50", "p99 ", "other CPUs")
 
@@ -156,7 +167,8 @@ def row(label: tuple[str, str], recs: Sequence[MigrationRecord]) -> list[str]:
     wall = sum(r.seconds for r in recs)
     other = sum(r.other_cpu_s for r in recs) / wall if wall else 0.0
     return [*label, str(len(recs)), str(sum(len(r.faults) for r in recs)),
-            str(sum(r.recoveries for r in recs)), str(sum(r.failed for r in recs)),
+            str(sum(r.recoveries for r in recs)), str(sum(r.resume_retries for r in recs)),
+            str(sum(r.failed for r in recs)),
             str(sum(max(r.bad_pages, 0) for r in recs)),
             seconds(resumed, "median"), seconds(resumed, "max"),
             seconds([x for r in recs for x in r.to_paused_s], "median"),

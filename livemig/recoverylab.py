@@ -44,6 +44,7 @@ from livemig.vmmprocess import VmmProcess
 WAIT_S = 60.0  # any one status change (a loaded nested VM is slow)
 FINISH_S = 180.0
 POLL_S = 0.02
+RESUME_RETRY_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,8 @@ class RecoveryRun:
             raise
         self.port = link.new_port()
         self.recoveries = 0
+        self.resume_retries = 0
+        self.exits: dict[str, str] = {}
 
     def __enter__(self) -> RecoveryRun:
         return self
@@ -254,11 +257,14 @@ class RecoveryRun:
 
     def close(self) -> None:
         """Stop the destination first (a source streaming to it then ends), then the
-        source; both even if the first stop fails."""
+        source; both even if the first stop fails.  Whether each had already exited,
+        and its exit status, are kept in :attr:`exits` (a crash shows there)."""
+        self.exits["dst"] = f"{'running' if self.dst.running() else 'exited'}, "
         try:
-            self.dst.stop()
+            self.exits["dst"] += f"status {self.dst.stop()}"
         finally:
-            self.src.stop()
+            self.exits["src"] = f"{'running' if self.src.running() else 'exited'}, " \
+                f"status {self.src.stop()}"
 
     @property
     def uri(self) -> str:
@@ -335,14 +341,34 @@ class RecoveryRun:
         if got == ("completed", "completed"):
             return None
         self.recover()
-        self._reached("postcopy-active", f"no resume after {fault.name}")
         return Cut(fault.name, paused - start, time.monotonic() - paused, errors)
 
     def recover(self) -> None:
-        """migrate-recover on a new port (destination), migrate resume=true (source)."""
+        """migrate-recover on a new port (destination), migrate resume=true (source),
+        until both sides are active (or completed) again.
+
+        Right after a link comes back up the source's first connect may fail (``No
+        route to host`` while its neighbour entry for the destination is still marked
+        failed); the source then goes back to postcopy-paused, as QEMU's does, and -
+        as an operator would - the resume is sent again to the same address, on which
+        the destination still listens (counted in :attr:`resume_retries`)."""
         self.port = self.link.new_port()
         self.dst.qmp.execute("migrate-recover", uri=self.uri)
         self.src.qmp.execute("migrate", uri=self.uri, resume=True)
+        deadline = time.monotonic() + WAIT_S
+        while (got := self.statuses()) not in (("postcopy-active", "postcopy-active"),
+                                               ("completed", "completed")):
+            if got[0] == "postcopy-paused":
+                why = str(self.src.qmp.execute("query-migrate").get("error-desc", ""))
+                if "cannot connect" not in why:
+                    raise MigrationError(f"the resume failed: {why}")
+                time.sleep(RESUME_RETRY_S)
+                self.src.qmp.execute("migrate", uri=self.uri, resume=True)
+                self.resume_retries += 1
+            elif time.monotonic() > deadline:
+                raise MigrationError(f"no resume after {WAIT_S:.0f} s: source {got[0]}, "
+                                     f"destination {got[1]}")
+            time.sleep(POLL_S)
         self.recoveries += 1
 
     def latency_samples(self) -> list[int]:
