@@ -83,6 +83,16 @@ def _check_event(e: Any, blocks: dict[str, BlockInfo]) -> None:
         raise Finding(f"page header outside {e.block}: {e.offset:#x}")
 
 
+def _feed(dec: Decoder | ReturnPathDecoder, data: bytes, pos: int, chunk: int) -> int:
+    """The decoder wants data: the next ``chunk`` bytes of ``data`` from ``pos``, or EOF
+    at its end; returns the new position."""
+    if pos >= len(data):
+        dec.receive_eof()
+        return pos
+    dec.receive_data(data[pos : pos + chunk])
+    return pos + chunk
+
+
 def drive_decoder(dec: Decoder, data: bytes, chunk: int,
                   blocks: dict[str, BlockInfo]) -> list[type]:
     """Feed ``data`` in ``chunk``-byte pieces as the destination does (single-page
@@ -91,11 +101,7 @@ def drive_decoder(dec: Decoder, data: bytes, chunk: int,
     for _ in range(MAX_STEPS):
         e = dec.next_event()
         if e is ev.NEED_DATA:
-            if pos >= len(data):
-                dec.receive_eof()
-            else:
-                dec.receive_data(data[pos : pos + chunk])
-                pos += chunk
+            pos = _feed(dec, data, pos, chunk)
             continue
         _check_event(e, blocks)
         seen.append(type(e))
@@ -140,11 +146,7 @@ def returnpath(data: bytes) -> None:
         for _ in range(MAX_STEPS):
             e = dec.next_event()
             if e is ev.NEED_DATA:
-                if pos >= len(body):
-                    dec.receive_eof()
-                else:
-                    dec.receive_data(body[pos : pos + chunk])
-                    pos += chunk
+                pos = _feed(dec, body, pos, chunk)
                 continue
             if isinstance(e, ReqPages) and (e.length == 0 or e.start % PAGE_SIZE):
                 raise Finding(f"request of partial pages {e}")

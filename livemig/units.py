@@ -19,4 +19,5 @@ KIB: Final = 1024
 MIB: Final = 1024 * KIB
 GIB: Final = 1024 * MIB
 
-PAGE_SIZE: Final = 4 * KIB  # x86 base page = QEMU TARGET_PAGE_SIZE on x86
+PAGE_SHIFT: Final = 12
+PAGE_SIZE: Final = 1 << PAGE_SHIFT  # x86 base page = QEMU TARGET_PAGE_SIZE on x86

@@ -31,13 +31,13 @@ from importlib import resources
 from typing import Final
 
 from livemig.errors import ConfigError
+from livemig.units import PAGE_SIZE
 
 OS_GUEST: Final = "os"
 LOAD_ADDRESS: Final = 0x100000
 PARAMS_OFFSET: Final = 0x20
 WORK_BASE: Final = 0x400000
 MAX_CPUS: Final = 16
-PAGE_SIZE: Final = 4096
 _MAGIC: Final = b"LMOS"
 _VERSION: Final = 1
 _PARAMS = struct.Struct("<4s10I")

@@ -38,16 +38,14 @@ Bad pages are always reported as absolute guest page numbers (guest-physical add
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from livemig.errors import ConfigError
 from livemig.guests.os import OsParams, Pattern
-
-PAGE_SHIFT: Final = 12
-PAGE_SIZE: Final = 1 << PAGE_SHIFT
+from livemig.units import PAGE_SHIFT, PAGE_SIZE
 
 RamLike = memoryview | bytes | bytearray | npt.NDArray[Any]
 

@@ -10,16 +10,20 @@ guest with postcopy-ram set, so the return path is open from the start.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import MEM, ab_instance, client, qmp_path, wait_migration
 
+from livemig.control.client import QmpClient
 from livemig.errors import LivemigError
+from livemig.instance import Instance
 from livemig.wire import events as ev
 from livemig.wire.blocks import BlockInfo
 from livemig.wire.decoder import Decoder
@@ -117,38 +121,37 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("what", list(CASES))
-def test_hostile_destination_fails_the_migration_and_the_guest_runs_on(
-        tmp_path: Path, what: str) -> None:
-    script, reason = CASES[what]
-    fake = FakeDestination(script)
+@contextlib.contextmanager
+def migration_to(tmp_path: Path, fake: FakeDestination
+                 ) -> Iterator[tuple[Instance, QmpClient, dict[str, Any]]]:
+    """A running ab guest migrated (postcopy-ram on) to ``fake``: the source, its QMP
+    client and its final query-migrate."""
     try:
         with ab_instance(tmp_path) as src, client(qmp_path(src)) as s:
             s.execute("migrate-set-capabilities",
                       capabilities=[{"capability": "postcopy-ram", "state": True}])
             s.execute("migrate-set-parameters", **{"downtime-limit": 5000})
             s.execute("migrate", uri=fake.uri)
-            info = wait_migration(s, 90)
-            assert info["status"] == "failed", info
-            assert reason in info.get("error-desc", ""), info
-            assert s.execute("query-status")["status"] == "running"
-            assert src.vm.serial.wait_for(2, timeout=60), src.vm.serial.output[-80:]
-            assert b"E" not in src.vm.serial.output
+            yield src, s, wait_migration(s, 90)
     finally:
         fake.close()
+
+
+@pytest.mark.parametrize("what", list(CASES))
+def test_hostile_destination_fails_the_migration_and_the_guest_runs_on(
+        tmp_path: Path, what: str) -> None:
+    script, reason = CASES[what]
+    with migration_to(tmp_path, FakeDestination(script)) as (src, s, info):
+        assert info["status"] == "failed", info
+        assert reason in info.get("error-desc", ""), info
+        assert s.execute("query-status")["status"] == "running"
+        assert src.vm.serial.wait_for(2, timeout=60), src.vm.serial.output[-80:]
+        assert b"E" not in src.vm.serial.output
 
 
 def test_a_flood_of_page_requests_in_precopy_does_not_break_the_source(
         tmp_path: Path) -> None:
     fake = FakeDestination(flood_then_shut)
-    try:
-        with ab_instance(tmp_path) as src, client(qmp_path(src)) as s:
-            s.execute("migrate-set-capabilities",
-                      capabilities=[{"capability": "postcopy-ram", "state": True}])
-            s.execute("migrate-set-parameters", **{"downtime-limit": 5000})
-            s.execute("migrate", uri=fake.uri)
-            info = wait_migration(s, 90)
-            assert info["status"] == "completed", info
-            assert fake.decode_error is None, fake.decode_error
-    finally:
-        fake.close()
+    with migration_to(tmp_path, fake) as (_src, _s, info):
+        assert info["status"] == "completed", info
+        assert fake.decode_error is None, fake.decode_error
