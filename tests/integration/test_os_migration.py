@@ -95,10 +95,10 @@ def test_the_os_guest_survives_a_migration(
             serial.output[-300:]
         assert not ERROR.search(serial.output), serial.output[-300:]
         if postcopy:
-            # Each vCPU faults on its own pages: every one of them waited for some.
+            # One entry per vCPU; which vCPUs faulted before their pages came is timing.
             assert len(dst["postcopy-vcpu-blocktime"]) == vcpus, dst
             assert len(dst["postcopy-vcpu-latency"]) == vcpus, dst
-            assert sum(1 for v in dst["postcopy-vcpu-latency"] if v > 0) >= 2, dst
+            assert any(v > 0 for v in dst["postcopy-vcpu-latency"]), dst
         p.dq.execute("stop")
         check = p.dq.execute("x-guest-check", guest="os")
         assert check["bad_pages"] == 0, check
