@@ -100,6 +100,7 @@ p_rate:         dd 0                    ; 0x3c pages per tick and vCPU, 0 = no l
 p_hz:           dd 100                  ; 0x40 timer ticks per second
 p_max_jump:     dd 5000                 ; 0x44 ms
 p_tick_tmo:     dd 5000                 ; 0x48 ms
+        dd      percpus                 ; 0x4c (read-only) the per-vCPU records
 
 ; ---------------------------------------------------------------------------
 ; 32-bit entry from the multiboot loader: EAX = 0x2BADB002, EBX = info block.

@@ -76,6 +76,8 @@ class Instance:
         reg("quit", lambda _a: self._quit.set(), params=())
         reg("x-guest-check", lambda a: self.guest_check(a["guest"]),
             params=(Param("guest", "str"),))
+        reg("pmemsave", lambda a: self.pmemsave(a["val"], a["size"], a["filename"]),
+            params=(Param("val", "int"), Param("size", "int"), Param("filename", "str")))
 
     def query_status(self) -> dict[str, Any]:
         return {"status": self.vm.runstate.value, "running": self.vm.running,
@@ -103,6 +105,15 @@ class Instance:
             raise QmpError(f"unknown guest {guest!r}; choose ab, random or os")
         return {"pages": result.pages, "bad_pages": len(result.bad_pages),
                 "first_bad_pages": list(result.bad_pages[:16])}
+
+    def pmemsave(self, gpa: int, size: int, filename: str) -> None:
+        """QEMU's ``pmemsave``: write ``size`` bytes of guest RAM at ``gpa`` to a file."""
+        data = self.vm.read_guest(gpa, size)
+        try:
+            with open(filename, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            raise QmpError(f"could not open '{filename}': {e.strerror}") from None
 
     def _stop(self) -> None:
         if self.vm.runstate is RunState.RUNNING:

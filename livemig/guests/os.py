@@ -17,6 +17,12 @@ reads them back from guest RAM where the loader put the image, at 1 MiB)::
     0x30 shared pages    0x34 pattern (0 sequential, 1 scattered, 2 hot)
     0x38 hot pages       0x3c rate (pages per tick and vCPU, 0 = no limit)
     0x40 timer hz        0x44 max clock step (ms)  0x48 tick timeout (ms)
+    0x4c (read-only) guest-physical address of the per-vCPU records
+
+Each vCPU's record (:data:`PERCPU_SIZE` bytes, vCPU ``c`` at ``records + c *
+PERCPU_SIZE``) starts with its timer tick count, a u64 the interrupt handler bumps:
+:func:`tick_counts` reads them from a copy of that memory (QMP ``pmemsave``, in
+livemig and in QEMU), so a host can see the ticks of every vCPU keep coming.
 
 Memory layout: vCPU ``c``'s private region is ``private`` pages at
 ``WORK_BASE + c * private * 4096``; the shared region follows the last private one.
@@ -41,6 +47,9 @@ MAX_CPUS: Final = 16
 _MAGIC: Final = b"LMOS"
 _VERSION: Final = 1
 _PARAMS = struct.Struct("<4s10I")
+PERCPUS_POINTER: Final = LOAD_ADDRESS + PARAMS_OFFSET + _PARAMS.size  # u32 at 0x4c
+PERCPU_SIZE: Final = 64
+_TICKS = struct.Struct("<Q")  # at offset 0 of each record
 
 
 class Pattern(IntEnum):
@@ -115,6 +124,14 @@ class OsParams:
 
 
 PARAMS_SIZE: Final = _PARAMS.size
+
+
+def tick_counts(records: bytes, ncpus: int) -> tuple[int, ...]:
+    """Each vCPU's timer ticks, from ``ncpus * PERCPU_SIZE`` bytes of guest RAM read at
+    the address stored at :data:`PERCPUS_POINTER`."""
+    if len(records) < ncpus * PERCPU_SIZE:
+        raise ConfigError(f"{len(records)} bytes hold no records for {ncpus} vCPUs")
+    return tuple(_TICKS.unpack_from(records, c * PERCPU_SIZE)[0] for c in range(ncpus))
 
 
 def load_os_image() -> bytes:

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import struct
 import time
+from pathlib import Path
 
 import pytest
 
-from livemig.guests.os import OsParams, Pattern
+from livemig.control.client import QmpClient
+from livemig.errors import QmpError
+from livemig.guests.os import PERCPU_SIZE, PERCPUS_POINTER, OsParams, Pattern, tick_counts
+from livemig.instance import Instance
 from livemig.kernel.mman import MIB
 from livemig.vmm.boot import boot_os
 from livemig.vmm.checks import os_check
@@ -135,3 +139,28 @@ def test_system_reset_boots_the_guest_again_on_every_vcpu() -> None:
             o.rsplit(b"ticks\n", 1)[1].count(b"B") >= 2, BOOT_TIMEOUT), vm.serial.output[-100:]
         out = vm.serial.output.replace(b"B", b"")
         assert out == b"LMOS boot\ncpus 2\nticks\n" * 2, out
+
+
+def test_every_vcpus_tick_count_is_readable_over_qmp_pmemsave(tmp_path: Path) -> None:
+    """QEMU's pmemsave copies guest RAM to a file: the per-vCPU records the parameter
+    block points to hold tick counts that keep growing on every vCPU."""
+    vcpus = 2
+    with Instance(Vm(VmConfig(MEM, vcpus=vcpus)), str(tmp_path / "vm.qmp")) as inst:
+        boot_os(inst.vm)
+        inst.vm.start()
+        wait_running(inst.vm)
+        with QmpClient(str(tmp_path / "vm.qmp")) as qmp:
+            def ticks() -> tuple[int, ...]:
+                out = tmp_path / "mem"
+                qmp.execute("pmemsave", val=PERCPUS_POINTER, size=4, filename=str(out))
+                records = int.from_bytes(out.read_bytes(), "little")
+                qmp.execute("pmemsave", val=records, size=vcpus * PERCPU_SIZE,
+                            filename=str(out))
+                return tick_counts(out.read_bytes(), vcpus)
+            first = ticks()
+            time.sleep(0.5)
+            second = ticks()
+            assert all(t >= 3 for t in first), first
+            assert all(b > a for a, b in zip(first, second, strict=True)), (first, second)
+            with pytest.raises(QmpError, match="not in guest RAM"):
+                qmp.execute("pmemsave", val=MEM, size=8, filename=str(tmp_path / "x"))
