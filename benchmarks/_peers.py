@@ -242,17 +242,20 @@ class QemuPeer(Peer):
     binary: ClassVar[str] = "qemu-system-x86_64"
 
     def command(self) -> list[str]:
-        # Each peer has its own copy of the disk, so QEMU's image locking never
-        # conflicts between a source and a destination that are alive together.
-        image = self.workdir / f"{self.name}.img"
-        image.write_bytes(guest_image(self.spec))
         args = [self.binary, "-accel", "kvm", "-m", f"{self.spec.mem_mib}M",
                 "-display", "none", "-nodefaults", "-no-reboot",
                 "-serial", f"file:{self.files.serial}",
                 "-qmp", f"unix:{self.files.qmp},server=on,wait=off",
-                "-drive", f"file={image},format=raw,if=ide",
-                *qemu_memory_args(self.spec.backing, self.spec.mem_mib)]
+                *self.boot_args(), *qemu_memory_args(self.spec.backing, self.spec.mem_mib)]
         return args + (["-incoming", "defer"] if self.incoming else [])
+
+    def boot_args(self) -> list[str]:
+        """What QEMU boots (a destination too, as QEMU users start it): the guest's disk."""
+        # Each peer has its own copy of the disk, so QEMU's image locking never
+        # conflicts between a source and a destination that are alive together.
+        image = self.workdir / f"{self.name}.img"
+        image.write_bytes(guest_image(self.spec))
+        return ["-drive", f"file={image},format=raw,if=ide"]
 
     def disable_thp(self) -> bool:
         return self.spec.backing is Backing.ANON_4K
