@@ -93,7 +93,8 @@ def _quit_on_signals(instance: Instance) -> None:
 @click.option("--duration", type=float, help="Quit after this many seconds.")
 @click.option("-S", "paused", is_flag=True, help="Do not start the vCPUs (cont over QMP).")
 @click.option("--incoming", help="Wait for a migration on this URI (tcp:HOST:PORT, "
-              "unix:PATH, file:PATH), or 'defer' to wait for QMP migrate-incoming.")
+              "unix:PATH, file:PATH), or 'defer' to wait for QMP migrate-incoming.  With "
+              "the source's --guest/--image (as QEMU's -kernel), system_reset boots it.")
 @click.option("--trace", "trace", multiple=True, metavar="PATTERN",
               help="Write trace events matching PATTERN (e.g. 'postcopy_preempt*') as JSON "
                    "lines to stderr, as QEMU's -trace.")
@@ -103,10 +104,10 @@ def run(guest: str | None, image: str | None, mem: str, page_size: str, qmp_path
         duration: float | None, paused: bool, incoming: str | None,
         trace: tuple[str, ...]) -> None:
     """Run a VM until `quit` over QMP, a signal, or --duration."""
-    if incoming is None and (guest is None) == (image is None):
-        raise click.UsageError("give exactly one of --guest or --image")
-    if incoming is not None and (guest or image):
-        raise click.UsageError("--incoming receives its guest: no --guest or --image")
+    if guest is not None and image is not None:
+        raise click.UsageError("give one of --guest or --image, not both")
+    if incoming is None and guest is None and image is None:
+        raise click.UsageError("give --guest or --image (or --incoming)")
     if serial is not None and console_spec is not None:
         raise click.UsageError("give --serial or --console, not both")
     hide = frozenset(f for f in cpuid_hide.split(",") if f)
@@ -119,16 +120,17 @@ def run(guest: str | None, image: str | None, mem: str, page_size: str, qmp_path
         if isinstance(sink, Console):
             sink.attach(inst.vm.serial)
         _quit_on_signals(inst)
+        # A destination keeps its boot options for system_reset only (as QEMU's -kernel).
+        if guest == OS_GUEST:
+            boot_os(inst.vm, incoming=incoming is not None)
+        elif guest is not None or image is not None:
+            boot_image(inst.vm, load_image(guest) if guest else load_image_file(image or ""),
+                       incoming=incoming is not None)
         if incoming is not None:
             if incoming != "defer":
                 inst.migrate_incoming(incoming)
-        else:
-            if guest == OS_GUEST:
-                boot_os(inst.vm)
-            else:
-                boot_image(inst.vm, load_image(guest) if guest else load_image_file(image or ""))
-            if not paused:
-                inst.vm.start()
+        elif not paused:
+            inst.vm.start()
         deadline = None if duration is None else time.monotonic() + duration
         # Wake up regularly so signal handlers run in the main thread.
         while not inst.wait(0.2):

@@ -25,9 +25,11 @@ While the VM is paused its kvmclock stands still, as under QEMU: ``pause`` reads
 jump by the length of a pause or of a migration's downtime.
 
 :meth:`Vm.reset` (QMP ``system_reset``) restores the state every part had when the VM
-was created and loads the boot image again.  A guest that triple-faults or resets
-through port 0xcf9 shuts the VM down (as QEMU's ``-no-reboot``), emitting ``SHUTDOWN``
-with ``guest: true``.
+was created and loads the boot image again.  A migration destination gets the same boot
+options as its source, as QEMU's gets the same ``-kernel``: it keeps the image for a
+reset without loading it (the stream brings RAM and CPU state).  A guest that
+triple-faults or resets through port 0xcf9 shuts the VM down (as QEMU's
+``-no-reboot``), emitting ``SHUTDOWN`` with ``guest: true``.
 
 The VM-level run state uses QEMU's ``RunState`` names (``prelaunch``, ``running``,
 ``paused``, ``inmigrate``, ``postmigrate``, ``shutdown``, ``internal-error``) because QMP
@@ -256,13 +258,22 @@ class Vm:
             b.set_dirty_logging(on)
 
     # --- boot -------------------------------------------------------------------------
-    def load_boot_sector(self, image: bytes) -> None:
-        """Place a boot sector and set the vCPU up exactly as a PC BIOS hands over."""
+    def load_boot_sector(self, image: bytes, *, incoming: bool = False) -> None:
+        """Place a boot sector and set the vCPU up exactly as a PC BIOS hands over
+        (``incoming``: only keep it for a reset, see :meth:`_install_boot`)."""
         if len(image) != 512:
             raise ConfigError(f"a boot sector is 512 bytes, got {len(image)}")
+        self._install_boot(functools.partial(self._enter_boot_sector, image), incoming)
+
+    def _install_boot(self, boot: Callable[[], None], incoming: bool) -> None:
+        """Keep ``boot`` as what :meth:`reset` loads, and load it now -- unless the VM
+        waits for a migration (``incoming``): the stream brings its RAM and CPU state, and
+        a write into RAM before it would shadow pages a postcopy has yet to fetch.  So a
+        destination started with the source's boot options can be reset, as QEMU's."""
         self._require(RunState.PRELAUNCH, RunState.INMIGRATE)
-        self._boot = functools.partial(self._enter_boot_sector, image)
-        self._boot()
+        self._boot = boot
+        if not incoming:
+            boot()
 
     def _enter_boot_sector(self, image: bytes) -> None:
         self.write_guest(BOOT_SECTOR_ADDR, image)
@@ -275,11 +286,11 @@ class Vm:
         regs.rip, regs.rflags, regs.rdx, regs.rsp = BOOT_SECTOR_ADDR, 0x2, 0x80, 0x7000
         fd.set_regs(regs)
 
-    def load_multiboot(self, image: MultibootImage, cmdline: bytes = b"") -> None:
-        """Load a multiboot kernel and enter it on the boot processor, as QEMU's loader."""
-        self._require(RunState.PRELAUNCH, RunState.INMIGRATE)
-        self._boot = functools.partial(self._enter_multiboot, image, cmdline)
-        self._boot()
+    def load_multiboot(self, image: MultibootImage, cmdline: bytes = b"", *,
+                       incoming: bool = False) -> None:
+        """Load a multiboot kernel and enter it on the boot processor, as QEMU's loader
+        (``incoming``: only keep it for a reset, see :meth:`_install_boot`)."""
+        self._install_boot(functools.partial(self._enter_multiboot, image, cmdline), incoming)
 
     def _enter_multiboot(self, image: MultibootImage, cmdline: bytes) -> None:
         for gpa, data in image.placements(self.main_block.size, cmdline):
@@ -359,10 +370,12 @@ class Vm:
         its power-on state (the state saved when the VM was created), the image is
         loaded again, RAM is otherwise kept; a running VM runs on.  Emits ``RESET``."""
         with self._lock:
-            if self._boot is None or self.runstate in (RunState.SHUTDOWN,
-                                                       RunState.INMIGRATE):
-                raise VmStateError(f"cannot reset a VM that is {self.runstate.value} or "
-                                   "has nothing booted")
+            if self.runstate in (RunState.SHUTDOWN, RunState.INMIGRATE):
+                raise VmStateError(f"cannot reset a VM that is {self.runstate.value}")
+            if self._boot is None:
+                raise VmStateError("this VM has no boot image to reset to: start a "
+                                   "migration destination with the source's --guest or "
+                                   "--image, as QEMU's with its -kernel")
             was_running = self.runstate is RunState.RUNNING
             if was_running:
                 self.pause()
