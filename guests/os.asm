@@ -40,7 +40,7 @@
 ;   K  no kvmclock                  C  time went backwards   J  time jumped
 ;   T  no timer tick in time        V  another vCPU stopped  P/S private/shared page
 ;   F  xmm1 lost (FPU state)        D  DR0 lost (debug registers)
-;   M  MSR_KERNEL_GS_BASE lost
+;   M  MSR_KERNEL_GS_BASE lost       W  XCR0 lost (XSAVE area size changed)
 ;   I  (vCPU 0) the PIC masks changed  R  (vCPU 0) the PIT's channel 0 mode changed
 ;   X  an exception (followed by its vector in hex)
 ;
@@ -315,6 +315,7 @@ cpu_setup:
         add     eax, edi
         xor     edx, edx
         wrmsr
+        call    xcr0_setup
         call    percpu
         call    read_clock
         mov     [r15 + PC_LAST_NOW], rax
@@ -323,6 +324,32 @@ cpu_setup:
 .no_kvmclock:
         mov     al, 'K'
         jmp     fail
+
+; xcr0_setup (EDI = vCPU): with XSAVE (CPUID.1:ECX bit 26), CR4.OSXSAVE on and XCR0 :=
+; x87 | SSE | AVX as far as supported; xsave_size[vCPU] := CPUID.(0xD, 0).EBX, the XSAVE
+; area size KVM derives from XCR0 (0 without XSAVE).  The workload compares it after
+; every pass: xgetbv is not in this host's emulator, cpuid is.  Clobbers RAX-RDX.
+xcr0_setup:
+        mov     dword [xsave_size + rdi * 4], 0
+        mov     eax, 1
+        cpuid
+        test    ecx, 1 << 26
+        jz      .done
+        mov     rax, cr4
+        or      eax, 1 << 18
+        mov     cr4, rax
+        mov     eax, 0xD
+        xor     ecx, ecx
+        cpuid                           ; EAX: the XCR0 bits KVM supports
+        and     eax, 7
+        xor     edx, edx
+        xor     ecx, ecx
+        xsetbv
+        mov     eax, 0xD
+        xor     ecx, ecx
+        cpuid
+        mov     [xsave_size + rdi * 4], ebx
+.done:  ret
 
 ; check_params: sane sizes and the regions inside RAM.
 check_params:
@@ -550,6 +577,15 @@ workload:
         or      eax, edx
         cmp     eax, r13d
         jne     .msr_lost
+        mov     r9d, [xsave_size + r13 * 4]  ; XCR0 kept? (the size KVM derives from it)
+        test    r9d, r9d
+        jz      .xcr_ok
+        mov     eax, 0xD
+        xor     ecx, ecx
+        cpuid
+        cmp     ebx, r9d
+        jne     .xcr_lost
+.xcr_ok:
         inc     r12
         mov     [r15 + PC_GEN], r12
         test    r13d, r13d
@@ -583,6 +619,9 @@ workload:
         jmp     fail
 .msr_lost:
         mov     al, 'M'
+        jmp     fail
+.xcr_lost:
+        mov     al, 'W'
         jmp     fail
 
 ; region_private / region_shared: RBX = base, RBP = pages, R10 = slot offset,
@@ -957,6 +996,7 @@ pd:             resb 4 * 4096
 idt:            resb 4096
 pvclock:        resb 32 * MAX_CPUS
 percpus:        resb PERCPU_SIZE * MAX_CPUS
+xsave_size:     resd MAX_CPUS
         alignb  16
 stacks:         resb STACK_SIZE * MAX_CPUS
 bss_end:

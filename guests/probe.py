@@ -144,6 +144,15 @@ TIMER = """
         cli
 """
 
+# CR4.OSXSAVE on, then EDX:EAX = 3 (x87 and SSE state) and ECX = 0 (XCR0) for xsetbv.
+OSXSAVE = """mov rax, cr4
+        or eax, 1 << 18
+        mov cr4, rax
+        xor ecx, ecx
+        xor edx, edx
+        mov eax, 3
+"""
+
 # name -> (long mode?, snippet)
 PROBES: dict[str, tuple[bool, str]] = {
     "protected mode, out": (False, "nop"),
@@ -173,6 +182,8 @@ PROBES: dict[str, tuple[bool, str]] = {
     "clac": (True, "clac"),
     "cmpxchg16b": (True, "lea rdi, [buf]\n lock cmpxchg16b [rdi]"),
     "xrstor": (True, "xor eax, eax\n xor edx, edx\n lea rdi, [buf]\n xrstor [rdi]"),
+    "mov cr4 (OSXSAVE on); xsetbv XCR0 = x87|SSE": (True, OSXSAVE + "xsetbv"),
+    "xgetbv": (True, OSXSAVE + "xgetbv"),
     "sse movdqa": (True, "movdqa xmm0, [buf]"),
     "movq xmm1, r12": (True, "movq xmm1, r12"),
     "pushfq / popfq": (True, "pushfq\n cli\n popfq"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from livemig.kernel.mman import Backing
 from livemig.runtime import SwitchInterval
 from livemig.units import MIB
 from livemig.vmm.boot import boot_os
+from livemig.vmm.state import VmState
 from livemig.vmm.vm import Vm, VmConfig
 
 pytestmark = pytest.mark.kvm
@@ -103,3 +105,36 @@ def test_the_os_guest_survives_a_migration(
         check = p.dq.execute("x-guest-check", guest="os")
         assert check["bad_pages"] == 0, check
         assert wait_migration(p.sq, 5, until=FINISHED)["status"] == "completed"
+
+
+XCR0_POWER_ON = 1  # x87 only
+_XCR = struct.Struct("<IIQ")  # struct kvm_xcr, after kvm_xcrs' nr_xcrs and flags
+
+
+def xcr0s(state: VmState) -> list[int]:
+    """Each vCPU's XCR0 in a saved state (the kernel's struct kvm_xcrs bytes)."""
+    out = []
+    for vcpu in state.vcpus:
+        (count,) = struct.unpack_from("<I", vcpu.xcrs)
+        xcrs = {xcr: value for xcr, _, value in
+                (_XCR.unpack_from(vcpu.xcrs, 8 + i * _XCR.size) for i in range(count))}
+        out.append(xcrs[0])
+    return out
+
+
+def test_the_xcr0_the_guest_set_survives_a_migration(tmp_path: Path) -> None:
+    """The guest enables AVX state in XCR0 and checks, every pass, the XSAVE size KVM
+    derives from it (``EW`` when it changed); the destination's vCPUs hold the same XCR0."""
+    with os_pair(tmp_path, 2, Backing.ANON_4K, postcopy=False, preempt=False) as p:
+        p.src.vm.pause()
+        before = xcr0s(p.src.vm.save_state())
+        p.src.vm.start()
+        assert all(x not in (0, XCR0_POWER_ON) for x in before), before
+        p.listen()
+        p.migrate()
+        assert wait_migration(p.dq, 120)["status"] == "completed"
+        serial = p.dst.vm.serial
+        assert serial.wait_output(lambda out: out.count(b"B") >= 4 or b"E" in out, 60)
+        assert not ERROR.search(serial.output), serial.output[-300:]
+        p.dq.execute("stop")
+        assert xcr0s(p.dst.vm.save_state()) == before

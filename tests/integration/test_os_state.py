@@ -12,6 +12,8 @@ msrs           ``EM``: MSR_KERNEL_GS_BASE lost (or ``EC``/``EJ``: the kvmclock M
                the TSC lost; on a host whose guest TSC is the host's, kvmclock keeps
                reading the stale record correctly)
 xsave/fpu      ``EF``: xmm1 no longer holds the pass number
+xcrs           ``EW``: XCR0 is back at its power-on value (x87 only), so the XSAVE area
+               size KVM reports in CPUID leaf 0xD is no longer the one the guest set
 debugregs      ``ED``: DR0 lost
 mp_state       ``EV`` from vCPU 0: vCPU 1 waits for a SIPI and never runs
 pic            ``EI``: the PIC masks the guest set are gone
@@ -134,11 +136,13 @@ def test_state_the_destination_kvm_refuses_is_a_typed_error() -> None:
     (_platform("clock_ns"), b"C", None),
     (_vcpus("msrs"), b"MCJ", None),
     (_vcpus("xsave", "fpu"), b"F", None),
+    (_vcpus("xcrs"), b"W", None),
     (_vcpus("debugregs"), b"D", None),
     (_vcpus("mp_state"), b"V", b"0"),
     (_platform("pic_master"), b"I", b"0"),
     (_platform("pit"), b"R", b"0"),
-], ids=["lapic", "kvmclock", "msrs", "xsave", "debugregs", "mp_state", "pic", "pit"])
+], ids=["lapic", "kvmclock", "msrs", "xsave", "xcr0", "debugregs", "mp_state", "pic",
+        "pit"])
 def test_a_component_left_out_is_reported_by_the_guest(
         leave_out: Callable[[VmState, VmState], VmState], reasons: bytes,
         cpu: bytes | None) -> None:
