@@ -30,7 +30,8 @@ Reported per migration:
   never steps back or by more than ``max_jump_ms``), two more passes after the
   migration, every vCPU's timer ticks (QMP ``pmemsave`` of its per-vCPU records, see
   ``livemig.guests.os.tick_counts``) carried over and still coming (ticks/s on the
-  destination, ~``hz``), and the host-side check of the whole RAM (``pmemsave`` of
+  destination: ``hz`` on an idle machine, fewer when the vCPU threads wait for a CPU;
+  none is a failure), and the host-side check of the whole RAM (``pmemsave`` of
   all of it into ``os_check``).
 
 The machine's load average and the CPU other processes used during each migration are
@@ -95,7 +96,6 @@ from livemig.vmm.vm import parse_size
 BOOT_TIMEOUT_S = 300.0
 AFTER_PASSES = 2  # passes the guest must make on the destination
 TICK_WINDOW_S = 1.0  # ticks counted over this long on the destination
-HZ = OsParams().hz
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ class Verdict:
             out.append(f"guest reported {self.errors}")
         if any(a < b for a, b in zip(self.ticks_after, self.ticks_source, strict=True)):
             out.append("tick counts went back")
-        if any(r < HZ / 4 for r in self.ticks_per_s):
+        if not all(self.ticks_per_s):
             out.append("a vCPU's ticks stopped")
         if self.bad_pages:
             out.append(f"{self.bad_pages} bad pages")
@@ -339,20 +339,24 @@ def _list(values: Sequence[float] | None, fmt: str = "{:.0f}") -> str:
 
 def summary_line(run: OsRun) -> str:
     v = run.verdict
-    return (f"{run.cell.label}: p50 {run.latency.p50:.0f} p99 {run.latency.p99:.0f} µs, "
+    return (f"{run.cell.label}: {run.latency.count} faults, p50 {run.latency.p50:.0f} "
+            f"p99 {run.latency.p99:.0f} µs, "
             f"blocktime {_list(run.blocktime_ms)} ms, total {run.migration.total_time_ms} ms, "
             f"STOP→RESUME {run.stop_resume_ms:.0f} ms, ticks/s {_list(v.ticks_per_s)}, "
             f"{'ok' if v.ok else '; '.join(v.problems)}")
 
 
-COLUMNS = ("link", "pages", "vCPUs", "mode", "p50 µs", "p99 µs", "vCPU mean wait µs",
+COLUMNS = ("link", "pages", "vCPUs", "mode", "faults", "p50 µs", "p99 µs",
+           "vCPU mean wait µs",
            "vCPU blocktime ms", "total ms", "STOP→RESUME ms", "ticks/s per vCPU", "guest")
 
 
 def row_cells(run: OsRun) -> list[str]:
     c, v = run.cell, run.verdict
-    return [c.link, c.page_size, str(c.smp), c.mode.name, f"{run.latency.p50:.0f}",
-            f"{run.latency.p99:.0f}", _list(run.vcpu_latency_us), _list(run.blocktime_ms),
+    lat = run.latency
+    return [c.link, c.page_size, str(c.smp), c.mode.name, str(lat.count),
+            f"{lat.p50:.0f}" if lat.count else "-", f"{lat.p99:.0f}" if lat.count else "-",
+            _list(run.vcpu_latency_us), _list(run.blocktime_ms),
             str(run.migration.total_time_ms), f"{run.stop_resume_ms:.0f}",
             _list(v.ticks_per_s), "ok" if v.ok else "; ".join(v.problems)]
 
