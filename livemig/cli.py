@@ -162,17 +162,29 @@ def run(guest: str | None, image: str | None, mem: str, page_size: str, qmp_path
               help="Who sends requested pages with --preempt (x-postcopy-urgent-sender).")
 @click.option("--max-postcopy-bandwidth", type=int,
               help="Bytes per second of background pages in postcopy (0 = unlimited).")
+@click.option("--resume", is_flag=True,
+              help="Go on with a paused postcopy over a new connection to URI (QEMU's "
+                   "migrate resume=true); with --dest-qmp the destination is told to "
+                   "listen there first (migrate-recover).")
 @_friendly_errors
 def migrate(qmp_path: str, uri: str, dest_qmp: str | None, watch: bool,
             max_bandwidth: int | None, downtime_limit: int | None, postcopy: bool,
             postcopy_after: float | None, preempt: bool, urgent_sender: str | None,
-            max_postcopy_bandwidth: int | None) -> None:
+            max_postcopy_bandwidth: int | None, resume: bool) -> None:
     """Migrate the VM behind a QMP socket to URI, showing its progress."""
     from rich.console import Console
 
     from livemig.control.client import QmpClient
     from livemig.demo import PostcopySwitch, watch_migration
 
+    if resume:
+        if postcopy or preempt or postcopy_after is not None or urgent_sender is not None:
+            raise click.UsageError("--resume goes on with the paused migration as it was: "
+                                   "drop --postcopy, --preempt, --postcopy-after and "
+                                   "--urgent-sender")
+        _resume(qmp_path, uri, dest_qmp, watch, _parameters(
+            max_bandwidth, downtime_limit, max_postcopy_bandwidth, None))
+        return
     postcopy = postcopy or preempt
     if postcopy_after is not None and not postcopy:
         raise click.UsageError("--postcopy-after needs --postcopy")
@@ -181,10 +193,7 @@ def migrate(qmp_path: str, uri: str, dest_qmp: str | None, watch: bool,
     if postcopy and not watch:
         raise click.UsageError("--postcopy switches while it watches: drop --no-watch")
     caps = {"postcopy-ram": postcopy, "postcopy-preempt": preempt}
-    params = {k: v for k, v in (("max-bandwidth", max_bandwidth),
-                                ("downtime-limit", downtime_limit),
-                                ("max-postcopy-bandwidth", max_postcopy_bandwidth),
-                                ("x-postcopy-urgent-sender", urgent_sender)) if v is not None}
+    params = _parameters(max_bandwidth, downtime_limit, max_postcopy_bandwidth, urgent_sender)
     with QmpClient(qmp_path) as qmp, \
             (QmpClient(dest_qmp) if dest_qmp else contextlib.nullcontext()) as dst:
         _set_capabilities(qmp, caps, "source")
@@ -200,6 +209,60 @@ def migrate(qmp_path: str, uri: str, dest_qmp: str | None, watch: bool,
             if info["status"] != "completed":
                 raise click.ClickException(f"migration {info['status']}: "
                                            f"{info.get('error-desc', '')}")
+
+
+def _parameters(max_bandwidth: int | None, downtime_limit: int | None,
+                max_postcopy_bandwidth: int | None, urgent_sender: str | None
+                ) -> dict[str, Any]:
+    """The migration parameters given on the command line, by their QMP names."""
+    return {k: v for k, v in (("max-bandwidth", max_bandwidth),
+                              ("downtime-limit", downtime_limit),
+                              ("max-postcopy-bandwidth", max_postcopy_bandwidth),
+                              ("x-postcopy-urgent-sender", urgent_sender)) if v is not None}
+
+
+def _resume(qmp_path: str, uri: str, dest_qmp: str | None, watch: bool,
+            params: dict[str, Any]) -> None:
+    """``livemig migrate --resume``: migrate-recover on the destination (if given),
+    then migrate resume=true on the source; watch until it completes, or pauses again
+    (the new connection failed too: then resume again)."""
+    from rich.console import Console
+
+    from livemig.control.client import QmpClient
+    from livemig.demo import watch_migration
+
+    with QmpClient(qmp_path) as qmp:
+        if dest_qmp is not None:
+            with QmpClient(dest_qmp) as dst:
+                dst.execute("migrate-recover", uri=uri)
+        if params:
+            qmp.execute("migrate-set-parameters", **params)
+        qmp.execute("migrate", uri=uri, resume=True)
+        if watch:
+            info = watch_migration(qmp, Console(), timeout=24 * 3600,
+                                   until=(MigrationStatus.POSTCOPY_PAUSED,))
+            if info["status"] == MigrationStatus.POSTCOPY_PAUSED.value:
+                raise click.ClickException(
+                    f"the resume failed, the migration is paused again: "
+                    f"{info.get('error-desc', '')}; resume it again")
+            if info["status"] != "completed":
+                raise click.ClickException(f"migration {info['status']}: "
+                                           f"{info.get('error-desc', '')}")
+
+
+@main.command()
+@click.option("--qmp", "qmp_path", required=True, type=click.Path(),
+              help="Destination QMP socket.")
+@click.option("--listen", "uri", required=True,
+              help="URI to wait on for the source's resumed connections.")
+@_friendly_errors
+def recover(qmp_path: str, uri: str) -> None:
+    """On the destination of a paused postcopy: listen on URI for the source, which
+    then resumes with ``livemig migrate --resume --to URI`` (QEMU's migrate-recover)."""
+    from livemig.control.client import QmpClient
+
+    with QmpClient(qmp_path) as qmp:
+        qmp.execute("migrate-recover", uri=uri)
 
 
 def _set_capabilities(qmp: Any, caps: dict[str, bool], side: str) -> None:

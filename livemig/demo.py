@@ -45,16 +45,17 @@ class DemoConfig:
 
 
 def watch_migration(client: QmpClient, console: Console, timeout: float,
-                    on_active: Any = None) -> dict[str, Any]:
-    """Poll query-migrate until the migration ends, showing its progress: a bar in a
-    terminal, plain lines otherwise (a log, a pipe)."""
+                    on_active: Any = None,
+                    until: tuple[MigrationStatus, ...] = ()) -> dict[str, Any]:
+    """Poll query-migrate until the migration ends (or reaches a status of ``until``),
+    showing its progress: a bar in a terminal, plain lines otherwise (a log, a pipe)."""
     deadline = time.monotonic() + timeout
     with _progress_view(console) as view:
         while True:
             info = client.execute("query-migrate")
             status = info.get("status", "none")
             view.update(status, info.get("ram", {}))
-            if MigrationStatus(status).finished:
+            if MigrationStatus(status).finished or MigrationStatus(status) in until:
                 return dict(info)
             if on_active is not None and status == "active":
                 on_active(info)

@@ -62,6 +62,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Final
 
+import numpy as np
+import numpy.typing as npt
+
 from livemig.errors import ConfigError, MemoryMapError
 
 # Explicit re-exports: callers may take the units from here or from livemig.units.
@@ -122,15 +125,49 @@ class Mapping:
 
     def discard(self, offset: int, length: int) -> None:
         """Drop the pages in [offset, offset+length): later reads see zeroes, or fault
-        under userfaultfd (how postcopy discards stale pages on the destination)."""
-        try:
-            if self.fd >= 0:
-                mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-                _fallocate(self.fd, mode, offset, length)
-            else:
+        under userfaultfd (how postcopy discards stale pages on the destination).
+
+        Huge pages stay reserved for the range.  Punching a hole in a hugetlbfs file
+        also drops its pages' reservation: the freed pages go back to the machine's
+        pool, where any process may take them, and the page placed there later
+        (``UFFDIO_COPY``) then finds none -- which Linux reports as EEXIST, "already
+        there", for a page that is not: the page would be lost.  Mapping the range
+        again reserves it again (a shared hugetlbfs mapping reserves each page of its
+        range that has no reservation); that mapping is not needed and goes at once.
+        Both steps hold the pool lock, so no livemig process takes the pages between
+        them.
+        """
+        if self.fd < 0:
+            try:
                 self.mm.madvise(MADV_DONTNEED, offset, length)
-        except OSError as e:
-            raise MemoryMapError("discard", e.errno or errno.EIO) from None
+            except OSError as e:
+                raise MemoryMapError("discard", e.errno or errno.EIO) from None
+            return
+        with HugepagePoolLock(self.backing.host_page_size):
+            try:
+                _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            except OSError as e:
+                raise MemoryMapError("discard", e.errno or errno.EIO) from None
+            try:
+                mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ,
+                          offset=offset).close()
+            except OSError as e:
+                raise MemoryMapError("discard: reserve the huge pages again",
+                                     e.errno or errno.EIO,
+                                     "no free huge page is left for the discarded range"
+                                     ) from None
+
+    def placed_host_pages(self) -> npt.NDArray[np.bool_]:
+        """One bool per host page: mapped in this process now (``mincore``).  A huge
+        page, once placed, stays mapped (hugetlb memory is never swapped or reclaimed);
+        a 4 KiB page may have been swapped out since."""
+        vec = np.zeros(self.size // PAGE_SIZE, dtype=np.uint8)
+        # self.mm keeps the memory mapped, and vec (on this frame) lives, until it returns.
+        if _LIBC.mincore(ctypes.c_void_p(self.host_addr), ctypes.c_size_t(self.size),
+                         vec.ctypes.data_as(ctypes.c_void_p)):
+            raise MemoryMapError("mincore", ctypes.get_errno())
+        per_host_page = vec.reshape(-1, self.backing.host_page_size // PAGE_SIZE) & 1
+        return np.asarray(per_host_page.all(axis=1), dtype=np.bool_)
 
     def close(self) -> None:
         self.mm.close()
@@ -140,9 +177,11 @@ class Mapping:
             self.reservation.release()
 
 
+_LIBC: Final = ctypes.CDLL(None, use_errno=True)
+
+
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    rc = libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length))
+    rc = _LIBC.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length))
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

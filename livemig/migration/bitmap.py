@@ -54,10 +54,17 @@ class BitmapLock(Protocol):
 def take_bits(bits: npt.NDArray[np.bool_], first: int, count: int,
               lock: BitmapLock) -> IndexArray:
     """Clear the set bits in [first, first+count) and return their indexes: under
-    ``lock``, so two senders never take the same page."""
+    ``lock``, so two senders never take the same page.
+
+    The indexes come from one copy of the bits.  The urgent helper process clears the
+    bit of a 4 KiB page without the lock (urgent.py), and ``np.flatnonzero`` reads its
+    input twice (count, then fill): a bit cleared between the two reads left an
+    uninitialised index in the result (an IndexError naming a garbage index, or a wrong
+    page taken).  With the copy, a bit the helper clears meanwhile is taken too: that
+    4 KiB page goes on both channels, which the destination tolerates."""
     with lock:
         sl = bits[first : first + count]
-        idx = np.flatnonzero(sl)
+        idx = np.flatnonzero(sl.copy())
         if len(idx):
             sl[idx] = False
     return idx + first

@@ -67,6 +67,11 @@ log = logging.getLogger("livemig.destination")
 AwaitRecovery = Callable[[Exception], tuple[Channel, Channel | None]]
 
 
+def _pages(gaps: dict[str, tuple[int, int]]) -> str:
+    return ", ".join(f"{n} host pages of {name} (first at {off:#x})"
+                     for name, (n, off) in gaps.items())
+
+
 class LoadPhase(Enum):
     PRECOPY = "precopy"
     ADVISED = "advised"      # postcopy may follow: userfaultfd is open, nothing registered
@@ -468,10 +473,13 @@ class IncomingLoad:
         missing = pc.missing()
         if missing:
             # The guest would hang on these forever: fail loudly instead.
-            raise RemoteProtocolError(
-                "the stream ended without " + ", ".join(
-                    f"{n} host pages of {name} (first at {off:#x})"
-                    for name, (n, off) in missing.items()))
+            raise RemoteProtocolError("the stream ended without " + _pages(missing))
+        # Huge pages stay in memory once placed: the kernel can confirm every placement.
+        lost = pc.lost({name: b.mapping.placed_host_pages()
+                        for name, b in self.vm.blocks.items() if b.backing.is_hugetlb})
+        if lost:
+            raise MigrationError(f"placed but not in memory: {_pages(lost)} (no free huge "
+                                 "page when they were placed?)")
         handler.stop()
         for st in pc.blocks.values():
             st.placer.unregister()

@@ -287,11 +287,24 @@ class PostcopyState:
     def missing(self) -> dict[str, tuple[int, int]]:
         """Host pages that came neither in precopy nor in postcopy, per block: (how
         many, offset of the first).  At the end of the stream there must be none."""
+        return self._gaps({name: ~(st.received | st.precopy_present)
+                           for name, st in self.blocks.items()})
+
+    def lost(self, mapped: Mapping[str, npt.NDArray[np.bool_]]) -> dict[str, tuple[int, int]]:
+        """Host pages recorded as placed that the kernel does not have, per block (of
+        those in ``mapped``: which host pages are in memory): (how many, offset of the
+        first).  A placement the kernel answered "already there" without a page there
+        (no huge page could be allocated) shows here, instead of as a zero page or a
+        SIGBUS once userfaultfd is gone."""
+        return self._gaps({name: self.blocks[name].received & ~here
+                           for name, here in mapped.items()})
+
+    def _gaps(self, absent: Mapping[str, npt.NDArray[np.bool_]]) -> dict[str, tuple[int, int]]:
         out = {}
-        for name, st in self.blocks.items():
-            absent = np.flatnonzero(~(st.received | st.precopy_present))
-            if len(absent):
-                out[name] = (len(absent), int(absent[0]) * st.host_page)
+        for name, gaps in absent.items():
+            idx = np.flatnonzero(gaps)
+            if len(idx):
+                out[name] = (len(idx), int(idx[0]) * self.blocks[name].host_page)
         return out
 
     # --- recovery ------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from helpers import livemig_process, wait_migration
+from helpers import guest_check, livemig_process, wait_migration
 
 from livemig.control.client import QmpClient
 from livemig.errors import MigrationError
@@ -162,6 +162,66 @@ def test_migrate_command_postcopy_needs_a_deferred_destination(tmp_path: Path) -
                          "--to", uri, "--postcopy")
         assert result.returncode == 1
         assert "--incoming defer" in error_lines(result)[0], result.stderr
+
+
+def start_slow_postcopy(src: VmmProcess, dst: VmmProcess, uri: str) -> None:
+    """A postcopy that lasts several seconds, set up over QMP; both sides active."""
+    for vmm in (src, dst):
+        vmm.qmp.execute("migrate-set-capabilities",
+                        capabilities=[{"capability": "postcopy-ram", "state": True}])
+    src.qmp.execute("migrate-set-parameters", **{
+        "max-bandwidth": 30_000_000, "downtime-limit": 1, "max-postcopy-bandwidth": 2_000_000})
+    dst.qmp.execute("migrate-incoming", uri=uri)
+    src.qmp.execute("migrate", uri=uri)
+    wait_migration(src.qmp, 60, until=("active",))
+    deadline = time.monotonic() + 60
+    while src.qmp.execute("query-migrate")["ram"]["dirty-sync-count"] < 2:
+        assert time.monotonic() < deadline, "the first precopy round did not end"
+        time.sleep(0.02)
+    src.qmp.execute("migrate-start-postcopy")
+    for vmm in (src, dst):
+        assert wait_migration(vmm.qmp, 60, until=("postcopy-active", "completed"))[
+            "status"] == "postcopy-active"
+
+
+def pause_both(src: VmmProcess, dst: VmmProcess) -> None:
+    src.qmp.execute("migrate-pause")
+    for vmm in (src, dst):
+        assert wait_migration(vmm.qmp, 60, until=("postcopy-paused", "completed", "failed"))[
+            "status"] == "postcopy-paused"
+
+
+def test_recover_and_migrate_resume_commands_finish_a_paused_postcopy(tmp_path: Path) -> None:
+    """``livemig recover`` (destination) and ``livemig migrate --resume`` (source) go
+    on with a paused postcopy; with --dest-qmp one ``migrate --resume`` does both and
+    watches the migration to its end.  Resuming what is not paused is one error line."""
+    with livemig_process(tmp_path, "src", ["--guest", "ab", "--mem", "32M"]) as src, \
+            livemig_process(tmp_path, "dst", ["--incoming", "defer", "--mem", "32M"]) as dst:
+        assert src.wait_serial(2)
+        nothing = livemig("migrate", "--qmp", src.qmp_path, "--to", "unix:/nowhere",
+                          "--resume")
+        assert (nothing.returncode, error_lines(nothing)) == (
+            1, ["Error: migrate: Cannot resume if there is no paused migration"]), nothing.stderr
+        start_slow_postcopy(src, dst, f"unix:{tmp_path / 'mig.sock'}")
+        pause_both(src, dst)
+        first = f"unix:{tmp_path / 'recover1.sock'}"
+        result = livemig("recover", "--qmp", dst.qmp_path, "--listen", first)
+        assert result.returncode == 0, result.stderr
+        result = livemig("migrate", "--qmp", src.qmp_path, "--to", first, "--resume",
+                         "--no-watch")
+        assert result.returncode == 0, result.stderr
+        for vmm in (src, dst):
+            assert wait_migration(vmm.qmp, 60, until=("postcopy-active", "completed"))[
+                "status"] in ("postcopy-active", "completed")
+        pause_both(src, dst)
+        result = livemig("migrate", "--qmp", src.qmp_path, "--dest-qmp", dst.qmp_path,
+                         "--to", f"unix:{tmp_path / 'recover2.sock'}", "--resume",
+                         timeout=120)
+        assert result.returncode == 0, result.stderr + result.stdout
+        assert "completed" in result.stdout.splitlines()[-1], result.stdout
+        assert wait_migration(dst.qmp)["status"] == "completed"
+        assert dst.wait_serial(3), dst.serial()[-80:]
+        assert guest_check(dst.qmp)["bad_pages"] == 0
 
 
 def test_qemu_qmp_shell_drives_a_livemig_vm(tmp_path: Path) -> None:

@@ -51,7 +51,16 @@ from livemig.units import PAGE_SIZE
 from livemig.vmm.boot import boot_guest
 from livemig.vmm.vm import Vm, VmConfig
 from livemig.wire.blocks import host_page_summary
+from livemig.wire.channel import ChannelKind
 from livemig.wire.encoder import Encoder
+from livemig.wire.events import NEED_DATA
+from livemig.wire.returnpath import (
+    RecvBitmap,
+    ReqPages,
+    ResumeAck,
+    ReturnPathDecoder,
+    RpEvent,
+)
 
 pytestmark = pytest.mark.kvm
 
@@ -253,6 +262,34 @@ def test_a_connection_lost_during_the_recovery_handshake_pauses_again(tmp_path: 
         assert migration_statuses(events(p.dq, ends_migration)).count("postcopy-paused") == 2
 
 
+def postcopy_stream_head(vm: Vm, runstate: str, handshake: Handshake
+                         ) -> tuple[bytes, Encoder]:
+    """What a test source sends up to postcopy: the capabilities, the return path,
+    ADVISE, the ram section's start (no page), and the LISTEN/state/RUN package with
+    ``vm``'s state (the guest runs there, or not, as ``runstate`` says); and the
+    encoder, to go on with."""
+    table = block_table(vm.blocks)
+    enc = Encoder(postcopy=True)
+    out: list[Any] = [enc.preamble()]
+    out += enc.device_state(hs.CAPABILITIES.section_id, hs.CAPABILITIES.name,
+                            handshake.encode())
+    out += [enc.open_return_path(), enc.postcopy_advise(host_page_summary(table)),
+            enc.ram_start(hs.RAM.section_id), enc.mem_size(table), enc.close_ram_section()]
+    package = enc.package()
+    blob = [package.postcopy_listen(),
+            *device_sections(package, device_payloads(vm.save_state(), runstate)),
+            package.postcopy_run()]
+    out += enc.packaged(b"".join(bytes(b) for b in blob))
+    return b"".join(bytes(b) for b in out), enc
+
+
+def incoming_postcopy(dq: QmpClient, path: Path, *, preempt: bool = False) -> None:
+    dq.execute("migrate-set-capabilities",
+               capabilities=[{"capability": "postcopy-ram", "state": True},
+                             {"capability": "postcopy-preempt", "state": preempt}])
+    dq.execute("migrate-incoming", uri=f"unix:{path}")
+
+
 def test_a_postcopy_stream_that_skips_a_page_fails_the_destination_naming_it(
         tmp_path: Path) -> None:
     """Completeness: before it says completed, the destination checks that every host
@@ -265,32 +302,18 @@ def test_a_postcopy_stream_that_skips_a_page_fails_the_destination_naming_it(
         ram = src_vm.main_block.view()
         pages = np.arange(MEM // PAGE_SIZE, dtype=np.uint64) * np.uint64(PAGE_SIZE)
         skipped = int(pages[-1])
-        table = block_table(src_vm.blocks)
-        enc = Encoder(postcopy=True)
-        out: list[Any] = [enc.preamble()]
-        out += enc.device_state(hs.CAPABILITIES.section_id, hs.CAPABILITIES.name,
-                                Handshake(postcopy_ram=True).encode())
-        out += [enc.open_return_path(), enc.postcopy_advise(host_page_summary(table)),
-                enc.ram_start(hs.RAM.section_id), enc.mem_size(table),
-                enc.close_ram_section()]
-        package = enc.package()
-        blob = [package.postcopy_listen(),
-                *device_sections(package, device_payloads(src_vm.save_state(), "paused")),
-                package.postcopy_run()]
-        out += enc.packaged(b"".join(bytes(b) for b in blob))
-        out += [enc.ram_part(hs.RAM.section_id), *enc.pages("pc.ram", pages[:-1], ram),
-                enc.close_ram_section(), enc.ram_end(hs.RAM.section_id),
-                enc.close_ram_section(), enc.eof()]
+        head, enc = postcopy_stream_head(src_vm, "paused", Handshake(postcopy_ram=True))
+        out: list[Any] = [head, enc.ram_part(hs.RAM.section_id),
+                          *enc.pages("pc.ram", pages[:-1], ram), enc.close_ram_section(),
+                          enc.ram_end(hs.RAM.section_id), enc.close_ram_section(), enc.eof()]
         stream = b"".join(bytes(b) for b in out)
         out.clear()  # the page payloads are views of the VM's RAM
         ram.release()
     finally:
         src_vm.close()
     with guest_instance(tmp_path, None, "dst") as dst, client(dst) as dq:
-        dq.execute("migrate-set-capabilities",
-                   capabilities=[{"capability": "postcopy-ram", "state": True}])
         path = tmp_path / "in.sock"
-        dq.execute("migrate-incoming", uri=f"unix:{path}")
+        incoming_postcopy(dq, path)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as peer:
             peer.connect(str(path))
             peer.sendall(stream)
@@ -298,3 +321,122 @@ def test_a_postcopy_stream_that_skips_a_page_fails_the_destination_naming_it(
         assert info["status"] == "failed", info
         assert f"1 host pages of pc.ram (first at {skipped:#x})" in info["error-desc"], info
         assert dq.execute("query-status")["status"] != "running"
+
+
+class ReturnPath:
+    """A test source's end of the return path on ``sock``: the next event, waiting at
+    most ``timeout`` seconds for it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.dec = ReturnPathDecoder()
+
+    def next(self, timeout: float = 10) -> RpEvent:
+        self.sock.settimeout(timeout)
+        while True:
+            e = self.dec.next_event()
+            if e is not NEED_DATA:
+                return e
+            try:
+                self.dec.receive_data(self.sock.recv(65536))
+            except TimeoutError:
+                raise AssertionError(f"no return-path message within {timeout} s") from None
+
+
+class SourceLink:
+    """A test source's connections to a destination waiting at ``path``: the main
+    channel, and with ``urgent_process`` a postcopy channel too, on which the
+    destination's fault server then sends its page requests and gets the answers."""
+
+    def __init__(self, path: Path, urgent_process: bool) -> None:
+        self.main = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.main.connect(str(path))
+        self.rp = ReturnPath(self.main)
+        self.post: socket.socket | None = None
+        self.post_enc = Encoder(channel=ChannelKind.POSTCOPY, postcopy=True)
+        if urgent_process:
+            self.post = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.post.connect(str(path))
+            self.post.sendall(self.post_enc.preamble())
+        self.requests = ReturnPath(self.post) if self.post is not None else self.rp
+
+    def close(self) -> None:
+        for sock in (self.main, self.post):
+            if sock is not None:
+                sock.close()
+
+
+@pytest.mark.parametrize("urgent_process", [False, True], ids=["vanilla", "preempt-process"])
+def test_a_page_whose_request_was_lost_in_the_cut_is_asked_for_again_after_the_recovery(
+        tmp_path: Path, urgent_process: bool) -> None:
+    """Rerequest after resume (both fault handlers: threads, and the fault server with
+    requests on the postcopy channel): the guest runs on the destination and its vCPU
+    blocks on a page; the request reaches a test source, which never answers it and
+    cuts the connection.  After the recovery nothing but the destination asking again can bring
+    that page (the test source sends no page unasked): the request must come again on
+    the new connection, and once it is answered the guest runs on and the migration
+    completes with every page whole."""
+    handshake = Handshake(postcopy_ram=True, postcopy_preempt=urgent_process,
+                          urgent_process=urgent_process)
+    src_vm = Vm(VmConfig(MEM))
+    try:
+        boot_guest(src_vm, "ab")
+        src_vm.start()
+        assert src_vm.serial.wait_for(2, timeout=60)
+        src_vm.pause()
+        head, _ = postcopy_stream_head(src_vm, "running", handshake)
+        ram = src_vm.main_block.array().copy()
+    finally:
+        src_vm.close()
+    enc = Encoder(postcopy=True, resumed=[hs.RAM.section_id])
+
+    def on_main(offsets: list[int]) -> bytes:
+        offs = np.array(offsets, dtype=np.uint64)
+        return b"".join(bytes(b) for b in [enc.ram_part(hs.RAM.section_id),
+                                            *enc.pages("pc.ram", offs, ram),
+                                            enc.close_ram_section()])
+
+    def answer(link: SourceLink, req: ReqPages) -> None:
+        """The requested page, on the channel the request came on."""
+        offsets = list(range(req.start, req.start + req.length, PAGE_SIZE))
+        if link.post is None:
+            link.main.sendall(on_main(offsets))
+            return
+        pages = link.post_enc.pages("pc.ram", np.array(offsets, dtype=np.uint64), ram)
+        link.post.sendall(b"".join(bytes(b) for b in pages))
+
+    with guest_instance(tmp_path, None, "dst") as dst, client(dst) as dq:
+        incoming_postcopy(dq, tmp_path / "in.sock", preempt=urgent_process)
+        first = SourceLink(tmp_path / "in.sock", urgent_process)
+        try:
+            first.main.sendall(head)
+            lost = first.requests.next()
+            assert isinstance(lost, ReqPages), lost  # the vCPU waits for it
+        finally:
+            first.close()
+        wait_status(dq, "postcopy-paused")
+        dq.execute("migrate-recover", uri=f"unix:{tmp_path / 'recover.sock'}")
+        link = SourceLink(tmp_path / "recover.sock", urgent_process)
+        try:
+            link.main.sendall(enc.preamble() + enc.recv_bitmap("pc.ram"))
+            here = link.rp.next()
+            assert isinstance(here, RecvBitmap) and not here.received.any(), here
+            link.main.sendall(enc.postcopy_resume())
+            assert isinstance(link.rp.next(), ResumeAck)
+            again = link.requests.next()
+            assert again == lost, "the lost request was not sent again after the recovery"
+            answer(link, lost)
+            following = link.requests.next()
+            assert isinstance(following, ReqPages) and following != lost, following
+            if link.post is not None:
+                link.post.sendall(link.post_enc.eof())
+            rest = [o for o in range(0, MEM, PAGE_SIZE)
+                    if not lost.start <= o < lost.start + lost.length]
+            link.main.sendall(on_main(rest) + enc.ram_end(hs.RAM.section_id)
+                              + enc.close_ram_section() + enc.eof())
+            assert wait_migration(dq, 60)["status"] == "completed"
+        finally:
+            link.close()
+        assert runs_on(dst.vm), dst.vm.serial.output[-80:]
+        check = guest_check(dq, "ab")
+        assert check["bad_pages"] == 0, check
