@@ -155,11 +155,44 @@ class MainChannelPages(PrecopyPages):
         self.sender.send_all_remaining()
 
 
+class HelperPool:
+    """Channel helper processes kept ready between migrations (owned by the VMM's
+    instance): a helper started ahead imports while idle, and one released after a
+    migration that went well serves the next one, so ``setup`` does not pay for
+    starting Python N times."""
+
+    def __init__(self) -> None:
+        self._idle: list[HelperProcess] = []
+        self._lock = threading.Lock()
+
+    def warm(self, count: int) -> None:
+        """Have at least ``count`` helpers started."""
+        with self._lock:
+            while len(self._idle) < count:
+                self._idle.append(HelperProcess(MODULE))
+
+    def take(self, count: int) -> list[HelperProcess]:
+        """``count`` helpers for a migration (started now if the pool has too few)."""
+        with self._lock:
+            got, self._idle = self._idle[:count], self._idle[count:]
+        return got + [HelperProcess(MODULE) for _ in range(count - len(got))]
+
+    def give_back(self, helpers: list[HelperProcess]) -> None:
+        with self._lock:
+            self._idle += helpers
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for h in idle:
+            h.close()
+
+
 class MultifdSource:
     """The VMM's side of the channel helpers (see the module docstring)."""
 
     def __init__(self, uri: MigrationUri, channels: int, bits: SharedBits,
-                 dead_link_timeout_ms: int) -> None:
+                 dead_link_timeout_ms: int, pool: HelperPool) -> None:
         self.uri = uri
         self.channels = channels
         self.bits = bits
@@ -170,8 +203,9 @@ class MultifdSource:
         self._control = views.counters("control")
         self._counters = [views.counters(f"channel{i}") for i in range(channels)]
         views.release()
-        # Started first: they import while the main channel is set up.
-        self.helpers = [HelperProcess(MODULE) for _ in range(channels)]
+        self.pool = pool
+        self.helpers = pool.take(channels)
+        self._released = False
 
     def start(self, blocks: Mapping[str, HelperBlock]) -> None:
         """Each helper connects its channel and sends the initial packet."""
@@ -220,13 +254,29 @@ class MultifdSource:
     def per_channel(self, name: str) -> list[int]:
         return [c[name] for c in self._counters]
 
-    def stop_helpers(self) -> None:
-        """Each helper exits, closing its connection."""
+    def release_helpers(self) -> None:
+        """Precopy went well: each helper closes its connection and goes back to the
+        pool (one that does not answer is stopped)."""
+        if self._released:
+            return
+        self._released = True
+        kept = []
         for h in self.helpers:
-            h.close()
+            try:
+                h.send({"msg": "release"})
+                h.expect("released", START_TIMEOUT)
+                kept.append(h)
+            except (ChannelClosedError, MigrationError) as e:
+                log.warning("multifd helper %d not reused: %s", h.pid, e)
+                h.close()
+        self.pool.give_back(kept)
 
     def close(self) -> None:
-        self.stop_helpers()
+        """Stop the helpers not given back (a failed or cancelled migration)."""
+        if not self._released:
+            self._released = True
+            for h in self.helpers:
+                h.close()
         del self._control
         self._counters.clear()
         self.memory.close()
@@ -273,7 +323,7 @@ class MultifdPages(PrecopyPages):
             self._final = {"bytes": self.source.counter("bytes"),
                            "normal": self.source.counter("normal"),
                            "zero": self.source.counter("zero")}
-            self.source.stop_helpers()
+            self.source.release_helpers()
 
     def _count(self, name: str) -> int:
         return self._final[name] if self._final is not None else self.source.counter(name)
@@ -300,13 +350,14 @@ class MultifdPages(PrecopyPages):
 
 def choose_precopy_pages(caps: Capabilities, params: Parameters, uri: MigrationUri,
                          sender: PageSender, blocks: Mapping[str, HelperBlock],
-                         bits: SharedBits | None) -> PrecopyPages:
+                         bits: SharedBits | None, pool: HelperPool) -> PrecopyPages:
     """The precopy design of one migration.  With multifd, ``bits`` is the shared
-    memory the page sender's bitmaps live in."""
+    memory the page sender's bitmaps live in, ``pool`` where its helpers come from."""
     if not caps.multifd:
         return MainChannelPages(sender)
     assert bits is not None, "multifd needs the bitmaps in shared memory"
-    source = MultifdSource(uri, params.multifd_channels, bits, params.x_dead_link_timeout)
+    source = MultifdSource(uri, params.multifd_channels, bits, params.x_dead_link_timeout,
+                           pool)
     return MultifdPages(sender, source, blocks, lambda: sender.limiter.limit)
 
 
@@ -500,6 +551,7 @@ class _ChannelHelper:
 
     def __init__(self, conn: HelperConn, msg: dict[str, Any], fds: list[int]) -> None:
         self.conn = conn
+        self._fds = fds
         self.index, self.count = int(msg["channel"]), int(msg["channels"])
         blocks = {str(b[0]): b for b in msg["blocks"]}
         pages = {n: int(b[1]) // PAGE_SIZE for n, b in blocks.items()}
@@ -509,7 +561,7 @@ class _ChannelHelper:
                                                                    int(msg["state_size"])))
         self.control: Counters = state.counters("control")
         self.counters: Counters = state.counters(f"channel{self.index}")
-        mem = ProcessMemory(int(msg["pid"]))
+        mem = self._mem = ProcessMemory(int(msg["pid"]))
         self.ram = {n: _WindowRam(int(b[1]), str(b[2]), int(b[3]), mem, fds)
                     for n, b in blocks.items()}
         self.channel = connect(MigrationUri.parse(str(msg["uri"])),
@@ -559,7 +611,9 @@ class _ChannelHelper:
         self.counters.add("packets")
         return nbytes
 
-    def serve(self) -> None:
+    def serve(self) -> bool:
+        """Rounds until the VMM releases this helper (True: it may serve another
+        migration) or stops it (False)."""
         self.conn.send({"msg": "ready"})
         while True:
             msg, _ = self.conn.recv()
@@ -567,13 +621,34 @@ class _ChannelHelper:
             if kind == "round":
                 self.round(int(msg["limit"]))
                 self.conn.send({"msg": "synced"})
-            elif kind == "stop":
-                self.channel.close()
-                return
+            elif kind in ("release", "stop"):
+                return bool(kind == "release")
+
+    def close(self) -> None:
+        """Close the channel and every fd and mapping of this migration (guest RAM's
+        memfd mapping too: its huge pages must go back when the VM goes)."""
+        self.channel.close()
+        self.ram.clear()
+        self.bits.clear()
+        self._mem.close()
+        for fd in self._fds:
+            os.close(fd)
 
 
 def _serve(conn: HelperConn, msg: dict[str, Any], fds: list[int]) -> None:
-    _ChannelHelper(conn, msg, fds).serve()
+    """Serve migrations one after the other: a released helper waits in the VMM's
+    pool for the next migration's "start"."""
+    while True:
+        helper = _ChannelHelper(conn, msg, fds)
+        again = helper.serve()
+        helper.close()
+        del helper
+        if not again:
+            return
+        conn.send({"msg": "released"})
+        msg, fds = conn.recv()
+        if msg.get("msg") != "start":
+            return
 
 
 if __name__ == "__main__":

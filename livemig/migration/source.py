@@ -52,6 +52,7 @@ from livemig.migration.channel import (
 )
 from livemig.migration.handshake import Handshake, block_table
 from livemig.migration.multifd import (
+    HelperPool,
     PrecopyPages,
     choose_precopy_pages,
     require_socket_uri,
@@ -149,10 +150,14 @@ class SourceMigration:
     def __init__(self, vm: Vm, uri: MigrationUri, caps: Capabilities, params: Parameters,
                  emit: EventSink | None = None, tracer: Tracer | None = None, *,
                  switch: SwitchInterval | None = None,
-                 postcopy_channel_first: bool = False) -> None:
+                 postcopy_channel_first: bool = False,
+                 multifd_pool: HelperPool | None = None) -> None:
         """``switch``: the process's owner of the GIL switch interval (one per process,
-        shared by every migration in it)."""
+        shared by every migration in it).  ``multifd_pool``: where multifd channel
+        helpers come from (the instance's, kept between migrations; else our own)."""
         require_socket_uri(caps, uri)
+        self._own_pool = multifd_pool is None
+        self.multifd_pool = multifd_pool or HelperPool()
         self.vm = vm
         self.switch = switch or SwitchInterval()
         self.uri = uri
@@ -329,6 +334,8 @@ class SourceMigration:
                 self._precopy.close()
             if self._shared_pages is not None:
                 self._shared_pages.close()
+            if self._own_pool:
+                self.multifd_pool.close()
             if self._sender is not None:
                 self.urgent.update_stats(self.info.ram)
                 self._sender.release()
@@ -365,7 +372,8 @@ class SourceMigration:
         self.urgent.attach(sender)
         sender.post = post
         precopy = self._precopy = choose_precopy_pages(self.caps, self.params, self.uri,
-                                                       sender, self.vm.blocks, shared)
+                                                       sender, self.vm.blocks, shared,
+                                                       self.multifd_pool)
         # QEMU's suppress-vmdesc: no VM description after EOF.
         self._handshake = replace(self.urgent.handshake(),
                                   vmdesc=not self.params.x_suppress_vmdesc,

@@ -174,3 +174,23 @@ def test_killed_multifd_channel_fails_precopy_and_source_keeps_running(
         assert status(s) == "running"
         assert src.vm.serial.wait_for(2, timeout=60)
         assert b"E" not in src.vm.serial.output
+
+
+def test_channel_helpers_serve_the_next_migration_too(tmp_path: Path) -> None:
+    with halt_instance(tmp_path) as src, empty_instance(tmp_path, name="dst1") as dst1, \
+            empty_instance(tmp_path, name="dst2") as dst2, client(qmp_path(src)) as s:
+        s.execute("stop")
+        s.execute("migrate-set-capabilities", capabilities=multifd_caps())
+        pids = []
+        for dst in (dst1, dst2):
+            uri = tcp_uri()
+            with client(qmp_path(dst)) as d:
+                d.execute("migrate-set-capabilities", capabilities=multifd_caps())
+                d.execute("migrate-incoming", uri=uri)
+                s.execute("migrate", uri=uri)
+                src_info, dst_info = wait_migration(s), wait_migration(d)
+            assert (src_info["status"], dst_info["status"]) == ("completed", "completed")
+            assert same_ram(src.vm, dst.vm)
+            pids.append(src_info["x-multifd"]["helper-pids"])
+        assert pids[0] == pids[1]
+        assert all(os.path.exists(f"/proc/{pid}") for pid in pids[0])
