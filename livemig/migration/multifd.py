@@ -93,6 +93,7 @@ log = logging.getLogger("livemig.multifd")
 
 MODULE = "livemig.migration.multifd"
 START_TIMEOUT = 30.0
+INIT_TIMEOUT = 30.0  # for a multifd connection's initial packet
 ROUND_POLL_S = 0.05
 CHANNEL_COUNTERS = ("normal", "zero", "bytes", "packets")
 _WORDS = PAGE_SIZE // 8
@@ -294,6 +295,7 @@ class MultifdPages(PrecopyPages):
         self._counted = (0, 0)  # normal, zero pages already added to the stats
         self._pids = [h.pid for h in source.helpers]
         self._final: dict[str, int] | None = None
+        self._final_bytes: list[int] = []
 
     def handshake(self) -> dict[str, Any]:
         return {"multifd_channels": self.source.channels, "multifd_uuid": self.source.uuid}
@@ -323,6 +325,7 @@ class MultifdPages(PrecopyPages):
             self._final = {"bytes": self.source.counter("bytes"),
                            "normal": self.source.counter("normal"),
                            "zero": self.source.counter("zero")}
+            self._final_bytes = self.source.per_channel("bytes")
             self.source.release_helpers()
 
     def _count(self, name: str) -> int:
@@ -338,10 +341,10 @@ class MultifdPages(PrecopyPages):
         self._counted = (normal, zero)
 
     def to_qmp(self) -> dict[str, Any]:
+        per_channel = (self.source.per_channel("bytes") if self._final is None
+                       else self._final_bytes)
         return {"x-multifd": {"channels": self.source.channels,
-                              "helper-pids": list(self._pids),
-                              "bytes": self.source.per_channel("bytes")
-                              if self._final is None else []}}
+                              "helper-pids": list(self._pids), "bytes": per_channel}}
 
     def close(self) -> None:
         self.end()
@@ -397,6 +400,7 @@ class MultifdReceivers:
 
     def add(self, channel: Channel) -> None:
         """A multifd connection: check its initial packet and start its receiver."""
+        channel.peek(INIT_SIZE, INIT_TIMEOUT)  # a silent peer cannot hold the load
         head = bytearray(INIT_SIZE)
         channel.recv_exact_into(memoryview(head))
         init = InitPacket.decode(head)
