@@ -164,6 +164,7 @@ _LIBC = ctypes.CDLL(None, use_errno=True)  # immutable handle; CDLL calls drop t
 _LIBC.sendmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
 _LIBC.sendmsg.restype = ctypes.c_ssize_t
 MSG_NOSIGNAL: Final = 0x4000
+MSG_WAITALL: Final = 0x100
 
 
 def send_pages(sock: socket.socket, words: npt.NDArray[np.generic], prefix: bytes,
@@ -237,7 +238,9 @@ def recv_scatter(sock: socket.socket, ram: memoryview,
     while start < len(iov):
         chunk = iov[start : start + IOV_MAX]
         msg.iov, msg.iovlen = chunk.ctypes.data, len(chunk)
-        got = _LIBC.recvmsg(sock.fileno(), ctypes.byref(msg), 0)
+        # MSG_WAITALL: one call fills the whole chunk (unless a signal or EOF cuts it
+        # short), not one call per segment the peer's stack happened to deliver.
+        got = _LIBC.recvmsg(sock.fileno(), ctypes.byref(msg), MSG_WAITALL)
         if got < 0:
             err = ctypes.get_errno()
             if err == errno.EINTR:
