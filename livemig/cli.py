@@ -160,11 +160,14 @@ def run(guest: str | None, image: str | None, mem: str, page_size: str, qmp_path
               help="Who sends requested pages with --preempt (x-postcopy-urgent-sender).")
 @click.option("--max-postcopy-bandwidth", type=int,
               help="Bytes per second of background pages in postcopy (0 = unlimited).")
+@click.option("--multifd-channels", type=int, metavar="N",
+              help="Precopy pages on N multifd connections (capability multifd; set on "
+                   "the destination too, e.g. with --dest-qmp).")
 @_friendly_errors
 def migrate(qmp_path: str, uri: str, dest_qmp: str | None, watch: bool,
             max_bandwidth: int | None, downtime_limit: int | None, postcopy: bool,
             postcopy_after: float | None, preempt: bool, urgent_sender: str | None,
-            max_postcopy_bandwidth: int | None) -> None:
+            max_postcopy_bandwidth: int | None, multifd_channels: int | None) -> None:
     """Migrate the VM behind a QMP socket to URI, showing its progress."""
     from rich.console import Console
 
@@ -178,8 +181,10 @@ def migrate(qmp_path: str, uri: str, dest_qmp: str | None, watch: bool,
         raise click.UsageError("--urgent-sender needs --preempt")
     if postcopy and not watch:
         raise click.UsageError("--postcopy switches while it watches: drop --no-watch")
-    caps = {"postcopy-ram": postcopy, "postcopy-preempt": preempt}
+    caps = {"postcopy-ram": postcopy, "postcopy-preempt": preempt,
+            "multifd": multifd_channels is not None}
     params = {k: v for k, v in (("max-bandwidth", max_bandwidth),
+                                ("multifd-channels", multifd_channels),
                                 ("downtime-limit", downtime_limit),
                                 ("max-postcopy-bandwidth", max_postcopy_bandwidth),
                                 ("x-postcopy-urgent-sender", urgent_sender)) if v is not None}
@@ -224,12 +229,12 @@ def _start_destination(dst: Any, caps: dict[str, bool], uri: str) -> None:
         dst.execute("migrate-incoming", uri=uri)
 
 
-AGREED_CAPABILITIES = ("postcopy-ram", "postcopy-preempt")
+AGREED_CAPABILITIES = ("postcopy-ram", "postcopy-preempt", "multifd")
 
 
 def _check_agreement(src: Any, dst: Any) -> None:
-    """Both sides must have the same postcopy capabilities (the stream's handshake would
-    refuse the migration later; say it now, by name)."""
+    """Both sides must have the same postcopy and multifd capabilities (the stream's
+    handshake would refuse the migration later; say it now, by name)."""
     def caps(qmp: Any) -> dict[str, bool]:
         return {c["capability"]: c["state"]
                 for c in qmp.execute("query-migrate-capabilities")}
