@@ -155,8 +155,10 @@ class Instance:
         self._warm_multifd()
 
     def _warm_multifd(self) -> None:
-        """With multifd on, start the channel helpers now: they import while idle."""
-        if self.caps.multifd:
+        """With multifd on, start the channel helpers now: they import while idle.
+        Not in a process that exists to receive one migration (``--incoming``): only a
+        source sends on multifd channels."""
+        if self.caps.multifd and not self._exit_after_incoming:
             self.multifd_pool.warm(self.params.multifd_channels)
 
     def _set_params(self, args: dict[str, Any]) -> None:
