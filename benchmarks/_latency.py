@@ -562,7 +562,8 @@ class Case:
             # requested pages, in QEMU 7.2 as in livemig).
             self.src.execute("migrate-set-capabilities", capabilities=[
                 {"capability": "postcopy-ram", "state": True},
-                {"capability": "postcopy-preempt", "state": mode.preempt}])
+                {"capability": "postcopy-preempt", "state": mode.preempt},
+                {"capability": "multifd", "state": bool(mode.multifd)}])
             with dst, self._profile(mode, dst, i):
                 try:
                     result = migrate(self.src, dst, plan)
