@@ -29,7 +29,10 @@ Source
     newer copy of a page never loses against an older one.  Cancelling, or a request
     for postcopy, bumps a shared ``stop`` counter: helpers end the round early (still
     with their SYNC).  A helper's death (or its connection's) fails the precopy; the
-    guest keeps running on the source.
+    guest keeps running on the source.  Helpers come from the instance's
+    :class:`HelperPool`: started when multifd is enabled (a Python process takes a
+    second or so to import under load), released after a migration that went well
+    (connection closed, mappings dropped) and reused by the next one.
 
 Destination
     :class:`MultifdReceivers` gets each multifd connection (accepted when the
