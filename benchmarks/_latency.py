@@ -286,10 +286,12 @@ class Mode:
     preempt: bool
     urgent_sender: str | None = None  # livemig's x-postcopy-urgent-sender
     about: str = ""
+    multifd: int = 0  # multifd channels during the precopy phase (0: multifd off)
 
     @property
     def capabilities(self) -> tuple[str, ...]:
-        return ("events", "postcopy-ram") + (("postcopy-preempt",) if self.preempt else ())
+        return (("events", "postcopy-ram") + (("postcopy-preempt",) if self.preempt else ())
+                + (("multifd",) if self.multifd else ()))
 
     @property
     def parameters(self) -> dict[str, Any]:
@@ -300,6 +302,8 @@ class Mode:
         params: dict[str, Any] = {"max-bandwidth": UNLIMITED_BANDWIDTH, "downtime-limit": 1}
         if self.urgent_sender is not None:
             params["x-postcopy-urgent-sender"] = self.urgent_sender
+        if self.multifd:
+            params["multifd-channels"] = self.multifd
         return params
 
     @property
@@ -315,6 +319,8 @@ MODES: tuple[Mode, ...] = (
          "livemig + postcopy-preempt, return-path thread sends urgent pages (QEMU 8.0 style)"),
     Mode("preempt-proc", "livemig", True, "process",
          "livemig + postcopy-preempt, urgent pages by a helper process on each side"),
+    Mode("preempt-proc-multifd", "livemig", True, "process",
+         "preempt-proc after a multifd precopy (2 channels; QEMU 7.2 cannot)", multifd=2),
     Mode("qemu-vanilla", "qemu", False, about="QEMU 7.2 postcopy-ram"),
     Mode("qemu-preempt", "qemu", True, about="QEMU 7.2 + postcopy-preempt"),
 )
@@ -556,7 +562,8 @@ class Case:
             # requested pages, in QEMU 7.2 as in livemig).
             self.src.execute("migrate-set-capabilities", capabilities=[
                 {"capability": "postcopy-ram", "state": True},
-                {"capability": "postcopy-preempt", "state": mode.preempt}])
+                {"capability": "postcopy-preempt", "state": mode.preempt},
+                {"capability": "multifd", "state": bool(mode.multifd)}])
             with dst, self._profile(mode, dst, i):
                 try:
                     result = migrate(self.src, dst, plan)

@@ -292,6 +292,9 @@ class MigrationPlan:
         default_factory=lambda: {"max-bandwidth": UNLIMITED_BANDWIDTH})
     postcopy_after_ms: float | None = None  # migrate-start-postcopy this long after migrate
     timeout: float = 600.0
+    # Parameters both sides need (QEMU's destination opens as many multifd channels as
+    # its own multifd-channels says).
+    both_parameters: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -340,8 +343,11 @@ def migrate(src: Peer, dst: Peer, plan: MigrationPlan) -> MigrationResult:
     caps = [{"capability": c, "state": True} for c in plan.capabilities]
     for peer in (src, dst):
         peer.execute("migrate-set-capabilities", capabilities=caps)
-    if plan.parameters:
-        src.execute("migrate-set-parameters", **dict(plan.parameters))
+    if plan.both_parameters:
+        dst.execute("migrate-set-parameters", **dict(plan.both_parameters))
+    if plan.parameters or plan.both_parameters:
+        src.execute("migrate-set-parameters", **dict(plan.parameters),
+                    **dict(plan.both_parameters))
     dst.execute("migrate-incoming", uri=plan.uri)
     before = Usage.take(src.pid, dst.pid)
     src.execute("migrate", uri=plan.uri)

@@ -1,13 +1,15 @@
 """Precopy throughput: an idle guest full of non-zero data, over loopback, unlimited.
 
     python benchmarks/precopy_throughput.py [--mem 1G] [--page-sizes 4K,2M]
-        [--peers livemig,qemu] [--repeat 3] [--transport unix|tcp] [--json PATH]
-        [--profile DIR]
+        [--peers livemig,qemu] [--multifd-channels 0,2,4] [--repeat 3]
+        [--transport unix|tcp] [--json PATH] [--profile DIR]
 
 Theory of operation
 -------------------
-For each page size and each peer (livemig, and QEMU 7.2 when it is installed) one
-*case* runs in its own temporary directory:
+For each page size, each multifd channel count (``0``: multifd off, one main channel;
+``N``: capability ``multifd`` with ``multifd-channels=N`` on both sides) and each peer
+(livemig, and QEMU 7.2 when it is installed) one *case* runs in its own temporary
+directory:
 
 1. a source boots the ``ab`` guest and runs until it has printed two ``B``: after two
    passes every page of ``[1 MiB, mem)`` holds non-zero data; then ``stop`` makes the
@@ -30,6 +32,12 @@ median of the measured runs and, per page size, the ratio livemig / QEMU.  With
 ``--profile DIR`` the livemig source and destination are sampled by ``py-spy`` during
 every measured migration (collapsed stacks in DIR) and their top functions are printed;
 profiling perturbs the timing a little, so take figures from an unprofiled run.
+
+CPU is reported per stage as CPU seconds per GiB moved: the source VMM (with its
+helper processes: multifd channel senders) and the destination VMM (with its receiver
+threads).  Those two figures say how the throughput would scale with more cores: a
+stage that needs ``c`` CPU seconds per GiB spread over ``N`` channels can move at most
+``N / c`` GiB/s once it has ``N`` cores of its own.
 """
 
 from __future__ import annotations
@@ -80,6 +88,7 @@ class CaseResult:
 
     peer: str
     page_size: str
+    channels: int  # multifd channels; 0 = multifd off
     warmup: MigrationResult
     runs: tuple[MigrationResult, ...]
 
@@ -95,8 +104,17 @@ class CaseResult:
     def wall_s(self) -> float:
         return statistics.median(r.wall_s for r in self.runs)
 
+    def cpu_per_gib(self, stage: str) -> float:
+        """Median CPU seconds per GiB moved of one stage ("source" or "destination")."""
+        return statistics.median(
+            (r.source_cpu if stage == "source" else r.destination_cpu).total
+            / max(r.transferred / 2**30, 1e-9) for r in self.runs)
+
     def to_json(self) -> dict[str, Any]:
         return {"peer": self.peer, "page_size": self.page_size,
+                "multifd_channels": self.channels,
+                "source_cpu_s_per_gib": self.cpu_per_gib("source"),
+                "destination_cpu_s_per_gib": self.cpu_per_gib("destination"),
                 "median_gbs": self.gbs, "median_total_ms": self.total_ms,
                 "median_wall_s": self.wall_s, "warmup": self.warmup.to_json(),
                 "runs": [r.to_json() for r in self.runs]}
@@ -115,9 +133,10 @@ class Options:
 class Case:
     """One (peer, page size): a paused source and the migrations made from it."""
 
-    def __init__(self, kind: str, page_size: str, opts: Options, console: Console,
-                 stack: contextlib.ExitStack) -> None:
+    def __init__(self, kind: str, page_size: str, channels: int, opts: Options,
+                 console: Console, stack: contextlib.ExitStack) -> None:
         self.kind, self.page_size, self.opts, self.console = kind, page_size, opts, console
+        self.channels = channels
         self.spec = VmSpec.parse(opts.mem, page_size)
         self.cls = peer_class(kind)
         self.workdir = Path(stack.enter_context(
@@ -132,7 +151,7 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"{self.kind} {self.page_size}"
+        return f"{self.kind} {self.page_size} multifd {self.channels or 'off'}"
 
     def migrate_once(self, what: str, profile: bool) -> MigrationResult:
         with self.console.status(f"{self.label}: {what}"):
@@ -159,14 +178,15 @@ class Case:
         return min(tries, key=lambda r: r.noise)
 
 
-def run_case(kind: str, page_size: str, opts: Options, console: Console) -> CaseResult:
+def run_case(kind: str, page_size: str, channels: int, opts: Options,
+             console: Console) -> CaseResult:
     """Boot a source, warm up, then ``repeat`` measured migrations to fresh destinations."""
     with contextlib.ExitStack() as stack:
-        case = Case(kind, page_size, opts, console, stack)
+        case = Case(kind, page_size, channels, opts, console, stack)
         case.boot()
         warmup = case.migrate_once("warm-up migration", profile=False)
         runs = tuple(case.measure(n) for n in range(1, opts.repeat + 1))
-        return CaseResult(kind, page_size, warmup, runs)
+        return CaseResult(kind, page_size, channels, warmup, runs)
 
 
 def _cpu(c: CpuTime) -> str:
@@ -175,7 +195,11 @@ def _cpu(c: CpuTime) -> str:
 
 def _one_migration(case: Case, profile: bool) -> MigrationResult:
     i = case.count
-    plan = MigrationPlan(migration_uri(case.opts.transport, case.workdir, f"migration{i}"))
+    uri = migration_uri(case.opts.transport, case.workdir, f"migration{i}")
+    plan = MigrationPlan(uri)
+    if case.channels:
+        plan = MigrationPlan(uri, capabilities=("events", "multifd"),
+                             both_parameters={"multifd-channels": case.channels})
     with case.cls.destination(case.workdir, f"destination{i}", case.spec) as dst:
         if not profile or case.opts.profile_dir is None:
             return migrate(case.src, dst, plan)
@@ -189,18 +213,20 @@ def _one_migration(case: Case, profile: bool) -> MigrationResult:
 def results_table(cases: Sequence[CaseResult], mem: str, transport: str) -> Table:
     table = Table(title=f"precopy throughput: idle {mem} ab guest, {transport} loopback, "
                         f"unlimited bandwidth (median of measured runs)")
-    for col in ("peer", "pages", "cold ms", "total ms", "GB/s", "wall s", "CPU s src/dst",
-                "noise", "÷ QEMU"):
+    for col in ("peer", "pages", "multifd", "cold ms", "total ms", "GB/s", "wall s",
+                "CPU s src/dst", "CPU s/GiB src/dst", "noise", "÷ QEMU"):
         table.add_column(col, justify="left" if col in ("peer", "pages") else "right")
-    qemu = {c.page_size: c.gbs for c in cases if c.peer == "qemu"}
+    qemu = {(c.page_size, c.channels): c.gbs for c in cases if c.peer == "qemu"}
     for c in cases:
         ratio = ""
-        if c.peer == "livemig" and c.page_size in qemu:
-            ratio = f"{c.gbs / qemu[c.page_size]:.2f}"
+        if c.peer == "livemig" and (c.page_size, c.channels) in qemu:
+            ratio = f"{c.gbs / qemu[(c.page_size, c.channels)]:.2f}"
         src_cpu = statistics.median(r.source_cpu.total for r in c.runs)
         dst_cpu = statistics.median(r.destination_cpu.total for r in c.runs)
-        table.add_row(c.peer, c.page_size, str(c.warmup.total_time_ms), f"{c.total_ms:.0f}",
+        table.add_row(c.peer, c.page_size, str(c.channels or "off"),
+                      str(c.warmup.total_time_ms), f"{c.total_ms:.0f}",
                       f"{c.gbs:.2f}", f"{c.wall_s:.2f}", f"{src_cpu:.2f}/{dst_cpu:.2f}",
+                      f"{c.cpu_per_gib('source'):.2f}/{c.cpu_per_gib('destination'):.2f}",
                       f"{max(r.noise for r in c.runs):.2f}", ratio)
     return table
 
@@ -259,6 +285,8 @@ def machine_notes() -> dict[str, Any]:
               help="Comma-separated backings: 4K, THP, 2M, 1G.")
 @click.option("--peers", default="livemig,qemu", show_default=True,
               help="Comma-separated peers (qemu is skipped when not installed).")
+@click.option("--multifd-channels", "multifd_channels", default="0", show_default=True,
+              help="Comma-separated multifd channel counts; 0 = multifd off.")
 @click.option("--repeat", default=3, show_default=True, type=click.IntRange(1),
               help="Measured migrations per case (after one warm-up migration).")
 @click.option("--transport", default="unix", show_default=True,
@@ -272,7 +300,8 @@ def machine_notes() -> dict[str, Any]:
                    "processes kept more than this many CPUs busy meanwhile.")
 @click.option("--retries", default=3, show_default=True, type=click.IntRange(0),
               help="At most this many repeats of a noisy measured migration.")
-def main(mem: str, page_sizes: str, peers: str, repeat: int, transport: str,
+def main(mem: str, page_sizes: str, peers: str, multifd_channels: str, repeat: int,
+         transport: str,
          json_path: str | None, profile_dir: str | None, max_noise: float,
          retries: int) -> None:
     """Migration throughput of an idle guest: livemig against QEMU 7.2."""
@@ -291,14 +320,16 @@ def main(mem: str, page_sizes: str, peers: str, repeat: int, transport: str,
     if pdir is not None:
         pdir.mkdir(parents=True, exist_ok=True)
     opts = Options(mem, transport, repeat, pdir, max_noise, retries)
-    cases = [run_case(kind, ps.strip(), opts, console)
-             for ps in page_sizes.split(",") for kind in kinds]
+    counts = [int(n) for n in multifd_channels.split(",") if n.strip()]
+    cases = [run_case(kind, ps.strip(), n, opts, console)
+             for ps in page_sizes.split(",") for n in counts for kind in kinds]
     console.print(results_table(cases, mem, transport))
     if pdir is not None:
         for table in profile_tables(pdir):
             console.print(table)
     if json_path:
         report = {"benchmark": "precopy_throughput", "mem": mem, "transport": transport,
+                  "multifd_channels": counts,
                   "repeat": repeat, "max_noise": max_noise, "retries": retries,
                   "machine": machine_notes(),
                   "cases": [c.to_json() for c in cases]}

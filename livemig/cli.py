@@ -166,11 +166,15 @@ def run(guest: str | None, image: str | None, mem: str, page_size: str, qmp_path
               help="Go on with a paused postcopy over a new connection to URI (QEMU's "
                    "migrate resume=true); with --dest-qmp the destination is told to "
                    "listen there first (migrate-recover).")
+@click.option("--multifd-channels", type=int, metavar="N",
+              help="Precopy pages on N multifd connections (capability multifd; set on "
+                   "the destination too, e.g. with --dest-qmp).")
 @_friendly_errors
 def migrate(qmp_path: str, uri: str, dest_qmp: str | None, watch: bool,
             max_bandwidth: int | None, downtime_limit: int | None, postcopy: bool,
             postcopy_after: float | None, preempt: bool, urgent_sender: str | None,
-            max_postcopy_bandwidth: int | None, resume: bool) -> None:
+            max_postcopy_bandwidth: int | None, resume: bool,
+            multifd_channels: int | None) -> None:
     """Migrate the VM behind a QMP socket to URI, showing its progress."""
     from rich.console import Console
 
@@ -192,8 +196,10 @@ def migrate(qmp_path: str, uri: str, dest_qmp: str | None, watch: bool,
         raise click.UsageError("--urgent-sender needs --preempt")
     if postcopy and not watch:
         raise click.UsageError("--postcopy switches while it watches: drop --no-watch")
-    caps = {"postcopy-ram": postcopy, "postcopy-preempt": preempt}
-    params = _parameters(max_bandwidth, downtime_limit, max_postcopy_bandwidth, urgent_sender)
+    caps = {"postcopy-ram": postcopy, "postcopy-preempt": preempt,
+            "multifd": multifd_channels is not None}
+    params = _parameters(max_bandwidth, downtime_limit, max_postcopy_bandwidth, urgent_sender,
+                         multifd_channels)
     with QmpClient(qmp_path) as qmp, \
             (QmpClient(dest_qmp) if dest_qmp else contextlib.nullcontext()) as dst:
         _set_capabilities(qmp, caps, "source")
@@ -212,10 +218,11 @@ def migrate(qmp_path: str, uri: str, dest_qmp: str | None, watch: bool,
 
 
 def _parameters(max_bandwidth: int | None, downtime_limit: int | None,
-                max_postcopy_bandwidth: int | None, urgent_sender: str | None
-                ) -> dict[str, Any]:
+                max_postcopy_bandwidth: int | None, urgent_sender: str | None,
+                multifd_channels: int | None = None) -> dict[str, Any]:
     """The migration parameters given on the command line, by their QMP names."""
     return {k: v for k, v in (("max-bandwidth", max_bandwidth),
+                              ("multifd-channels", multifd_channels),
                               ("downtime-limit", downtime_limit),
                               ("max-postcopy-bandwidth", max_postcopy_bandwidth),
                               ("x-postcopy-urgent-sender", urgent_sender)) if v is not None}
@@ -289,12 +296,12 @@ def _start_destination(dst: Any, caps: dict[str, bool], uri: str) -> None:
         dst.execute("migrate-incoming", uri=uri)
 
 
-AGREED_CAPABILITIES = ("postcopy-ram", "postcopy-preempt")
+AGREED_CAPABILITIES = ("postcopy-ram", "postcopy-preempt", "multifd")
 
 
 def _check_agreement(src: Any, dst: Any) -> None:
-    """Both sides must have the same postcopy capabilities (the stream's handshake would
-    refuse the migration later; say it now, by name)."""
+    """Both sides must have the same postcopy and multifd capabilities (the stream's
+    handshake would refuse the migration later; say it now, by name)."""
     def caps(qmp: Any) -> dict[str, bool]:
         return {c["capability"]: c["state"]
                 for c in qmp.execute("query-migrate-capabilities")}

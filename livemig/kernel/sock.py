@@ -164,6 +164,7 @@ _LIBC = ctypes.CDLL(None, use_errno=True)  # immutable handle; CDLL calls drop t
 _LIBC.sendmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
 _LIBC.sendmsg.restype = ctypes.c_ssize_t
 MSG_NOSIGNAL: Final = 0x4000
+MSG_WAITALL: Final = 0x100
 
 
 def send_pages(sock: socket.socket, words: npt.NDArray[np.generic], prefix: bytes,
@@ -196,6 +197,62 @@ def send_pages(sock: socket.socket, words: npt.NDArray[np.generic], prefix: byte
     return _sendmsg_all(sock.fileno(), iov)
 
 
+def _page_iov(ram: memoryview, offsets: npt.NDArray[np.uint64], lead: int) -> npt.NDArray[np.void]:
+    """An iovec array: ``lead`` entries left for the caller, then one 4 KiB entry of
+    ``ram`` per offset (built with NumPy: no Python object per page)."""
+    iov = np.empty(lead + len(offsets), dtype=_IOVEC)
+    ram_base = ctypes.addressof(ctypes.c_char.from_buffer(ram))
+    iov["base"][lead:] = np.uint64(ram_base) + offsets.astype(np.uint64)
+    iov["len"][lead:] = PAGE_SIZE
+    return iov
+
+
+def send_gather(sock: socket.socket, head: bytes, ram: memoryview,
+                offsets: npt.NDArray[np.uint64]) -> int:
+    """Send ``head`` then the 4 KiB pages of ``ram`` at ``offsets`` with scatter-gather
+    ``sendmsg`` (a multifd packet: header, offsets, page data).
+
+    Memory: ``ram`` (guest RAM, or a copy of it) and ``head`` are the caller's and stay
+    alive until this returns, after the kernel copied every byte.
+    """
+    iov = _page_iov(ram, offsets, 1)
+    iov[0] = (ctypes.cast(ctypes.c_char_p(head), ctypes.c_void_p).value, len(head))
+    return _sendmsg_all(sock.fileno(), iov)
+
+
+_LIBC.recvmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+_LIBC.recvmsg.restype = ctypes.c_ssize_t
+
+
+def recv_scatter(sock: socket.socket, ram: memoryview,
+                 offsets: npt.NDArray[np.uint64]) -> None:
+    """Receive ``len(offsets)`` pages straight into ``ram`` at ``offsets`` (scatter
+    ``recvmsg``; the GIL is released in the call); EOF first raises ChannelClosedError.
+
+    Memory: ``ram`` is a writable view of guest RAM the caller keeps alive until this
+    returns.
+    """
+    iov = _page_iov(ram, offsets, 0)
+    msg = _Msghdr()
+    start, total, want = 0, 0, PAGE_SIZE * len(offsets)
+    while start < len(iov):
+        chunk = iov[start : start + IOV_MAX]
+        msg.iov, msg.iovlen = chunk.ctypes.data, len(chunk)
+        # MSG_WAITALL: one call fills the whole chunk (unless a signal or EOF cuts it
+        # short), not one call per segment the peer's stack happened to deliver.
+        got = _LIBC.recvmsg(sock.fileno(), ctypes.byref(msg), MSG_WAITALL)
+        if got < 0:
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                continue
+            raise ChannelClosedError(f"receiving pages: {os.strerror(err)}")
+        if got == 0:
+            raise ChannelClosedError(f"peer closed the connection after {total} of "
+                                     f"{want} bytes of pages")
+        total += got
+        start += _consumed(chunk, got)
+
+
 def _sendmsg_all(fd: int, iov: npt.NDArray[np.void]) -> int:
     total = 0
     start = 0
@@ -212,15 +269,20 @@ def _sendmsg_all(fd: int, iov: npt.NDArray[np.void]) -> int:
                 raise ChannelClosedError("peer closed the connection while sending")
             raise OSError(err, os.strerror(err))
         total += sent
-        ends = np.cumsum(chunk["len"])
-        done = int(np.searchsorted(ends, sent, side="right"))
-        if done < len(chunk):
-            # Partial send (rare on a blocking socket): trim the iovec it stopped in.
-            into = sent - (int(ends[done - 1]) if done else 0)
-            chunk["base"][done] += np.uint64(into)
-            chunk["len"][done] -= np.uint64(into)
-        start += done
+        start += _consumed(chunk, sent)
     return total
+
+
+def _consumed(chunk: npt.NDArray[np.void], nbytes: int) -> int:
+    """How many whole iovecs of ``chunk`` the kernel moved in ``nbytes``; the one it
+    stopped in (a partial send or receive) is trimmed to its rest."""
+    ends = np.cumsum(chunk["len"])
+    done = int(np.searchsorted(ends, nbytes, side="right"))
+    if done < len(chunk):
+        into = nbytes - (int(ends[done - 1]) if done else 0)
+        chunk["base"][done] += np.uint64(into)
+        chunk["len"][done] -= np.uint64(into)
+    return done
 
 
 TIOCOUTQ: Final = 0x5411  # SIOCOUTQ: bytes in the send queue (unsent + unacked, TCP)

@@ -27,13 +27,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+import numpy.typing as npt
+
 from livemig.errors import ChannelClosedError, ConfigError, RemoteProtocolError
 from livemig.kernel.sock import (
     Buffer,
     queued_bytes,
     read_exact_into,
     recv_exact_into,
+    recv_scatter,
     send_buffers,
+    send_gather,
     send_pages,
     set_buffer_sizes,
     set_dead_peer_timeout,
@@ -159,6 +164,23 @@ class Channel:
                 bufs.append(rec.prefix)
             bufs.append(ram[off : off + PAGE_SIZE])
         self._write_file(bufs)
+
+    def send_gather(self, head: bytes, ram: memoryview, offsets: npt.NDArray[np.uint64]) -> None:
+        """``head`` then the 4 KiB pages of ``ram`` at ``offsets``, in one scatter-gather
+        send (a multifd packet; sockets only)."""
+        if self.sock is None:
+            raise ChannelClosedError(f"{self.name} channel: multifd needs a socket")
+        self.bytes_sent += send_gather(self.sock, head, ram, offsets)
+
+    def recv_scatter(self, ram: memoryview, offsets: npt.NDArray[np.uint64]) -> None:
+        """Receive pages straight into ``ram`` at ``offsets`` (sockets only)."""
+        if self.sock is None:
+            raise ChannelClosedError(f"{self.name} channel: multifd needs a socket")
+        try:
+            recv_scatter(self.sock, ram, offsets)
+        except ChannelClosedError as e:
+            raise ChannelClosedError(f"{self.name} channel: {e}") from None
+        self.bytes_received += PAGE_SIZE * len(offsets)
 
     def recv_into(self, view: memoryview) -> int:
         """Read what is available (at least one byte); 0 means EOF."""

@@ -73,6 +73,7 @@ class DestinationMigration:
         self._listener = Listener(uri)  # bind now: errors reach the migrate-incoming caller
         self._channel: Channel | None = None
         self._post_channel: Channel | None = None
+        self._multifd_channels: list[Channel] = []  # in the order they were accepted
         self._load: IncomingLoad | None = None
         # Postcopy recovery: the listener migrate-recover opened, and quitting.
         self._recover_cond = threading.Condition()
@@ -109,7 +110,7 @@ class DestinationMigration:
         self._shutdown_channels()
 
     def _shutdown_channels(self) -> None:
-        for ch in (self._channel, self._post_channel):
+        for ch in (self._channel, self._post_channel, *self._multifd_channels):
             if ch is not None:
                 ch.shutdown()
 
@@ -203,6 +204,7 @@ class DestinationMigration:
             self._load = IncomingLoad(
                 self.vm, self._channel, self.caps,
                 accept_postcopy_channel=self.accept_postcopy_channel,
+                accept_multifd_channels=self.accept_multifd_channels,
                 on_postcopy_active=lambda: self.status.set(MigrationStatus.POSTCOPY_ACTIVE),
                 uffd_features=self.uffd_features, switch=self.switch,
                 await_recovery=self._await_recovery, on_resumed=self._on_resumed)
@@ -217,7 +219,7 @@ class DestinationMigration:
             with self._recover_cond:
                 if self._recover_listener is not None:
                     self._recover_listener.close()
-            for ch in (self._channel, self._post_channel):
+            for ch in (self._channel, self._post_channel, *self._multifd_channels):
                 if ch is not None:
                     ch.close()
             self.info.end_ns = time.monotonic_ns()
@@ -240,6 +242,13 @@ class DestinationMigration:
                                       "postcopy channel")
         return self._post_channel
 
+    def accept_multifd_channels(self, count: int) -> list[Channel]:
+        """Multifd: ``count`` multifd connections, accepted now if they have not come
+        yet (called when the capabilities section announces them)."""
+        while len(self._multifd_channels) < count:
+            self._accept_one(self._listener, timeout=30)
+        return list(self._multifd_channels)
+
     def _accept_one(self, listener: Listener, timeout: float | None) -> None:
         ch = listener.accept(timeout=timeout)
         ch.detect_dead_peer(self.dead_link_timeout_ms)
@@ -250,11 +259,14 @@ class DestinationMigration:
               and self.caps.postcopy_preempt):
             ch.name = "postcopy"
             self._post_channel = ch
+        elif kind is ChannelKind.MULTIFD and self.caps.multifd:
+            ch.name = f"multifd{len(self._multifd_channels)}"
+            self._multifd_channels.append(ch)
         else:
             ch.close()
             raise RemoteProtocolError(
-                f"unexpected {kind.name.lower()} channel: is postcopy-preempt set on both "
-                "sides?")
+                f"unexpected {kind.name.lower()} channel: are postcopy-preempt and multifd "
+                "set alike on both sides?")
 
     def _finish(self, load: IncomingLoad) -> None:
         loaded = load.finish()
@@ -262,7 +274,8 @@ class DestinationMigration:
         st.normal, st.duplicate = loaded.normal, loaded.zero
         st.postcopy_requests = loaded.postcopy_requests
         st.total = sum(b.size for b in self.vm.blocks.values())
-        st.transferred = sum(ch.bytes_received for ch in (self._channel, self._post_channel)
+        st.transferred = sum(ch.bytes_received for ch in (self._channel, self._post_channel,
+                                                          *self._multifd_channels)
                              if ch is not None)
         self.status.set(MigrationStatus.COMPLETED)
 

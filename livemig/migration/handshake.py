@@ -14,7 +14,10 @@ Every fact here is read by both sides, so it has one definition here and nowhere
   both sides (QEMU 7.2 trusts the user; a mismatch there loses the pages sent on a
   connection nobody reads), and options after a ``;`` tell the destination how the
   source serves page requests (``urgent=process``: requests go on the postcopy channel,
-  where the source's urgent helper reads them).  Its text form is in docs/STREAM.md.
+  where the source's urgent helper reads them).  ``multifd`` must be equal on both
+  sides too; the source says how many multifd channels it opens and the UUID their
+  initial packets carry (``multifd-channels=N``, ``multifd-uuid=HEX``).  Its text form
+  is in docs/STREAM.md.
 * **The block table** (:func:`block_table`): name, length and host page size of each
   RAM block, sent in the ``ram`` section's MEM_SIZE record and checked by the decoder.
 """
@@ -28,7 +31,7 @@ from typing import NamedTuple, Protocol
 from livemig.errors import MigrationError, RemoteProtocolError
 from livemig.migration.state import Capabilities
 from livemig.wire.blocks import BlockInfo
-from livemig.wire.constants import RAM_VERSION_ID
+from livemig.wire.constants import MULTIFD_MAX_CHANNELS, RAM_VERSION_ID
 
 
 class Section(NamedTuple):
@@ -69,6 +72,10 @@ URGENT_PROCESS_OPTION = "urgent=process"
 # ... and: the VM description follows the main channel's EOF (when the stream ends in
 # precopy; QEMU's suppress-vmdesc turns it off).
 VMDESC_OPTION = "vmdesc"
+# ... and with multifd: how many channels, and the UUID their initial packets carry.
+MULTIFD_CHANNELS_OPTION = "multifd-channels"
+MULTIFD_UUID_OPTION = "multifd-uuid"
+_AGREED = ("postcopy-ram", "postcopy-preempt", "multifd")
 
 
 @dataclass(frozen=True)
@@ -79,20 +86,27 @@ class Handshake:
     postcopy_preempt: bool = False
     urgent_process: bool = False  # requests travel on the postcopy channel
     vmdesc: bool = False  # a precopy end brings the VM description after EOF
+    multifd: bool = False
+    multifd_channels: int = 0  # with multifd: the channels the source opens
+    multifd_uuid: bytes = b""  # with multifd: 16 bytes, in every initial packet
 
     @classmethod
     def of(cls, caps: Capabilities, *, urgent_process: bool = False) -> Handshake:
-        return cls(caps.postcopy_ram, caps.postcopy_preempt, urgent_process)
+        return cls(caps.postcopy_ram, caps.postcopy_preempt, urgent_process,
+                   multifd=caps.multifd)
 
     def options(self) -> list[str]:
-        return [name for name, on in ((URGENT_PROCESS_OPTION, self.urgent_process),
-                                      (VMDESC_OPTION, self.vmdesc)) if on]
+        out = [name for name, on in ((URGENT_PROCESS_OPTION, self.urgent_process),
+                                     (VMDESC_OPTION, self.vmdesc)) if on]
+        if self.multifd:
+            out += [f"{MULTIFD_CHANNELS_OPTION}={self.multifd_channels}",
+                    f"{MULTIFD_UUID_OPTION}={self.multifd_uuid.hex()}"]
+        return out
 
     def agreed(self) -> str:
         """The capabilities both sides must have (or both lack), comma-separated."""
-        return ",".join(name for name, on in (("postcopy-ram", self.postcopy_ram),
-                                              ("postcopy-preempt", self.postcopy_preempt))
-                        if on)
+        on = (self.postcopy_ram, self.postcopy_preempt, self.multifd)
+        return ",".join(name for name, yes in zip(_AGREED, on, strict=True) if yes)
 
     def encode(self) -> bytes:
         text = self.agreed()
@@ -108,16 +122,23 @@ class Handshake:
             raise RemoteProtocolError("the capabilities section is not ASCII") from None
         agreed, _, options = text.partition(";")
         names = set(filter(None, agreed.split(",")))
-        unknown = names - {"postcopy-ram", "postcopy-preempt"}
+        unknown = names - set(_AGREED)
         if unknown:
             raise RemoteProtocolError(f"unknown capabilities {sorted(unknown)} in the "
                                       "capabilities section")
         opts = set(filter(None, options.split(",")))
-        if opts - {URGENT_PROCESS_OPTION, VMDESC_OPTION}:
+        keyed = {o for o in opts if o.startswith("multifd-")}
+        values = dict(o.partition("=")[::2] for o in keyed)
+        flags = opts - keyed
+        if (flags - {URGENT_PROCESS_OPTION, VMDESC_OPTION}
+                or set(values) - {MULTIFD_CHANNELS_OPTION, MULTIFD_UUID_OPTION}):
             raise RemoteProtocolError(f"unknown options {sorted(opts)} in the capabilities "
                                       "section")
+        multifd = "multifd" in names
+        channels, uuid = _multifd_options(values) if multifd else (0, b"")
         return cls("postcopy-ram" in names, "postcopy-preempt" in names,
-                   URGENT_PROCESS_OPTION in opts, VMDESC_OPTION in opts)
+                   URGENT_PROCESS_OPTION in flags, VMDESC_OPTION in flags,
+                   multifd, channels, uuid)
 
     def check_matches(self, ours: Capabilities) -> None:
         """Refuse a source whose agreed capabilities differ from this destination's."""
@@ -125,6 +146,20 @@ class Handshake:
         if self.agreed() != mine:
             raise MigrationError(f"capability mismatch: the source has [{self.agreed()}], "
                                  f"this destination has [{mine}]; set the same on both sides")
+
+
+def _multifd_options(values: Mapping[str, str]) -> tuple[int, bytes]:
+    """The multifd channel count (1..255) and the 16-byte UUID, or RemoteProtocolError."""
+    count, uuid = values.get(MULTIFD_CHANNELS_OPTION, ""), values.get(MULTIFD_UUID_OPTION, "")
+    try:
+        channels, raw = int(count), bytes.fromhex(uuid)
+    except ValueError:
+        channels, raw = 0, b""
+    if not 1 <= channels <= MULTIFD_MAX_CHANNELS or len(raw) != 16:
+        raise RemoteProtocolError(f"the capabilities section has multifd with channels "
+                                  f"{count!r} and uuid {uuid!r}: expected 1 to "
+                                  f"{MULTIFD_MAX_CHANNELS} channels and 16 bytes of hex")
+    return channels, raw
 
 
 class SizedBlock(Protocol):

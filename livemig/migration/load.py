@@ -51,6 +51,7 @@ from livemig.migration import handshake as hs
 from livemig.migration.channel import Channel, quiet_background
 from livemig.migration.fault_handler import FaultHandler, choose_fault_handler
 from livemig.migration.handshake import Handshake, block_table
+from livemig.migration.multifd import MultifdReceivers
 from livemig.migration.pagesink import PageSink, RamLoader, dispatch_page_event, read_payload
 from livemig.migration.postcopy import RECV_CHUNK, ChannelPlacer, LatencyStats, PostcopyState
 from livemig.migration.returnpath import ReturnPathWriter
@@ -64,6 +65,7 @@ from livemig.wire import events as ev
 from livemig.wire.decoder import Decoder
 
 log = logging.getLogger("livemig.destination")
+MULTIFD_END_TIMEOUT = 30.0  # for the source to close its multifd channels
 AwaitRecovery = Callable[[Exception], tuple[Channel, Channel | None]]
 
 
@@ -104,6 +106,7 @@ class IncomingLoad:
 
     def __init__(self, vm: Vm, channel: Channel, caps: Capabilities, *,
                  accept_postcopy_channel: Callable[[], Channel],
+                 accept_multifd_channels: Callable[[int], list[Channel]] | None = None,
                  on_postcopy_active: Callable[[], None],
                  uffd_features: Callable[[], int], switch: SwitchInterval,
                  await_recovery: AwaitRecovery | None = None,
@@ -118,6 +121,8 @@ class IncomingLoad:
         self.channel = channel
         self.caps = caps
         self._accept_postcopy_channel = accept_postcopy_channel
+        self._accept_multifd_channels = accept_multifd_channels
+        self._multifd: MultifdReceivers | None = None
         self._on_postcopy_active = on_postcopy_active
         self._uffd_features = uffd_features
         self.phase = LoadPhase.PRECOPY
@@ -151,6 +156,7 @@ class IncomingLoad:
             ev.PostcopyRamDiscard: self._discard,
             ev.PostcopyListen: self._listen,
             ev.PostcopyRun: self._run_guest,
+            ev.MultifdFlush: self._multifd_flush,
         }
         self._devices: dict[str, Callable[[ev.DeviceState], None]] = {
             hs.CPU_NAME: self._cpu_state,
@@ -294,7 +300,29 @@ class IncomingLoad:
         self._theirs = theirs
         if self.caps.postcopy_preempt:
             self._post_channel = self._accept_postcopy_channel()
+        if theirs.multifd:
+            self._start_multifd(theirs)
         self._handler = choose_fault_handler(theirs, self._post_channel, self._switch)
+
+    # --- multifd ----------------------------------------------------------------------------
+    def _start_multifd(self, theirs: Handshake) -> None:
+        """Accept the multifd channels the source announced and start their receivers."""
+        if self._accept_multifd_channels is None:
+            raise MigrationError("multifd channels cannot be accepted here")
+        self._multifd = MultifdReceivers(self.vm.blocks, self.loader, theirs.multifd_channels,
+                                         theirs.multifd_uuid, self._fault_failed)
+        for ch in self._accept_multifd_channels(theirs.multifd_channels):
+            self._multifd.add(ch)
+
+    def _multifd_flush(self, _e: ev.MultifdFlush) -> None:
+        if self._multifd is None:
+            raise RemoteProtocolError("MULTIFD_FLUSH without multifd channels")
+        self._multifd.flush()
+
+    def _end_multifd(self) -> None:
+        """Precopy is over (LISTEN or EOF): every multifd receiver must have ended."""
+        if self._multifd is not None:
+            self._multifd.finish(MULTIFD_END_TIMEOUT)
 
     def _vm_state(self) -> VmState:
         if self._serial is None or sorted(self._cpus) != list(range(len(self.vm.vcpus))):
@@ -352,6 +380,7 @@ class IncomingLoad:
     def _listen(self, _e: ev.PostcopyListen) -> None:
         """Register guest RAM with userfaultfd and start taking faults."""
         self._enter(LoadPhase.LISTENING, "POSTCOPY_LISTEN")
+        self._end_multifd()  # nothing may write guest RAM behind userfaultfd's back
         rp = self._require_rp("LISTEN")
         if self.caps.postcopy_preempt and self._post_channel is None:
             raise RemoteProtocolError("POSTCOPY_LISTEN before the postcopy channel is up")
@@ -456,6 +485,7 @@ class IncomingLoad:
         if postcopy:
             self._end_postcopy()
         else:
+            self._end_multifd()
             self.loader.check_complete()
             self.vm.restore_state(self._vm_state())
         if self._rp is not None:
@@ -493,12 +523,16 @@ class IncomingLoad:
 
     def stats(self) -> LoadStats:
         normal = self.loader.pages
+        zero = self.loader.zero_pages
+        if self._multifd is not None:
+            normal += self._multifd.pages
+            zero += self._multifd.zero_pages
         if self._placer is not None:
             normal += self._placer.pages
         if self._handler is not None:
             normal += self._handler.pages
         requests = self._postcopy.requests if self._postcopy is not None else 0
-        return LoadStats(normal, self.loader.zero_pages, requests)
+        return LoadStats(normal, zero, requests)
 
     @property
     def postcopy_stats(self) -> LatencyStats | None:
@@ -515,6 +549,8 @@ class IncomingLoad:
         # Every step runs even if one fails: a view still held somewhere must not
         # leave the userfaultfd open or the loader's views of guest RAM alive.
         steps: list[Callable[[], None]] = []
+        if self._multifd is not None:
+            steps.append(self._multifd.close)
         if self._handler is not None:
             steps.append(self._handler.close)
         if self._placer is not None:

@@ -101,7 +101,9 @@ class RamLoader:
         # Told of every page loaded, once postcopy is advised (PostcopyState.mark_precopy).
         self.on_loaded: Loaded | None = None
 
-    def _loaded(self, block: str, offsets: npt.NDArray[np.uint64]) -> None:
+    def record(self, block: str, offsets: npt.NDArray[np.uint64]) -> None:
+        """Pages at ``offsets`` of ``block`` are in guest RAM (also called by the
+        multifd receivers, each for its own pages: no lock)."""
         self._received[block][offsets // PAGE_SIZE] = True
         if self.on_loaded is not None:
             self.on_loaded(block, offsets)
@@ -117,18 +119,23 @@ class RamLoader:
     def batch(self, e: ev.PageBatch) -> None:
         self._pages[e.block][e.offsets // PAGE_SIZE] = e.data
         self.pages += len(e.offsets)
-        self._loaded(e.block, e.offsets)
+        self.record(e.block, e.offsets)
 
     def zeros(self, e: ev.ZeroPages) -> None:
         """Pages that must read as zero: written only where RAM is not zero already, so
         untouched memory stays unallocated."""
-        idx = e.offsets // PAGE_SIZE
-        words = self._words[e.block]
+        self.zero_fill(e.block, e.offsets)
+        self.zero_pages += len(e.offsets)
+        self.record(e.block, e.offsets)
+
+    def zero_fill(self, block: str, offsets: npt.NDArray[np.uint64]) -> None:
+        """Make the pages at ``offsets`` read as zero, writing only those that are not
+        (also called by the multifd receivers)."""
+        idx = offsets // PAGE_SIZE
+        words = self._words[block]
         dirty = idx[words[idx].any(axis=1)]
         if len(dirty):
             words[dirty] = 0
-        self.zero_pages += len(idx)
-        self._loaded(e.block, e.offsets)
 
     def single_slot(self, e: ev.PageHeader) -> memoryview:
         """Where a single page's payload goes (the decoder checked the offset)."""
@@ -136,7 +143,7 @@ class RamLoader:
 
     def single_done(self, e: ev.PageHeader) -> None:
         self.pages += 1
-        self._loaded(e.block, np.array([e.offset], dtype=np.uint64))
+        self.record(e.block, np.array([e.offset], dtype=np.uint64))
 
     def release(self) -> None:
         self._pages.clear()

@@ -51,6 +51,13 @@ from livemig.migration.channel import (
     quiet_background,
 )
 from livemig.migration.handshake import Handshake, block_table
+from livemig.migration.multifd import (
+    HelperPool,
+    PrecopyPages,
+    choose_precopy_pages,
+    require_socket_uri,
+    shared_pages,
+)
 from livemig.migration.ratelimit import BandwidthMeter, RateLimiter
 from livemig.migration.returnpath import PageRequest, RequestQueue, ReturnPathReader
 from livemig.migration.sender import OutChannel, PageSender
@@ -64,6 +71,7 @@ from livemig.migration.state import (
     log_failure,
 )
 from livemig.migration.trace import Tracer
+from livemig.migration.urgent import SharedBits
 from livemig.migration.urgent_sender import UrgentSender, choose_urgent_sender
 from livemig.migration.vmdesc import (
     DevicePayload,
@@ -142,9 +150,14 @@ class SourceMigration:
     def __init__(self, vm: Vm, uri: MigrationUri, caps: Capabilities, params: Parameters,
                  emit: EventSink | None = None, tracer: Tracer | None = None, *,
                  switch: SwitchInterval | None = None,
-                 postcopy_channel_first: bool = False) -> None:
+                 postcopy_channel_first: bool = False,
+                 multifd_pool: HelperPool | None = None) -> None:
         """``switch``: the process's owner of the GIL switch interval (one per process,
-        shared by every migration in it)."""
+        shared by every migration in it).  ``multifd_pool``: where multifd channel
+        helpers come from (the instance's, kept between migrations; else our own)."""
+        require_socket_uri(caps, uri)
+        self._own_pool = multifd_pool is None
+        self.multifd_pool = multifd_pool or HelperPool()
         self.vm = vm
         self.switch = switch or SwitchInterval()
         self.uri = uri
@@ -161,6 +174,8 @@ class SourceMigration:
         self._channels: list[Channel] = []  # every connection, for shutdown
         self._main: Channel | None = None
         self._sender: PageSender | None = None
+        # How precopy pages travel (multifd or the main channel), chosen at setup.
+        self._precopy: PrecopyPages | None = None
         self.trace = tracer or Tracer()
         # Test hook: connect the postcopy channel before the main one (the destination
         # must tell them apart whatever order they arrive in).
@@ -174,6 +189,7 @@ class SourceMigration:
         self._link_error: Exception | None = None
         self._resume_cond = threading.Condition()
         self._previous_bytes = 0
+        self._shared_pages: SharedBits | None = None  # multifd's, when urgent has none
         self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
 
     # --- control (any thread) -------------------------------------------------------------
@@ -255,6 +271,8 @@ class SourceMigration:
                                                           MigrationStatus.POSTCOPY_ACTIVE):
             return
         st = self.info.ram
+        if self._precopy is not None:
+            self._precopy.update_stats(st)
         st.transferred = self._transferred(sender)
         st.remaining = sender.dirty_pages() * PAGE_SIZE
         self.urgent.update_stats(st)
@@ -262,13 +280,16 @@ class SourceMigration:
     def _transferred(self, sender: PageSender) -> int:
         """Bytes sent on every channel of this migration (one definition for the live
         and the final figure)."""
-        return self._previous_bytes + sender.main.writer.bytes_sent + self.urgent.bytes_sent()
+        extra = self._precopy.bytes_sent() if self._precopy is not None else 0
+        return (self._previous_bytes + sender.main.writer.bytes_sent
+                + self.urgent.bytes_sent() + extra)
 
     def query(self) -> dict[str, Any]:
         """query-migrate's answer for this migration."""
         self.refresh_stats()
+        precopy = self._precopy.to_qmp() if self._precopy is not None else {}
         return {**self.info.to_qmp(), "x-postcopy-urgent-sender": self.urgent.mode.value,
-                **self.trace.to_qmp("postcopy_preempt")}
+                **precopy, **self.trace.to_qmp("postcopy_preempt")}
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.status.wait_finished(timeout)
@@ -308,6 +329,13 @@ class SourceMigration:
             self._fail(e)
         finally:
             self.urgent.close()
+            if self._precopy is not None:
+                self._precopy.update_stats(self.info.ram)
+                self._precopy.close()
+            if self._shared_pages is not None:
+                self._shared_pages.close()
+            if self._own_pool:
+                self.multifd_pool.close()
             if self._sender is not None:
                 self.urgent.update_stats(self.info.ram)
                 self._sender.release()
@@ -334,19 +362,26 @@ class SourceMigration:
         main = OutChannel("precopy", Encoder(postcopy=self.caps.postcopy_ram),
                           ChannelWriter(channel))
         shared = self.urgent.shared_bits()
+        if shared is None and self.caps.multifd:  # the channel helpers map the bits
+            shared = self._shared_pages = shared_pages(self.vm.blocks)
         sender = PageSender(self.vm.blocks, main, hs.RAM.section_id, self.info.ram,
                             RateLimiter(self.params.max_bandwidth), self.trace,
-                            bits=shared[0] if shared else None,
-                            lock=shared[1] if shared else None)
+                            bits=shared.bits if shared else None,
+                            lock=shared.lock if shared else None)
         self._sender = sender
         self.urgent.attach(sender)
         sender.post = post
+        precopy = self._precopy = choose_precopy_pages(self.caps, self.params, self.uri,
+                                                       sender, self.vm.blocks, shared,
+                                                       self.multifd_pool)
         # QEMU's suppress-vmdesc: no VM description after EOF.
         self._handshake = replace(self.urgent.handshake(),
-                                  vmdesc=not self.params.x_suppress_vmdesc)
+                                  vmdesc=not self.params.x_suppress_vmdesc,
+                                  **precopy.handshake())
         write_stream_head(main, blocks, self._handshake)
         if self.caps.postcopy_preempt and sender.post is None:
             sender.post = self._open_postcopy_channel()
+        precopy.start()  # before the PING: the destination accepts them first
         if self.caps.postcopy_ram:
             # The destination checks page sizes and userfaultfd at ADVISE; its PONG
             # tells us it agreed, before anything could stop our guest.
@@ -391,9 +426,15 @@ class SourceMigration:
             self.info.rounds += 1
             if self.caps.events:
                 self._emit("MIGRATION_PASS", {"pass": self.info.rounds})
-            meter.start(sender.writer.bytes_sent)
-            sender.send_round(self._interrupted)
-            meter.stop(sender.writer.bytes_sent)
+            meter.start(self._transferred(sender))
+            self._precopy_pages.send_round(self._interrupted)
+            meter.stop(self._transferred(sender))
+            self._precopy_pages.update_stats(self.info.ram)
+
+    @property
+    def _precopy_pages(self) -> PrecopyPages:
+        assert self._precopy is not None, "set up first"
+        return self._precopy
 
     def _update_stats(self, sender: PageSender, remaining: int, bandwidth: float) -> None:
         st = self.info.ram
@@ -428,7 +469,7 @@ class SourceMigration:
         before = self._transferred(sender)
         enc, writer = sender.encoder, sender.writer
         writer.write([enc.ram_end(hs.RAM.section_id)])
-        sender.send_all_remaining()
+        self._precopy_pages.send_rest()
         writer.write([enc.close_ram_section()])
         devices = self._device_payloads()
         writer.write(device_sections(enc, devices))
@@ -460,6 +501,9 @@ class SourceMigration:
         """Switch the guest over to the destination, then send the rest on demand."""
         assert self._rp is not None
         t0 = self._stop_guest(sender)
+        # The multifd channels synced at the end of the last round: close them; the
+        # pages still dirty go in postcopy, on the main and postcopy channels.
+        self._precopy_pages.end()
         before = self._transferred(sender)
         enc, writer = sender.encoder, sender.writer
         for name, ranges in sender.prepare_postcopy():

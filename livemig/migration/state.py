@@ -175,6 +175,7 @@ class Range:
 U64_MAX = (1 << 64) - 1  # QEMU's 'size' type: bandwidths are at most SIZE_MAX
 MAX_DOWNTIME_MS = 2_000_000  # QEMU's MAX_MIGRATE_DOWNTIME (2000 s)
 MAX_ITERATIONS = 100_000
+MAX_MULTIFD_CHANNELS = 255  # QEMU's bound (the channel id is one byte)
 
 
 def _check_value(owner: str, name: str, kind: Any, value: Any) -> Any:
@@ -232,6 +233,7 @@ class Capabilities:
     postcopy_blocktime: bool = False
     postcopy_preempt: bool = False
     return_path: bool = False
+    multifd: bool = False  # precopy pages on multifd-channels extra connections
 
     def to_qmp(self) -> list[dict[str, Any]]:
         return [{"capability": f.name.replace("_", "-"), "state": getattr(self, f.name)}
@@ -276,6 +278,9 @@ class Parameters:
     # keepalive on every connection): in postcopy the migration pauses instead of
     # hanging on a cut link.
     x_dead_link_timeout: int = 5000
+    # With the multifd capability: how many extra connections carry precopy pages
+    # (QEMU's name, default and range).
+    multifd_channels: Annotated[int, Range(1, MAX_MULTIFD_CHANNELS, "channels")] = 2
 
     def to_qmp(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): _to_qmp_value(getattr(self, f.name))

@@ -42,11 +42,8 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import ClassVar
 
-import numpy as np
-import numpy.typing as npt
-
 from livemig.errors import RemoteProtocolError
-from livemig.migration.bitmap import BitmapLock, SourceBlock
+from livemig.migration.bitmap import SourceBlock
 from livemig.migration.channel import Channel
 from livemig.migration.handshake import Handshake
 from livemig.migration.helper import HelperBlock
@@ -74,8 +71,9 @@ class UrgentSender(ABC):
     def handshake(self) -> Handshake:
         return Handshake.of(self.caps)
 
-    def shared_bits(self) -> tuple[Mapping[str, npt.NDArray[np.bool_]], BitmapLock] | None:
-        """The bitmaps' bits and their lock, when another process takes pages too."""
+    def shared_bits(self) -> SharedBits | None:
+        """The bitmaps' bits (in memory another process maps) and their lock, when
+        another process takes pages too."""
         return None
 
     def attach(self, sender: PageSender) -> None:
@@ -163,9 +161,9 @@ class ProcessSender(UrgentSender):
     def handshake(self) -> Handshake:
         return Handshake.of(self.caps, urgent_process=True)
 
-    def shared_bits(self) -> tuple[Mapping[str, npt.NDArray[np.bool_]], BitmapLock] | None:
+    def shared_bits(self) -> SharedBits | None:
         assert self._bits is not None, "prepare() first"
-        return self._bits.bits, self._bits.lock
+        return self._bits
 
     def start(self, blocks: Mapping[str, HelperBlock], post_channel: Channel | None,
               tracer: Tracer, on_error: Callable[[Exception], None]) -> None:

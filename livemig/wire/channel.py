@@ -7,7 +7,8 @@ Every livemig channel starts with four distinctive bytes -- ``QEVM`` for the
 main channel (QEMU's own file magic) and ``LMPC`` for the postcopy channel --
 so the destination peeks at them and routes the connection, whatever order
 the connections arrived in.  The four bytes stay part of the stream: hand
-them to the channel's decoder too.
+them to the channel's decoder too.  A multifd channel starts with QEMU's
+``MULTIFD_MAGIC`` (be32 0x11223344), the first field of its initial packet.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from __future__ import annotations
 from enum import Enum
 
 from livemig.errors import RemoteProtocolError
-from livemig.wire.constants import POSTCOPY_MAGIC, QEVM_MAGIC_BYTES
+from livemig.wire.constants import MULTIFD_MAGIC_BYTES, POSTCOPY_MAGIC, QEVM_MAGIC_BYTES
 
 
 class ChannelKind(Enum):
-    """The two kinds of source-to-destination channel."""
+    """The kinds of source-to-destination channel."""
 
     MAIN = "main"
     POSTCOPY = "postcopy"
+    MULTIFD = "multifd"
 
 
 def identify_channel(first4: bytes | bytearray | memoryview) -> ChannelKind:
@@ -36,7 +38,9 @@ def identify_channel(first4: bytes | bytearray | memoryview) -> ChannelKind:
         return ChannelKind.MAIN
     if head == POSTCOPY_MAGIC:
         return ChannelKind.POSTCOPY
+    if head == MULTIFD_MAGIC_BYTES:
+        return ChannelKind.MULTIFD
     raise RemoteProtocolError(
-        f"Unknown channel magic {head!r}: expected {QEVM_MAGIC_BYTES!r} (main) "
-        f"or {POSTCOPY_MAGIC!r} (postcopy)."
+        f"Unknown channel magic {head!r}: expected {QEVM_MAGIC_BYTES!r} (main), "
+        f"{POSTCOPY_MAGIC!r} (postcopy) or {MULTIFD_MAGIC_BYTES!r} (multifd)."
     )

@@ -27,6 +27,13 @@ MACHINE_NAME: Final = "livemig"  # what we send in the CONFIGURATION section
 POSTCOPY_MAGIC: Final = b"LMPC"
 POSTCOPY_VERSION: Final = 1
 
+# --- multifd channels (QEMU: migration/multifd.h; the formats are in wire/multifd.py)
+MULTIFD_MAGIC: Final = 0x11223344
+MULTIFD_MAGIC_BYTES: Final = b"\x11\x22\x33\x44"  # be32, how a multifd channel starts
+MULTIFD_VERSION: Final = 1
+MULTIFD_FLAG_SYNC: Final = 0x1
+MULTIFD_MAX_CHANNELS: Final = 255  # QEMU: multifd-channels is 1..255
+
 # --- pages (QEMU: TARGET_PAGE_SIZE on x86) --------------------------------------
 # PAGE_SIZE (imported above) is defined in livemig.units, shared with kernel/.
 FLAG_MASK: Final = PAGE_SIZE - 1  # the low 12 bits of a RAM record word hold flags
@@ -58,9 +65,11 @@ class RamFlag(IntEnum):
     PAGE = 0x08
     EOS = 0x10
     CONTINUE = 0x20
+    MULTIFD_FLUSH = 0x200  # QEMU 8.0: every multifd channel is synced up to here
 
 
-KNOWN_RAM_FLAGS: Final = 0x3E  # ZERO|MEM_SIZE|PAGE|EOS|CONTINUE; anything else is refused
+# ZERO|MEM_SIZE|PAGE|EOS|CONTINUE|MULTIFD_FLUSH; anything else is refused
+KNOWN_RAM_FLAGS: Final = 0x23E
 PAGE_CONT: Final = RamFlag.PAGE | RamFlag.CONTINUE
 ZERO_CONT: Final = RamFlag.ZERO | RamFlag.CONTINUE
 

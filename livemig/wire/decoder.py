@@ -95,6 +95,7 @@ from livemig.wire.events import (
     DeviceState,
     Event,
     MemSize,
+    MultifdFlush,
     NeedData,
     Packaged,
     PackagedEnd,
@@ -469,6 +470,11 @@ class Decoder:
             return self._parse_eos(r, addr)
         if flags == RamFlag.MEM_SIZE:
             return self._parse_mem_size(r, addr)
+        if flags == RamFlag.MULTIFD_FLUSH:
+            if addr:
+                raise RemoteProtocolError(f"MULTIFD_FLUSH record carries a non-zero "
+                                          f"offset {addr:#x}.")
+            return MultifdFlush()
         kind = flags & ~RamFlag.CONTINUE
         if kind not in (RamFlag.PAGE, RamFlag.ZERO):
             raise RemoteProtocolError(f"RAM record has an invalid flag combination {flags:#x}.")

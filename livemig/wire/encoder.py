@@ -326,6 +326,11 @@ class Encoder:
         self._last_block = block
         return bytes([len(raw)]) + raw
 
+    def multifd_flush(self) -> bytes:
+        """RAM_SAVE_FLAG_MULTIFD_FLUSH: the multifd channels are synced up to here."""
+        self._require_ram_records()
+        return _BE64.pack(RamFlag.MULTIFD_FLUSH)
+
     def _require_ram_records(self) -> None:
         self._require(_State.RAM, "send RAM pages")
 

@@ -177,6 +177,12 @@ class PostcopyResume:
 
 
 @dataclass(frozen=True, slots=True)
+class MultifdFlush:
+    """RAM_SAVE_FLAG_MULTIFD_FLUSH on the main channel: every multifd channel has sent
+    a SYNC packet for this round; load nothing further before they all arrived."""
+
+
+@dataclass(frozen=True, slots=True)
 class Packaged:
     """MIG_CMD_PACKAGED: the next ``length`` bytes (all buffered) form a sub-stream.
 
@@ -225,6 +231,7 @@ Event = (
     | PostcopyRamDiscard
     | RecvBitmapRequest
     | PostcopyResume
+    | MultifdFlush
     | Packaged
     | PackagedEnd
     | StreamEnd

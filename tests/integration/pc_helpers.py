@@ -70,11 +70,12 @@ LATENCY_KEYS = ("postcopy-blocktime", "postcopy-vcpu-blocktime", "postcopy-vcpu-
 
 
 def capabilities(*, postcopy: bool = True, preempt: bool = False,
-                 events: bool = True) -> list[dict[str, Any]]:
+                 events: bool = True, multifd: bool = False) -> list[dict[str, Any]]:
     """The ``migrate-set-capabilities`` argument for this combination."""
     return [{"capability": "events", "state": events},
             {"capability": "postcopy-ram", "state": postcopy},
-            {"capability": "postcopy-preempt", "state": preempt}]
+            {"capability": "postcopy-preempt", "state": preempt},
+            {"capability": "multifd", "state": multifd}]
 
 
 def hugepages_checked(request: pytest.FixtureRequest, *backings: Backing) -> None:

@@ -139,6 +139,22 @@ def test_migrate_command_does_postcopy_with_preemption_on_both_sides(tmp_path: P
     assert "completed" in lines[-1]
 
 
+def test_migrate_command_sets_multifd_on_both_sides(tmp_path: Path) -> None:
+    uri = f"unix:{tmp_path / 'mig.sock'}"
+    with livemig_process(tmp_path, "src", ["--guest", "ab", "--mem", "32M"]) as src, \
+            livemig_process(tmp_path, "dst", ["--incoming", "defer", "--mem", "32M"]) as dst:
+        assert src.wait_serial(2)
+        result = livemig("migrate", "--qmp", src.qmp_path, "--dest-qmp", dst.qmp_path,
+                         "--to", uri, "--multifd-channels", "3", "--downtime-limit", "5000",
+                         timeout=120)
+        assert result.returncode == 0, result.stderr + result.stdout
+        info = src.qmp.execute("query-migrate")
+        assert info["status"] == "completed"
+        assert info["x-multifd"]["channels"] == 3
+        assert wait_migration(dst.qmp)["status"] == "completed"
+        assert dst.wait_serial(3), dst.serial()[-80:]
+
+
 def test_migrate_command_refuses_sides_that_disagree(tmp_path: Path) -> None:
     with livemig_process(tmp_path, "src", ["--guest", "ab", "--mem", "32M"]) as src, \
             livemig_process(tmp_path, "dst", ["--incoming", "defer", "--mem", "32M"]) as dst:

@@ -70,6 +70,9 @@ DESIGNS = [
     pytest.param(caps_of(postcopy=True, preempt=True), "migration", id="preempt-migration"),
     pytest.param(caps_of(postcopy=True, preempt=True), "return-path", id="preempt-rp"),
     pytest.param(caps_of(postcopy=True, preempt=True), "process", id="preempt-process"),
+    # Precopy on two multifd channels first (QEMU 7.2 refuses multifd with postcopy).
+    pytest.param(caps_of(postcopy=True, preempt=True, multifd=True), "process",
+                 id="preempt-process-multifd"),
 ]
 BACKINGS = [pytest.param(Backing.ANON_4K, id="4K"), pytest.param(Backing.HUGETLB_2M, id="2M")]
 
