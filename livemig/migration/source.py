@@ -63,6 +63,7 @@ from livemig.migration.state import (
     detached,
     log_failure,
 )
+from livemig.migration.tls import TlsEndpoint
 from livemig.migration.trace import Tracer
 from livemig.migration.urgent_sender import UrgentSender, choose_urgent_sender
 from livemig.migration.vmdesc import (
@@ -142,12 +143,13 @@ class SourceMigration:
     def __init__(self, vm: Vm, uri: MigrationUri, caps: Capabilities, params: Parameters,
                  emit: EventSink | None = None, tracer: Tracer | None = None, *,
                  switch: SwitchInterval | None = None,
-                 postcopy_channel_first: bool = False) -> None:
+                 postcopy_channel_first: bool = False, tls: TlsEndpoint | None = None) -> None:
         """``switch``: the process's owner of the GIL switch interval (one per process,
-        shared by every migration in it)."""
+        shared by every migration in it).  ``tls``: secures every connection (tls-creds)."""
         self.vm = vm
         self.switch = switch or SwitchInterval()
         self.uri = uri
+        self.tls = tls
         self.caps = caps
         self.params = params
         self.urgent = choose_urgent_sender(caps, params)
@@ -318,8 +320,8 @@ class SourceMigration:
                 self._rp.join(5)
             self.info.end_ns = time.monotonic_ns()
 
-    def _connect(self, name: str) -> Channel:
-        ch = connect(self.uri, name=name)
+    def _connect(self, kind: ChannelKind) -> Channel:
+        ch = connect(self.uri, name=kind.value, tls=self.tls, kind=kind)
         self._channels.append(ch)
         ch.detect_dead_peer(self.params.x_dead_link_timeout)
         return ch
@@ -328,7 +330,7 @@ class SourceMigration:
         self.urgent.prepare(self.vm.blocks)
         preempt_first = self.caps.postcopy_preempt and self.postcopy_channel_first
         post = self._open_postcopy_channel() if preempt_first else None
-        channel = self._main = self._connect("main")
+        channel = self._main = self._connect(ChannelKind.MAIN)
         self.info.ram.total = sum(b.size for b in self.vm.blocks.values())
         blocks = block_table(self.vm.blocks)
         main = OutChannel("precopy", Encoder(postcopy=self.caps.postcopy_ram),
@@ -364,7 +366,7 @@ class SourceMigration:
     def _open_postcopy_channel(self) -> OutChannel:
         """The second connection, for requested pages only (postcopy preemption)."""
         self.trace("postcopy_preempt_enabled")
-        return postcopy_out_channel(ChannelWriter(self._connect("postcopy")))
+        return postcopy_out_channel(ChannelWriter(self._connect(ChannelKind.POSTCOPY)))
 
     def _iterate(self, sender: PageSender) -> None:
         meter = BandwidthMeter()
@@ -548,8 +550,8 @@ class SourceMigration:
     def _resume(self, sender: PageSender) -> None:
         """Connect anew, learn what the destination has (RECV_BITMAP per block), mark
         everything else dirty, POSTCOPY_RESUME, and go on when it is acknowledged."""
-        channel = self._main = self._connect("main")
-        post_ch = self._connect("postcopy") if self.caps.postcopy_preempt else None
+        channel = self._main = self._connect(ChannelKind.MAIN)
+        post_ch = self._connect(ChannelKind.POSTCOPY) if self.caps.postcopy_preempt else None
         self.status.set(MigrationStatus.POSTCOPY_RECOVER)
         main = OutChannel("precopy", Encoder(postcopy=True, resumed=[hs.RAM.section_id]),
                           ChannelWriter(channel))
