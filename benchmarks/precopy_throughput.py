@@ -1,8 +1,8 @@
 """Precopy throughput: an idle guest full of non-zero data, over loopback, unlimited.
 
     python benchmarks/precopy_throughput.py [--mem 1G] [--page-sizes 4K,2M]
-        [--peers livemig,qemu] [--repeat 3] [--transport unix|tcp] [--json PATH]
-        [--profile DIR]
+        [--peers livemig,qemu] [--repeat 3] [--transport unix|tcp] [--tls]
+        [--json PATH] [--profile DIR]
 
 Theory of operation
 -------------------
@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from _peers import (
     LivemigPeer,
     MigrationPlan,
     MigrationResult,
+    TlsPlan,
     VmSpec,
     migrate,
     migration_uri,
@@ -67,6 +68,7 @@ from rich.console import Console
 from rich.table import Table
 
 import livemig
+from livemig.tlslab import SERVER_NAMES, make_tls_dirs
 
 GUEST_PASSES = 2  # after two passes of the ab guest no page in its range is zero
 BOOT_TIMEOUT_S = 900.0
@@ -82,6 +84,7 @@ class CaseResult:
     page_size: str
     warmup: MigrationResult
     runs: tuple[MigrationResult, ...]
+    tls: bool = False
 
     @property
     def gbs(self) -> float:
@@ -96,7 +99,7 @@ class CaseResult:
         return statistics.median(r.wall_s for r in self.runs)
 
     def to_json(self) -> dict[str, Any]:
-        return {"peer": self.peer, "page_size": self.page_size,
+        return {"peer": self.peer, "page_size": self.page_size, "tls": self.tls,
                 "median_gbs": self.gbs, "median_total_ms": self.total_ms,
                 "median_wall_s": self.wall_s, "warmup": self.warmup.to_json(),
                 "runs": [r.to_json() for r in self.runs]}
@@ -110,6 +113,7 @@ class Options:
     profile_dir: Path | None
     max_noise: float  # other processes' CPU, in CPUs, above which a run is repeated
     retries: int = 3
+    tls: TlsPlan | None = None  # this case migrates over TLS
 
 
 class Case:
@@ -132,7 +136,7 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"{self.kind} {self.page_size}"
+        return f"{self.kind} {self.page_size}{' TLS' if self.opts.tls else ''}"
 
     def migrate_once(self, what: str, profile: bool) -> MigrationResult:
         with self.console.status(f"{self.label}: {what}"):
@@ -166,7 +170,7 @@ def run_case(kind: str, page_size: str, opts: Options, console: Console) -> Case
         case.boot()
         warmup = case.migrate_once("warm-up migration", profile=False)
         runs = tuple(case.measure(n) for n in range(1, opts.repeat + 1))
-        return CaseResult(kind, page_size, warmup, runs)
+        return CaseResult(kind, page_size, warmup, runs, tls=opts.tls is not None)
 
 
 def _cpu(c: CpuTime) -> str:
@@ -175,7 +179,8 @@ def _cpu(c: CpuTime) -> str:
 
 def _one_migration(case: Case, profile: bool) -> MigrationResult:
     i = case.count
-    plan = MigrationPlan(migration_uri(case.opts.transport, case.workdir, f"migration{i}"))
+    plan = MigrationPlan(migration_uri(case.opts.transport, case.workdir, f"migration{i}"),
+                         tls=case.opts.tls)
     with case.cls.destination(case.workdir, f"destination{i}", case.spec) as dst:
         if not profile or case.opts.profile_dir is None:
             return migrate(case.src, dst, plan)
@@ -189,19 +194,23 @@ def _one_migration(case: Case, profile: bool) -> MigrationResult:
 def results_table(cases: Sequence[CaseResult], mem: str, transport: str) -> Table:
     table = Table(title=f"precopy throughput: idle {mem} ab guest, {transport} loopback, "
                         f"unlimited bandwidth (median of measured runs)")
-    for col in ("peer", "pages", "cold ms", "total ms", "GB/s", "wall s", "CPU s src/dst",
-                "noise", "÷ QEMU"):
-        table.add_column(col, justify="left" if col in ("peer", "pages") else "right")
-    qemu = {c.page_size: c.gbs for c in cases if c.peer == "qemu"}
+    for col in ("peer", "pages", "TLS", "cold ms", "total ms", "GB/s", "wall s",
+                "CPU s src/dst", "noise", "÷ QEMU", "÷ plain"):
+        table.add_column(col, justify="left" if col in ("peer", "pages", "TLS") else "right")
+    qemu = {(c.page_size, c.tls): c.gbs for c in cases if c.peer == "qemu"}
+    plain = {(c.peer, c.page_size): c.gbs for c in cases if not c.tls}
     for c in cases:
-        ratio = ""
-        if c.peer == "livemig" and c.page_size in qemu:
-            ratio = f"{c.gbs / qemu[c.page_size]:.2f}"
+        ratio = vs_plain = ""
+        if c.peer == "livemig" and (c.page_size, c.tls) in qemu:
+            ratio = f"{c.gbs / qemu[c.page_size, c.tls]:.2f}"
+        if c.tls and (c.peer, c.page_size) in plain:
+            vs_plain = f"{c.gbs / plain[c.peer, c.page_size]:.2f}"
         src_cpu = statistics.median(r.source_cpu.total for r in c.runs)
         dst_cpu = statistics.median(r.destination_cpu.total for r in c.runs)
-        table.add_row(c.peer, c.page_size, str(c.warmup.total_time_ms), f"{c.total_ms:.0f}",
+        table.add_row(c.peer, c.page_size, "yes" if c.tls else "no",
+                      str(c.warmup.total_time_ms), f"{c.total_ms:.0f}",
                       f"{c.gbs:.2f}", f"{c.wall_s:.2f}", f"{src_cpu:.2f}/{dst_cpu:.2f}",
-                      f"{max(r.noise for r in c.runs):.2f}", ratio)
+                      f"{max(r.noise for r in c.runs):.2f}", ratio, vs_plain)
     return table
 
 
@@ -272,9 +281,12 @@ def machine_notes() -> dict[str, Any]:
                    "processes kept more than this many CPUs busy meanwhile.")
 @click.option("--retries", default=3, show_default=True, type=click.IntRange(0),
               help="At most this many repeats of a noisy measured migration.")
+@click.option("--tls", is_flag=True,
+              help="Run every case twice: plain, then over TLS (tls-creds-x509, the same "
+                   "certificates for both peers).")
 def main(mem: str, page_sizes: str, peers: str, repeat: int, transport: str,
          json_path: str | None, profile_dir: str | None, max_noise: float,
-         retries: int) -> None:
+         retries: int, tls: bool) -> None:
     """Migration throughput of an idle guest: livemig against QEMU 7.2."""
     # SIGTERM unwinds like Ctrl-C, so every VMM, huge page and temp dir is cleaned up
     # (and Ctrl-C works even when started in the background, where SIGINT is ignored).
@@ -291,14 +303,21 @@ def main(mem: str, page_sizes: str, peers: str, repeat: int, transport: str,
     if pdir is not None:
         pdir.mkdir(parents=True, exist_ok=True)
     opts = Options(mem, transport, repeat, pdir, max_noise, retries)
-    cases = [run_case(kind, ps.strip(), opts, console)
-             for ps in page_sizes.split(",") for kind in kinds]
+    variants = [opts]
+    with tempfile.TemporaryDirectory(prefix="lmbench-tls-") as certs:
+        if tls:
+            dirs = make_tls_dirs(Path(certs))
+            variants.append(replace(opts, tls=TlsPlan(dirs.server, dirs.client,
+                                                      SERVER_NAMES[-1])))
+        cases = [run_case(kind, ps.strip(), v, console)
+                 for ps in page_sizes.split(",") for v in variants for kind in kinds]
     console.print(results_table(cases, mem, transport))
     if pdir is not None:
         for table in profile_tables(pdir):
             console.print(table)
     if json_path:
         report = {"benchmark": "precopy_throughput", "mem": mem, "transport": transport,
+                  "tls": tls,
                   "repeat": repeat, "max_noise": max_noise, "retries": retries,
                   "machine": machine_notes(),
                   "cases": [c.to_json() for c in cases]}

@@ -29,10 +29,10 @@ from pc_helpers import (
     start_postcopy_after_first_round,
     wait_migration,
 )
-from tlscerts import CLIENT_DN, TlsDirs, make_tls_dirs
 
 from livemig.control.client import QmpClient
 from livemig.kernel.mman import Backing
+from livemig.tlslab import CLIENT_DN, TlsDirs, make_tls_dirs
 from livemig.vmm.vm import RunState
 
 pytestmark = pytest.mark.kvm

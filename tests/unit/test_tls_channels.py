@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tlscerts import CLIENT_DN, TlsDirs, make_tls_dirs
 
 from livemig.errors import ChannelClosedError, ConfigError, TlsError
 from livemig.migration.channel import (
@@ -31,6 +30,7 @@ from livemig.migration.tls import (
     distinguished_name,
     parse_object,
 )
+from livemig.tlslab import CLIENT_DN, TlsDirs, make_tls_dirs
 from livemig.units import PAGE_SIZE
 from livemig.wire.channel import ChannelKind
 from livemig.wire.encoder import Encoder

@@ -1,6 +1,14 @@
-"""Certificates made at test time (the ``cryptography`` package), good and bad, laid out
-as QEMU's tls-creds-x509 directories (ca-cert.pem, server-cert.pem, server-key.pem,
-client-cert.pem, client-key.pem)."""
+"""Test and benchmark tooling: certificates made on the spot, good and bad.
+
+Theory of operation
+-------------------
+TLS tests and benchmarks need x509 credentials that nobody has to keep: :class:`Ca`
+makes a CA with the ``cryptography`` package (a test and bench extra, imported only
+by this module) and issues server and client certificates from it, expired ones too;
+:func:`make_tls_dirs` lays them out as QEMU's tls-creds-x509 directories
+(``ca-cert.pem``, ``server-cert.pem``, ``server-key.pem``, ``client-cert.pem``,
+``client-key.pem``), so livemig and QEMU load the very same files.
+"""
 
 from __future__ import annotations
 
