@@ -51,7 +51,13 @@ from livemig.kernel.sock import (
     set_notsent_lowat,
     write_buffers,
 )
-from livemig.migration.tls import TlsEndpoint, gather_pages, looks_like_tls, send_all
+from livemig.migration.tls import (
+    HANDSHAKE_TIMEOUT,
+    TlsEndpoint,
+    gather_pages,
+    looks_like_tls,
+    send_all,
+)
 from livemig.units import PAGE_SIZE
 from livemig.wire.channel import ChannelKind, clear_prefix, identify_channel
 from livemig.wire.constants import POSTCOPY_MAGIC
@@ -335,6 +341,8 @@ class Channel:
     def peek(self, n: int, timeout: float = 30.0) -> bytes:
         """The first ``n`` bytes of the stream, left in place (identifies a channel)."""
         assert self.sock is not None
+        if self.secured:
+            return self._peek_secured(n, timeout)
         self.sock.settimeout(timeout)
         try:
             data = self.sock.recv(n, socket.MSG_PEEK | socket.MSG_WAITALL)
@@ -345,6 +353,23 @@ class Channel:
         if len(data) < n:
             raise ChannelClosedError(f"{self.name} channel closed before its preamble")
         return data
+
+    def _peek_secured(self, n: int, timeout: float) -> bytes:
+        """TLS has no MSG_PEEK: read the plaintext and keep it for the reader."""
+        assert self.sock is not None
+        self.sock.settimeout(timeout)
+        try:
+            while len(self._unread) < n:
+                data = self.sock.recv(n - len(self._unread))
+                if not data:
+                    raise ChannelClosedError(f"{self.name} channel closed before its "
+                                             "preamble")
+                self._unread += data
+        except OSError as e:
+            raise ChannelClosedError(f"{self.name} channel: no preamble: {e}") from None
+        finally:
+            self.sock.settimeout(None)
+        return self._unread[:n]
 
     def recv_exact_into(self, view: memoryview) -> None:
         if self._clear_in or self._tls is not None or self._unread or self.secured:
@@ -436,13 +461,17 @@ def _identify_incoming(ch: Channel, tls: TlsEndpoint | None) -> ChannelKind:
             raise TlsError("a TLS client connected, but this side has no tls-creds: "
                            "refused")
         return identify_channel(head)
-    kind = ChannelKind.POSTCOPY if head == POSTCOPY_MAGIC else ChannelKind.MAIN
-    if kind is ChannelKind.MAIN and not looks_like_tls(head):
+    if head == POSTCOPY_MAGIC:  # routed in clear, secured by its owner (docs/STREAM.md)
+        ch.expect_tls(tls, clear_in=clear_prefix(ChannelKind.POSTCOPY))
+        return ChannelKind.POSTCOPY
+    if not looks_like_tls(head):
         raise TlsError(f"a peer without TLS connected (it sent {head!r}), but tls-creds "
                        "is set here: refused")
-    ch.expect_tls(tls, clear_in=clear_prefix(kind))
-    if kind is ChannelKind.MAIN:
-        ch.secure(timeout=30.0)
+    ch.secure(tls, timeout=HANDSHAKE_TIMEOUT)
+    kind = identify_channel(ch.peek(4))  # the channel's preamble, inside TLS
+    if clear_prefix(kind):
+        raise RemoteProtocolError(f"the {kind.value} channel's preamble must come before "
+                                  "its TLS session")
     return kind
 
 

@@ -117,9 +117,11 @@ def test_main_channel_carries_pages_and_return_path_over_mutual_tls(
     t, out = accept_in_thread(listener, server(dirs.server), then=receive)
     ch = connect(uri(listener), tls=client(dirs.client))
     assert ch.secured
+    preamble = Encoder().preamble()
     enc = Encoder(channel=ChannelKind.POSTCOPY, postcopy=True)  # RAM records at once
+    enc.preamble()
     writer = ChannelWriter(ch)
-    writer.write([enc.preamble()])
+    writer.write([preamble])
     offsets = np.arange(0, 64 * PAGE_SIZE, PAGE_SIZE, dtype=np.uint64)[::-1].copy()
     rec = enc.page_records("pc.ram", offsets, len(ram))
     writer.write_pages(rec, memoryview(ram))
@@ -131,7 +133,7 @@ def test_main_channel_carries_pages_and_return_path_over_mutual_tls(
     assert "error" not in out, out
     assert out["kind"] is ChannelKind.MAIN and reply == b"reply"
     # The bytes received are exactly what the same records give on a plain channel.
-    head = 8
+    head = len(preamble)
     first = got[head: head + 8 + len(rec.prefix) + PAGE_SIZE]
     assert first[8 + len(rec.prefix):] == ram[63 * PAGE_SIZE:].tobytes()
     assert got.endswith(ram[:PAGE_SIZE].tobytes() + b"DONE!")
@@ -245,7 +247,10 @@ def test_tls_peer_against_a_plain_listener_is_refused(dirs: TlsDirs,
 def test_authz_simple_allows_exactly_its_identity(dirs: TlsDirs, listener: Listener) -> None:
     good = server(dirs.server, authz=AuthzSimple("auth0", CLIENT_DN))
     t, out = accept_in_thread(listener, good)
-    connect(uri(listener), tls=client(dirs.client)).close()
+    ch = connect(uri(listener), tls=client(dirs.client))
+    ch.send([Encoder().preamble()])
+    t.join(30)
+    ch.close()
     t.join(30)
     assert out.get("kind") is ChannelKind.MAIN, out
     bad = server(dirs.server, authz=AuthzSimple("auth0", "CN=someone.else"))
