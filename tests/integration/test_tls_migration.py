@@ -18,13 +18,13 @@ from pc_helpers import (
     NO_CONVERGENCE,
     Pair,
     PairConfig,
+    Relay,
     caps_of,
     ends_migration,
     events,
     guest_check,
     migration_pair,
     migration_statuses,
-    run_postcopy,
     runs_on,
     start_postcopy_after_first_round,
     wait_migration,
@@ -93,6 +93,31 @@ def test_precopy_over_tls_moves_a_running_guest(tmp_path: Path, dirs: TlsDirs) -
         check_guest_moved(p, "random")
 
 
+def tls_records_cover(data: bytes | bytearray) -> bool:
+    """Is ``data`` nothing but whole TLS 1.2 records (type, 03 03, be16 length, body)?"""
+    pos = 0
+    while pos < len(data):
+        head = data[pos: pos + 5]
+        record = len(head) == 5 and head[0] in (20, 21, 22, 23) and head[1:3] == b"\x03\x03"
+        # A handshake's first record may say TLS 1.0 (03 01), as ClientHellos do.
+        if not record and not (pos == 0 and head[:3] == b"\x16\x03\x01"):
+            return False
+        pos += 5 + int.from_bytes(head[3:5], "big")
+    return pos == len(data)
+
+
+def assert_all_encrypted(relay: Relay, preempt: bool) -> None:
+    """Every byte each way was inside TLS records, but the postcopy channel's clear
+    preamble (docs/STREAM.md)."""
+    assert relay.captured is not None
+    assert len(relay.captured) == (2 if preempt else 1), len(relay.captured)
+    for forward, back in relay.captured:
+        clear = 8 if forward.startswith(b"LMPC") else 0
+        assert forward[clear: clear + 2] == b"\x16\x03", forward[:16]
+        assert tls_records_cover(forward[clear:]), "clear bytes source -> destination"
+        assert tls_records_cover(back), "clear bytes destination -> source"
+
+
 @pytest.mark.parametrize(("caps", "sender"), DESIGNS)
 def test_postcopy_over_tls_moves_a_running_guest_in_every_design(
         tmp_path: Path, dirs: TlsDirs, caps: tuple[tuple[str, bool], ...], sender: str
@@ -101,9 +126,15 @@ def test_postcopy_over_tls_moves_a_running_guest_in_every_design(
                      params={**NO_CONVERGENCE, "x-postcopy-urgent-sender": sender})
     with migration_pair(tmp_path, cfg) as p:
         secure(p, dirs.server, dirs.client)
-        src, dst = run_postcopy(p)
+        relay = Relay(str(tmp_path / "relay.sock"), p.uri.removeprefix("unix:"), record=True)
+        p.listen()
+        p.sq.execute("migrate", uri=relay.uri)
+        start_postcopy_after_first_round(p.sq)
+        src, dst = wait_migration(p.sq), wait_migration(p.dq)
+        relay.cut()
         assert (src["status"], dst["status"]) == ("completed", "completed"), (src, dst)
         check_guest_moved(p, "random")
+        assert_all_encrypted(relay, preempt=dict(caps).get("preempt", False))
         assert dst["x-postcopy-latency-percentiles"]["count"] > 0
         if dict(caps).get("preempt"):
             # Requested pages came back over the (TLS) postcopy channel.
