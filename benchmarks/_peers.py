@@ -369,6 +369,8 @@ def migrate(src: Peer, dst: Peer, plan: MigrationPlan) -> MigrationResult:
         src.execute("migrate-set-parameters", **dict(plan.parameters))
     if plan.tls is not None:
         plan.tls.apply(src, dst, plan.uri)
+    else:  # a source that migrated over TLS before keeps its tls-creds: unset them
+        src.execute("migrate-set-parameters", **{"tls-creds": ""})
     dst.execute("migrate-incoming", uri=plan.uri)
     before = Usage.take(src.pid, dst.pid)
     src.execute("migrate", uri=plan.uri)

@@ -9,10 +9,13 @@ the guest leaves the source.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import free_tcp_port, livemig_process
 from pc_helpers import (
     GUEST_PAGES,
     NO_CONVERGENCE,
@@ -195,3 +198,38 @@ def test_a_refused_peer_fails_both_sides_and_the_guest_stays(
         assert p.src.vm.runstate is RunState.RUNNING
         assert p.dst.vm.runstate is not RunState.RUNNING
         assert migration_statuses(events(p.dq, ends_migration)) == ["setup", "failed"]
+
+
+def test_livemig_run_objects_carry_a_migration_over_tcp_tls(tmp_path: Path,
+                                                            dirs: TlsDirs) -> None:
+    """--object on both command lines, the parameters over QMP, a TCP migration whose
+    server certificate is checked against the URI's address (127.0.0.1)."""
+    port = free_tcp_port()
+    uri = f"tcp:127.0.0.1:{port}"
+    server = f"tls-creds-x509,id=tls0,dir={dirs.server},endpoint=server,verify-peer=on"
+    client = f"tls-creds-x509,id=tls0,dir={dirs.client},endpoint=client"
+    authz = "authz-simple,id=auth0,identity=" + CLIENT_DN.replace(",", ",,")
+    with livemig_process(tmp_path, "src", ["--guest", "ab", "--mem", "32M",
+                                           "--object", client]) as src, \
+            livemig_process(tmp_path, "dst", ["--incoming", "defer", "--mem", "32M",
+                                              "--object", server, "--object", authz]) as dst:
+        assert src.wait_serial(2)
+        dst.qmp.execute("migrate-set-parameters", **{"tls-creds": "tls0",
+                                                     "tls-authz": "auth0"})
+        dst.qmp.execute("migrate-incoming", uri=uri)
+        src.qmp.execute("migrate-set-parameters", **{"tls-creds": "tls0",
+                                                     "downtime-limit": 5000})
+        src.qmp.execute("migrate", uri=uri)
+        assert wait_migration(src.qmp, 60)["status"] == "completed"
+        assert wait_migration(dst.qmp, 60)["status"] == "completed"
+        assert dst.wait_serial(3), dst.serial()[-80:]
+
+
+def test_livemig_run_refuses_an_object_it_cannot_load(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "livemig", "run", "--incoming", "defer",
+                             "--mem", "32M", "--object",
+                             f"tls-creds-x509,id=tls0,dir={tmp_path},endpoint=server"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "ca-cert.pem: No such file" in result.stderr, result.stderr
