@@ -779,9 +779,12 @@ def plot_cdfs(rows: Sequence[Row], path: Path, title: str) -> None:
             continue
         xs = [x / 1000 for x, _ in points]
         ys = [y for _, y in points]
-        color = f"C{MODES.index(r.mode) % 10}"  # one colour per mode in every panel
+        # One colour per mode in every panel; a mode over TLS: its colour, dotted.
+        base = r.mode.name.removesuffix(TLS_SUFFIX)
+        color = f"C{[m.name for m in MODES].index(base) % 10}"
         if r.exact:
-            ax.step(xs, ys, where="post", color=color, label=r.mode.name)
+            ax.step(xs, ys, where="post", color=color, label=r.mode.name,
+                    linestyle=":" if r.mode.tls else "-")
         else:
             ax.plot(xs, ys, "o--", color=color, label=f"{r.mode.name} (2^k µs buckets)")
     for i, link in enumerate(links):

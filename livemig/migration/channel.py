@@ -53,6 +53,7 @@ from livemig.kernel.sock import (
 )
 from livemig.migration.tls import (
     HANDSHAKE_TIMEOUT,
+    PAGES_PER_WRITE,
     TlsEndpoint,
     gather_pages,
     looks_like_tls,
@@ -267,7 +268,10 @@ class Channel:
         sendmsg per IOV_MAX buffers on a socket; writev of views for a file)."""
         self._ready()
         if self.secured:
-            self.send([gather_pages(rec.words, rec.prefix, ram, rec.offsets).data])
+            for i in range(0, len(rec.offsets), PAGES_PER_WRITE):
+                j = i + PAGES_PER_WRITE
+                self.send([gather_pages(rec.words[i:j], b"" if i else rec.prefix, ram,
+                                        rec.offsets[i:j]).data])
             return
         if self.sock is not None:
             self.bytes_sent += send_pages(self.sock, rec.words, rec.prefix, ram, rec.offsets)

@@ -336,11 +336,36 @@ def parse_object(spec: str) -> tuple[str, dict[str, str]]:
 
 # --- sending over a session ------------------------------------------------------------
 
+# Buffers are joined into writes of about this size: large enough for full TLS records
+# and few calls, small enough that the copy (made holding the GIL) never keeps another
+# thread -- one answering a page request -- waiting for long.
+WRITE_CHUNK = 256 * 1024
+PAGES_PER_WRITE = WRITE_CHUNK // (8 + PAGE_SIZE)
+
+
 def send_all(sock: ssl.SSLSocket, buffers: Sequence[Buffer]) -> int:
-    """Send ``buffers`` as one write (records are encrypted without the GIL)."""
-    data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
-    sock.sendall(data)
-    return len(data)
+    """Send ``buffers`` in writes of about :data:`WRITE_CHUNK` bytes (small ones joined,
+    a large one as it is); records are encrypted without the GIL."""
+    total = 0
+    pending: list[Buffer] = []
+    size = 0
+    for b in buffers:
+        n = len(b)
+        if n >= WRITE_CHUNK:
+            if pending:
+                sock.sendall(b"".join(pending))
+                pending, size = [], 0
+            sock.sendall(b)
+        else:
+            pending.append(b)
+            size += n
+            if size >= WRITE_CHUNK:
+                sock.sendall(b"".join(pending))
+                pending, size = [], 0
+        total += n
+    if pending:
+        sock.sendall(pending[0] if len(pending) == 1 else b"".join(pending))
+    return total
 
 
 def gather_pages(words: npt.NDArray[np.generic], prefix: bytes, ram: memoryview,
