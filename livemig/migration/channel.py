@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import ssl
 import threading
@@ -152,6 +153,7 @@ class Channel:
         self._clear_out = clear_out
         self._tls_lock = threading.Lock()
         self._unread = b""  # clear bytes read by the handshake, not yet by the reader
+        self._poll: select.poll | None = None  # TLS: have more records arrived?
         self.secured = False
 
     @property
@@ -329,7 +331,9 @@ class Channel:
             if self._unread:
                 return self._take_unread(max_bytes)
         try:
-            if self.sock is not None:
+            if self.secured:
+                data = self._recv_records(max_bytes)
+            elif self.sock is not None:
                 data = self.sock.recv(max_bytes)
             else:
                 data = os.read(self.fd, min(max_bytes, self._file_left))
@@ -341,6 +345,24 @@ class Channel:
         self._clear_in = max(0, self._clear_in - len(data))
         self.bytes_received += len(data)
         return data
+
+    def _recv_records(self, max_bytes: int) -> bytes:
+        """A TLS read returns one record (16 KiB): go on reading the records that have
+        already arrived, so the reader handles large chunks as on a plain socket."""
+        assert isinstance(self.sock, ssl.SSLSocket)
+        sock = self.sock
+        parts = [sock.recv(max_bytes)]
+        got = len(parts[0])
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN)
+        while got and got < max_bytes and (sock.pending() or self._poll.poll(0)):
+            more = sock.recv(max_bytes - got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def peek(self, n: int, timeout: float = 30.0) -> bytes:
         """The first ``n`` bytes of the stream, left in place (identifies a channel)."""
