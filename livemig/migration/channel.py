@@ -55,6 +55,7 @@ from livemig.kernel.sock import (
 from livemig.migration.tls import (
     HANDSHAKE_TIMEOUT,
     PAGES_PER_WRITE,
+    READ_CHUNK,
     TlsEndpoint,
     gather_pages,
     looks_like_tls,
@@ -348,9 +349,12 @@ class Channel:
 
     def _recv_records(self, max_bytes: int) -> bytes:
         """A TLS read returns one record (16 KiB): go on reading the records that have
-        already arrived, so the reader handles large chunks as on a plain socket."""
+        already arrived, up to :data:`~livemig.migration.tls.READ_CHUNK` (decrypting
+        costs far more than a copy: a larger chunk would hold back a requested page
+        behind it), so the reader handles large chunks as on a plain socket."""
         assert isinstance(self.sock, ssl.SSLSocket)
         sock = self.sock
+        max_bytes = min(max_bytes, READ_CHUNK)
         parts = [sock.recv(max_bytes)]
         got = len(parts[0])
         if self._poll is None:
