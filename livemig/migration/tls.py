@@ -226,6 +226,7 @@ class TlsEndpoint:
         the handshake and the peer checks passed; TlsError names what was refused."""
         side = "server" if self.server else "client"
         if not (self.server or self.hostname or not self.creds.verify_peer):
+            sock.close()
             raise TlsError(f"the {channel} channel has no host name to check the "
                            "server's certificate against: set tls-hostname")
         sock.settimeout(timeout)

@@ -297,3 +297,21 @@ def test_tls_parameters_are_strings_shown_by_query() -> None:
                                                                    "auth0")
     with pytest.raises(ConfigError, match="expects a string"):
         Parameters().updated({"tls-creds": 1})
+
+
+def test_a_unix_socket_needs_tls_hostname_to_check_the_server(dirs: TlsDirs,
+                                                             tmp_path: Path) -> None:
+    refusing = Listener(MigrationUri.parse(f"unix:{tmp_path / 'refused.sock'}"))
+    with pytest.raises(TlsError, match="set tls-hostname"):
+        connect(refusing.uri, tls=client(dirs.client))
+    refusing.close()
+    lst = Listener(MigrationUri.parse(f"unix:{tmp_path / 'mig.sock'}"))
+    try:
+        t, out = accept_in_thread(lst, server(dirs.server))
+        ch = connect(lst.uri, tls=client(dirs.client, hostname="dest.example"))
+        ch.send([Encoder().preamble()])
+        t.join(30)
+        ch.close()
+        assert out.get("kind") is ChannelKind.MAIN, out
+    finally:
+        lst.close()
