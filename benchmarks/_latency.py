@@ -63,7 +63,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ from _peers import (
     MigrationResult,
     Peer,
     QemuPeer,
+    TlsPlan,
     VmSpec,
     finished,
     free_tcp_port,
@@ -287,6 +288,7 @@ class Mode:
     urgent_sender: str | None = None  # livemig's x-postcopy-urgent-sender
     about: str = ""
     multifd: int = 0  # multifd channels during the precopy phase (0: multifd off)
+    tls: bool = False  # "NAME+tls": the same mode over TLS (Config.tls)
 
     @property
     def capabilities(self) -> tuple[str, ...]:
@@ -326,8 +328,15 @@ MODES: tuple[Mode, ...] = (
 )
 
 
+TLS_SUFFIX = "+tls"
+
+
 def parse_modes(text: str) -> tuple[Mode, ...]:
+    """Mode names; ``NAME+tls`` is mode NAME over TLS."""
     by_name = {m.name: m for m in MODES}
+    by_name.update({m.name + TLS_SUFFIX: replace(m, name=m.name + TLS_SUFFIX, tls=True,
+                                                 about=m.about + ", over TLS")
+                    for m in MODES})
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in by_name]
     if unknown:
@@ -464,6 +473,7 @@ class Config:
     link_latency: str = "50ms"
     timeout: float = 120.0  # per migration; a 1 GiB one takes ~10 s at 1 Gbit/s
     profile_dir: Path | None = None
+    tls: TlsPlan | None = None  # the credentials of the +tls modes
 
 
 def wait_destination_done(dst: Peer, timeout: float = DEST_DONE_TIMEOUT_S) -> dict[str, Any]:
@@ -553,7 +563,8 @@ class Case:
         self.count += 1
         i = self.count
         plan = MigrationPlan(self.ends.uri(i), mode.capabilities, mode.parameters,
-                             postcopy_after_ms=self.cfg.precopy_ms, timeout=self.cfg.timeout)
+                             postcopy_after_ms=self.cfg.precopy_ms, timeout=self.cfg.timeout,
+                             tls=self.cfg.tls if mode.tls else None)
         with self.console.status(f"{self.label}: {mode.name} {what}"):
             dst = self.cls.destination(self.workdir, f"destination{i}", self.spec,
                                        netns=self.ends.dest_ns)
@@ -662,6 +673,7 @@ class Goal:
     modes: tuple[str, ...]
     limit_us: float | None = None
     versus: Mapping[str, str] = field(default_factory=dict)
+    factor: float = 1.0  # with versus: at most this many times the other row's metric
 
 
 @dataclass(frozen=True)
@@ -686,6 +698,10 @@ GOALS: tuple[Goal, ...] = (
          ("vanilla", *PREEMPT_MODES),
          versus={"vanilla": "qemu-vanilla", "preempt": "qemu-preempt",
                  "preempt-rp": "qemu-preempt", "preempt-proc": "qemu-preempt"}),
+    *(Goal(f"1 Gbit/s, 4K: TLS costs <= 10% at {m}", "1gbit", "4K", m,
+           tuple(p + TLS_SUFFIX for p in ("vanilla", *PREEMPT_MODES)),
+           versus={p + TLS_SUFFIX: p for p in ("vanilla", *PREEMPT_MODES)}, factor=1.1)
+      for m in ("p50", "p99")),
 )
 
 
@@ -703,8 +719,8 @@ def check_goals(rows: Sequence[Row], goals: Sequence[Goal] = GOALS) -> list[Goal
                 continue
             ref = found.get((g.link, g.page_size, g.versus.get(mode, "")))
             if ref is not None:
-                checks.append(GoalCheck(g, mode, row.median(g.metric), ref.median(g.metric),
-                                        ref.mode.name))
+                checks.append(GoalCheck(g, mode, row.median(g.metric),
+                                        g.factor * ref.median(g.metric), ref.mode.name))
     return checks
 
 
@@ -770,9 +786,12 @@ def plot_cdfs(rows: Sequence[Row], path: Path, title: str) -> None:
             continue
         xs = [x / 1000 for x, _ in points]
         ys = [y for _, y in points]
-        color = f"C{MODES.index(r.mode) % 10}"  # one colour per mode in every panel
+        # One colour per mode in every panel; a mode over TLS: its colour, dotted.
+        base = r.mode.name.removesuffix(TLS_SUFFIX)
+        color = f"C{[m.name for m in MODES].index(base) % 10}"
         if r.exact:
-            ax.step(xs, ys, where="post", color=color, label=r.mode.name)
+            ax.step(xs, ys, where="post", color=color, label=r.mode.name,
+                    linestyle=":" if r.mode.tls else "-")
         else:
             ax.plot(xs, ys, "o--", color=color, label=f"{r.mode.name} (2^k µs buckets)")
     for i, link in enumerate(links):

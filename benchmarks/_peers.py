@@ -14,7 +14,9 @@ the tests use too.  The two implementations differ only in the command line they
   :func:`qemu_memory_args`).
 
 Everything after the spawn is identical, because livemig speaks QEMU's QMP commands:
-:func:`migrate` sets capabilities on both sides and parameters on the source, runs
+:func:`migrate` sets capabilities on both sides and parameters on the source (with
+:class:`TlsPlan`, ``object-add`` of tls-creds-x509 objects from the same certificate
+directories and the tls-* parameters on both sides), runs
 ``migrate-incoming`` then ``migrate``, optionally calls ``migrate-start-postcopy`` after a
 delay, waits for the source's ``query-migrate`` to finish and for the destination to
 leave ``inmigrate``, and returns a frozen :class:`MigrationResult` with the CPU both
@@ -29,6 +31,7 @@ with the harness (``_harness.py``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import socket
@@ -283,6 +286,30 @@ def qemu_available() -> bool:
 
 # --- one migration --------------------------------------------------------------------------
 @dataclass(frozen=True)
+class TlsPlan:
+    """TLS for a migration: tls-creds-x509 directories (``livemig.tlslab``) for the
+    destination (server) and the source (client), and the name the server's certificate
+    carries (tls-hostname: unix sockets have no host name)."""
+
+    server_dir: str
+    client_dir: str
+    hostname: str
+
+    def apply(self, src: Peer, dst: Peer, uri: str) -> None:
+        """Credentials (object ids unique per migration URI: a source migrates again)
+        and the tls-* parameters on both sides."""
+        oid = "tls" + hashlib.sha1(uri.encode()).hexdigest()[:10]
+        for peer, endpoint, d in ((dst, "server", self.server_dir),
+                                  (src, "client", self.client_dir)):
+            peer.execute("object-add", **{"qom-type": "tls-creds-x509", "id": oid,
+                                          "dir": d, "endpoint": endpoint,
+                                          "verify-peer": True})
+        dst.execute("migrate-set-parameters", **{"tls-creds": oid})
+        src.execute("migrate-set-parameters", **{"tls-creds": oid,
+                                                 "tls-hostname": self.hostname})
+
+
+@dataclass(frozen=True)
 class MigrationPlan:
     """What :func:`migrate` does: URI, capabilities (on both sides), source parameters."""
 
@@ -295,6 +322,7 @@ class MigrationPlan:
     # Parameters both sides need (QEMU's destination opens as many multifd channels as
     # its own multifd-channels says).
     both_parameters: Mapping[str, int] = field(default_factory=dict)
+    tls: TlsPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -348,6 +376,10 @@ def migrate(src: Peer, dst: Peer, plan: MigrationPlan) -> MigrationResult:
     if plan.parameters or plan.both_parameters:
         src.execute("migrate-set-parameters", **dict(plan.parameters),
                     **dict(plan.both_parameters))
+    if plan.tls is not None:
+        plan.tls.apply(src, dst, plan.uri)
+    else:  # a source that migrated over TLS before keeps its tls-creds: unset them
+        src.execute("migrate-set-parameters", **{"tls-creds": ""})
     dst.execute("migrate-incoming", uri=plan.uri)
     before = Usage.take(src.pid, dst.pid)
     src.execute("migrate", uri=plan.uri)

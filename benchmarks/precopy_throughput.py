@@ -2,7 +2,7 @@
 
     python benchmarks/precopy_throughput.py [--mem 1G] [--page-sizes 4K,2M]
         [--peers livemig,qemu] [--multifd-channels 0,2,4] [--repeat 3]
-        [--transport unix|tcp] [--json PATH] [--profile DIR]
+        [--transport unix|tcp] [--tls] [--json PATH] [--profile DIR]
 
 Theory of operation
 -------------------
@@ -53,7 +53,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ from _peers import (
     LivemigPeer,
     MigrationPlan,
     MigrationResult,
+    TlsPlan,
     VmSpec,
     migrate,
     migration_uri,
@@ -75,6 +76,7 @@ from rich.console import Console
 from rich.table import Table
 
 import livemig
+from livemig.tlslab import SERVER_NAMES, make_tls_dirs
 
 GUEST_PASSES = 2  # after two passes of the ab guest no page in its range is zero
 BOOT_TIMEOUT_S = 900.0
@@ -91,6 +93,7 @@ class CaseResult:
     channels: int  # multifd channels; 0 = multifd off
     warmup: MigrationResult
     runs: tuple[MigrationResult, ...]
+    tls: bool = False
 
     @property
     def gbs(self) -> float:
@@ -112,7 +115,7 @@ class CaseResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"peer": self.peer, "page_size": self.page_size,
-                "multifd_channels": self.channels,
+                "multifd_channels": self.channels, "tls": self.tls,
                 "source_cpu_s_per_gib": self.cpu_per_gib("source"),
                 "destination_cpu_s_per_gib": self.cpu_per_gib("destination"),
                 "median_gbs": self.gbs, "median_total_ms": self.total_ms,
@@ -128,6 +131,7 @@ class Options:
     profile_dir: Path | None
     max_noise: float  # other processes' CPU, in CPUs, above which a run is repeated
     retries: int = 3
+    tls: TlsPlan | None = None  # this case migrates over TLS
 
 
 class Case:
@@ -151,7 +155,8 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"{self.kind} {self.page_size} multifd {self.channels or 'off'}"
+        return (f"{self.kind} {self.page_size} multifd {self.channels or 'off'}"
+                f"{' TLS' if self.opts.tls else ''}")
 
     def migrate_once(self, what: str, profile: bool) -> MigrationResult:
         with self.console.status(f"{self.label}: {what}"):
@@ -186,7 +191,7 @@ def run_case(kind: str, page_size: str, channels: int, opts: Options,
         case.boot()
         warmup = case.migrate_once("warm-up migration", profile=False)
         runs = tuple(case.measure(n) for n in range(1, opts.repeat + 1))
-        return CaseResult(kind, page_size, channels, warmup, runs)
+        return CaseResult(kind, page_size, channels, warmup, runs, tls=opts.tls is not None)
 
 
 def _cpu(c: CpuTime) -> str:
@@ -196,10 +201,11 @@ def _cpu(c: CpuTime) -> str:
 def _one_migration(case: Case, profile: bool) -> MigrationResult:
     i = case.count
     uri = migration_uri(case.opts.transport, case.workdir, f"migration{i}")
-    plan = MigrationPlan(uri)
+    plan = MigrationPlan(uri, tls=case.opts.tls)
     if case.channels:
         plan = MigrationPlan(uri, capabilities=("events", "multifd"),
-                             both_parameters={"multifd-channels": case.channels})
+                             both_parameters={"multifd-channels": case.channels},
+                             tls=case.opts.tls)
     with case.cls.destination(case.workdir, f"destination{i}", case.spec) as dst:
         if not profile or case.opts.profile_dir is None:
             return migrate(case.src, dst, plan)
@@ -213,21 +219,24 @@ def _one_migration(case: Case, profile: bool) -> MigrationResult:
 def results_table(cases: Sequence[CaseResult], mem: str, transport: str) -> Table:
     table = Table(title=f"precopy throughput: idle {mem} ab guest, {transport} loopback, "
                         f"unlimited bandwidth (median of measured runs)")
-    for col in ("peer", "pages", "multifd", "cold ms", "total ms", "GB/s", "wall s",
-                "CPU s src/dst", "CPU s/GiB src/dst", "noise", "÷ QEMU"):
-        table.add_column(col, justify="left" if col in ("peer", "pages") else "right")
-    qemu = {(c.page_size, c.channels): c.gbs for c in cases if c.peer == "qemu"}
+    for col in ("peer", "pages", "multifd", "TLS", "cold ms", "total ms", "GB/s", "wall s",
+                "CPU s src/dst", "CPU s/GiB src/dst", "noise", "÷ QEMU", "÷ plain"):
+        table.add_column(col, justify="left" if col in ("peer", "pages", "TLS") else "right")
+    qemu = {(c.page_size, c.channels, c.tls): c.gbs for c in cases if c.peer == "qemu"}
+    plain = {(c.peer, c.page_size, c.channels): c.gbs for c in cases if not c.tls}
     for c in cases:
-        ratio = ""
-        if c.peer == "livemig" and (c.page_size, c.channels) in qemu:
-            ratio = f"{c.gbs / qemu[(c.page_size, c.channels)]:.2f}"
+        ratio = vs_plain = ""
+        if c.peer == "livemig" and (c.page_size, c.channels, c.tls) in qemu:
+            ratio = f"{c.gbs / qemu[c.page_size, c.channels, c.tls]:.2f}"
+        if c.tls and (c.peer, c.page_size, c.channels) in plain:
+            vs_plain = f"{c.gbs / plain[c.peer, c.page_size, c.channels]:.2f}"
         src_cpu = statistics.median(r.source_cpu.total for r in c.runs)
         dst_cpu = statistics.median(r.destination_cpu.total for r in c.runs)
-        table.add_row(c.peer, c.page_size, str(c.channels or "off"),
+        table.add_row(c.peer, c.page_size, str(c.channels or "off"), "yes" if c.tls else "no",
                       str(c.warmup.total_time_ms), f"{c.total_ms:.0f}",
                       f"{c.gbs:.2f}", f"{c.wall_s:.2f}", f"{src_cpu:.2f}/{dst_cpu:.2f}",
                       f"{c.cpu_per_gib('source'):.2f}/{c.cpu_per_gib('destination'):.2f}",
-                      f"{max(r.noise for r in c.runs):.2f}", ratio)
+                      f"{max(r.noise for r in c.runs):.2f}", ratio, vs_plain)
     return table
 
 
@@ -300,10 +309,13 @@ def machine_notes() -> dict[str, Any]:
                    "processes kept more than this many CPUs busy meanwhile.")
 @click.option("--retries", default=3, show_default=True, type=click.IntRange(0),
               help="At most this many repeats of a noisy measured migration.")
+@click.option("--tls", is_flag=True,
+              help="Run every case twice: plain, then over TLS (tls-creds-x509, the same "
+                   "certificates for both peers).")
 def main(mem: str, page_sizes: str, peers: str, multifd_channels: str, repeat: int,
          transport: str,
          json_path: str | None, profile_dir: str | None, max_noise: float,
-         retries: int) -> None:
+         retries: int, tls: bool) -> None:
     """Migration throughput of an idle guest: livemig against QEMU 7.2."""
     # SIGTERM unwinds like Ctrl-C, so every VMM, huge page and temp dir is cleaned up
     # (and Ctrl-C works even when started in the background, where SIGINT is ignored).
@@ -321,15 +333,22 @@ def main(mem: str, page_sizes: str, peers: str, multifd_channels: str, repeat: i
         pdir.mkdir(parents=True, exist_ok=True)
     opts = Options(mem, transport, repeat, pdir, max_noise, retries)
     counts = [int(n) for n in multifd_channels.split(",") if n.strip()]
-    cases = [run_case(kind, ps.strip(), n, opts, console)
-             for ps in page_sizes.split(",") for n in counts for kind in kinds]
+    variants = [opts]
+    with tempfile.TemporaryDirectory(prefix="lmbench-tls-") as certs:
+        if tls:
+            dirs = make_tls_dirs(Path(certs))
+            variants.append(replace(opts, tls=TlsPlan(dirs.server, dirs.client,
+                                                      SERVER_NAMES[-1])))
+        cases = [run_case(kind, ps.strip(), n, v, console)
+                 for ps in page_sizes.split(",") for n in counts for v in variants
+                 for kind in kinds]
     console.print(results_table(cases, mem, transport))
     if pdir is not None:
         for table in profile_tables(pdir):
             console.print(table)
     if json_path:
         report = {"benchmark": "precopy_throughput", "mem": mem, "transport": transport,
-                  "multifd_channels": counts,
+                  "multifd_channels": counts, "tls": tls,
                   "repeat": repeat, "max_noise": max_noise, "retries": retries,
                   "machine": machine_notes(),
                   "cases": [c.to_json() for c in cases]}

@@ -22,6 +22,7 @@ from livemig.guests.os import OS_GUEST
 from livemig.instance import Instance
 from livemig.kernel.mman import Backing, keep_freed_buffers
 from livemig.migration.state import MigrationStatus, UrgentMode
+from livemig.migration.tls import parse_object
 from livemig.vmm.boot import boot_image, boot_os
 from livemig.vmm.console import Console, open_console
 from livemig.vmm.cpuid import FEATURES, CpuidPolicy
@@ -98,11 +99,15 @@ def _quit_on_signals(instance: Instance) -> None:
 @click.option("--trace", "trace", multiple=True, metavar="PATTERN",
               help="Write trace events matching PATTERN (e.g. 'postcopy_preempt*') as JSON "
                    "lines to stderr, as QEMU's -trace.")
+@click.option("--object", "objects", multiple=True, metavar="TYPE,id=ID,...",
+              help="Create an object as QEMU's -object: tls-creds-x509,id=ID,dir=DIR,"
+                   "endpoint=server|client,verify-peer=on|off or authz-simple,id=ID,"
+                   "identity=DN (then set the tls-creds / tls-authz parameters).")
 @_friendly_errors
 def run(guest: str | None, image: str | None, mem: str, page_size: str, qmp_path: str | None,
         serial: str | None, console_spec: str | None, smp: int, cpuid_hide: str,
         duration: float | None, paused: bool, incoming: str | None,
-        trace: tuple[str, ...]) -> None:
+        trace: tuple[str, ...], objects: tuple[str, ...]) -> None:
     """Run a VM until `quit` over QMP, a signal, or --duration."""
     if guest is not None and image is not None:
         raise click.UsageError("give one of --guest or --image, not both")
@@ -119,6 +124,8 @@ def run(guest: str | None, image: str | None, mem: str, page_size: str, qmp_path
                      trace=trace, trace_sink=sys.stderr) as inst:
         if isinstance(sink, Console):
             sink.attach(inst.vm.serial)
+        for spec in objects:
+            inst.objects.add(*parse_object(spec))
         _quit_on_signals(inst)
         # A destination keeps its boot options for system_reset only (as QEMU's -kernel).
         if guest == OS_GUEST:

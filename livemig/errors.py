@@ -16,6 +16,7 @@ caller can catch them all; the branches say *who* is at fault::
      |    |    +-- MissingPagesError  a stream ended without every page of RAM
      |    +-- LocalProtocolError    we tried to send something the protocol forbids
      |    +-- ChannelClosedError    the peer vanished (EOF / reset) mid-stream
+     |    +-- TlsError              a TLS handshake or peer check refused a connection
      +-- MigrationError         the migration state machine failed or was refused
      |    +-- MigrationCancelled
      +-- QmpError               a QMP command failed (class + desc, as QEMU reports it)
@@ -92,6 +93,12 @@ class LocalProtocolError(StreamError):
 
 class ChannelClosedError(StreamError):
     """The peer closed the channel or vanished in the middle of the stream."""
+
+
+class TlsError(StreamError):
+    """A connection was refused by TLS: no or a bad certificate, a wrong CA, a wrong
+    host name, an expired certificate, an identity tls-authz does not allow, or a peer
+    that does not speak TLS (or speaks it to a listener without tls-creds)."""
 
 
 class MigrationError(LivemigError):

@@ -29,6 +29,7 @@ from livemig.migration.destination import DestinationMigration
 from livemig.migration.multifd import HelperPool
 from livemig.migration.source import SourceMigration
 from livemig.migration.state import Capabilities, MigrationStatus, Parameters
+from livemig.migration.tls import TlsEndpoint, TlsObjects
 from livemig.migration.trace import Tracer
 from livemig.runtime import SwitchInterval
 from livemig.vmm.boot import guest_range
@@ -55,6 +56,7 @@ class Instance:
         self._quit = threading.Event()
         self.caps = Capabilities()
         self.params = Parameters()
+        self.objects = TlsObjects()  # --object / object-add (tls-creds-x509, authz-simple)
         self.outgoing: SourceMigration | None = None
         # multifd channel helpers, started ahead and kept between migrations
         self.multifd_pool = HelperPool()
@@ -150,6 +152,25 @@ class Instance:
         reg("query-migrate-capabilities", lambda _a: self.caps.to_qmp(), params=())
         reg("migrate-set-parameters", lambda a: self._set_params(a), params=None)
         reg("query-migrate-parameters", lambda _a: self.params.to_qmp(), params=())
+        reg("object-add", lambda a: self.object_add(a), params=None)
+        reg("object-del", lambda a: self.objects.delete(a["id"]), params=(Param("id", "str"),))
+
+    def object_add(self, args: dict[str, Any]) -> None:
+        """QMP object-add (QEMU's flat form: qom-type, id and the properties)."""
+        props = dict(args)
+        qom_type = props.pop("qom-type", None)
+        if not isinstance(qom_type, str):
+            raise QmpError("Parameter 'qom-type' is missing")
+        self.objects.add(qom_type, props)
+
+    def _tls(self, uri: MigrationUri, endpoint: str) -> TlsEndpoint | None:
+        """The TLS endpoint the parameters name, for a migration over ``uri``."""
+        tls = self.objects.endpoint(self.params.tls_creds, self.params.tls_hostname,
+                                    self.params.tls_authz, endpoint=endpoint)
+        if tls is not None and uri.scheme == "file":
+            raise ConfigError("tls-creds is set, but a file: migration has no peer to "
+                              "secure: unset tls-creds")
+        return tls
 
     def _emit(self, event: str, data: dict[str, Any]) -> None:
         if self.qmp is not None:
@@ -190,10 +211,12 @@ class Instance:
         if self.vm.runstate not in (RunState.RUNNING, RunState.PAUSED, RunState.PRELAUNCH,
                                     RunState.POSTMIGRATE):
             raise QmpError(f"Cannot migrate a VM that is {self.vm.runstate.value}")
-        self.outgoing = SourceMigration(self.vm, MigrationUri.parse(uri), self.caps,
+        target = MigrationUri.parse(uri)
+        self.outgoing = SourceMigration(self.vm, target, self.caps,
                                         self.params, self._emit,
                                         Tracer(self.trace_patterns, self.trace_sink),
-                                        switch=self.switch, multifd_pool=self.multifd_pool)
+                                        switch=self.switch, multifd_pool=self.multifd_pool,
+                                        tls=self._tls(target, "client"))
         self.outgoing.start()
 
     def migrate_incoming(self, uri: str) -> None:
@@ -201,10 +224,12 @@ class Instance:
             raise QmpError("The incoming migration has already been started")
         if self.vm.runstate not in (RunState.PRELAUNCH, RunState.INMIGRATE):
             raise QmpError("migrate-incoming is only allowed on a VM started with --incoming")
-        self.incoming = DestinationMigration(self.vm, MigrationUri.parse(uri), self.caps,
+        listen = MigrationUri.parse(uri)
+        self.incoming = DestinationMigration(self.vm, listen, self.caps,
                                              self._emit, self._incoming_finished,
                                              switch=self.switch,
-                                             dead_link_timeout_ms=self.params.x_dead_link_timeout)
+                                             dead_link_timeout_ms=self.params.x_dead_link_timeout,
+                                             tls=self._tls(listen, "server"))
         self.incoming.start()
 
     def _incoming_finished(self, mig: DestinationMigration) -> None:

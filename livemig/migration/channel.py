@@ -14,23 +14,34 @@ CRC32 of all its bytes (:meth:`Channel.seal`), checked before anything of it is 
 :class:`ChannelWriter` collects encoded records (header bytes + memoryviews of guest RAM)
 and flushes them with one ``sendmsg`` when enough are queued or when told to, and counts
 the bytes it moved.
+
+TLS (:mod:`livemig.migration.tls`) is a property of the channel: :meth:`Channel.secure`
+is the one call that turns a connected channel into a TLS session (handshake and peer
+checks), for every kind of channel a migration opens.  A channel may start with a few
+bytes in clear (the postcopy channel's preamble, which routes it); then it is secured
+by its first read or write after them, in whichever process owns it by then
+(:meth:`Channel.handover` / :meth:`Channel.adopt` move an unsecured channel to a helper
+process).  Over TLS, sends are encrypted copies (one ``SSL_write`` per batch, without
+the GIL) instead of zero-copy ``sendmsg``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
+import ssl
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from livemig.errors import ChannelClosedError, ConfigError, RemoteProtocolError
+from livemig.errors import ChannelClosedError, ConfigError, RemoteProtocolError, TlsError
 from livemig.kernel.sock import (
     Buffer,
     queued_bytes,
@@ -46,7 +57,18 @@ from livemig.kernel.sock import (
     set_notsent_lowat,
     write_buffers,
 )
+from livemig.migration.tls import (
+    HANDSHAKE_TIMEOUT,
+    PAGES_PER_WRITE,
+    READ_CHUNK,
+    TlsEndpoint,
+    gather_pages,
+    looks_like_tls,
+    send_all,
+)
 from livemig.units import PAGE_SIZE
+from livemig.wire.channel import ChannelKind, clear_prefix, identify_channel
+from livemig.wire.constants import POSTCOPY_MAGIC
 from livemig.wire.encoder import PageRecords
 
 Scheme = Literal["tcp", "unix", "file"]
@@ -118,9 +140,12 @@ class Channel:
     """One end of a migration byte stream (a socket or a file)."""
 
     def __init__(self, sock: socket.socket | None = None, fd: int = -1,
-                 name: str = "main", file_stream: int = 0) -> None:
+                 name: str = "main", file_stream: int = 0, *,
+                 tls: TlsEndpoint | None = None, clear_in: int = 0, clear_out: int = 0
+                 ) -> None:
         """``file_stream``: for an image being read, the length of its stream (reads
-        stop there, before the checksum trailer)."""
+        stop there, before the checksum trailer).  ``tls``: the session this channel
+        opens after ``clear_in`` / ``clear_out`` bytes in clear (see the module doc)."""
         self.sock = sock
         self.fd = fd
         self.name = name
@@ -129,13 +154,109 @@ class Channel:
         self._closed = False
         self._crc = 0  # of the bytes written to a file, for its trailer
         self._file_left = file_stream
+        self._tls = tls  # until secured
+        self._clear_in = clear_in
+        self._clear_out = clear_out
+        self._tls_lock = threading.Lock()
+        self._unread = b""  # clear bytes read by the handshake, not yet by the reader
+        self._poll: select.poll | None = None  # TLS: have more records arrived?
+        self.secured = False
 
     @property
     def is_file(self) -> bool:
         return self.sock is None
 
+    # --- TLS ----------------------------------------------------------------------------
+    def secure(self, tls: TlsEndpoint | None = None,
+               timeout: float | None = None) -> None:
+        """Make this channel a TLS session now (``tls``, or the endpoint it was made
+        with); nothing if it has no TLS or is secured already.  The handshake runs in
+        the calling thread; the peer's refusal or ours raises TlsError."""
+        with self._tls_lock:
+            endpoint = tls or self._tls
+            if endpoint is None or self.secured:
+                return
+            if self._clear_out or self.sock is None:
+                raise TlsError(f"the {self.name} channel cannot start TLS here")
+            if self._clear_in:  # the clear bytes come first: keep them for the reader
+                head = bytearray(self._clear_in)
+                recv_exact_into(self.sock, memoryview(head))
+                self._unread, self._clear_in = bytes(head), 0
+            # The session takes over a duplicate: other threads may still use the plain
+            # socket object (queued bytes, socket options, shutdown) meanwhile.
+            raw = self.sock
+            try:
+                tls_sock = endpoint.handshake(raw.dup(), self.name, timeout)
+            except TlsError:
+                if self._closed:
+                    raise ChannelClosedError(f"{self.name} channel closed during its "
+                                             "TLS handshake") from None
+                raise
+            self.sock, self.secured, self._tls = tls_sock, True, None
+            raw.close()
+
+    def expect_tls(self, tls: TlsEndpoint, clear_in: int) -> None:
+        """An accepted connection: TLS after ``clear_in`` bytes in clear."""
+        self._tls, self._clear_in = tls, clear_in
+
+    def _ready(self) -> None:
+        """Before reading or writing past the clear prefix: the TLS handshake (which
+        reads what is left of a clear prefix first)."""
+        if self._tls is not None and not self._clear_out:
+            self.secure()
+
+    def _take_unread(self, n: int) -> bytes:
+        data, self._unread = self._unread[:n], self._unread[n:]
+        self.bytes_received += len(data)
+        return data
+
+    def handover(self) -> dict[str, Any]:
+        """What a helper process needs to take this unsecured socket over (a TLS
+        session cannot move between processes: the helper makes its own)."""
+        if self.secured:
+            raise TlsError(f"the {self.name} channel's TLS session cannot move to "
+                           "another process")
+        return {"tls": None if self._tls is None else self._tls.describe(),
+                "clear_in": self._clear_in, "clear_out": self._clear_out}
+
+    @classmethod
+    def adopt(cls, sock: socket.socket, desc: Mapping[str, Any], name: str) -> Channel:
+        """A helper process's channel over a socket it was handed (:meth:`handover`)."""
+        tls = desc.get("tls")
+        return cls(sock, name=name, tls=None if tls is None else TlsEndpoint.of(tls),
+                   clear_in=int(desc["clear_in"]), clear_out=int(desc["clear_out"]))
+
+    def buffered(self) -> int:
+        """Bytes already received and decrypted but not read yet (a poll loop must
+        read them: the socket will not signal them again)."""
+        return self.sock.pending() if isinstance(self.sock, ssl.SSLSocket) else 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno() if self.sock is not None else self.fd
+
+    def _send_clear(self, buffers: Sequence[Buffer]) -> list[Buffer]:
+        """Send the part of ``buffers`` that goes in clear; the rest is returned."""
+        assert self.sock is not None
+        data = b"".join(buffers)
+        n = min(self._clear_out, len(data))
+        self.bytes_sent += send_buffers(self.sock, [data[:n]])
+        self._clear_out -= n
+        return [data[n:]] if len(data) > n else []
+
+    # --- I/O ----------------------------------------------------------------------------
     def send(self, buffers: Sequence[Buffer]) -> None:
-        if self.sock is not None:
+        if self._clear_out:
+            buffers = self._send_clear(buffers)
+            if not buffers:
+                return
+        self._ready()
+        if self.secured:
+            assert isinstance(self.sock, ssl.SSLSocket)
+            try:
+                self.bytes_sent += send_all(self.sock, buffers)
+            except OSError as e:
+                raise ChannelClosedError(f"{self.name} channel: {e}") from None
+        elif self.sock is not None:
             self.bytes_sent += send_buffers(self.sock, buffers)
         else:
             self._write_file(buffers)
@@ -153,6 +274,13 @@ class Channel:
     def send_pages(self, rec: PageRecords, ram: memoryview) -> None:
         """PAGE records with payloads straight from guest RAM (one scatter-gather
         sendmsg per IOV_MAX buffers on a socket; writev of views for a file)."""
+        self._ready()
+        if self.secured:
+            for i in range(0, len(rec.offsets), PAGES_PER_WRITE):
+                j = i + PAGES_PER_WRITE
+                self.send([gather_pages(rec.words[i:j], b"" if i else rec.prefix, ram,
+                                        rec.offsets[i:j]).data])
+            return
         if self.sock is not None:
             self.bytes_sent += send_pages(self.sock, rec.words, rec.prefix, ram, rec.offsets)
             return
@@ -170,12 +298,22 @@ class Channel:
         send (a multifd packet; sockets only)."""
         if self.sock is None:
             raise ChannelClosedError(f"{self.name} channel: multifd needs a socket")
+        self._ready()
+        if self.secured:  # TLS encrypts a copy anyway: gather the pages into one
+            self.send([head, _pages(ram)[offsets // PAGE_SIZE].data])
+            return
         self.bytes_sent += send_gather(self.sock, head, ram, offsets)
 
     def recv_scatter(self, ram: memoryview, offsets: npt.NDArray[np.uint64]) -> None:
         """Receive pages straight into ``ram`` at ``offsets`` (sockets only)."""
         if self.sock is None:
             raise ChannelClosedError(f"{self.name} channel: multifd needs a socket")
+        self._ready()
+        if self.secured:  # records are decrypted in user space: into one buffer first
+            data = np.empty((len(offsets), PAGE_SIZE), np.uint8)
+            self.recv_exact_into(data.data.cast("B"))
+            _pages(ram)[offsets // PAGE_SIZE] = data
+            return
         try:
             recv_scatter(self.sock, ram, offsets)
         except ChannelClosedError as e:
@@ -184,6 +322,14 @@ class Channel:
 
     def recv_into(self, view: memoryview) -> int:
         """Read what is available (at least one byte); 0 means EOF."""
+        if self._clear_in:
+            view = view[: self._clear_in]
+        else:
+            self._ready()
+            if self._unread:
+                data = self._take_unread(len(view))
+                view[: len(data)] = data
+                return len(data)
         try:
             if self.sock is not None:
                 n = self.sock.recv_into(view)
@@ -194,6 +340,7 @@ class Channel:
             if self._closed:
                 return 0
             raise ChannelClosedError(f"{self.name} channel: {e}") from None
+        self._clear_in = max(0, self._clear_in - n)
         self.bytes_received += n
         return n
 
@@ -210,8 +357,16 @@ class Channel:
 
     def recv(self, max_bytes: int) -> bytes:
         """Read up to ``max_bytes`` (at least one); ``b""`` means EOF."""
+        if self._clear_in:
+            max_bytes = min(max_bytes, self._clear_in)
+        else:
+            self._ready()
+            if self._unread:
+                return self._take_unread(max_bytes)
         try:
-            if self.sock is not None:
+            if self.secured:
+                data = self._recv_records(max_bytes)
+            elif self.sock is not None:
                 data = self.sock.recv(max_bytes)
             else:
                 data = os.read(self.fd, min(max_bytes, self._file_left))
@@ -220,12 +375,36 @@ class Channel:
             if self._closed:
                 return b""
             raise ChannelClosedError(f"{self.name} channel: {e}") from None
+        self._clear_in = max(0, self._clear_in - len(data))
         self.bytes_received += len(data)
         return data
+
+    def _recv_records(self, max_bytes: int) -> bytes:
+        """A TLS read returns one record (16 KiB): go on reading the records that have
+        already arrived, up to :data:`~livemig.migration.tls.READ_CHUNK` (decrypting
+        costs far more than a copy: a larger chunk would hold back a requested page
+        behind it), so the reader handles large chunks as on a plain socket."""
+        assert isinstance(self.sock, ssl.SSLSocket)
+        sock = self.sock
+        max_bytes = min(max_bytes, READ_CHUNK)
+        parts = [sock.recv(max_bytes)]
+        got = len(parts[0])
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN)
+        while got and got < max_bytes and (sock.pending() or self._poll.poll(0)):
+            more = sock.recv(max_bytes - got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def peek(self, n: int, timeout: float = 30.0) -> bytes:
         """The first ``n`` bytes of the stream, left in place (identifies a channel)."""
         assert self.sock is not None
+        if self.secured:
+            return self._peek_secured(n, timeout)
         self.sock.settimeout(timeout)
         try:
             data = self.sock.recv(n, socket.MSG_PEEK | socket.MSG_WAITALL)
@@ -237,7 +416,33 @@ class Channel:
             raise ChannelClosedError(f"{self.name} channel closed before its preamble")
         return data
 
+    def _peek_secured(self, n: int, timeout: float) -> bytes:
+        """TLS has no MSG_PEEK: read the plaintext and keep it for the reader."""
+        assert self.sock is not None
+        self.sock.settimeout(timeout)
+        try:
+            while len(self._unread) < n:
+                data = self.sock.recv(n - len(self._unread))
+                if not data:
+                    raise ChannelClosedError(f"{self.name} channel closed before its "
+                                             "preamble")
+                self._unread += data
+        except OSError as e:
+            raise ChannelClosedError(f"{self.name} channel: no preamble: {e}") from None
+        finally:
+            self.sock.settimeout(None)
+        return self._unread[:n]
+
     def recv_exact_into(self, view: memoryview) -> None:
+        if self._clear_in or self._tls is not None or self._unread or self.secured:
+            got = 0
+            while got < len(view):
+                n = self.recv_into(view[got:])
+                if n == 0:
+                    raise ChannelClosedError(f"{self.name} channel closed after {got} of "
+                                             f"{len(view)} bytes")
+                got += n
+            return
         if self.sock is not None:
             recv_exact_into(self.sock, view)
         else:
@@ -253,7 +458,9 @@ class Channel:
         self._closed = True
         if self.sock is not None:
             with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_RDWR)
+                # The plain socket's shutdown: SSLSocket.shutdown would also drop the
+                # session that a blocked reader still uses.
+                socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
 
     def close(self) -> None:
         self._closed = True
@@ -264,8 +471,15 @@ class Channel:
             self.fd = -1
 
 
-def connect(uri: MigrationUri, name: str = "main", timeout: float = 10.0) -> Channel:
-    """Open the source end of a channel."""
+def _pages(ram: memoryview) -> npt.NDArray[np.uint8]:
+    """``ram`` as an array of 4 KiB pages (a view, no copy)."""
+    return np.frombuffer(ram, np.uint8).reshape(-1, PAGE_SIZE)
+
+
+def connect(uri: MigrationUri, name: str = "main", timeout: float = 10.0, *,
+            tls: TlsEndpoint | None = None, kind: ChannelKind = ChannelKind.MAIN) -> Channel:
+    """Open the source end of a channel; with ``tls``, a main channel is secured at
+    once, a postcopy channel after its clear preamble (``wire.channel.clear_prefix``)."""
     try:
         if uri.scheme == "file":
             fd = os.open(uri.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -279,9 +493,53 @@ def connect(uri: MigrationUri, name: str = "main", timeout: float = 10.0) -> Cha
             set_nodelay(sock)
         sock.settimeout(None)
         set_buffer_sizes(sock, SOCKET_BUFFER)
-        return Channel(sock=sock, name=name)
     except OSError as e:
         raise ChannelClosedError(f"cannot connect to {uri}: {e.strerror or e}") from None
+    if tls is None:
+        return Channel(sock=sock, name=name)
+    ch = Channel(sock=sock, name=name, tls=tls.toward(uri.host), clear_out=clear_prefix(kind))
+    if not clear_prefix(kind):
+        try:
+            ch.secure(timeout=timeout)
+        except BaseException:
+            ch.close()
+            raise
+    return ch
+
+
+def identify_incoming(ch: Channel, tls: TlsEndpoint | None) -> ChannelKind:
+    """Which channel a connection just accepted is, by its first bytes: with ``tls`` a
+    main channel is secured now (QEMU's: TLS from its first byte) and a postcopy
+    channel after its clear preamble; a plain peer against TLS, or a TLS peer without
+    it, is refused with TlsError.  A refused connection is closed."""
+    try:
+        return _identify_incoming(ch, tls)
+    except BaseException:
+        ch.close()
+        raise
+
+
+def _identify_incoming(ch: Channel, tls: TlsEndpoint | None) -> ChannelKind:
+    if ch.is_file:
+        return ChannelKind.MAIN
+    head = ch.peek(4)
+    if tls is None:
+        if looks_like_tls(head):
+            raise TlsError("a TLS client connected, but this side has no tls-creds: "
+                           "refused")
+        return identify_channel(head)
+    if head == POSTCOPY_MAGIC:  # routed in clear, secured by its owner (docs/STREAM.md)
+        ch.expect_tls(tls, clear_in=clear_prefix(ChannelKind.POSTCOPY))
+        return ChannelKind.POSTCOPY
+    if not looks_like_tls(head):
+        raise TlsError(f"a peer without TLS connected (it sent {head!r}), but tls-creds "
+                       "is set here: refused")
+    ch.secure(tls, timeout=HANDSHAKE_TIMEOUT)
+    kind = identify_channel(ch.peek(4))  # the channel's preamble, inside TLS
+    if clear_prefix(kind):
+        raise RemoteProtocolError(f"the {kind.value} channel's preamble must come before "
+                                  "its TLS session")
+    return kind
 
 
 class Listener:

@@ -31,7 +31,7 @@ from typing import Any
 
 from livemig.errors import ChannelClosedError, LivemigError, MigrationError, RemoteProtocolError
 from livemig.kernel.uffd import Userfaultfd
-from livemig.migration.channel import Channel, Listener, MigrationUri
+from livemig.migration.channel import Channel, Listener, MigrationUri, identify_incoming
 from livemig.migration.load import IncomingLoad
 from livemig.migration.state import (
     Capabilities,
@@ -41,9 +41,10 @@ from livemig.migration.state import (
     detached,
     log_failure,
 )
+from livemig.migration.tls import TlsEndpoint
 from livemig.runtime import SwitchInterval
 from livemig.vmm.vm import RunState, Vm
-from livemig.wire.channel import ChannelKind, identify_channel
+from livemig.wire.channel import ChannelKind
 
 log = logging.getLogger("livemig.destination")
 
@@ -56,11 +57,13 @@ class DestinationMigration:
     def __init__(self, vm: Vm, uri: MigrationUri, caps: Capabilities,
                  emit: EventSink | None = None,
                  on_finished: Callable[[DestinationMigration], None] | None = None, *,
-                 switch: SwitchInterval | None = None, dead_link_timeout_ms: int = 0
-                 ) -> None:
+                 switch: SwitchInterval | None = None, dead_link_timeout_ms: int = 0,
+                 tls: TlsEndpoint | None = None) -> None:
         """``switch``: the process's owner of the GIL switch interval (one per process,
         shared by every migration in it).  ``dead_link_timeout_ms``: a TCP peer silent
-        that long is gone (0: wait for ever)."""
+        that long is gone (0: wait for ever).  ``tls``: every connection accepted, the
+        recovery ones too, must be TLS with it (tls-creds); others are refused."""
+        self.tls = tls
         self.dead_link_timeout_ms = dead_link_timeout_ms
         self.vm = vm
         self.switch = switch or SwitchInterval()
@@ -252,7 +255,7 @@ class DestinationMigration:
     def _accept_one(self, listener: Listener, timeout: float | None) -> None:
         ch = listener.accept(timeout=timeout)
         ch.detect_dead_peer(self.dead_link_timeout_ms)
-        kind = ChannelKind.MAIN if ch.is_file else identify_channel(ch.peek(4))
+        kind = identify_incoming(ch, self.tls)  # closes a refused connection
         if kind is ChannelKind.MAIN and self._channel is None:
             self._channel = ch
         elif (kind is ChannelKind.POSTCOPY and self._post_channel is None

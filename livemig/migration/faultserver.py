@@ -84,6 +84,7 @@ class FaultServer:
             "vcpu_tids": {str(i): t for i, t in vcpu_tids.items()},
             "shared_size": shared.size,
             "rerequest": rerequest,
+            "channel": channel.handover(),
         }
         self.helper.send(config, [uffd.fileno(), channel.sock.fileno(), shared.fd])
         self.helper.expect("ready", START_TIMEOUT)
@@ -124,8 +125,7 @@ class _Server:
         tids = {int(i): int(t) for i, t in msg["vcpu_tids"].items()}
         self.state = PostcopyState(states, self.uffd, tids, lock=ProcessLock(shm_fd),
                                    counters=postcopy_counters(views))
-        self.sock = socket.socket(fileno=sock_fd)
-        self.channel = Channel(self.sock, name="postcopy")
+        self.channel = Channel.adopt(socket.socket(fileno=sock_fd), msg["channel"], "postcopy")
         self.receiver = PostcopyChannelReceiver(
             self.channel, ChannelPlacer(self.state, "postcopy"),
             {n: BlockInfo(size, hp) for n, size, hp, _ in blocks})
@@ -139,14 +139,22 @@ class _Server:
 
     def serve(self) -> None:
         poll = select.poll()
-        uffd, sock, ctl = self.uffd.fileno(), self.sock.fileno(), self.conn.fileno()
-        for fd in (uffd, sock, ctl):
+        uffd, ctl = self.uffd.fileno(), self.conn.fileno()
+        for fd in (uffd, ctl):
             poll.register(fd, select.POLLIN)
         self.conn.send({"msg": "ready"})
+        # With TLS, this process opens the channel's session (the fault server is its
+        # server end: the handshake waits for the source's helper).
+        self.channel.secure()
+        sock = self.channel.fileno()
+        poll.register(sock, select.POLLIN)
         if self.rerequest:
             self.state.rerequest(self.request)
         while True:
-            ready = {fd for fd, _ in poll.poll()}
+            # Records already decrypted do not make the socket readable again.
+            ready = {fd for fd, _ in poll.poll(0 if self.channel.buffered() else None)}
+            if self.channel.buffered():
+                ready.add(sock)
             if uffd in ready:
                 now = time.monotonic_ns()
                 for fault in self.uffd.read_events():

@@ -79,8 +79,10 @@ from livemig.migration.pagesink import RamLoader
 from livemig.migration.ratelimit import RateLimiter
 from livemig.migration.sender import PageSender
 from livemig.migration.state import Capabilities, Parameters, RamStats, detached
+from livemig.migration.tls import TlsEndpoint
 from livemig.migration.urgent import SharedBits, bits_layout
 from livemig.units import PAGE_SIZE
+from livemig.wire.channel import ChannelKind
 from livemig.wire.multifd import (
     HEADER_SIZE,
     INIT_SIZE,
@@ -196,8 +198,10 @@ class MultifdSource:
     """The VMM's side of the channel helpers (see the module docstring)."""
 
     def __init__(self, uri: MigrationUri, channels: int, bits: SharedBits,
-                 dead_link_timeout_ms: int, pool: HelperPool) -> None:
+                 dead_link_timeout_ms: int, pool: HelperPool,
+                 tls: TlsEndpoint | None = None) -> None:
         self.uri = uri
+        self.tls = tls  # each helper opens its own TLS session from the same credentials
         self.channels = channels
         self.bits = bits
         self.uuid = uuid.uuid4().bytes
@@ -224,6 +228,7 @@ class MultifdSource:
         for i, h in enumerate(self.helpers):
             h.send({"msg": "start", "channel": i, "channels": self.channels,
                     "uri": str(self.uri), "uuid": self.uuid.hex(), "blocks": table,
+                    "tls": None if self.tls is None else self.tls.describe(),
                     "pid": os.getpid(), "bits_size": self.bits.memory.size,
                     "state_size": self.memory.size,
                     "dead_link_timeout": self.dead_link_timeout_ms}, fds)
@@ -356,14 +361,15 @@ class MultifdPages(PrecopyPages):
 
 def choose_precopy_pages(caps: Capabilities, params: Parameters, uri: MigrationUri,
                          sender: PageSender, blocks: Mapping[str, HelperBlock],
-                         bits: SharedBits | None, pool: HelperPool) -> PrecopyPages:
+                         bits: SharedBits | None, pool: HelperPool,
+                         tls: TlsEndpoint | None = None) -> PrecopyPages:
     """The precopy design of one migration.  With multifd, ``bits`` is the shared
     memory the page sender's bitmaps live in, ``pool`` where its helpers come from."""
     if not caps.multifd:
         return MainChannelPages(sender)
     assert bits is not None, "multifd needs the bitmaps in shared memory"
     source = MultifdSource(uri, params.multifd_channels, bits, params.x_dead_link_timeout,
-                           pool)
+                           pool, tls)
     return MultifdPages(sender, source, blocks, lambda: sender.limiter.limit)
 
 
@@ -571,8 +577,11 @@ class _ChannelHelper:
         mem = self._mem = ProcessMemory(int(msg["pid"]))
         self.ram = {n: _WindowRam(int(b[1]), str(b[2]), int(b[3]), mem, fds)
                     for n, b in blocks.items()}
+        tls = msg.get("tls")
         self.channel = connect(MigrationUri.parse(str(msg["uri"])),
-                               name=f"multifd{self.index}")
+                               name=f"multifd{self.index}",
+                               tls=None if tls is None else TlsEndpoint.of(tls),
+                               kind=ChannelKind.MULTIFD)
         self.channel.detect_dead_peer(int(msg["dead_link_timeout"]))
         self.channel.send([InitPacket(bytes.fromhex(str(msg["uuid"])), self.index).encode()])
         self._seq = 0

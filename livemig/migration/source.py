@@ -70,6 +70,7 @@ from livemig.migration.state import (
     detached,
     log_failure,
 )
+from livemig.migration.tls import TlsEndpoint
 from livemig.migration.trace import Tracer
 from livemig.migration.urgent import SharedBits
 from livemig.migration.urgent_sender import UrgentSender, choose_urgent_sender
@@ -151,16 +152,19 @@ class SourceMigration:
                  emit: EventSink | None = None, tracer: Tracer | None = None, *,
                  switch: SwitchInterval | None = None,
                  postcopy_channel_first: bool = False,
-                 multifd_pool: HelperPool | None = None) -> None:
+                 multifd_pool: HelperPool | None = None,
+                 tls: TlsEndpoint | None = None) -> None:
         """``switch``: the process's owner of the GIL switch interval (one per process,
         shared by every migration in it).  ``multifd_pool``: where multifd channel
-        helpers come from (the instance's, kept between migrations; else our own)."""
+        helpers come from (the instance's, kept between migrations; else our own).
+        ``tls``: secures every connection (tls-creds)."""
         require_socket_uri(caps, uri)
         self._own_pool = multifd_pool is None
         self.multifd_pool = multifd_pool or HelperPool()
         self.vm = vm
         self.switch = switch or SwitchInterval()
         self.uri = uri
+        self.tls = tls
         self.caps = caps
         self.params = params
         self.urgent = choose_urgent_sender(caps, params)
@@ -346,8 +350,8 @@ class SourceMigration:
                 self._rp.join(5)
             self.info.end_ns = time.monotonic_ns()
 
-    def _connect(self, name: str) -> Channel:
-        ch = connect(self.uri, name=name)
+    def _connect(self, kind: ChannelKind) -> Channel:
+        ch = connect(self.uri, name=kind.value, tls=self.tls, kind=kind)
         self._channels.append(ch)
         ch.detect_dead_peer(self.params.x_dead_link_timeout)
         return ch
@@ -356,7 +360,7 @@ class SourceMigration:
         self.urgent.prepare(self.vm.blocks)
         preempt_first = self.caps.postcopy_preempt and self.postcopy_channel_first
         post = self._open_postcopy_channel() if preempt_first else None
-        channel = self._main = self._connect("main")
+        channel = self._main = self._connect(ChannelKind.MAIN)
         self.info.ram.total = sum(b.size for b in self.vm.blocks.values())
         blocks = block_table(self.vm.blocks)
         main = OutChannel("precopy", Encoder(postcopy=self.caps.postcopy_ram),
@@ -373,7 +377,7 @@ class SourceMigration:
         sender.post = post
         precopy = self._precopy = choose_precopy_pages(self.caps, self.params, self.uri,
                                                        sender, self.vm.blocks, shared,
-                                                       self.multifd_pool)
+                                                       self.multifd_pool, self.tls)
         # QEMU's suppress-vmdesc: no VM description after EOF.
         self._handshake = replace(self.urgent.handshake(),
                                   vmdesc=not self.params.x_suppress_vmdesc,
@@ -399,7 +403,7 @@ class SourceMigration:
     def _open_postcopy_channel(self) -> OutChannel:
         """The second connection, for requested pages only (postcopy preemption)."""
         self.trace("postcopy_preempt_enabled")
-        return postcopy_out_channel(ChannelWriter(self._connect("postcopy")))
+        return postcopy_out_channel(ChannelWriter(self._connect(ChannelKind.POSTCOPY)))
 
     def _iterate(self, sender: PageSender) -> None:
         meter = BandwidthMeter()
@@ -592,8 +596,8 @@ class SourceMigration:
     def _resume(self, sender: PageSender) -> None:
         """Connect anew, learn what the destination has (RECV_BITMAP per block), mark
         everything else dirty, POSTCOPY_RESUME, and go on when it is acknowledged."""
-        channel = self._main = self._connect("main")
-        post_ch = self._connect("postcopy") if self.caps.postcopy_preempt else None
+        channel = self._main = self._connect(ChannelKind.MAIN)
+        post_ch = self._connect(ChannelKind.POSTCOPY) if self.caps.postcopy_preempt else None
         self.status.set(MigrationStatus.POSTCOPY_RECOVER)
         main = OutChannel("precopy", Encoder(postcopy=True, resumed=[hs.RAM.section_id]),
                           ChannelWriter(channel))

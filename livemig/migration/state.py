@@ -193,6 +193,10 @@ def _check_value(owner: str, name: str, kind: Any, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{owner} '{name}' expects a boolean")
         return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{owner} '{name}' expects a string")
+        return value
     if kind is int:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"{owner} '{name}' expects a non-negative integer")
@@ -281,6 +285,12 @@ class Parameters:
     # With the multifd capability: how many extra connections carry precopy pages
     # (QEMU's name, default and range).
     multifd_channels: Annotated[int, Range(1, MAX_MULTIFD_CHANNELS, "channels")] = 2
+    # TLS (QEMU's names): the id of a tls-creds-x509 object ("" = no TLS), the name
+    # the destination's certificate must carry (source; "" = the URI's host), and the
+    # id of an authz object the client certificate's DN must satisfy (destination).
+    tls_creds: str = ""
+    tls_hostname: str = ""
+    tls_authz: str = ""
 
     def to_qmp(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): _to_qmp_value(getattr(self, f.name))

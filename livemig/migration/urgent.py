@@ -128,7 +128,8 @@ class UrgentServer:
             else:
                 table.append([name, b.size, b.host_page_size, "pid", b.mapping.host_addr])
         self.helper.send({"msg": "start", "blocks": table, "pid": os.getpid(),
-                          "shared_size": shared.memory.size, "trace": list(trace_patterns)},
+                          "shared_size": shared.memory.size, "trace": list(trace_patterns),
+                          "channel": channel.handover()},
                          fds)
         self.helper.expect("ready", START_TIMEOUT)
         self._watch = HelperWatch(self.helper, "finished", "urgent/watch", on_error)
@@ -189,8 +190,7 @@ class _Ram:
 class _Server:
     def __init__(self, conn: HelperConn, msg: dict[str, Any], fds: list[int]) -> None:
         self.conn = conn
-        self.sock = socket.socket(fileno=fds[0])
-        self.channel = Channel(self.sock, name="postcopy")
+        self.channel = Channel.adopt(socket.socket(fileno=fds[0]), msg["channel"], "postcopy")
         self.writer = ChannelWriter(self.channel)
         shared = SharedMemory.attach(fds[1], int(msg["shared_size"]))
         self.lock = ProcessLock(fds[1])
@@ -274,12 +274,18 @@ class _Server:
 
     def serve(self) -> None:
         poll = select.poll()
-        sock, ctl = self.sock.fileno(), self.conn.fileno()
-        poll.register(sock, select.POLLIN)
+        sock, ctl = self.channel.fileno(), self.conn.fileno()
         poll.register(ctl, select.POLLIN)
         self.conn.send({"msg": "ready"})
+        # With TLS, this process opens the channel's session (the client speaks first).
+        self.channel.secure()
+        sock = self.channel.fileno()
+        poll.register(sock, select.POLLIN)
         while True:
-            ready = {fd for fd, _ in poll.poll()}
+            # Records already decrypted do not make the socket readable again.
+            ready = {fd for fd, _ in poll.poll(0 if self.channel.buffered() else None)}
+            if self.channel.buffered():
+                ready.add(sock)
             if sock in ready and not self.on_requests():
                 poll.unregister(sock)
             if ctl in ready:

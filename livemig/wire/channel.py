@@ -9,6 +9,11 @@ so the destination peeks at them and routes the connection, whatever order
 the connections arrived in.  The four bytes stay part of the stream: hand
 them to the channel's decoder too.  A multifd channel starts with QEMU's
 ``MULTIFD_MAGIC`` (be32 0x11223344), the first field of its initial packet.
+
+With TLS the main and multifd channels are TLS from their first byte (QEMU's), while
+the postcopy channel's preamble (magic and version) goes in clear before its TLS session
+(:func:`clear_prefix`): it routes the connection before any process holds a session on
+it (docs/STREAM.md).
 """
 
 from __future__ import annotations
@@ -16,7 +21,12 @@ from __future__ import annotations
 from enum import Enum
 
 from livemig.errors import RemoteProtocolError
-from livemig.wire.constants import MULTIFD_MAGIC_BYTES, POSTCOPY_MAGIC, QEVM_MAGIC_BYTES
+from livemig.wire.constants import (
+    MULTIFD_MAGIC_BYTES,
+    POSTCOPY_MAGIC,
+    POSTCOPY_PREAMBLE_SIZE,
+    QEVM_MAGIC_BYTES,
+)
 
 
 class ChannelKind(Enum):
@@ -44,3 +54,9 @@ def identify_channel(first4: bytes | bytearray | memoryview) -> ChannelKind:
         f"Unknown channel magic {head!r}: expected {QEVM_MAGIC_BYTES!r} (main), "
         f"{POSTCOPY_MAGIC!r} (postcopy) or {MULTIFD_MAGIC_BYTES!r} (multifd)."
     )
+
+
+def clear_prefix(kind: ChannelKind) -> int:
+    """With TLS, how many bytes of a channel travel in clear before its session: the
+    postcopy channel's preamble, nothing of the main channel."""
+    return POSTCOPY_PREAMBLE_SIZE if kind is ChannelKind.POSTCOPY else 0

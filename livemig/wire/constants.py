@@ -26,6 +26,7 @@ MACHINE_NAME: Final = "livemig"  # what we send in the CONFIGURATION section
 # --- postcopy-preempt channel preamble (livemig) --------------------------------
 POSTCOPY_MAGIC: Final = b"LMPC"
 POSTCOPY_VERSION: Final = 1
+POSTCOPY_PREAMBLE_SIZE: Final = len(POSTCOPY_MAGIC) + 4  # magic, be32 version
 
 # --- multifd channels (QEMU: migration/multifd.h; the formats are in wire/multifd.py)
 MULTIFD_MAGIC: Final = 0x11223344

@@ -263,8 +263,11 @@ class Relay:
     channels end at once.
     """
 
-    def __init__(self, path: str, target: str) -> None:
+    def __init__(self, path: str, target: str, *, record: bool = False) -> None:
+        """``record``: keep every byte relayed, per connection (:attr:`captured`: one
+        [source to destination, destination to source] pair per connection)."""
         self.path, self._target = path, target
+        self.captured: list[tuple[bytearray, bytearray]] | None = [] if record else None
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(path)
         self._listener.listen(4)
@@ -285,16 +288,22 @@ class Relay:
             b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             b.connect(self._target)
             self._socks += [a, b]
-            for src, dst in ((a, b), (b, a)):
-                t = threading.Thread(target=self._copy, args=(src, dst), daemon=True,
+            sinks: tuple[bytearray | None, bytearray | None] = (None, None)
+            if self.captured is not None:
+                sinks = (bytearray(), bytearray())
+                self.captured.append(sinks)  # type: ignore[arg-type]
+            for (src, dst), sink in zip(((a, b), (b, a)), sinks, strict=True):
+                t = threading.Thread(target=self._copy, args=(src, dst, sink), daemon=True,
                                      name="relay")
                 t.start()
                 self._threads.append(t)
 
     @staticmethod
-    def _copy(src: socket.socket, dst: socket.socket) -> None:
+    def _copy(src: socket.socket, dst: socket.socket, sink: bytearray | None) -> None:
         try:
             while data := src.recv(1 << 20):
+                if sink is not None:
+                    sink += data
                 dst.sendall(data)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the other end is gone (or cut): pass the end on

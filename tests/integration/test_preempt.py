@@ -41,7 +41,9 @@ from pc_helpers import (
 import livemig.instance
 from livemig.kernel.mman import Backing
 from livemig.migration import destination
+from livemig.migration.channel import Channel
 from livemig.migration.source import SourceMigration
+from livemig.migration.tls import TlsEndpoint
 from livemig.wire.channel import ChannelKind
 
 pytestmark = pytest.mark.kvm
@@ -138,13 +140,13 @@ def test_postcopy_channel_first_reaches_the_destination_first(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     postcopy_channel_first(monkeypatch)
     accepted: list[ChannelKind] = []
-    identify = destination.identify_channel
+    identify = destination.identify_incoming
 
-    def recording(first4: bytes) -> ChannelKind:
-        accepted.append(identify(first4))
+    def recording(ch: Channel, tls: TlsEndpoint | None) -> ChannelKind:
+        accepted.append(identify(ch, tls))
         return accepted[-1]
 
-    monkeypatch.setattr(destination, "identify_channel", recording)
+    monkeypatch.setattr(destination, "identify_incoming", recording)
     with migration_pair(tmp_path, preempt_config("ab", Backing.ANON_4K, "return-path")) as p:
         src_info, dst_info = run_postcopy(p)
         assert (src_info["status"], dst_info["status"]) == ("completed", "completed")
