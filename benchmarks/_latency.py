@@ -86,6 +86,7 @@ from _peers import (
     qemu_available,
 )
 from _profile import PySpy
+from qemu.qmp import QMPError
 from rich.console import Console
 from rich.table import Table
 
@@ -623,7 +624,7 @@ def _attempt(case: Case, mode: Mode, what: str, console: Console,
     label = f"{case.label} {mode.name} {what}"
     try:
         run = case.migrate(mode, what)
-    except LivemigError as e:
+    except (LivemigError, QMPError) as e:  # QMPError: a VMM died under a command
         console.print(f"[red]{label} failed: {e}", soft_wrap=True)
         failures.append(str(e)[:500])
         case.recover()
