@@ -129,13 +129,10 @@ def set_nodelay(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def set_window_clamp(sock: socket.socket, nbytes: int) -> None:
-    """Advertise at most ``nbytes`` of receive window (TCP only): the peer may have at
-    most that much in flight to us.  Unlike shrinking SO_RCVBUF on a live connection,
-    which makes the kernel drop what the old window let in (each drop then costs a
-    retransmission timeout), the window only closes as data arrives."""
+def set_notsent_lowat(sock: socket.socket, nbytes: int) -> None:
+    """Keep at most ``nbytes`` unsent in the kernel (TCP only): a short send queue."""
     if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, nbytes)
+        sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_NOTSENT_LOWAT", 25), nbytes)
 
 
 SO_SNDBUFFORCE: Final = 32
@@ -227,27 +224,14 @@ def _sendmsg_all(fd: int, iov: npt.NDArray[np.void]) -> int:
 
 
 TIOCOUTQ: Final = 0x5411  # SIOCOUTQ: bytes in the send queue (unsent + unacked, TCP)
-SIOCOUTQNSD: Final = 0x894B  # TCP: bytes in the send queue not yet sent
-
-
-def _ioctl_int(sock: socket.socket, request: int) -> int:
-    import fcntl
-    import struct
-    buf = fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0")
-    return int(struct.unpack("i", buf)[0])
 
 
 def queued_bytes(sock: socket.socket) -> int:
     """Bytes this socket has not yet had acknowledged (SIOCOUTQ)."""
-    return _ioctl_int(sock, TIOCOUTQ)
-
-
-def unsent_bytes(sock: socket.socket) -> int:
-    """Bytes waiting to leave: on TCP those not yet sent (SIOCOUTQNSD; what the peer
-    has received but not acknowledged yet, a delayed ACK away, is not waiting); on a
-    unix socket those the peer has not read (SIOCOUTQ)."""
-    tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
-    return _ioctl_int(sock, SIOCOUTQNSD if tcp else TIOCOUTQ)
+    import fcntl
+    import struct
+    buf = fcntl.ioctl(sock.fileno(), TIOCOUTQ, b"\0\0\0\0")
+    return int(struct.unpack("i", buf)[0])
 
 
 KEEPALIVE_PROBES_PER_TIMEOUT: Final = 3  # keepalive probes sent within one timeout

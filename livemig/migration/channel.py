@@ -38,8 +38,7 @@ from livemig.kernel.sock import (
     set_buffer_sizes,
     set_dead_peer_timeout,
     set_nodelay,
-    set_window_clamp,
-    unsent_bytes,
+    set_notsent_lowat,
     write_buffers,
 )
 from livemig.units import PAGE_SIZE
@@ -186,10 +185,6 @@ class Channel:
     def queued(self) -> int:
         """Bytes sent but not yet acknowledged by the peer (0 for files)."""
         return queued_bytes(self.sock) if self.sock is not None else 0
-
-    def unsent(self) -> int:
-        """Bytes handed to the kernel that have not left yet (0 for files)."""
-        return unsent_bytes(self.sock) if self.sock is not None else 0
 
     def recv(self, max_bytes: int) -> bytes:
         """Read up to ``max_bytes`` (at least one); ``b""`` means EOF."""
@@ -372,14 +367,13 @@ class ChannelWriter:
         return self.channel.bytes_sent
 
 
-# In postcopy, background pages must not pile up in front of urgent ones.  The sending
-# side sizes its queue by what the link drains (livemig.migration.bgqueue); on TCP the
-# receiving side also closes its window to a short queue, which the sender cannot see
-# (received data counts as sent).  A unix socket's queue is the sender's alone.
-BACKGROUND_WINDOW = 128 * 1024
+# With preemption, background pages must not pile up in front of urgent ones: keep the
+# precopy socket's queue short (its unsent part too, for TCP) once postcopy runs.
+BACKGROUND_QUEUE = 64 * 1024
 
 
 def quiet_background(channel: Channel) -> None:
-    """Postcopy: keep what waits in the main channel's receiving end short."""
+    """Postcopy with preemption: keep the precopy channel's kernel queue short."""
     if channel.sock is not None:
-        set_window_clamp(channel.sock, BACKGROUND_WINDOW)
+        set_buffer_sizes(channel.sock, BACKGROUND_QUEUE)
+        set_notsent_lowat(channel.sock, BACKGROUND_QUEUE // 2)

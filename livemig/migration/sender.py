@@ -48,7 +48,6 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from livemig.migration.bgqueue import BackgroundQueue
 from livemig.migration.bitmap import (
     BitmapLock,
     IndexArray,
@@ -141,8 +140,6 @@ class PageSender:
         self._stats_lock = threading.Lock()
         self._post_lock = threading.Lock()  # the postcopy channel may have two writers
         self._hint: tuple[str, int] | None = None  # locality hint from the last request
-        # Postcopy: how much background data may wait in the main channel's kernel queue.
-        self.background = BackgroundQueue(self._main_queue)
 
     # compatibility accessors used by the source state machine
     @property
@@ -152,10 +149,6 @@ class PageSender:
     @property
     def writer(self) -> ChannelWriter:
         return self.main.writer
-
-    def _main_queue(self) -> tuple[int, int]:
-        writer = self.main.writer
-        return writer.bytes_sent, writer.channel.unsent()
 
     def release(self) -> None:
         """Drop every view of guest RAM so the VM can unmap it."""
@@ -302,8 +295,6 @@ class PageSender:
             if not len(w):
                 return  # already sent (or on its way on the precopy channel)
             self._switch(ch.name)
-            if ch is self.main:  # vanilla: behind whatever background data is queued
-                self.background.urgent_waited()
             self.trace("postcopy_preempt_send_host_page", channel=ch.name, block=req.block,
                        offset=req.start)
             nbytes = self._emit(ch, req.block, w.pages, w.zeros, urgent=True)
@@ -360,22 +351,9 @@ class PageSender:
                and time.monotonic() < deadline):
             time.sleep(URGENT_POLL_S)
 
-    def _wait_room(self, queue: RequestQueue | None) -> bool:
-        """Hold background data until the main channel's queue is below its limit
-        (:mod:`~livemig.migration.bgqueue`).  While holding, a request that arrives
-        on ``queue`` ends the wait: True means it is there to be served first."""
-        while (wait_s := self.background.wait_s()) > 0:
-            if queue is None:
-                time.sleep(wait_s)
-            elif queue.wait(wait_s):
-                return True
-        return False
-
     def _send_background(self, cursor: dict[str, int], queue: RequestQueue) -> bool:
         """One background piece on the first block with dirty pages; False when none."""
         self._yield_to_urgent()
-        if self._wait_room(queue):
-            return True  # a request came meanwhile: the loop serves it first
         hint, self._hint = self._hint, None
         if hint is not None and self.locality:
             cursor[hint[0]] = hint[1]
@@ -425,8 +403,6 @@ class PageSender:
                 continue
             if interruptible:
                 self._yield_to_urgent()
-            if self._wait_room(queue if may_break else None):
-                continue  # a request came: the loop's top breaks the huge page for it
             chunk, p.pages = p.pages[:POSTCOPY_CHUNK_PAGES], p.pages[POSTCOPY_CHUNK_PAGES:]
             self._emit(self.main, p.block, chunk, chunk[:0], urgent=False)
             if may_break:

@@ -485,7 +485,7 @@ class SourceMigration:
                                      sleep=self.requests.wait)
         self.urgent.switchover()
         # Requests (vanilla) or the background stream (preempt) must not wait behind
-        # megabytes queued in the kernel (the send side: sender.background).
+        # megabytes queued in the kernel.
         quiet_background(sender.writer.channel)
         with self.urgent.postcopy_gil(self.switch):
             self._postcopy_until_done(sender)
