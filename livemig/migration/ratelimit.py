@@ -16,7 +16,9 @@ WINDOW_S = 0.1
 
 class RateLimiter:
     def __init__(self, bytes_per_second: int, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], object] = time.sleep) -> None:
+        """``sleep`` may return early (a postcopy request ends it): the window's
+        budget stays owed, and the next :meth:`account` sleeps for the rest."""
         self.limit = bytes_per_second
         self._clock = clock
         self._sleep = sleep

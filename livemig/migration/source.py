@@ -527,7 +527,10 @@ class SourceMigration:
         self._paused_by_us = False
         self.vm.set_dirty_logging(False)
         self.status.set(MigrationStatus.POSTCOPY_ACTIVE)
-        sender.limiter = RateLimiter(self.params.max_postcopy_bandwidth)
+        # The limiter's pause ends early for a request (vanilla and migration-thread
+        # preemption serve requests on this thread: they must not sleep off the limit).
+        sender.limiter = RateLimiter(self.params.max_postcopy_bandwidth,
+                                     sleep=self.requests.wait)
         self.urgent.switchover()
         # Requests (vanilla) or the background stream (preempt) must not wait behind
         # megabytes queued in the kernel.
