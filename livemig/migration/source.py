@@ -83,6 +83,15 @@ log = logging.getLogger("livemig.source")
 EventSink = Callable[[str, dict[str, Any]], None]
 # Postcopy recovery: how long the destination may take to send its bitmaps and ack.
 RESUME_TIMEOUT_S = 30.0
+# PING values: 1 asks whether the destination took POSTCOPY_ADVISE; SWITCHOVER_PING + i
+# marks the end of the switchover's catch-up round i.  How long a PONG may take.
+ADVISE_PING = 1
+SWITCHOVER_PING = 2
+PONG_TIMEOUT_S = 30.0
+# Postcopy switchover: catch-up rounds while the guest still runs, at most this many,
+# ending once a round discards no more than this many ranges.
+CATCH_UP_ROUNDS = 4
+CATCH_UP_FEW_RANGES = 64
 
 
 # --- the order of the stream (docs/STREAM.md); also driven by the protocol tests -------
@@ -350,11 +359,11 @@ class SourceMigration:
         if self.caps.postcopy_ram:
             # The destination checks page sizes and userfaultfd at ADVISE; its PONG
             # tells us it agreed, before anything could stop our guest.
-            main.writer.write([main.encoder.ping(1)])
+            main.writer.write([main.encoder.ping(ADVISE_PING)])
             main.writer.flush()
             self._rp = ReturnPathReader(channel, blocks, self._on_request)
             self._rp.start()
-            self._rp.wait_pong(1, timeout=30)
+            self._rp.wait_pong(ADVISE_PING, timeout=PONG_TIMEOUT_S)
         self.urgent.start(self.vm.blocks, sender.post.writer.channel if sender.post else None,
                           self.trace, self._link_failed)
         self.vm.set_dirty_logging(True)
@@ -458,13 +467,11 @@ class SourceMigration:
 
     def _postcopy(self, sender: PageSender) -> None:
         """Switch the guest over to the destination, then send the rest on demand."""
-        assert self._rp is not None
+        self._catch_up(sender)
         t0 = self._stop_guest(sender)
         before = self._transferred(sender)
         enc, writer = sender.encoder, sender.writer
-        for name, ranges in sender.prepare_postcopy():
-            if ranges:
-                writer.write([enc.postcopy_ram_discard(name, ranges)])
+        self._write_discards(sender)  # only what the guest dirtied in the last round
         package = enc.package()
         blob: list[Buffer] = [package.postcopy_listen(),
                               *device_sections(package, self._device_payloads()),
@@ -492,6 +499,37 @@ class SourceMigration:
         self.urgent.update_stats(st)
         self.vm.set_runstate(RunState.POSTMIGRATE)
         self.status.set(MigrationStatus.COMPLETED)
+
+    def _catch_up(self, sender: PageSender) -> None:
+        """Before the guest stops: the destination drops what it holds of every page
+        dirty here, and reads everything sent so far (PING, PONG), while the guest
+        still runs here; again for what the guest dirtied meanwhile, until few pages
+        are left.  The pause then covers only the pages dirtied after the last round,
+        not the backlog of precopy pages queued in the sockets and thousands of
+        discards (QEMU does both inside the pause).  Nothing is sent from here on but
+        discards, so the destination receives no page it would have to drop again."""
+        assert self._rp is not None
+        enc, writer = sender.encoder, sender.writer
+        for i in range(CATCH_UP_ROUNDS):
+            self._check_cancel()
+            sender.sync()
+            ranges = self._write_discards(sender)
+            writer.write([enc.ping(SWITCHOVER_PING + i)])
+            writer.flush()
+            self._rp.wait_pong(SWITCHOVER_PING + i, timeout=PONG_TIMEOUT_S)
+            if ranges <= CATCH_UP_FEW_RANGES:
+                return
+
+    def _write_discards(self, sender: PageSender) -> int:
+        """POSTCOPY_RAM_DISCARD for the dirty pages not discarded yet; returns how many
+        ranges."""
+        enc, writer = sender.encoder, sender.writer
+        count = 0
+        for name, ranges in sender.postcopy_discards():
+            if ranges:
+                writer.write([enc.postcopy_ram_discard(name, ranges)])
+                count += len(ranges)
+        return count
 
     def _postcopy_until_done(self, sender: PageSender) -> None:
         """Send the rest, requested pages first.  A failure of any connection pauses
