@@ -23,8 +23,13 @@ How page requests are served is one :class:`~livemig.migration.urgent_sender.Urg
 chosen in the constructor from the parameters at ``migrate``; a later
 ``migrate-set-parameters`` changes only bandwidth and the downtime limit.
 
-Convergence follows QEMU: when the time to send what remains at the bandwidth measured
-in the last round is below ``downtime-limit``, stop and copy.  The iteration cap
+Convergence starts as QEMU's: when the time to send what remains at the bandwidth
+measured in the last round is below ``downtime-limit``, the migration may stop and copy.
+``downtime-limit`` is a ceiling, not a target (:class:`Convergence`): while the last
+round still shrank what is left to at most three quarters (so the next round will
+likely shrink it again) and the pause would last more than a few milliseconds, livemig
+runs one more round with the guest running instead of pausing it for what that round
+would have sent: a shorter pause for a somewhat longer migration.  The iteration cap
 (``x-max-iterations``) forces the stop-and-copy so a migration always ends.
 
 Failure or cancel in precopy leaves the source VM as it was: dirty logging off, the
@@ -92,6 +97,11 @@ PONG_TIMEOUT_S = 30.0
 # ending once a round discards no more than this many ranges.
 CATCH_UP_ROUNDS = 4
 CATCH_UP_FEW_RANGES = 64
+# Precopy: once what is left fits in downtime-limit, one more round while the last one
+# left at most this fraction of what the one before left, and the pause would be longer
+# than SHORT_PAUSE_S.
+KEEP_SHRINKING = 0.75
+SHORT_PAUSE_S = 0.005
 
 
 # --- the order of the stream (docs/STREAM.md); also driven by the protocol tests -------
@@ -139,6 +149,25 @@ def end_postcopy_stream(sender: PageSender, urgent: UrgentSender) -> dict[str, i
     writer.flush()
     sender.reset_channel()
     return counts
+
+
+class Convergence:
+    """When precopy may stop and copy (see the module docstring): fed what each sync
+    left, in order."""
+
+    def __init__(self) -> None:
+        self._previous: int | None = None  # what the sync before left
+
+    def ready(self, remaining: int, bytes_per_second: float, limit_s: float,
+              rounds: int) -> bool:
+        """After a sync that left ``remaining`` bytes, the last round having sent
+        ``bytes_per_second``: whether to stop now (``rounds`` done so far)."""
+        pause_s = remaining / bytes_per_second if bytes_per_second > 0 else float("inf")
+        shrinking = (self._previous is not None
+                     and remaining <= self._previous * KEEP_SHRINKING
+                     and pause_s > SHORT_PAUSE_S)
+        self._previous = remaining
+        return rounds > 0 and pause_s <= limit_s and not shrinking
 
 
 class SourceMigration:
@@ -378,6 +407,7 @@ class SourceMigration:
     def _iterate(self, sender: PageSender) -> None:
         meter = BandwidthMeter()
         last_sync = time.monotonic()
+        convergence = Convergence()
         while True:
             self._check_cancel()
             before = sender.dirty_pages()
@@ -389,8 +419,8 @@ class SourceMigration:
             last_sync = now
             self._update_stats(sender, remaining, meter.bytes_per_second)
             limit_s = self.params.downtime_limit / 1000  # live: may change between rounds
-            converged = (self.info.rounds > 0 and meter.bytes_per_second > 0
-                         and remaining / meter.bytes_per_second <= limit_s)
+            converged = convergence.ready(remaining, meter.bytes_per_second, limit_s,
+                                          self.info.rounds)
             if self._postcopy_requested.is_set():
                 return
             if converged or self.info.rounds >= self.params.x_max_iterations:
