@@ -58,15 +58,18 @@ import contextlib
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 from _harness import HarnessError
 from _peers import (
@@ -80,6 +83,7 @@ from _peers import (
     finished,
     free_tcp_port,
     migrate,
+    qemu_available,
 )
 from _profile import PySpy
 from rich.console import Console
@@ -701,6 +705,55 @@ def check_goals(rows: Sequence[Row], goals: Sequence[Goal] = GOALS) -> list[Goal
     return checks
 
 
+# --- command line ---------------------------------------------------------------------------
+def matrix_options(default_modes: str, precopy_ms: float,
+                   precopy_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The click options that choose the matrix (mem, page sizes, links, modes, repeat,
+    precopy time, warm-up, profiling), shared by the benchmarks that run it."""
+    options = (
+        click.option("--mem", default="1G", show_default=True, help="Guest RAM size."),
+        click.option("--page-sizes", default="4K,2M", show_default=True,
+                     help="Comma-separated backings: 4K, THP, 2M, 1G."),
+        click.option("--links", default="loopback,1gbit", show_default=True,
+                     help="Comma-separated: loopback, or a tbf rate such as 1gbit."),
+        click.option("--modes", default=default_modes, show_default=True,
+                     help="Comma-separated modes (qemu-* are skipped when QEMU is not "
+                          "installed)."),
+        click.option("--repeat", default=3, show_default=True, type=click.IntRange(1),
+                     help="Measured migrations per row (medians are reported)."),
+        click.option("--precopy-ms", default=precopy_ms, show_default=True, help=precopy_help),
+        click.option("--warmup/--no-warmup", default=True, show_default=True,
+                     help="One unmeasured migration per source first."),
+        click.option("--profile", "profile_dir", type=click.Path(file_okay=False),
+                     help="py-spy livemig's source and destination into this directory."),
+    )
+
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return apply
+
+
+def start_cli(modes: str, profile_dir: str | None,
+              width: int) -> tuple[Console, tuple[Mode, ...], Path | None]:
+    """What every matrix benchmark does first: SIGTERM unwinds like Ctrl-C (VMMs, huge
+    pages, namespaces and temp dirs go away); the console; the modes (QEMU's dropped when
+    it is not installed); the profile directory, created."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    console = Console() if sys.stdout.isatty() else Console(width=width)
+    chosen = parse_modes(modes)
+    if any(m.peer == "qemu" for m in chosen) and not qemu_available():
+        console.print("[yellow]qemu-system-x86_64 or /dev/kvm missing: livemig only")
+        chosen = tuple(m for m in chosen if m.peer != "qemu")
+    pdir = Path(profile_dir) if profile_dir else None
+    if pdir is not None:
+        pdir.mkdir(parents=True, exist_ok=True)
+    return console, chosen, pdir
+
+
 # --- output ---------------------------------------------------------------------------------
 def _ms(us: float) -> str:
     return f"{us / 1000:.2f}" if us < 100_000 else f"{us / 1000:.0f}"
@@ -745,43 +798,66 @@ def goals_table(checks: Sequence[GoalCheck]) -> Table:
     return table
 
 
+class PanelGrid:
+    """A matplotlib figure with one panel per (link, page size) of ``rows``."""
+
+    def __init__(self, rows: Sequence[Row]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display: write the file only
+        import matplotlib.pyplot as plt
+
+        self.plt = plt
+        self.links = list(dict.fromkeys(r.link for r in rows))
+        self.sizes = list(dict.fromkeys(r.page_size for r in rows))
+        self.fig, self.axes = plt.subplots(
+            len(self.links), len(self.sizes), squeeze=False,
+            figsize=(6.5 * len(self.sizes), 4.5 * len(self.links)))
+
+    def axis(self, row: Row) -> Any:
+        return self.axes[self.links.index(row.link)][self.sizes.index(row.page_size)]
+
+    def panels(self) -> Iterator[tuple[Any, str, str]]:
+        for i, link in enumerate(self.links):
+            for j, size in enumerate(self.sizes):
+                yield self.axes[i][j], link, size
+
+    def save(self, path: Path, title: str) -> None:
+        self.fig.suptitle(title, fontsize="medium", wrap=True)
+        self.fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fig.savefig(path, dpi=110)
+        self.plt.close(self.fig)
+
+
+def mode_color(mode: Mode) -> str:
+    """One colour per mode in every panel of every plot."""
+    return f"C{MODES.index(mode) % 10}"
+
+
 def plot_cdfs(rows: Sequence[Row], path: Path, title: str) -> None:
     """One panel per (link, page size), one CDF per mode; log latency axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: write the file only
-    import matplotlib.pyplot as plt
-
-    links = list(dict.fromkeys(r.link for r in rows))
-    sizes = list(dict.fromkeys(r.page_size for r in rows))
-    fig, axes = plt.subplots(len(links), len(sizes), squeeze=False,
-                             figsize=(6.5 * len(sizes), 4.5 * len(links)))
+    grid = PanelGrid(rows)
     for r in rows:
-        ax = axes[links.index(r.link)][sizes.index(r.page_size)]
+        ax = grid.axis(r)
         points = r.cdf()
         if not points:
             continue
         xs = [x / 1000 for x, _ in points]
         ys = [y for _, y in points]
-        color = f"C{MODES.index(r.mode) % 10}"  # one colour per mode in every panel
+        color = mode_color(r.mode)
         if r.exact:
             ax.step(xs, ys, where="post", color=color, label=r.mode.name)
         else:
             ax.plot(xs, ys, "o--", color=color, label=f"{r.mode.name} (2^k µs buckets)")
-    for i, link in enumerate(links):
-        for j, size in enumerate(sizes):
-            ax = axes[i][j]
-            ax.set_xscale("log")
-            ax.set_title(f"{link}, {size} pages")
-            ax.set_xlabel("fault -> placement latency (ms)")
-            ax.set_ylabel("fraction of requests")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize="small", loc="best")
-    fig.suptitle(title, fontsize="medium", wrap=True)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    for ax, link, size in grid.panels():
+        ax.set_xscale("log")
+        ax.set_title(f"{link}, {size} pages")
+        ax.set_xlabel("fault -> placement latency (ms)")
+        ax.set_ylabel("fraction of requests")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small", loc="best")
+    grid.save(path, title)
 
 
 def machine_notes() -> dict[str, Any]:

@@ -162,6 +162,10 @@ class Peer(ABC):
     def runstate(self) -> str:
         return str(self.execute("query-status")["status"])
 
+    def events(self) -> list[dict[str, Any]]:
+        """The QMP events received since the last call."""
+        return self.vmm.qmp.events()
+
     def serial(self) -> bytes:
         return self.vmm.serial()
 
@@ -280,6 +284,21 @@ def qemu_available() -> bool:
 
 # --- one migration --------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Progress:
+    """One ``query-migrate`` of the source: seconds since ``migrate``, bytes sent, status."""
+
+    t: float
+    transferred: int
+    status: str
+
+
+def event_time(event: Mapping[str, Any]) -> float:
+    """A QMP event's wall-clock timestamp, in seconds."""
+    ts = event["timestamp"]
+    return float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
+
+
+@dataclass(frozen=True)
 class MigrationPlan:
     """What :func:`migrate` does: URI, capabilities (on both sides), source parameters."""
 
@@ -309,6 +328,11 @@ class MigrationResult:
     destination_cpu: CpuTime = CpuTime()
     # CPU the rest of the machine used meanwhile: noise from other work on a shared box.
     other_cpu_s: float = 0.0
+    # Every query-migrate of the source while it ran (every POLL_S), and the QMP events
+    # both sides sent during the migration (wall-clock stamped by the VMM).
+    progress: tuple[Progress, ...] = ()
+    source_events: tuple[Mapping[str, Any], ...] = ()
+    destination_events: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def noise(self) -> float:
@@ -329,7 +353,10 @@ class MigrationResult:
                 "source_cpu": asdict(self.source_cpu),
                 "destination_cpu": asdict(self.destination_cpu),
                 "other_cpu_s": self.other_cpu_s, "noise_cpus": self.noise,
-                "source_info": dict(self.source_info)}
+                "source_info": dict(self.source_info),
+                "progress": [[round(p.t, 4), p.transferred, p.status] for p in self.progress],
+                "source_events": [dict(e) for e in self.source_events],
+                "destination_events": [dict(e) for e in self.destination_events]}
 
 
 def migrate(src: Peer, dst: Peer, plan: MigrationPlan) -> MigrationResult:
@@ -340,30 +367,31 @@ def migrate(src: Peer, dst: Peer, plan: MigrationPlan) -> MigrationResult:
     if plan.parameters:
         src.execute("migrate-set-parameters", **dict(plan.parameters))
     dst.execute("migrate-incoming", uri=plan.uri)
+    for peer in (src, dst):
+        peer.events()  # what came before this migration is not about it
     before = Usage.take(src.pid, dst.pid)
     src.execute("migrate", uri=plan.uri)
-    info = _wait_source(src, plan, before.at)
+    progress: list[Progress] = []
+    info = _wait_source(src, plan, before.at, progress)
     if info.get("status") != "completed":
         raise MigrationError(f"{src.kind} migration {info.get('status')}: "
                              f"{info.get('error-desc', '')} {dst.log_text()}")
     runstate = _wait_destination(dst, before.at + plan.timeout)
     after = Usage.take(src.pid, dst.pid)
     info = _final_source_info(src, before.at + plan.timeout)
-    return _result(src.kind, info, runstate, before, after)
-
-
-def _result(kind: str, info: dict[str, Any], runstate: str, before: Usage,
-            after: Usage) -> MigrationResult:
     ram = info.get("ram", {})
-    return MigrationResult(kind, str(info["status"]), int(info.get("total-time", 0)),
+    return MigrationResult(src.kind, str(info["status"]), int(info.get("total-time", 0)),
                            int(info.get("setup-time", 0)), int(info.get("downtime", 0)),
                            int(ram.get("transferred", 0)), after.at - before.at, info,
                            runstate, after.src - before.src, after.dst - before.dst,
-                           after.other_since(before))
+                           after.other_since(before), tuple(progress),
+                           tuple(src.events()), tuple(dst.events()))
 
 
-def _wait_source(src: Peer, plan: MigrationPlan, t0: float) -> dict[str, Any]:
-    """Wait for the source's migration to finish, switching to postcopy when planned."""
+def _wait_source(src: Peer, plan: MigrationPlan, t0: float,
+                 progress: list[Progress]) -> dict[str, Any]:
+    """Wait for the source's migration to finish, switching to postcopy when planned;
+    every ``query-migrate`` goes to ``progress``."""
     deadline = t0 + plan.timeout
     switch_at = None if plan.postcopy_after_ms is None else t0 + plan.postcopy_after_ms / 1e3
     while True:
@@ -372,6 +400,9 @@ def _wait_source(src: Peer, plan: MigrationPlan, t0: float) -> dict[str, Any]:
             src.execute("migrate-start-postcopy")
             switch_at = None
         info: dict[str, Any] = src.execute("query-migrate")
+        progress.append(Progress(time.monotonic() - t0,
+                                 int(info.get("ram", {}).get("transferred", 0)),
+                                 str(info.get("status", ""))))
         if finished(info):
             return info
         if now > deadline:

@@ -28,8 +28,6 @@ same family (vanilla vs qemu-vanilla, preempt* vs qemu-preempt).
 from __future__ import annotations
 
 import json
-import signal
-import sys
 from pathlib import Path
 
 import click
@@ -39,31 +37,18 @@ from _latency import (
     config_json,
     goals_table,
     machine_notes,
-    parse_modes,
+    matrix_options,
     plot_cdfs,
     results_table,
     run_matrix,
+    start_cli,
 )
-from _peers import qemu_available
-from rich.console import Console
 
 DEFAULT_MODES = "vanilla,preempt,preempt-rp,preempt-proc,qemu-vanilla,qemu-preempt"
 
 
 @click.command()
-@click.option("--mem", default="1G", show_default=True, help="Guest RAM size.")
-@click.option("--page-sizes", default="4K,2M", show_default=True,
-              help="Comma-separated backings: 4K, THP, 2M, 1G.")
-@click.option("--links", default="loopback,1gbit", show_default=True,
-              help="Comma-separated: loopback, or a tbf rate such as 1gbit.")
-@click.option("--modes", default=DEFAULT_MODES, show_default=True,
-              help="Comma-separated modes (qemu-* are skipped when QEMU is not installed).")
-@click.option("--repeat", default=3, show_default=True, type=click.IntRange(1),
-              help="Measured migrations per row (medians are reported).")
-@click.option("--precopy-ms", default=0.0, show_default=True,
-              help="Precopy time before migrate-start-postcopy (0: at once).")
-@click.option("--warmup/--no-warmup", default=True, show_default=True,
-              help="One unmeasured migration per source first.")
+@matrix_options(DEFAULT_MODES, 0.0, "Precopy time before migrate-start-postcopy (0: at once).")
 @click.option("--link-burst", default="128kb", show_default=True, help="tbf burst.")
 @click.option("--link-latency", default="50ms", show_default=True,
               help="tbf latency (how long a packet may queue).")
@@ -71,23 +56,11 @@ DEFAULT_MODES = "vanilla,preempt,preempt-rp,preempt-proc,qemu-vanilla,qemu-preem
               help="Write every run (QEMU samples included) as JSON.")
 @click.option("--png", "png_path", default="results/preempt_latency.png", show_default=True,
               type=click.Path(dir_okay=False), help="CDF plot ('' for none).")
-@click.option("--profile", "profile_dir", type=click.Path(file_okay=False),
-              help="py-spy livemig's source and destination into this directory.")
 def main(mem: str, page_sizes: str, links: str, modes: str, repeat: int, precopy_ms: float,
          warmup: bool, link_burst: str, link_latency: str, json_path: str | None,
          png_path: str, profile_dir: str | None) -> None:
     """Page-request latency: vanilla postcopy and livemig's preempt modes, against QEMU 7.2."""
-    # SIGTERM unwinds like Ctrl-C: VMMs, huge pages, namespaces and temp dirs go away.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    console = Console() if sys.stdout.isatty() else Console(width=140)
-    chosen = parse_modes(modes)
-    if any(m.peer == "qemu" for m in chosen) and not qemu_available():
-        console.print("[yellow]qemu-system-x86_64 or /dev/kvm missing: livemig only")
-        chosen = tuple(m for m in chosen if m.peer != "qemu")
-    pdir = Path(profile_dir) if profile_dir else None
-    if pdir is not None:
-        pdir.mkdir(parents=True, exist_ok=True)
+    console, chosen, pdir = start_cli(modes, profile_dir, 140)
     cfg = Config(mem, _split(page_sizes), _split(links), chosen, repeat, precopy_ms, warmup,
                  link_burst, link_latency, profile_dir=pdir)
     rows = run_matrix(cfg, console)
