@@ -9,6 +9,13 @@ by default, one host page for huge pages): :meth:`take_window` clears and return
 dirty page indexes of a window in one NumPy step and splits them into zero and non-zero
 pages by looking at guest RAM as 64-bit words (no copy of page data).
 
+At the postcopy switchover the destination must drop every page it holds that is
+dirty here (POSTCOPY_RAM_DISCARD).  :meth:`MigrationBitmap.discard_ranges` returns the
+dirty pages it has not returned before, so the switchover can discard most of them
+while the guest still runs and only the pages dirtied since once it is paused.  A page
+sent after its discard and dirtied again must be discarded again: a sync forgets the
+discards of pages that are no longer dirty (they were sent) before it ORs in the log.
+
 A lock guards the bitmap because in postcopy two senders (the migration thread and
 the return-path thread, or the urgent helper process, serving requests) may take pages
 concurrently; a page taken by one is never sent by the other.  For the helper process
@@ -109,6 +116,9 @@ class MigrationBitmap:
         self.bits = bits
         self.lock: BitmapLock = lock or threading.Lock()
         self._log = new_bitmap(self.pages)
+        # Dirty pages the destination was told to drop and that have not been sent since
+        # (None until the first discard_ranges).
+        self._discarded: npt.NDArray[np.bool_] | None = None
         # Guest RAM as one row of 64-bit words per page: zero checks read RAM in place.
         # This view pins the mapping: drop the bitmap when the migration ends.
         self._words = np.frombuffer(block.view(), dtype=np.uint64).reshape(
@@ -119,6 +129,8 @@ class MigrationBitmap:
         self._log[:] = 0
         self.block.sync_dirty(self._log)
         with self.lock:
+            if self._discarded is not None:
+                self._discarded &= self.bits  # a page sent since its discard is back
             self.bits |= bitmap_to_bools(self._log, self.pages)
             return int(np.count_nonzero(self.bits))
 
@@ -168,10 +180,21 @@ class MigrationBitmap:
         self.expand_to_host_pages()
         return self.dirty_count()
 
-    def dirty_ranges(self) -> list[tuple[int, int]]:
-        """Runs of dirty pages as (start byte, length) pairs, for POSTCOPY_RAM_DISCARD."""
-        edges = np.diff(np.concatenate(([0], self.bits.view(np.int8), [0])))
-        starts = np.flatnonzero(edges == 1)
-        ends = np.flatnonzero(edges == -1)
-        return [(int(a) * PAGE_SIZE, int(b - a) * PAGE_SIZE) for a, b in zip(starts, ends,
-                                                                               strict=True)]
+    def discard_ranges(self) -> list[tuple[int, int]]:
+        """Postcopy: mark whole host pages dirty, and return the dirty pages not returned
+        by an earlier call (and not sent since) as (start byte, length) runs, for
+        POSTCOPY_RAM_DISCARD."""
+        self.expand_to_host_pages()
+        with self.lock:
+            new = self.bits.copy() if self._discarded is None else self.bits & ~self._discarded
+            self._discarded = self.bits.copy()
+        return runs(new)
+
+
+def runs(bools: npt.NDArray[np.bool_]) -> list[tuple[int, int]]:
+    """Runs of set pages as (start byte, length) pairs."""
+    edges = np.diff(np.concatenate(([0], bools.view(np.int8), [0])))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
+    return [(int(a) * PAGE_SIZE, int(b - a) * PAGE_SIZE) for a, b in zip(starts, ends,
+                                                                           strict=True)]

@@ -21,12 +21,15 @@ which design the source uses, and :func:`choose_fault_handler` picks the matchin
 
 The interface, in the order the load uses it: :meth:`~FaultHandler.advise` (at
 POSTCOPY_ADVISE: the :class:`~livemig.migration.postcopy.PostcopyState` both sides of
-the handler share), :meth:`~FaultHandler.listen` (at POSTCOPY_LISTEN: start taking
-faults), :meth:`~FaultHandler.wait_channel_end` (at the main stream's end: the
+the handler share; the threads or the helper start here, long before the guest stops:
+nothing faults until guest RAM is registered, and starting a thread or handing fds to a
+helper inside the switchover pause would lengthen it), :meth:`~FaultHandler.listen`
+(at POSTCOPY_LISTEN, guest RAM registered: faults come from now on),
+:meth:`~FaultHandler.wait_channel_end` (at the main stream's end: the
 postcopy channel has ended and its pages are placed), :attr:`~FaultHandler.pages`,
 :meth:`~FaultHandler.stop` (no more faults: statistics kept) and
 :meth:`~FaultHandler.close`.  Errors of the threads or the helper reach the load
-through the ``on_error`` callable given to :meth:`~FaultHandler.listen`.
+through the ``on_error`` callable given to :meth:`~FaultHandler.advise`.
 """
 
 from __future__ import annotations
@@ -78,14 +81,15 @@ class FaultHandler(ABC):
 
     @abstractmethod
     def advise(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
-               vcpu_tids: Mapping[int, int]) -> PostcopyState:
-        """The postcopy state the load and this handler share."""
+               vcpu_tids: Mapping[int, int], rp: ReturnPathWriter,
+               on_error: OnError) -> PostcopyState:
+        """The postcopy state the load and this handler share; start reading the
+        userfaultfd (and the postcopy channel) now: nothing faults before guest RAM is
+        registered."""
 
     @abstractmethod
-    def listen(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
-               state: PostcopyState, rp: ReturnPathWriter, vcpu_tids: Mapping[int, int],
-               on_error: OnError) -> None:
-        """Guest RAM is registered: start taking faults."""
+    def listen(self) -> None:
+        """Guest RAM is registered: faults come from now on."""
 
     @abstractmethod
     def pause(self) -> None:
@@ -127,18 +131,19 @@ class ThreadFaultHandler(FaultHandler):
         self._gil: SwitchIntervalLease | None = None
 
     def advise(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
-               vcpu_tids: Mapping[int, int]) -> PostcopyState:
+               vcpu_tids: Mapping[int, int], rp: ReturnPathWriter,
+               on_error: OnError) -> PostcopyState:
         views = postcopy_layout(host_pages(blocks)).private()
-        return PostcopyState(uffd_block_states(blocks, uffd, views), uffd, vcpu_tids,
-                             counters=postcopy_counters(views))
-
-    def listen(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
-               state: PostcopyState, rp: ReturnPathWriter, vcpu_tids: Mapping[int, int],
-               on_error: OnError) -> None:
+        state = PostcopyState(uffd_block_states(blocks, uffd, views), uffd, vcpu_tids,
+                              counters=postcopy_counters(views))
         self._state, self._table = state, block_table(blocks)
         if self.post_channel is not None:
             self._placer = ChannelPlacer(state, "postcopy")
         self._start(rp, on_error)
+        return state
+
+    def listen(self) -> None:
+        self._lower_switch_interval()
 
     def _start(self, rp: ReturnPathWriter, on_error: OnError) -> None:
         assert self._state is not None
@@ -150,6 +155,8 @@ class ThreadFaultHandler(FaultHandler):
                 target=receive_postcopy_channel, name="postcopy/recv", daemon=True,
                 args=(self.post_channel, self._placer, self._table, on_error))
             self._recv.start()
+
+    def _lower_switch_interval(self) -> None:
         # A fault wakes a thread of ours, which then needs the GIL quickly: the default
         # 5 ms switch interval would add up to 5 ms to every page request.
         self._gil = self._switch.switch_interval(POSTCOPY_SWITCH_INTERVAL)
@@ -169,6 +176,7 @@ class ThreadFaultHandler(FaultHandler):
         assert self._state is not None
         self.post_channel = post_channel
         self._start(rp, on_error)
+        self._lower_switch_interval()
         self._state.rerequest(rp.request)
 
     def wait_channel_end(self, timeout: float) -> None:
@@ -210,20 +218,20 @@ class HelperFaultHandler(FaultHandler):
         self._start_args: _HelperStart | None = None
 
     def advise(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
-               vcpu_tids: Mapping[int, int]) -> PostcopyState:
+               vcpu_tids: Mapping[int, int], rp: ReturnPathWriter,
+               on_error: OnError) -> PostcopyState:
         # Shared with the fault server, which places the requested pages.
         self._shared, views = postcopy_layout(host_pages(blocks)).create("livemig-postcopy")
         self._state = PostcopyState(uffd_block_states(blocks, uffd, views), uffd, vcpu_tids,
                                     lock=ProcessLock(self._shared.fd),
                                     counters=postcopy_counters(views))
         views.release()
-        return self._state
-
-    def listen(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
-               state: PostcopyState, rp: ReturnPathWriter, vcpu_tids: Mapping[int, int],
-               on_error: OnError) -> None:
         self._start_args = (blocks, uffd, vcpu_tids)
         self._start(on_error, rerequest=False)
+        return self._state
+
+    def listen(self) -> None:
+        pass  # the fault server polls the userfaultfd since ADVISE
 
     def _start(self, on_error: OnError, *, rerequest: bool) -> None:
         assert self._shared is not None and self.post_channel is not None

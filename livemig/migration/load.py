@@ -34,6 +34,7 @@ loaded through :meth:`IncomingLoad.stats`.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,6 +102,46 @@ class LoadStats:
     postcopy_requests: int
 
 
+class GuestStarter:
+    """Postcopy: restores the device state and starts the guest on a thread of its own.
+
+    Restoring can touch guest pages that have not arrived (KVM writes the wall clock
+    into guest memory when its MSR is set), and only the load thread reads the main
+    channel they may come on, so the load thread must not restore them itself.  (QEMU
+    likewise starts the guest outside its listen thread.)  The thread starts at ADVISE
+    and waits: POSTCOPY_RUN, inside the switchover pause, only hands it the state.
+    """
+
+    def __init__(self, start: Callable[[VmState], None]) -> None:
+        """``start(state)``: restore and start; it handles its own failure."""
+        self._start = start
+        self._states: queue.SimpleQueue[VmState | None] = queue.SimpleQueue()
+        self._requested = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="postcopy/run", daemon=True)
+        self._thread.start()
+
+    def run(self, state: VmState) -> None:
+        self._requested = True
+        self._states.put(state)
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the guest start has finished (at once True if it was never asked)."""
+        return not self._requested or self._done.wait(timeout)
+
+    def _run(self) -> None:
+        state = self._states.get()
+        try:
+            if state is not None:
+                self._start(state)
+        finally:
+            self._done.set()
+
+    def close(self) -> None:
+        self._states.put(None)  # never asked to start: end the thread
+        self._thread.join(10)
+
+
 class IncomingLoad:
     """The load thread's work on one incoming stream (see the module docstring)."""
 
@@ -135,7 +176,7 @@ class IncomingLoad:
         self._platform: PlatformState | None = None
         # Postcopy: the device state is restored and the guest started on a thread of
         # their own (see _run_guest); its failure, if any.
-        self._starter: threading.Thread | None = None
+        self._starter: GuestStarter | None = None
         self._start_error: Exception | None = None
         self._runstate: str | None = None  # the source's run state (globalstate section)
         self._theirs: Handshake | None = None  # the source's capabilities section
@@ -357,14 +398,16 @@ class IncomingLoad:
             raise MigrationError("this host's userfaultfd lacks "
                                  f"{', '.join(feature_names(needed & ~have))}, which postcopy "
                                  "of this guest's RAM needs")
-        self._require_rp("POSTCOPY_ADVISE")
+        rp = self._require_rp("POSTCOPY_ADVISE")
         if self._handler is None:  # a stream without the capabilities section
             self._handler = choose_fault_handler(Handshake.of(self.caps), self._post_channel,
                                                  self._switch)
         self._uffd = Userfaultfd.open()
         self._uffd.api(needed)
-        self._postcopy = self._handler.advise(self.vm.blocks, self._uffd, self._vcpu_tids())
+        self._postcopy = self._handler.advise(self.vm.blocks, self._uffd, self._vcpu_tids(),
+                                              rp, self._fault_failed)
         self.loader.on_loaded = self._postcopy.mark_precopy
+        self._starter = GuestStarter(self._start_guest)
 
     def _vcpu_tids(self) -> dict[int, int]:
         return {i: v.native_id or 0 for i, v in enumerate(self.vm.vcpus)}
@@ -381,17 +424,17 @@ class IncomingLoad:
         """Register guest RAM with userfaultfd and start taking faults."""
         self._enter(LoadPhase.LISTENING, "POSTCOPY_LISTEN")
         self._end_multifd()  # nothing may write guest RAM behind userfaultfd's back
-        rp = self._require_rp("LISTEN")
+        self._require_rp("LISTEN")
         if self.caps.postcopy_preempt and self._post_channel is None:
             raise RemoteProtocolError("POSTCOPY_LISTEN before the postcopy channel is up")
-        pc, handler, uffd = self._postcopy, self._handler, self._uffd
-        assert pc is not None and handler is not None and uffd is not None
+        pc, handler = self._postcopy, self._handler
+        assert pc is not None and handler is not None
         for st in pc.blocks.values():
             st.placer.register()
         self._placer = ChannelPlacer(pc, "main")
         self._sink = self._placer
         quiet_background(self.channel)  # a short queue of background pages here too
-        handler.listen(self.vm.blocks, uffd, pc, rp, self._vcpu_tids(), self._fault_failed)
+        handler.listen()
         self._on_postcopy_active()
 
     # --- postcopy recovery ------------------------------------------------------------------
@@ -438,15 +481,11 @@ class IncomingLoad:
         self.channel.shutdown()
 
     def _run_guest(self, _e: ev.PostcopyRun) -> None:
-        """Restore the device state and start the guest, on a thread of their own:
-        restoring can touch guest pages that have not arrived (KVM writes the kvmclock
-        page when its MSR is set), and only this thread reads the main channel they may
-        come on.  (QEMU likewise loads them outside its listen thread.)"""
+        """Hand the device state to the :class:`GuestStarter` (started at ADVISE)."""
         self._enter(LoadPhase.RUNNING, "POSTCOPY_RUN")
         state = self._vm_state()  # a missing section fails here, at once
-        self._starter = threading.Thread(target=self._start_guest, args=(state,),
-                                         name="postcopy/run", daemon=True)
-        self._starter.start()
+        assert self._starter is not None
+        self._starter.run(state)
 
     def _start_guest(self, state: VmState) -> None:
         try:
@@ -459,10 +498,9 @@ class IncomingLoad:
 
     def _check_started(self, timeout: float | None = None) -> None:
         """Raise the guest start's failure; with ``timeout``, wait for it to finish."""
-        if self._starter is not None and timeout is not None:
-            self._starter.join(timeout)
-            if self._starter.is_alive():
-                raise MigrationError("restoring the device state did not finish")
+        if (self._starter is not None and timeout is not None
+                and not self._starter.wait(timeout)):
+            raise MigrationError("restoring the device state did not finish")
         if self._start_error is not None:
             raise MigrationError(f"cannot start the guest here: {self._start_error}")
 
@@ -560,7 +598,7 @@ class IncomingLoad:
         if self._uffd is not None:
             steps.append(self._uffd.close)
         if self._starter is not None:
-            steps.append(lambda: self._starter.join(10) if self._starter else None)
+            steps.append(self._starter.close)
         steps.append(self.loader.release)
         for step in steps:
             try:

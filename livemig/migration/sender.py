@@ -227,13 +227,10 @@ class PageSender:
         return total
 
     # --- postcopy: switchover -------------------------------------------------------------
-    def prepare_postcopy(self) -> list[tuple[str, list[tuple[int, int]]]]:
-        """At switchover: whole host pages dirty, and the ranges to discard per block."""
-        out = []
-        for name, bm in self.bitmaps.items():
-            bm.expand_to_host_pages()
-            out.append((name, bm.dirty_ranges()))
-        return out
+    def postcopy_discards(self) -> list[tuple[str, list[tuple[int, int]]]]:
+        """At switchover: whole host pages dirty, and per block the ranges the
+        destination must drop that no earlier call returned (see bitmap.py)."""
+        return [(name, bm.discard_ranges()) for name, bm in self.bitmaps.items()]
 
     # --- postcopy: urgent pages -----------------------------------------------------------
     def _switch(self, channel: str) -> None:

@@ -23,8 +23,13 @@ How page requests are served is one :class:`~livemig.migration.urgent_sender.Urg
 chosen in the constructor from the parameters at ``migrate``; a later
 ``migrate-set-parameters`` changes only bandwidth and the downtime limit.
 
-Convergence follows QEMU: when the time to send what remains at the bandwidth measured
-in the last round is below ``downtime-limit``, stop and copy.  The iteration cap
+Convergence starts as QEMU's: when the time to send what remains at the bandwidth
+measured in the last round is below ``downtime-limit``, the migration may stop and copy.
+``downtime-limit`` is a ceiling, not a target (:class:`Convergence`): while the last
+round still shrank what is left to at most three quarters (so the next round will
+likely shrink it again) and the pause would last more than a few milliseconds, livemig
+runs one more round with the guest running instead of pausing it for what that round
+would have sent: a shorter pause for a somewhat longer migration.  The iteration cap
 (``x-max-iterations``) forces the stop-and-copy so a migration always ends.
 
 Failure or cancel in precopy leaves the source VM as it was: dirty logging off, the
@@ -92,6 +97,20 @@ log = logging.getLogger("livemig.source")
 EventSink = Callable[[str, dict[str, Any]], None]
 # Postcopy recovery: how long the destination may take to send its bitmaps and ack.
 RESUME_TIMEOUT_S = 30.0
+# PING values: 1 asks whether the destination took POSTCOPY_ADVISE; SWITCHOVER_PING + i
+# marks the end of the switchover's catch-up round i.  How long a PONG may take.
+ADVISE_PING = 1
+SWITCHOVER_PING = 2
+PONG_TIMEOUT_S = 30.0
+# Postcopy switchover: catch-up rounds while the guest still runs, at most this many,
+# ending once a round discards no more than this many ranges.
+CATCH_UP_ROUNDS = 4
+CATCH_UP_FEW_RANGES = 64
+# Precopy: once what is left fits in downtime-limit, one more round while the last one
+# left at most this fraction of what the one before left, and the pause would be longer
+# than SHORT_PAUSE_S.
+KEEP_SHRINKING = 0.75
+SHORT_PAUSE_S = 0.005
 
 
 # --- the order of the stream (docs/STREAM.md); also driven by the protocol tests -------
@@ -139,6 +158,25 @@ def end_postcopy_stream(sender: PageSender, urgent: UrgentSender) -> dict[str, i
     writer.flush()
     sender.reset_channel()
     return counts
+
+
+class Convergence:
+    """When precopy may stop and copy (see the module docstring): fed what each sync
+    left, in order."""
+
+    def __init__(self) -> None:
+        self._previous: int | None = None  # what the sync before left
+
+    def ready(self, remaining: int, bytes_per_second: float, limit_s: float,
+              rounds: int) -> bool:
+        """After a sync that left ``remaining`` bytes, the last round having sent
+        ``bytes_per_second``: whether to stop now (``rounds`` done so far)."""
+        pause_s = remaining / bytes_per_second if bytes_per_second > 0 else float("inf")
+        shrinking = (self._previous is not None
+                     and remaining <= self._previous * KEEP_SHRINKING
+                     and pause_s > SHORT_PAUSE_S)
+        self._previous = remaining
+        return rounds > 0 and pause_s <= limit_s and not shrinking
 
 
 class SourceMigration:
@@ -389,11 +427,11 @@ class SourceMigration:
         if self.caps.postcopy_ram:
             # The destination checks page sizes and userfaultfd at ADVISE; its PONG
             # tells us it agreed, before anything could stop our guest.
-            main.writer.write([main.encoder.ping(1)])
+            main.writer.write([main.encoder.ping(ADVISE_PING)])
             main.writer.flush()
             self._rp = ReturnPathReader(channel, blocks, self._on_request)
             self._rp.start()
-            self._rp.wait_pong(1, timeout=30)
+            self._rp.wait_pong(ADVISE_PING, timeout=PONG_TIMEOUT_S)
         self.urgent.start(self.vm.blocks, sender.post.writer.channel if sender.post else None,
                           self.trace, self._link_failed)
         self.vm.set_dirty_logging(True)
@@ -408,6 +446,7 @@ class SourceMigration:
     def _iterate(self, sender: PageSender) -> None:
         meter = BandwidthMeter()
         last_sync = time.monotonic()
+        convergence = Convergence()
         while True:
             self._check_cancel()
             before = sender.dirty_pages()
@@ -419,8 +458,8 @@ class SourceMigration:
             last_sync = now
             self._update_stats(sender, remaining, meter.bytes_per_second)
             limit_s = self.params.downtime_limit / 1000  # live: may change between rounds
-            converged = (self.info.rounds > 0 and meter.bytes_per_second > 0
-                         and remaining / meter.bytes_per_second <= limit_s)
+            converged = convergence.ready(remaining, meter.bytes_per_second, limit_s,
+                                          self.info.rounds)
             if self._postcopy_requested.is_set():
                 return
             if converged or self.info.rounds >= self.params.x_max_iterations:
@@ -503,16 +542,14 @@ class SourceMigration:
 
     def _postcopy(self, sender: PageSender) -> None:
         """Switch the guest over to the destination, then send the rest on demand."""
-        assert self._rp is not None
+        self._catch_up(sender)
         t0 = self._stop_guest(sender)
         # The multifd channels synced at the end of the last round: close them; the
         # pages still dirty go in postcopy, on the main and postcopy channels.
         self._precopy_pages.end()
         before = self._transferred(sender)
         enc, writer = sender.encoder, sender.writer
-        for name, ranges in sender.prepare_postcopy():
-            if ranges:
-                writer.write([enc.postcopy_ram_discard(name, ranges)])
+        self._write_discards(sender)  # only what the guest dirtied in the last round
         package = enc.package()
         blob: list[Buffer] = [package.postcopy_listen(),
                               *device_sections(package, self._device_payloads()),
@@ -543,6 +580,37 @@ class SourceMigration:
         self.urgent.update_stats(st)
         self.vm.set_runstate(RunState.POSTMIGRATE)
         self.status.set(MigrationStatus.COMPLETED)
+
+    def _catch_up(self, sender: PageSender) -> None:
+        """Before the guest stops: the destination drops what it holds of every page
+        dirty here, and reads everything sent so far (PING, PONG), while the guest
+        still runs here; again for what the guest dirtied meanwhile, until few pages
+        are left.  The pause then covers only the pages dirtied after the last round,
+        not the backlog of precopy pages queued in the sockets and thousands of
+        discards (QEMU does both inside the pause).  Nothing is sent from here on but
+        discards, so the destination receives no page it would have to drop again."""
+        assert self._rp is not None
+        enc, writer = sender.encoder, sender.writer
+        for i in range(CATCH_UP_ROUNDS):
+            self._check_cancel()
+            sender.sync()
+            ranges = self._write_discards(sender)
+            writer.write([enc.ping(SWITCHOVER_PING + i)])
+            writer.flush()
+            self._rp.wait_pong(SWITCHOVER_PING + i, timeout=PONG_TIMEOUT_S)
+            if ranges <= CATCH_UP_FEW_RANGES:
+                return
+
+    def _write_discards(self, sender: PageSender) -> int:
+        """POSTCOPY_RAM_DISCARD for the dirty pages not discarded yet; returns how many
+        ranges."""
+        enc, writer = sender.encoder, sender.writer
+        count = 0
+        for name, ranges in sender.postcopy_discards():
+            if ranges:
+                writer.write([enc.postcopy_ram_discard(name, ranges)])
+                count += len(ranges)
+        return count
 
     def _postcopy_until_done(self, sender: PageSender) -> None:
         """Send the rest, requested pages first.  A failure of any connection pauses

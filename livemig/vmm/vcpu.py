@@ -132,7 +132,9 @@ class Vcpu:
             self._want = want
             self.fd.set_immediate_exit(want is not VcpuRunState.RUNNING)
             self._cond.notify_all()
-            while self.state is not want and self._thread.is_alive():
+            # Until the vCPU is there, or another thread's command superseded this one
+            # (request_pause while a resume waits): that one's caller waits for it.
+            while self.state is not want and self._want is want and self._thread.is_alive():
                 if self.state is VcpuRunState.RUNNING and self._thread.ident is not None:
                     signal.pthread_kill(self._thread.ident, KICK_SIGNAL)
                 self._cond.wait(0.005)
