@@ -262,9 +262,11 @@ class Channel:
             self._write_file(buffers)
 
     def _write_file(self, buffers: Sequence[Buffer]) -> None:
-        for b in buffers:
-            self._crc = zlib.crc32(b, self._crc)
-        self.bytes_sent += write_buffers(self.fd, buffers)
+        # One snapshot, checksummed and written: the buffers may be views of the RAM of
+        # a guest that runs on (a live save), whose pages can change between the two.
+        data = b"".join(buffers)
+        self._crc = zlib.crc32(data, self._crc)
+        self.bytes_sent += write_buffers(self.fd, [data])
 
     def seal(self) -> None:
         """The stream is complete: a file gets its checksum trailer (a socket nothing)."""

@@ -376,9 +376,9 @@ class PostcopyState:
         """Record placed host pages.  No lock: each element is written by whoever
         placed that page (twice at worst, for a page sent on both channels)."""
         now = time.monotonic_ns()
+        st.received[first : first + n] = True  # first: a placement seen is a page kept
         placed = st.arrays.placed_ns[first : first + n]
         placed[placed == 0] = now  # the first placement answers a fault
-        st.received[first : first + n] = True
 
     # --- faults ---------------------------------------------------------------------------
     def locate(self, address: int) -> tuple[BlockState, int] | None:
