@@ -16,7 +16,8 @@ The first byte of an input chooses options (chunk size, postcopy MEM_SIZE layout
 so one corpus explores how the bytes arrive as well as what they are.  Targets
 (:data:`TARGETS`): ``stream`` (main channel: header, sections, RAM records, commands,
 packaged blobs, the VM description), ``postcopy`` (the postcopy channel's records),
-``returnpath``, ``qmp`` (JSON splitter + protocol + command argument checks),
+``returnpath``, ``recovery`` (postcopy recovery's resumed main channel and its return
+path), ``qmp`` (JSON splitter + protocol + command argument checks),
 ``helper`` (helper control messages), ``devstate`` (saved CPU/serial state, the
 capabilities section, the VM description checks).
 
@@ -90,7 +91,7 @@ def _feed(dec: Decoder | ReturnPathDecoder, data: bytes, pos: int, chunk: int) -
         dec.receive_eof()
         return pos
     dec.receive_data(data[pos : pos + chunk])
-    return pos + chunk
+    return min(pos + chunk, len(data))
 
 
 def drive_decoder(dec: Decoder, data: bytes, chunk: int,
@@ -138,7 +139,25 @@ def postcopy(data: bytes) -> None:
 
 
 def returnpath(data: bytes) -> None:
+    _drive_returnpath(*_options(data))
+
+
+def recovery(data: bytes) -> None:
+    """Postcopy recovery's handshake, as after ``migrate resume=true``: the resumed main
+    channel (MIG_CMD_RECV_BITMAP, MIG_CMD_POSTCOPY_RESUME, then the rest of RAM, with
+    RAM's section already started) or, with option bit 0x80, its return path (the
+    RECV_BITMAP answers with their bitmaps, RESUME_ACK)."""
     opts, body = _options(data)
+    if opts & 0x80:
+        _drive_returnpath(opts & 0x7F, body)
+        return
+    blocks = BLOCKS if opts & 0x30 == 0x30 else SEED_BLOCKS
+    dec = Decoder(blocks, postcopy=True, resumed=[hs.RAM.section_id], max_record=1 << 22)
+    with contextlib.suppress(LivemigError):
+        drive_decoder(dec, body, CHUNKS[opts % len(CHUNKS)], blocks)
+
+
+def _drive_returnpath(opts: int, body: bytes) -> None:
     dec = ReturnPathDecoder(BLOCKS if opts & 1 else None)
     chunk = CHUNKS[(opts >> 1) % len(CHUNKS)]
     pos = 0
@@ -237,7 +256,7 @@ def _description(body: bytes) -> None:
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "stream": stream, "postcopy": postcopy, "returnpath": returnpath, "qmp": qmp,
-    "helper": helper, "devstate": devstate,
+    "helper": helper, "devstate": devstate, "recovery": recovery,
 }
 
 
