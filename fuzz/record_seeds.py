@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -49,6 +48,7 @@ from livemig.instance import Instance
 from livemig.kernel.mman import Backing
 from livemig.migration import helper
 from livemig.migration.channel import IMAGE_TRAILER
+from livemig.tcpproxy import TcpProxy
 from livemig.vmm.boot import boot_image
 from livemig.vmm.vm import Vm, VmConfig
 from livemig.wire import events as ev
@@ -128,46 +128,6 @@ def record_precopy_file(tmp: Path, rec: Recorder) -> None:
             rec.add("devstate", bytes([3]) + e.description.encode())
 
 
-class Proxy:
-    """Forwards TCP connections to ``target`` and records each direction."""
-
-    def __init__(self, target: int) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.target = target
-        self.flows: list[tuple[bytearray, bytearray]] = []
-        self._threads: list[threading.Thread] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                a, _ = self.server.accept()
-            except OSError:
-                return
-            b = socket.create_connection(("127.0.0.1", self.target))
-            up, down = bytearray(), bytearray()
-            self.flows.append((up, down))
-            for src, dst, log in ((a, b, up), (b, a, down)):
-                t = threading.Thread(target=_pump, args=(src, dst, log), daemon=True)
-                t.start()
-                self._threads.append(t)
-
-    def close(self) -> None:
-        self.server.close()
-        for t in self._threads:
-            t.join(10)
-
-
-def _pump(src: socket.socket, dst: socket.socket, log: bytearray) -> None:
-    with contextlib.suppress(OSError):
-        while data := src.recv(1 << 16):
-            log += data
-            dst.sendall(data)
-    with contextlib.suppress(OSError):
-        dst.shutdown(socket.SHUT_WR)
-
-
 @contextlib.contextmanager
 def tapped(rec: Recorder) -> Iterator[None]:
     """Record the helpers' control messages and the QMP bytes clients send."""
@@ -200,7 +160,7 @@ def record_postcopy(tmp: Path, rec: Recorder) -> None:
     with free_port() as port, instance(tmp, "psrc") as src, instance(tmp, "pdst"):
         boot_image(src.vm, load_image("ab"))
         src.vm.start()
-        proxy = Proxy(port)
+        proxy = TcpProxy(port)
         with QmpClient(str(tmp / "psrc.qmp")) as s, QmpClient(str(tmp / "pdst.qmp")) as d:
             for c in (s, d):
                 c.execute("migrate-set-capabilities", capabilities=caps)
@@ -239,7 +199,7 @@ def record_recovery(tmp: Path, rec: Recorder) -> None:
             instance(tmp, "rdst"):
         boot_image(src.vm, load_image("ab"))
         src.vm.start()
-        first, second = Proxy(port), Proxy(again)
+        first, second = TcpProxy(port), TcpProxy(again)
         with QmpClient(str(tmp / "rsrc.qmp")) as s, QmpClient(str(tmp / "rdst.qmp")) as d:
             for c in (s, d):
                 c.execute("migrate-set-capabilities", capabilities=caps)

@@ -61,6 +61,10 @@ BLOCKS = {"pc.ram": BlockInfo(MEM, PAGE_SIZE), "mem-huge": BlockInfo(2 << 20, 2 
 SEED_BLOCKS = {"pc.ram": BlockInfo(MEM, PAGE_SIZE)}
 CHUNKS = (1, 7, 64, 4096, 4105, 65536, 1 << 22)
 MAX_STEPS = 1_000_000  # events one input may produce: more is a hang
+# Chunks of 1 or 7 bytes split every header and record at every byte, which matters
+# where the records are (the first KiB); over a 64 KiB input they would cost 64 K decoder
+# calls per input, so past this point the chunks are at least a page.
+TINY_CHUNKS_UNTIL = 4096
 
 
 class Finding(AssertionError):
@@ -90,6 +94,8 @@ def _feed(dec: Decoder | ReturnPathDecoder, data: bytes, pos: int, chunk: int) -
     if pos >= len(data):
         dec.receive_eof()
         return pos
+    if pos >= TINY_CHUNKS_UNTIL:
+        chunk = max(chunk, 4096)
     dec.receive_data(data[pos : pos + chunk])
     return min(pos + chunk, len(data))
 

@@ -53,7 +53,8 @@ from livemig.errors import ConfigError, VmStateError
 from livemig.kernel import kvm as K
 from livemig.kernel.mman import Backing
 from livemig.units import GIB, MIB
-from livemig.vmm.cpuid import CpuidPolicy
+from livemig.vmm.cpucheck import check_restorable
+from livemig.vmm.cpuid import CpuidPolicy, HostCpu
 from livemig.vmm.memory import RamBlock, make_block
 from livemig.vmm.multiboot import MultibootImage
 from livemig.vmm.serial import COM1_IRQ, Serial, Sink
@@ -181,6 +182,7 @@ class Vm:
         self.blocks: dict[str, RamBlock] = {block.name: block}
         self.xsave = bool(self.kvm.check_extension(K.KVM_CAP_XSAVE))
         supported = self.kvm.supported_cpuid()
+        self.host_cpu = HostCpu.from_cpuid(supported)
         self.vcpus: list[Vcpu] = []
         for i in range(cfg.vcpus):
             fd = self.vm_fd.create_vcpu(i)
@@ -408,6 +410,8 @@ class Vm:
                                   f"{len(self.vcpus)}")
             if state.platform is not None and not self.config.irqchip:
                 raise ConfigError("the saved VM had the in-kernel irqchip, this one has not")
+            for i, st in enumerate(state.vcpus):  # all of them before any is touched
+                check_restorable(st, i, self.msr_indices, self.host_cpu, self.config.irqchip)
             platform = state.platform
             fd = self.vm_fd
             if platform is not None:
