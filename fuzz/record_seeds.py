@@ -60,6 +60,7 @@ HALT = bytes([0xFA, 0xF4, 0xEB, 0xFD]) + bytes(506) + b"\x55\xaa"  # cli; hlt; j
 # Options bytes (fuzz/targets.py): the seed block table and 4 KiB chunks.
 STREAM_OPTS, POSTCOPY_OPTS, RP_OPTS, QMP_OPTS = 0x03, 0x03, 0x07, 0x01
 RECOVERY_MAIN_OPTS, RECOVERY_RP_OPTS = 0x03, 0x80 | RP_OPTS
+RECOVERY_SEED = 16384  # the handshake and a few pages of RAM (fuzz/run.py's MAX_LEN)
 DEVSTATE = {"livemig/cpu": 0, "livemig/serial": 1, "livemig/capabilities": 2}
 
 
@@ -223,7 +224,7 @@ def record_recovery(tmp: Path, rec: Recorder) -> None:
         if up[:4] == b"LMPC":
             rec.add("postcopy", bytes([POSTCOPY_OPTS]) + bytes(up))
         else:
-            rec.add("recovery", bytes([RECOVERY_MAIN_OPTS]) + bytes(up))
+            rec.add("recovery", bytes([RECOVERY_MAIN_OPTS]) + bytes(up[:RECOVERY_SEED]))
         rec.add("recovery", bytes([RECOVERY_RP_OPTS]) + bytes(down))
         rec.add("returnpath", bytes([RP_OPTS]) + bytes(down))
 
