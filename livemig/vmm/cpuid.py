@@ -127,8 +127,9 @@ CR4_ALWAYS = 1 << 8  # PCE
 
 @dataclass(frozen=True)
 class HostCpu:
-    """What a saved vCPU may use on this host (from KVM's supported CPUID): the XCR0
-    state components, the physical address width, the CR4 bits."""
+    """What a saved vCPU may use on this VM (from the CPUID its vCPUs are given, KVM's
+    supported CPUID less hidden features): the XCR0 state components, the physical
+    address width, the CR4 bits."""
 
     xcr0: int
     phys_bits: int

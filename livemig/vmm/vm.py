@@ -182,7 +182,8 @@ class Vm:
         self.blocks: dict[str, RamBlock] = {block.name: block}
         self.xsave = bool(self.kvm.check_extension(K.KVM_CAP_XSAVE))
         supported = self.kvm.supported_cpuid()
-        self.host_cpu = HostCpu.from_cpuid(supported)
+        # KVM checks CR4 and XCR0 against the vCPU's CPUID (features hidden included).
+        self.host_cpu = HostCpu.from_cpuid(cfg.cpuid.table_for(supported, 0, cfg.vcpus))
         self.vcpus: list[Vcpu] = []
         for i in range(cfg.vcpus):
             fd = self.vm_fd.create_vcpu(i)
