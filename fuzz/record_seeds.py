@@ -4,7 +4,7 @@
 
 Theory of operation
 -------------------
-Two real migrations of a small (2 MiB) VM run in this process, between livemig
+Three real migrations of a small (2 MiB) VM run in this process, between livemig
 instances driven over QMP as a user drives them:
 
 1. a precopy save to ``file:`` of a halting guest with a few pages of data: the main
@@ -15,7 +15,12 @@ instances driven over QMP as a user drives them:
    packaged device state (``stream``), its return path with PONG, page requests and SHUT
    (``returnpath``), the postcopy channel (``postcopy``) and, since the urgent sender is
    a helper process, the requests on that channel (``returnpath``) and the helpers'
-   control messages (``helper``).  The QMP bytes both clients sent are ``qmp`` seeds.
+   control messages (``helper``).  The QMP bytes both clients sent are ``qmp`` seeds;
+3. the same migration, slowed down, paused (``migrate-pause``) and recovered through a
+   second proxy: the resumed main channel with MIG_CMD_RECV_BITMAP and
+   MIG_CMD_POSTCOPY_RESUME and its return path with the RECV_BITMAP answers and
+   RESUME_ACK (``recovery``, the return path also as ``returnpath``), the new postcopy
+   channel (``postcopy``).
 
 Each seed starts with the options byte its target reads first (fuzz/targets.py) and is
 cut to ``--max-seed`` bytes: the fuzzer mutates from there, and the corpus stays small
@@ -27,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -44,6 +48,7 @@ from livemig.instance import Instance
 from livemig.kernel.mman import Backing
 from livemig.migration import helper
 from livemig.migration.channel import IMAGE_TRAILER
+from livemig.tcpproxy import TcpProxy
 from livemig.vmm.boot import boot_image
 from livemig.vmm.vm import Vm, VmConfig
 from livemig.wire import events as ev
@@ -54,6 +59,8 @@ MEM = 2 << 20
 HALT = bytes([0xFA, 0xF4, 0xEB, 0xFD]) + bytes(506) + b"\x55\xaa"  # cli; hlt; jmp $-2
 # Options bytes (fuzz/targets.py): the seed block table and 4 KiB chunks.
 STREAM_OPTS, POSTCOPY_OPTS, RP_OPTS, QMP_OPTS = 0x03, 0x03, 0x07, 0x01
+RECOVERY_MAIN_OPTS, RECOVERY_RP_OPTS = 0x03, 0x80 | RP_OPTS
+RECOVERY_SEED = 16384  # the handshake and a few pages of RAM (fuzz/run.py's MAX_LEN)
 DEVSTATE = {"livemig/cpu": 0, "livemig/serial": 1, "livemig/capabilities": 2}
 
 
@@ -122,46 +129,6 @@ def record_precopy_file(tmp: Path, rec: Recorder) -> None:
             rec.add("devstate", bytes([3]) + e.description.encode())
 
 
-class Proxy:
-    """Forwards TCP connections to ``target`` and records each direction."""
-
-    def __init__(self, target: int) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.target = target
-        self.flows: list[tuple[bytearray, bytearray]] = []
-        self._threads: list[threading.Thread] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                a, _ = self.server.accept()
-            except OSError:
-                return
-            b = socket.create_connection(("127.0.0.1", self.target))
-            up, down = bytearray(), bytearray()
-            self.flows.append((up, down))
-            for src, dst, log in ((a, b, up), (b, a, down)):
-                t = threading.Thread(target=_pump, args=(src, dst, log), daemon=True)
-                t.start()
-                self._threads.append(t)
-
-    def close(self) -> None:
-        self.server.close()
-        for t in self._threads:
-            t.join(10)
-
-
-def _pump(src: socket.socket, dst: socket.socket, log: bytearray) -> None:
-    with contextlib.suppress(OSError):
-        while data := src.recv(1 << 16):
-            log += data
-            dst.sendall(data)
-    with contextlib.suppress(OSError):
-        dst.shutdown(socket.SHUT_WR)
-
-
 @contextlib.contextmanager
 def tapped(rec: Recorder) -> Iterator[None]:
     """Record the helpers' control messages and the QMP bytes clients send."""
@@ -194,7 +161,7 @@ def record_postcopy(tmp: Path, rec: Recorder) -> None:
     with free_port() as port, instance(tmp, "psrc") as src, instance(tmp, "pdst"):
         boot_image(src.vm, load_image("ab"))
         src.vm.start()
-        proxy = Proxy(port)
+        proxy = TcpProxy(port)
         with QmpClient(str(tmp / "psrc.qmp")) as s, QmpClient(str(tmp / "pdst.qmp")) as d:
             for c in (s, d):
                 c.execute("migrate-set-capabilities", capabilities=caps)
@@ -216,6 +183,52 @@ def record_postcopy(tmp: Path, rec: Recorder) -> None:
             rec.add("returnpath", bytes([RP_OPTS]) + bytes(down))
 
 
+def wait_for(c: QmpClient, status: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (now := c.execute("query-migrate").get("status")) != status:
+        if time.monotonic() > deadline or now in ("completed", "failed", "cancelled"):
+            raise TimeoutError(f"migration is {now}, not {status}")
+        time.sleep(0.05)
+
+
+def record_recovery(tmp: Path, rec: Recorder) -> None:
+    """A slow postcopy paused at once and recovered over a second proxy: the recovered
+    main channel (RECV_BITMAP, POSTCOPY_RESUME, the rest of RAM), its return path
+    (RECV_BITMAP answers, RESUME_ACK) and the new postcopy channel."""
+    caps = [{"capability": c, "state": True} for c in ("postcopy-ram", "postcopy-preempt")]
+    with free_port() as port, free_port() as again, instance(tmp, "rsrc") as src, \
+            instance(tmp, "rdst"):
+        boot_image(src.vm, load_image("ab"))
+        src.vm.start()
+        first, second = TcpProxy(port), TcpProxy(again)
+        with QmpClient(str(tmp / "rsrc.qmp")) as s, QmpClient(str(tmp / "rdst.qmp")) as d:
+            for c in (s, d):
+                c.execute("migrate-set-capabilities", capabilities=caps)
+            s.execute("migrate-set-parameters", **{"max-bandwidth": 256 << 10,
+                                                   "max-postcopy-bandwidth": 256 << 10})
+            d.execute("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+            s.execute("migrate", uri=f"tcp:127.0.0.1:{first.port}")
+            s.execute("migrate-start-postcopy")
+            wait_for(s, "postcopy-active")
+            s.execute("migrate-pause")
+            wait_for(s, "postcopy-paused")
+            wait_for(d, "postcopy-paused")
+            d.execute("migrate-recover", uri=f"tcp:127.0.0.1:{again}")
+            s.execute("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+            s.execute("migrate", uri=f"tcp:127.0.0.1:{second.port}", resume=True)
+            assert wait(s)["status"] == "completed"
+            assert wait(d)["status"] == "completed"
+        first.close()
+        second.close()
+    for up, down in second.flows:
+        if up[:4] == b"LMPC":
+            rec.add("postcopy", bytes([POSTCOPY_OPTS]) + bytes(up))
+        else:
+            rec.add("recovery", bytes([RECOVERY_MAIN_OPTS]) + bytes(up[:RECOVERY_SEED]))
+        rec.add("recovery", bytes([RECOVERY_RP_OPTS]) + bytes(down))
+        rec.add("returnpath", bytes([RP_OPTS]) + bytes(down))
+
+
 @contextlib.contextmanager
 def free_port() -> Iterator[int]:
     with socket.socket() as s:
@@ -234,6 +247,7 @@ def main(out: Path, max_seed: int) -> None:
     with tempfile.TemporaryDirectory() as tmp, tapped(rec):
         record_precopy_file(Path(tmp), rec)
         record_postcopy(Path(tmp), rec)
+        record_recovery(Path(tmp), rec)
     total = rec.write(out, max_seed)
     for target, seeds in sorted(rec.seeds.items()):
         click.echo(f"{target:11} {len(seeds):4} seeds")

@@ -15,7 +15,9 @@ exception other than livemig's typed errors.  A finding's input is saved in
 ``--findings`` (one file per finding, named by target); turn each into a regression
 test.  The report gives, per target, the inputs executed, the time, the coverage
 libFuzzer measured (``cov``: instrumented edges of livemig's code; ``ft``: features)
-and the findings.  Exit status 1 if any target found something.
+and the findings, the peak memory and the slowest input.  A run stopped with SIGINT
+(to the target's process) still reports what it did.  Exit status 1 if any target
+found something.
 """
 
 from __future__ import annotations
@@ -34,10 +36,15 @@ from rich.console import Console
 from rich.table import Table
 
 HERE = Path(__file__).resolve().parent
-TARGETS = ("stream", "postcopy", "returnpath", "qmp", "helper", "devstate")
+TARGETS = ("stream", "postcopy", "returnpath", "recovery", "qmp", "helper", "devstate")
 _STATS = re.compile(r"^#(\d+)\s+(?:DONE|pulse|NEW|REDUCE|INITED)\s+cov: (\d+) ft: (\d+)"
                     r"(?: corp: (\d+)/)?", re.M)
 _DONE = re.compile(r"^Done (\d+) runs in (\d+) second", re.M)
+_FINAL = re.compile(r"^stat::(\w+):\s+(\d+)", re.M)  # -print_final_stats=1
+# Longest input: a 64 KiB stream reaches every record type; the recovery handshake is
+# over in the first few KiB (the RAM that follows is the stream target's).
+MAX_LEN = {"recovery": 16385}
+INTERRUPTED = 72  # libFuzzer's exit status after SIGINT (-interrupted_exit_code)
 
 
 @dataclass
@@ -50,10 +57,13 @@ class Outcome:
     corpus: int
     findings: list[str]
     exit_status: int
+    peak_rss_mb: int = 0
+    slowest_s: int = 0  # the slowest input's time, whole seconds as libFuzzer counts
 
     @property
     def ok(self) -> bool:
-        return self.exit_status == 0 and not self.findings
+        """Nothing found; a run stopped early with SIGINT is not a finding."""
+        return self.exit_status in (0, INTERRUPTED) and not self.findings
 
 
 def run_target(target: str, *, runs: int, seconds: int, corpus: Path, findings: Path,
@@ -64,7 +74,7 @@ def run_target(target: str, *, runs: int, seconds: int, corpus: Path, findings: 
     seeds = HERE / "seeds" / target
     cmd = [sys.executable, str(HERE / "targets.py"), target, f"-runs={runs}",
            f"-max_total_time={seconds}", f"-timeout={timeout}", f"-rss_limit_mb={rss_mb}",
-           "-max_len=65537", f"-artifact_prefix={findings}/{target}-",
+           f"-max_len={MAX_LEN.get(target, 65537)}", f"-artifact_prefix={findings}/{target}-",
            "-print_final_stats=1", str(corpus)]
     if seeds.is_dir():
         cmd.append(str(seeds))
@@ -76,24 +86,29 @@ def run_target(target: str, *, runs: int, seconds: int, corpus: Path, findings: 
         log.write_text(proc.stderr)
     stats = _STATS.findall(proc.stderr)
     done = _DONE.findall(proc.stderr)
-    inputs = int(done[-1][0]) if done else (int(stats[-1][0]) if stats else 0)
+    final = dict(_FINAL.findall(proc.stderr))
+    inputs = int(final.get("number_of_executed_units", 0)) or (
+        int(done[-1][0]) if done else (int(stats[-1][0]) if stats else 0))
     cov, ft, corp = (int(stats[-1][1]), int(stats[-1][2]), int(stats[-1][3] or 0)) \
         if stats else (0, 0, 0)
     new = sorted(str(p) for p in set(findings.iterdir()) - before)
-    return Outcome(target, inputs, round(elapsed, 1), cov, ft, corp, new, proc.returncode)
+    return Outcome(target, inputs, round(elapsed, 1), cov, ft, corp, new, proc.returncode,
+                   int(final.get("peak_rss_mb", 0)), int(final.get("slowest_unit_time_sec", 0)))
 
 
 def report(outcomes: list[Outcome]) -> Table:
     table = Table(title="livemig fuzzing")
     for col in ("target", "inputs", "seconds", "inputs/s", "cov", "ft", "corpus",
-                "findings"):
+                "peak MB", "slowest s", "findings"):
         table.add_column(col, justify="left" if col in ("target", "findings") else "right")
     for o in outcomes:
         rate = o.inputs / o.seconds if o.seconds else 0
         found = ", ".join(Path(f).name for f in o.findings) or (
-            "none" if o.exit_status == 0 else f"exit {o.exit_status}")
+            "none" if o.exit_status == 0 else "none (stopped)"
+            if o.exit_status == INTERRUPTED else f"exit {o.exit_status}")
         table.add_row(o.target, f"{o.inputs:,}", f"{o.seconds:.0f}", f"{rate:,.0f}",
-                      str(o.coverage), str(o.features), str(o.corpus), found)
+                      str(o.coverage), str(o.features), str(o.corpus), str(o.peak_rss_mb),
+                      str(o.slowest_s), found)
     return table
 
 

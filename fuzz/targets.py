@@ -16,7 +16,8 @@ The first byte of an input chooses options (chunk size, postcopy MEM_SIZE layout
 so one corpus explores how the bytes arrive as well as what they are.  Targets
 (:data:`TARGETS`): ``stream`` (main channel: header, sections, RAM records, commands,
 packaged blobs, the VM description), ``postcopy`` (the postcopy channel's records),
-``returnpath``, ``qmp`` (JSON splitter + protocol + command argument checks),
+``returnpath``, ``recovery`` (postcopy recovery's resumed main channel and its return
+path), ``qmp`` (JSON splitter + protocol + command argument checks),
 ``helper`` (helper control messages), ``devstate`` (saved CPU/serial state, the
 capabilities section, the VM description checks).
 
@@ -60,6 +61,10 @@ BLOCKS = {"pc.ram": BlockInfo(MEM, PAGE_SIZE), "mem-huge": BlockInfo(2 << 20, 2 
 SEED_BLOCKS = {"pc.ram": BlockInfo(MEM, PAGE_SIZE)}
 CHUNKS = (1, 7, 64, 4096, 4105, 65536, 1 << 22)
 MAX_STEPS = 1_000_000  # events one input may produce: more is a hang
+# Chunks of 1 or 7 bytes split every header and record at every byte, which matters
+# where the records are (the first KiB); over a 64 KiB input they would cost 64 K decoder
+# calls per input, so past this point the chunks are at least a page.
+TINY_CHUNKS_UNTIL = 4096
 
 
 class Finding(AssertionError):
@@ -89,8 +94,10 @@ def _feed(dec: Decoder | ReturnPathDecoder, data: bytes, pos: int, chunk: int) -
     if pos >= len(data):
         dec.receive_eof()
         return pos
+    if pos >= TINY_CHUNKS_UNTIL:
+        chunk = max(chunk, 4096)
     dec.receive_data(data[pos : pos + chunk])
-    return pos + chunk
+    return min(pos + chunk, len(data))
 
 
 def drive_decoder(dec: Decoder, data: bytes, chunk: int,
@@ -138,7 +145,25 @@ def postcopy(data: bytes) -> None:
 
 
 def returnpath(data: bytes) -> None:
+    _drive_returnpath(*_options(data))
+
+
+def recovery(data: bytes) -> None:
+    """Postcopy recovery's handshake, as after ``migrate resume=true``: the resumed main
+    channel (MIG_CMD_RECV_BITMAP, MIG_CMD_POSTCOPY_RESUME, then the rest of RAM, with
+    RAM's section already started) or, with option bit 0x80, its return path (the
+    RECV_BITMAP answers with their bitmaps, RESUME_ACK)."""
     opts, body = _options(data)
+    if opts & 0x80:
+        _drive_returnpath(opts & 0x7F, body)
+        return
+    blocks = BLOCKS if opts & 0x30 == 0x30 else SEED_BLOCKS
+    dec = Decoder(blocks, postcopy=True, resumed=[hs.RAM.section_id], max_record=1 << 22)
+    with contextlib.suppress(LivemigError):
+        drive_decoder(dec, body, CHUNKS[opts % len(CHUNKS)], blocks)
+
+
+def _drive_returnpath(opts: int, body: bytes) -> None:
     dec = ReturnPathDecoder(BLOCKS if opts & 1 else None)
     chunk = CHUNKS[(opts >> 1) % len(CHUNKS)]
     pos = 0
@@ -237,7 +262,7 @@ def _description(body: bytes) -> None:
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "stream": stream, "postcopy": postcopy, "returnpath": returnpath, "qmp": qmp,
-    "helper": helper, "devstate": devstate,
+    "helper": helper, "devstate": devstate, "recovery": recovery,
 }
 
 

@@ -14,6 +14,7 @@ caller can catch them all; the branches say *who* is at fault::
      |    +-- RemoteProtocolError   the peer sent something invalid (corrupt, truncated,
      |    |    |                    unknown section/block, out-of-range page, ...)
      |    |    +-- MissingPagesError  a stream ended without every page of RAM
+     |    |    +-- CpuStateError      a saved vCPU field is out of its range
      |    +-- LocalProtocolError    we tried to send something the protocol forbids
      |    +-- ChannelClosedError    the peer vanished (EOF / reset) mid-stream
      |    +-- TlsError              a TLS handshake or peer check refused a connection
@@ -85,6 +86,15 @@ class MissingPagesError(RemoteProtocolError):
         self.block, self.first, self.count = block, first, count
         super().__init__(f"the stream ended without {count} pages of RAM block {block!r} "
                          f"(the first at offset {first:#x})")
+
+
+class CpuStateError(RemoteProtocolError):
+    """A saved vCPU state holds a value outside its field's range: ``field`` names it
+    (``sregs.cr0``, ``events.exception.nr``, ``msr 0xc0000082``, ...)."""
+
+    def __init__(self, field: str, why: str) -> None:
+        self.field = field
+        super().__init__(f"cpu state field {field} {why}")
 
 
 class LocalProtocolError(StreamError):

@@ -287,9 +287,9 @@ class DestinationMigration:
         if not isinstance(e, LivemigError):
             e = MigrationError(f"internal error: {e}")
         self.info.error_desc = str(e)
-        if self.vm.runstate is RunState.INMIGRATE:
-            self.vm.set_runstate(RunState.PAUSED)
-        elif self.vm.running:
+        # A VM still in "inmigrate" stays there, as in QEMU: its RAM and device state are
+        # partly loaded, so ``cont`` is refused (only a new migrate-incoming can load it).
+        if self.vm.running:
             # Postcopy failed with the guest running here: its memory is incomplete, so
             # stop it.  vCPUs blocked on missing pages can only stop once their faults
             # are released, so: ask them to stop, release the faults, then wait.

@@ -431,12 +431,20 @@ class SourceMigration:
             main.writer.flush()
             self._rp = ReturnPathReader(channel, blocks, self._on_request)
             self._rp.start()
-            self._rp.wait_pong(ADVISE_PING, timeout=PONG_TIMEOUT_S)
+            self._rp.wait_pong(ADVISE_PING, timeout=self._answer_timeout())
         self.urgent.start(self.vm.blocks, sender.post.writer.channel if sender.post else None,
                           self.trace, self._link_failed)
         self.vm.set_dirty_logging(True)
         self.info.setup_ns = time.monotonic_ns() - self.info.start_ns
         return sender
+
+    def _answer_timeout(self) -> float:
+        """Seconds the destination may stay silent when it owes an answer (the PONG after
+        ADVISE): the dead-link timeout when set, since a peer silent that long is gone
+        (a silent peer that keeps its socket open never fills our buffers here, so TCP
+        alone would not notice); else RESUME_TIMEOUT_S."""
+        ms = self.params.x_dead_link_timeout
+        return ms / 1000 if ms > 0 else RESUME_TIMEOUT_S
 
     def _open_postcopy_channel(self) -> OutChannel:
         """The second connection, for requested pages only (postcopy preemption)."""

@@ -103,3 +103,46 @@ def lookup(raw: bytes, function: int, index: int = 0) -> CpuidEntry | None:
         if e.function == function and e.index == index:
             return e
     return None
+
+
+
+# CR4 bits that exist only with a CPUID feature: bit -> (leaf, sub-leaf, register, bit).
+CR4_FEATURES: dict[int, tuple[int, int, str, int]] = {
+    0: (1, 0, "edx", 1), 1: (1, 0, "edx", 1),  # VME, PVI: VME
+    2: (1, 0, "edx", 4), 3: (1, 0, "edx", 2),  # TSD: TSC; DE
+    4: (1, 0, "edx", 3), 5: (1, 0, "edx", 6),  # PSE; PAE
+    6: (1, 0, "edx", 7), 7: (1, 0, "edx", 13),  # MCE; PGE
+    9: (1, 0, "edx", 24), 10: (1, 0, "edx", 25),  # OSFXSR: FXSR; OSXMMEXCPT: SSE
+    11: (7, 0, "ecx", 2), 12: (7, 0, "ecx", 16),  # UMIP; LA57
+    13: (1, 0, "ecx", 5), 14: (1, 0, "ecx", 6),  # VMXE; SMXE
+    16: (7, 0, "ebx", 0), 17: (1, 0, "ecx", 17),  # FSGSBASE; PCIDE
+    18: (1, 0, "ecx", 26), 19: (7, 0, "ecx", 23),  # OSXSAVE; KL
+    20: (7, 0, "ebx", 7), 21: (7, 0, "ebx", 20),  # SMEP; SMAP
+    22: (7, 0, "ecx", 3), 23: (7, 0, "ecx", 7),  # PKE; CET: shadow stacks
+    24: (7, 0, "ecx", 31), 25: (7, 0, "edx", 5),  # PKS; UINTR
+    28: (7, 1, "eax", 26),  # LAM_SUP
+}
+CR4_ALWAYS = 1 << 8  # PCE
+
+
+@dataclass(frozen=True)
+class HostCpu:
+    """What a saved vCPU may use on this VM (from the CPUID its vCPUs are given, KVM's
+    supported CPUID less hidden features): the XCR0 state components, the physical
+    address width, the CR4 bits."""
+
+    xcr0: int
+    phys_bits: int
+    cr4: int
+
+    @classmethod
+    def from_cpuid(cls, raw: bytes) -> HostCpu:
+        xsave = lookup(raw, 0xD)
+        sizes = lookup(raw, 0x80000008)
+        cr4 = CR4_ALWAYS
+        for bit, (leaf, sub, reg, feature) in CR4_FEATURES.items():
+            e = lookup(raw, leaf, sub)
+            if e is not None and getattr(e, reg) >> feature & 1:
+                cr4 |= 1 << bit
+        return cls(xcr0=1 if xsave is None else xsave.eax | xsave.edx << 32,
+                   phys_bits=36 if sizes is None else sizes.eax & 0xFF, cr4=cr4)

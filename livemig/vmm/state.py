@@ -19,7 +19,8 @@ local APIC without the irqchip) are empty.
 :class:`VmState` combines the vCPUs, the serial port and the platform.  The migration
 stream carries each part as an opaque FULL section payload (``to_bytes``).  Decoding
 validates magic, version and every length, and raises :class:`RemoteProtocolError` on
-anything else.
+anything else; a vCPU's fields are range-checked too (``livemig.vmm.cpucheck``: a
+:class:`~livemig.errors.CpuStateError` names the field out of range).
 
 The restore order (``Vm.restore_state``) follows Firecracker and QEMU: CPUID was set when
 the vCPU was created; then the irqchips and the PIT; per vCPU sregs (the mode) before
@@ -37,6 +38,7 @@ from typing import Any, ClassVar
 
 from livemig.errors import RemoteProtocolError
 from livemig.kernel.kvm import VCPU_STATE_SIZES
+from livemig.vmm.cpucheck import check_vcpu_state
 from livemig.vmm.serial import SerialState
 
 _HEADER = struct.Struct("<4sHB")  # magic, version, halted
@@ -97,7 +99,9 @@ class VcpuState:
         msrs = tuple(r.unpack(_MSR) for _ in range(nmsrs))
         (mp_state,) = r.unpack(_COUNT)
         r.finish()
-        return cls(msrs=msrs, mp_state=mp_state, halted=bool(halted), **blobs)
+        state = cls(msrs=msrs, mp_state=mp_state, halted=bool(halted), **blobs)
+        check_vcpu_state(state)
+        return state
 
 
 @dataclass(frozen=True)

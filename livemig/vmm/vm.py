@@ -55,7 +55,8 @@ from livemig.errors import ConfigError, VmStateError
 from livemig.kernel import kvm as K
 from livemig.kernel.mman import Backing
 from livemig.units import GIB, MIB
-from livemig.vmm.cpuid import CpuidPolicy
+from livemig.vmm.cpucheck import check_restorable
+from livemig.vmm.cpuid import CpuidPolicy, HostCpu
 from livemig.vmm.memory import RamBlock, make_block
 from livemig.vmm.multiboot import MultibootImage
 from livemig.vmm.serial import COM1_IRQ, Serial, Sink
@@ -183,6 +184,8 @@ class Vm:
         self.blocks: dict[str, RamBlock] = {block.name: block}
         self.xsave = bool(self.kvm.check_extension(K.KVM_CAP_XSAVE))
         supported = self.kvm.supported_cpuid()
+        # KVM checks CR4 and XCR0 against the vCPU's CPUID (features hidden included).
+        self.host_cpu = HostCpu.from_cpuid(cfg.cpuid.table_for(supported, 0, cfg.vcpus))
         self.vcpus: list[Vcpu] = []
         for i in range(cfg.vcpus):
             fd = self.vm_fd.create_vcpu(i)
@@ -421,6 +424,8 @@ class Vm:
                                   f"{len(self.vcpus)}")
             if state.platform is not None and not self.config.irqchip:
                 raise ConfigError("the saved VM had the in-kernel irqchip, this one has not")
+            for i, st in enumerate(state.vcpus):  # all of them before any is touched
+                check_restorable(st, i, self.msr_indices, self.host_cpu, self.config.irqchip)
             platform = state.platform
             fd = self.vm_fd
             if platform is not None:

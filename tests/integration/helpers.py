@@ -29,7 +29,7 @@ from livemig.guests import DEFAULT_RANGE_START
 from livemig.instance import Instance
 from livemig.kernel.mman import Backing
 from livemig.migration.state import MigrationStatus
-from livemig.units import MIB
+from livemig.units import MIB, PAGE_SIZE
 from livemig.vmm.boot import boot_guest, boot_image
 from livemig.vmm.memory import new_bitmap
 from livemig.vmm.vm import Vm, VmConfig
@@ -192,6 +192,39 @@ def same_ram(a: Vm, b: Vm) -> bool:
     """Byte-for-byte equal RAM (no view of guest RAM outlives the call)."""
     return all(np.array_equal(block.array(), b.blocks[name].array())
                for name, block in a.blocks.items())
+
+
+CANARY_PAGE = np.frombuffer(b"CANARY\xc3\x5a" * (PAGE_SIZE // 8), dtype=np.uint8)
+
+
+def fill_with_canary(vm: Vm) -> None:
+    """Every page of guest RAM holds :data:`CANARY_PAGE` before an incoming migration: a
+    page the destination never writes keeps it (fresh RAM reads as zero, which would hide
+    a page that should have been zeroed, or one never placed in a zero guest)."""
+    for block in vm.blocks.values():
+        block.array().reshape(-1, PAGE_SIZE)[:] = CANARY_PAGE
+
+
+def canary_pages(vm: Vm) -> int:
+    """Pages of guest RAM that still hold :data:`CANARY_PAGE`."""
+    return sum(int((block.array().reshape(-1, PAGE_SIZE) == CANARY_PAGE).all(axis=1).sum())
+               for block in vm.blocks.values())
+
+
+def page_differences(src: Vm, dst: Vm) -> dict[str, int]:
+    """Pages of ``dst`` unlike the same page of ``src``: still the canary, zero where the
+    source page is not (a silent zero), or otherwise different."""
+    out = {"canary": 0, "silent zero": 0, "other": 0}
+    for name, block in src.blocks.items():
+        a = block.array().reshape(-1, PAGE_SIZE)
+        b = dst.blocks[name].array().reshape(-1, PAGE_SIZE)
+        differ = (a != b).any(axis=1)
+        canary = (b == CANARY_PAGE).all(axis=1)
+        zero = ~b.any(axis=1)
+        out["canary"] += int((differ & canary).sum())
+        out["silent zero"] += int((differ & zero).sum())
+        out["other"] += int((differ & ~canary & ~zero).sum())
+    return out
 
 
 def nonzero_bytes(vm: Vm) -> int:

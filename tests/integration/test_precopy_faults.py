@@ -27,10 +27,12 @@ from helpers import (
     FAST_CONVERGENCE,
     MEM,
     ab_instance,
+    canary_pages,
     client,
     collect_events,
     dirty_logging_off,
     empty_instance,
+    fill_with_canary,
     free_tcp_port,
     guest_check,
     halt_instance,
@@ -48,7 +50,7 @@ from livemig.control.client import QmpClient
 from livemig.errors import QmpError
 from livemig.instance import Instance
 from livemig.migration.channel import IMAGE_TRAILER, image_trailer
-from livemig.units import MIB
+from livemig.units import MIB, PAGE_SIZE
 from livemig.vmm.vm import RunState, Vm, VmConfig
 
 pytestmark = pytest.mark.kvm
@@ -324,6 +326,8 @@ HOSTILE = {
     "page far beyond the block": (PREAMBLE + RAM_START + RAM_PART
                                   + _be64((1 << 50) | 0x08) + b"\x06pc.ram" + PAGE,
                                   "outside"),
+    "zero page beyond the block": (PREAMBLE + RAM_START + RAM_PART
+                                   + _be64(MEM | 0x02) + b"\x06pc.ram" + b"\x00", "outside"),
     "unknown block": (PREAMBLE + RAM_START + RAM_PART
                       + _be64(0x200000 | 0x08) + b"\x06xx.ram" + PAGE, "xx.ram"),
     "block of another size": (PREAMBLE + b"\x01" + _be32(0) + b"\x03ram" + _be32(0)
@@ -340,6 +344,7 @@ def test_hostile_peer_is_refused_and_guest_ram_untouched(tmp_path: Path, what: s
     data, hint = HOSTILE[what]
     port = free_tcp_port()
     with empty_instance(tmp_path) as dst, client(qmp_path(dst)) as d:
+        fill_with_canary(dst.vm)  # shows a zero written as well as data
         d.execute("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
         with socket.create_connection(("127.0.0.1", port), timeout=10) as peer:
             peer.sendall(data)
@@ -347,9 +352,44 @@ def test_hostile_peer_is_refused_and_guest_ram_untouched(tmp_path: Path, what: s
             info = wait_migration(d, 10)
         assert info["status"] == "failed", info
         assert hint.lower() in info.get("error-desc", "").lower(), info
-        assert status(d) != "running"
+        assert_guest_cannot_start(d)
         assert dst.vm.serial.total_bytes == 0
-        assert nonzero_bytes(dst.vm) == 0  # nothing of the refused records was written
+        # Nothing of the refused records was written, not even a zero.
+        assert canary_pages(dst.vm) == MEM // PAGE_SIZE
+
+
+def assert_guest_cannot_start(d: QmpClient) -> None:
+    """After a failed incoming migration the guest is not running and ``cont`` is
+    refused: RAM and state are partly loaded, never to be run as if received."""
+    assert status(d) != "running"
+    with pytest.raises(QmpError):
+        d.execute("cont")
+    assert status(d) != "running"
+
+
+def test_a_stream_cut_inside_a_page_leaves_later_pages_unwritten_and_the_guest_stopped(
+        tmp_path: Path) -> None:
+    """Good pages, then a page cut off inside its payload: the pages before the cut are
+    in RAM, nothing after it is, and the half-received page does not make the guest
+    runnable."""
+    good = b"".join(_be64((i * PAGE_SIZE) | (0x08 if i == 0 else 0x28))  # then CONTINUE
+                    + (b"\x06pc.ram" if i == 0 else b"")
+                    + bytes([0x11 + i]) * PAGE_SIZE for i in range(4))
+    port = free_tcp_port()
+    with empty_instance(tmp_path) as dst, client(qmp_path(dst)) as d:
+        fill_with_canary(dst.vm)
+        d.execute("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as peer:
+            peer.sendall(PREAMBLE + RAM_START + RAM_PART + good
+                         + _be64((8 * PAGE_SIZE) | 0x08 | 0x20) + PAGE[:100])
+        info = wait_migration(d, 10)
+        assert info["status"] == "failed", info
+        assert "closed the connection" in info.get("error-desc", ""), info
+        assert_guest_cannot_start(d)
+        ram = dst.vm.main_block.array().reshape(-1, PAGE_SIZE)
+        assert [int(ram[i, 0]) for i in range(4)] == [0x11, 0x12, 0x13, 0x14]
+        del ram
+        assert canary_pages(dst.vm) == MEM // PAGE_SIZE - 5  # 4 pages, the cut one
 
 
 def test_vm_closes_after_a_stream_cut_mid_page_while_logs_are_kept(tmp_path: Path) -> None:
