@@ -389,7 +389,15 @@ class Vm:
         self._emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
 
     def _vcpu_failed(self, why: str) -> None:
+        """A vCPU stopped for good (called on its thread).  The runstate change needs the
+        VM lock, which a thread pausing or stopping the vCPUs holds while it waits for
+        this very vCPU to leave the guest: so a thread of its own makes the change, and
+        the vCPU's thread goes on to end."""
         self.failure = why
+        threading.Thread(target=self._enter_internal_error, name="vcpu-failed",
+                         daemon=True).start()
+
+    def _enter_internal_error(self) -> None:
         with self._lock:
             if self.runstate is RunState.RUNNING:
                 self.runstate = RunState.INTERNAL_ERROR
