@@ -123,6 +123,7 @@ CR4_FEATURES: dict[int, tuple[int, int, str, int]] = {
     28: (7, 1, "eax", 26),  # LAM_SUP
 }
 CR4_ALWAYS = 1 << 8  # PCE
+CR4_OSXSAVE = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -144,5 +145,9 @@ class HostCpu:
             e = lookup(raw, leaf, sub)
             if e is not None and getattr(e, reg) >> feature & 1:
                 cr4 |= 1 << bit
+        if xsave is not None and (xsave.eax | xsave.edx << 32) & ~1:
+            # XSAVE state components listed in leaf 0xD: KVM takes OSXSAVE (some hosts,
+            # nested kvm_pvm among them, list them without leaf 1's XSAVE bit).
+            cr4 |= CR4_OSXSAVE
         return cls(xcr0=1 if xsave is None else xsave.eax | xsave.edx << 32,
                    phys_bits=36 if sizes is None else sizes.eax & 0xFF, cr4=cr4)

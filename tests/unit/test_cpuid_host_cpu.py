@@ -32,3 +32,12 @@ def test_a_hidden_feature_takes_its_cr4_bit_away() -> None:
     supported = table(CpuidEntry(7, 0, 0, 0, 1 << 7 | 1 << 20, 0, 0))  # SMEP, SMAP
     hidden = CpuidPolicy(frozenset({"smep"})).table_for(supported, 0, 1)
     assert HostCpu.from_cpuid(hidden).cr4 == PCE | 1 << 21
+
+
+def test_xsave_state_in_leaf_0xd_allows_osxsave_without_leaf_1s_bit() -> None:
+    # Nested kvm_pvm lists XSAVE's components but not leaf 1's XSAVE bit, and KVM takes
+    # a vCPU with CR4.OSXSAVE set (the os guest's saved state has it).
+    raw = table(CpuidEntry(0xD, 0, 0, 0b111, 0, 0, 0), CpuidEntry(1, 0, 0, 0, 0, 0, 0))
+    assert HostCpu.from_cpuid(raw).cr4 == PCE | 1 << 18
+    x87_only = table(CpuidEntry(0xD, 0, 0, 0b1, 0, 0, 0))
+    assert HostCpu.from_cpuid(x87_only).cr4 == PCE
