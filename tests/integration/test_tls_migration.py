@@ -121,6 +121,22 @@ def assert_all_encrypted(relay: Relay, preempt: bool, multifd: int = 0) -> None:
         assert tls_records_cover(back), "clear bytes destination -> source"
 
 
+def postcopy_through_a_recording_relay(p: Pair, tmp_path: Path, dirs: TlsDirs
+                                       ) -> tuple[Relay, dict[str, Any], dict[str, Any]]:
+    """TLS on both sides, then a postcopy migration through a relay that records every
+    byte; both sides completed and the guest moved whole."""
+    secure(p, dirs.server, dirs.client)
+    relay = Relay(str(tmp_path / "relay.sock"), p.uri.removeprefix("unix:"), record=True)
+    p.listen()
+    p.sq.execute("migrate", uri=relay.uri)
+    start_postcopy_after_first_round(p.sq)
+    src, dst = wait_migration(p.sq), wait_migration(p.dq)
+    relay.cut()
+    assert (src["status"], dst["status"]) == ("completed", "completed"), (src, dst)
+    check_guest_moved(p, "random")
+    return relay, src, dst
+
+
 @pytest.mark.parametrize(("caps", "sender"), DESIGNS)
 def test_postcopy_over_tls_moves_a_running_guest_in_every_design(
         tmp_path: Path, dirs: TlsDirs, caps: tuple[tuple[str, bool], ...], sender: str
@@ -128,15 +144,7 @@ def test_postcopy_over_tls_moves_a_running_guest_in_every_design(
     cfg = PairConfig("random", Backing.ANON_4K, src_caps=caps,
                      params={**NO_CONVERGENCE, "x-postcopy-urgent-sender": sender})
     with migration_pair(tmp_path, cfg) as p:
-        secure(p, dirs.server, dirs.client)
-        relay = Relay(str(tmp_path / "relay.sock"), p.uri.removeprefix("unix:"), record=True)
-        p.listen()
-        p.sq.execute("migrate", uri=relay.uri)
-        start_postcopy_after_first_round(p.sq)
-        src, dst = wait_migration(p.sq), wait_migration(p.dq)
-        relay.cut()
-        assert (src["status"], dst["status"]) == ("completed", "completed"), (src, dst)
-        check_guest_moved(p, "random")
+        relay, src, dst = postcopy_through_a_recording_relay(p, tmp_path, dirs)
         assert_all_encrypted(relay, preempt=dict(caps).get("preempt", False))
         assert dst["x-postcopy-latency-percentiles"]["count"] > 0
         if dict(caps).get("preempt"):
@@ -150,15 +158,7 @@ def test_multifd_precopy_then_preempt_over_tls_encrypts_every_channel(
                      src_caps=caps_of(postcopy=True, preempt=True, multifd=True),
                      params={**NO_CONVERGENCE, "multifd-channels": 2})
     with migration_pair(tmp_path, cfg) as p:
-        secure(p, dirs.server, dirs.client)
-        relay = Relay(str(tmp_path / "relay.sock"), p.uri.removeprefix("unix:"), record=True)
-        p.listen()
-        p.sq.execute("migrate", uri=relay.uri)
-        start_postcopy_after_first_round(p.sq)
-        src, dst = wait_migration(p.sq), wait_migration(p.dq)
-        relay.cut()
-        assert (src["status"], dst["status"]) == ("completed", "completed"), (src, dst)
-        check_guest_moved(p, "random")
+        relay, src, dst = postcopy_through_a_recording_relay(p, tmp_path, dirs)
         # The multifd channels carried the precopy pages, inside their own sessions.
         assert sum(src["x-multifd"]["bytes"]) > 0, src["x-multifd"]
         assert_all_encrypted(relay, preempt=True, multifd=2)
