@@ -349,6 +349,9 @@ class MigrationPlan:
     parameters: Mapping[str, int] = field(
         default_factory=lambda: {"max-bandwidth": UNLIMITED_BANDWIDTH})
     postcopy_after_ms: float | None = None  # migrate-start-postcopy this long after migrate
+    # ... or once the source has transferred this many bytes (whichever comes first):
+    # equal precopy for designs whose setup takes longer.
+    postcopy_after_bytes: int | None = None
     timeout: float = 600.0
     # Parameters both sides need (QEMU's destination opens as many multifd channels as
     # its own multifd-channels says).
@@ -447,15 +450,17 @@ def _wait_source(src: Peer, plan: MigrationPlan, t0: float,
     every ``query-migrate`` goes to ``progress``."""
     deadline = t0 + plan.timeout
     switch_at = None if plan.postcopy_after_ms is None else t0 + plan.postcopy_after_ms / 1e3
+    switch_bytes = plan.postcopy_after_bytes
+    sent = 0
     while True:
         now = time.monotonic()
-        if switch_at is not None and now >= switch_at:
+        if ((switch_at is not None and now >= switch_at)
+                or (switch_bytes is not None and sent >= switch_bytes)):
             src.execute("migrate-start-postcopy")
-            switch_at = None
+            switch_at = switch_bytes = None
         info: dict[str, Any] = src.execute("query-migrate")
-        progress.append(Progress(time.monotonic() - t0,
-                                 int(info.get("ram", {}).get("transferred", 0)),
-                                 str(info.get("status", ""))))
+        sent = int(info.get("ram", {}).get("transferred", 0))
+        progress.append(Progress(time.monotonic() - t0, sent, str(info.get("status", ""))))
         if finished(info):
             return info
         if now > deadline:
@@ -464,7 +469,8 @@ def _wait_source(src: Peer, plan: MigrationPlan, t0: float,
             raise MigrationError(f"{src.kind} migration did not finish in {plan.timeout:.0f} s")
         # Plain polling (not qemu.qmp's event wait, whose asyncio loop turns Ctrl-C into
         # a TimeoutError); a query every few ms costs the source nothing measurable.
-        time.sleep(POLL_S if switch_at is None else min(POLL_S, max(switch_at - now, 0)))
+        time.sleep(POLL_S if switch_at is None or switch_bytes is not None
+                   else min(POLL_S, max(switch_at - now, 0)))
 
 
 def finished(info: Mapping[str, Any]) -> bool:
