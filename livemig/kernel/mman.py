@@ -14,6 +14,13 @@ instead of unmapping memory someone still reads.
 * ``2M`` / ``1G`` - a ``memfd_create(MFD_HUGETLB | MFD_HUGE_*)`` file mapped shared: the
   same memory could be handed to another process over a unix socket.
 
+Any backing may be *preallocated* (``map_guest_ram(prealloc=True)``, ``livemig run
+--mem-prealloc``, QEMU's ``-mem-prealloc``): ``MADV_POPULATE_WRITE`` faults every page in
+before the VM starts, so that an incoming migration does not pay the kernel's
+allocation and zeroing of each page as it arrives.  Postcopy needs no empty RAM for
+that: the source discards every page it has not sent at the switchover, and a discarded
+page faults again.
+
 Huge pages must be reserved in ``/proc/sys/vm/nr_hugepages`` (or the per-size sysfs knob)
 before they can be used.  :class:`HugepageReservation` raises the pool by what is needed
 when running as root and gives it back on release.
