@@ -479,6 +479,8 @@ class Config:
     timeout: float = 120.0  # per migration; a 1 GiB one takes ~10 s at 1 Gbit/s
     profile_dir: Path | None = None
     tls: TlsPlan | None = None  # the credentials of the +tls modes
+    # Switch to postcopy once the source sent this many bytes (0: after precopy_ms).
+    precopy_bytes: int = 0
 
 
 def wait_destination_done(dst: Peer, timeout: float = DEST_DONE_TIMEOUT_S) -> dict[str, Any]:
@@ -568,7 +570,10 @@ class Case:
         self.count += 1
         i = self.count
         plan = MigrationPlan(self.ends.uri(i), mode.capabilities, mode.parameters,
-                             postcopy_after_ms=self.cfg.precopy_ms, timeout=self.cfg.timeout,
+                             postcopy_after_ms=None if self.cfg.precopy_bytes
+                             else self.cfg.precopy_ms,
+                             postcopy_after_bytes=self.cfg.precopy_bytes or None,
+                             timeout=self.cfg.timeout,
                              tls=self.cfg.tls if mode.tls else None)
         with self.console.status(f"{self.label}: {mode.name} {what}"):
             dst = self.cls.destination(self.workdir, f"destination{i}", self.spec,
@@ -906,5 +911,6 @@ def machine_notes() -> dict[str, Any]:
 def config_json(cfg: Config) -> dict[str, Any]:
     return {"mem": cfg.mem, "page_sizes": list(cfg.page_sizes), "links": list(cfg.links),
             "modes": [m.name for m in cfg.modes], "repeat": cfg.repeat,
-            "precopy_ms": cfg.precopy_ms, "warmup": cfg.warmup,
+            "precopy_ms": cfg.precopy_ms, "precopy_bytes": cfg.precopy_bytes,
+            "warmup": cfg.warmup,
             "tbf": {"burst": cfg.burst, "latency": cfg.link_latency}}

@@ -63,15 +63,19 @@ POLL_S = 0.01  # query-migrate / query-status interval while waiting for a migra
 # --- VM description -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class VmSpec:
-    """The VM both peers run: RAM size, RAM backing and the built-in guest."""
+    """The VM both peers run: RAM size, RAM backing and the built-in guest; with
+    ``prealloc`` a destination faults all of its RAM in at start (livemig's
+    ``--mem-prealloc``, QEMU's ``prealloc=on``)."""
 
     mem: int
     page_size: str = "4K"
     guest: str = "ab"
+    prealloc: bool = False
 
     @classmethod
-    def parse(cls, mem: str, page_size: str, guest: str = "ab") -> VmSpec:
-        return cls(parse_size(mem), Backing.parse(page_size).value, guest)
+    def parse(cls, mem: str, page_size: str, guest: str = "ab", *,
+              prealloc: bool = False) -> VmSpec:
+        return cls(parse_size(mem), Backing.parse(page_size).value, guest, prealloc)
 
     @property
     def backing(self) -> Backing:
@@ -142,6 +146,11 @@ class Peer(ABC):
 
     def disable_thp(self) -> bool:
         return False
+
+    @property
+    def preallocates(self) -> bool:
+        """Only a destination preallocates: a source's guest fills its RAM itself."""
+        return self.incoming and self.spec.prealloc
 
     def environment(self) -> dict[str, str]:
         return dict(os.environ)
@@ -223,18 +232,20 @@ class LivemigPeer(Peer):
 
     def command(self) -> list[str]:
         args = ["--mem", f"{self.spec.mem_mib}M", "--page-size", self.spec.page_size]
+        args += ["--mem-prealloc"] if self.preallocates else []
         args += ["--incoming", "defer"] if self.incoming else ["--guest", self.spec.guest]
         return livemig_command(self.files, args)
 
 
-def qemu_memory_args(backing: Backing, mem_mib: int) -> list[str]:
+def qemu_memory_args(backing: Backing, mem_mib: int, prealloc: bool = False) -> list[str]:
     """A memory backend matching livemig's backing of the same name.
 
     4K and THP are private anonymous memory (memory-backend-ram; 4K also disables THP
     for the process, see :func:`_harness.child_setup`).  2M and 1G are hugetlb memfds mapped
     shared, as livemig maps them; :meth:`QemuPeer.hugepages` reserves the pages.
+    ``prealloc`` is livemig's ``--mem-prealloc``.
     """
-    size = f"size={mem_mib}M"
+    size = f"size={mem_mib}M" + (",prealloc=on" if prealloc else "")
     if backing.is_hugetlb:
         obj = f"memory-backend-memfd,id=ram0,{size},hugetlb=on,hugetlbsize={backing.value},share=on"
     else:
@@ -253,7 +264,8 @@ class QemuPeer(Peer):
                 "-display", "none", "-nodefaults", "-no-reboot",
                 "-serial", f"file:{self.files.serial}",
                 "-qmp", f"unix:{self.files.qmp},server=on,wait=off",
-                *self.boot_args(), *qemu_memory_args(self.spec.backing, self.spec.mem_mib)]
+                *self.boot_args(),
+                *qemu_memory_args(self.spec.backing, self.spec.mem_mib, self.preallocates)]
         return args + (["-incoming", "defer"] if self.incoming else [])
 
     def boot_args(self) -> list[str]:
@@ -337,6 +349,9 @@ class MigrationPlan:
     parameters: Mapping[str, int] = field(
         default_factory=lambda: {"max-bandwidth": UNLIMITED_BANDWIDTH})
     postcopy_after_ms: float | None = None  # migrate-start-postcopy this long after migrate
+    # ... or once the source has transferred this many bytes (whichever comes first):
+    # equal precopy for designs whose setup takes longer.
+    postcopy_after_bytes: int | None = None
     timeout: float = 600.0
     # Parameters both sides need (QEMU's destination opens as many multifd channels as
     # its own multifd-channels says).
@@ -435,15 +450,17 @@ def _wait_source(src: Peer, plan: MigrationPlan, t0: float,
     every ``query-migrate`` goes to ``progress``."""
     deadline = t0 + plan.timeout
     switch_at = None if plan.postcopy_after_ms is None else t0 + plan.postcopy_after_ms / 1e3
+    switch_bytes = plan.postcopy_after_bytes
+    sent = 0
     while True:
         now = time.monotonic()
-        if switch_at is not None and now >= switch_at:
+        if ((switch_at is not None and now >= switch_at)
+                or (switch_bytes is not None and sent >= switch_bytes)):
             src.execute("migrate-start-postcopy")
-            switch_at = None
+            switch_at = switch_bytes = None
         info: dict[str, Any] = src.execute("query-migrate")
-        progress.append(Progress(time.monotonic() - t0,
-                                 int(info.get("ram", {}).get("transferred", 0)),
-                                 str(info.get("status", ""))))
+        sent = int(info.get("ram", {}).get("transferred", 0))
+        progress.append(Progress(time.monotonic() - t0, sent, str(info.get("status", ""))))
         if finished(info):
             return info
         if now > deadline:
@@ -452,7 +469,8 @@ def _wait_source(src: Peer, plan: MigrationPlan, t0: float,
             raise MigrationError(f"{src.kind} migration did not finish in {plan.timeout:.0f} s")
         # Plain polling (not qemu.qmp's event wait, whose asyncio loop turns Ctrl-C into
         # a TimeoutError); a query every few ms costs the source nothing measurable.
-        time.sleep(POLL_S if switch_at is None else min(POLL_S, max(switch_at - now, 0)))
+        time.sleep(POLL_S if switch_at is None or switch_bytes is not None
+                   else min(POLL_S, max(switch_at - now, 0)))
 
 
 def finished(info: Mapping[str, Any]) -> bool:

@@ -4,14 +4,17 @@
         [--links loopback,1gbit]
         [--modes vanilla,preempt,preempt-rp,preempt-proc,qemu-vanilla,qemu-preempt,
                  preempt-proc+tls,...]
-        [--repeat 3] [--precopy-ms 0] [--json PATH] [--png results/preempt_latency.png]
+        [--repeat 3] [--precopy-ms 0 | --precopy-bytes 300M] [--json PATH]
+        [--png results/preempt_latency.png]
         [--profile DIR]
 
 Theory of operation
 -------------------
 A 1 GiB ``random`` guest runs on the source; each migration switches to postcopy right
-after ``migrate`` (``--precopy-ms`` delays the switch), so nearly every page the guest
-visits on the destination is requested from the source.  For every (link, page size,
+after ``migrate`` (``--precopy-ms`` delays the switch; ``--precopy-bytes`` switches once
+the source has sent that much, so that designs whose setup takes longer, such as
+multifd's channel helpers, get the same amount of precopy), so nearly every page the
+guest visits on the destination is requested from the source.  For every (link, page size,
 mode) the table shows the medians over ``--repeat`` runs of the fault-to-placement
 latency percentiles p50/p90/p99/max, the number of requested pages measured (count),
 the source's ``postcopy-requests``, and the migration's total time; the PNG shows the
@@ -50,12 +53,16 @@ from _latency import (
 from _peers import TlsPlan
 
 from livemig.tlslab import SERVER_NAMES, make_tls_dirs
+from livemig.vmm.vm import parse_size
 
 DEFAULT_MODES = "vanilla,preempt,preempt-rp,preempt-proc,qemu-vanilla,qemu-preempt"
 
 
 @click.command()
 @matrix_options(DEFAULT_MODES, 0.0, "Precopy time before migrate-start-postcopy (0: at once).")
+@click.option("--precopy-bytes", default="0", show_default=True,
+              help="Switch to postcopy once the source has sent this much (e.g. 300M) "
+                   "instead of after --precopy-ms.")
 @click.option("--link-burst", default="128kb", show_default=True, help="tbf burst.")
 @click.option("--link-latency", default="50ms", show_default=True,
               help="tbf latency (how long a packet may queue).")
@@ -64,8 +71,8 @@ DEFAULT_MODES = "vanilla,preempt,preempt-rp,preempt-proc,qemu-vanilla,qemu-preem
 @click.option("--png", "png_path", default="results/preempt_latency.png", show_default=True,
               type=click.Path(dir_okay=False), help="CDF plot ('' for none).")
 def main(mem: str, page_sizes: str, links: str, modes: str, repeat: int, precopy_ms: float,
-         warmup: bool, link_burst: str, link_latency: str, json_path: str | None,
-         png_path: str, profile_dir: str | None) -> None:
+         warmup: bool, precopy_bytes: str, link_burst: str, link_latency: str,
+         json_path: str | None, png_path: str, profile_dir: str | None) -> None:
     """Page-request latency: vanilla postcopy and livemig's preempt modes, against QEMU 7.2."""
     console, chosen, pdir = start_cli(modes, profile_dir, 140)
     with tempfile.TemporaryDirectory(prefix="lmlat-tls-") as certs:
@@ -74,10 +81,12 @@ def main(mem: str, page_sizes: str, links: str, modes: str, repeat: int, precopy
             dirs = make_tls_dirs(Path(certs))
             tls = TlsPlan(dirs.server, dirs.client, SERVER_NAMES[-1])
         cfg = Config(mem, _split(page_sizes), _split(links), chosen, repeat, precopy_ms,
-                     warmup, link_burst, link_latency, profile_dir=pdir, tls=tls)
+                     warmup, link_burst, link_latency, profile_dir=pdir, tls=tls,
+                     precopy_bytes=parse_size(precopy_bytes))
         rows = run_matrix(cfg, console)
+    after = (f"{precopy_bytes} sent" if cfg.precopy_bytes else f"{precopy_ms:.0f} ms")
     title = (f"postcopy page-request latency, {mem} random guest, postcopy after "
-             f"{precopy_ms:.0f} ms (median of {repeat})")
+             f"{after} (median of {repeat})")
     console.print(results_table(rows, title))
     checks = check_goals(rows)
     if checks:

@@ -84,6 +84,9 @@ def _quit_on_signals(instance: Instance) -> None:
 @click.option("--mem", default="256M", show_default=True, help="Guest RAM size.")
 @click.option("--page-size", default="4K", show_default=True,
               help="Guest RAM backing: 4K pages, THP, or hugetlbfs 2M / 1G pages.")
+@click.option("--mem-prealloc", "prealloc", is_flag=True,
+              help="Fault all of guest RAM in at start (QEMU's -mem-prealloc): a migration "
+                   "into this VM then does not pay the first touch of its memory.")
 @click.option("--qmp", "qmp_path", type=click.Path(), help="QMP unix socket path.")
 @click.option("--serial", type=click.Path(dir_okay=False), help="Serial output file.")
 @click.option("--console", "console_spec", metavar="stdio|unix:PATH",
@@ -104,7 +107,8 @@ def _quit_on_signals(instance: Instance) -> None:
                    "endpoint=server|client,verify-peer=on|off or authz-simple,id=ID,"
                    "identity=DN (then set the tls-creds / tls-authz parameters).")
 @_friendly_errors
-def run(guest: str | None, image: str | None, mem: str, page_size: str, qmp_path: str | None,
+def run(guest: str | None, image: str | None, mem: str, page_size: str, prealloc: bool,
+        qmp_path: str | None,
         serial: str | None, console_spec: str | None, smp: int, cpuid_hide: str,
         duration: float | None, paused: bool, incoming: str | None,
         trace: tuple[str, ...], objects: tuple[str, ...]) -> None:
@@ -117,7 +121,7 @@ def run(guest: str | None, image: str | None, mem: str, page_size: str, qmp_path
         raise click.UsageError("give --serial or --console, not both")
     hide = frozenset(f for f in cpuid_hide.split(",") if f)
     config = VmConfig(parse_size(mem), Backing.parse(page_size), vcpus=smp,
-                      cpuid=CpuidPolicy(hide))
+                      cpuid=CpuidPolicy(hide), prealloc=prealloc)
     keep_freed_buffers()
     with _serial_sink(serial, console_spec) as sink, \
             Instance(Vm(config, sink), qmp_path, exit_after_incoming=incoming is not None,

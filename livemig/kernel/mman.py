@@ -14,6 +14,13 @@ instead of unmapping memory someone still reads.
 * ``2M`` / ``1G`` - a ``memfd_create(MFD_HUGETLB | MFD_HUGE_*)`` file mapped shared: the
   same memory could be handed to another process over a unix socket.
 
+Any backing may be *preallocated* (``map_guest_ram(prealloc=True)``, ``livemig run
+--mem-prealloc``, QEMU's ``-mem-prealloc``): ``MADV_POPULATE_WRITE`` faults every page in
+before the VM starts, so that an incoming migration does not pay the kernel's
+allocation and zeroing of each page as it arrives.  Postcopy needs no empty RAM for
+that: the source discards every page it has not sent at the switchover, and a discarded
+page faults again.
+
 Huge pages must be reserved in ``/proc/sys/vm/nr_hugepages`` (or the per-size sysfs knob)
 before they can be used.  :class:`HugepageReservation` raises the pool by what is needed
 when running as root and gives it back on release.
@@ -72,6 +79,7 @@ from livemig.units import GIB, KIB, MIB, PAGE_SIZE
 
 MADV_HUGEPAGE: Final = 14
 MADV_DONTNEED: Final = 4
+MADV_POPULATE_WRITE: Final = 23  # Linux 5.14
 FALLOC_FL_KEEP_SIZE: Final = 0x01
 FALLOC_FL_PUNCH_HOLE: Final = 0x02
 
@@ -157,6 +165,19 @@ class Mapping:
                                      "no free huge page is left for the discarded range"
                                      ) from None
 
+    def populate(self) -> None:
+        """Fault every page in for writing now (QEMU's ``prealloc=on``): the kernel
+        allocates and zeroes the whole mapping here, so a migration that writes it later
+        does not pay that first touch (which under nested virtualisation also makes the
+        outer hypervisor back memory it reclaimed)."""
+        try:
+            self.mm.madvise(MADV_POPULATE_WRITE)
+        except OSError as e:
+            err = e.errno or errno.EIO
+            raise MemoryMapError("madvise(MADV_POPULATE_WRITE)", err,
+                                 "preallocating guest RAM needs Linux 5.14"
+                                 if err == errno.EINVAL else "") from None
+
     def placed_host_pages(self) -> npt.NDArray[np.bool_]:
         """One bool per host page: mapped in this process now (``mincore``).  A huge
         page, once placed, stays mapped (hugetlb memory is never swapped or reclaimed);
@@ -188,12 +209,24 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 
 def map_guest_ram(size: int, backing: Backing, name: str = "pc.ram", *,
-                  reserve: bool = False) -> Mapping:
+                  reserve: bool = False, prealloc: bool = False) -> Mapping:
     """Map ``size`` bytes of zeroed guest RAM with the given backing.
 
     With ``reserve`` (hugetlb only) the huge pages are reserved and mapped atomically
-    with respect to other processes, and given back when the mapping is closed.
+    with respect to other processes, and given back when the mapping is closed.  With
+    ``prealloc`` every page is faulted in before this returns (:meth:`Mapping.populate`).
     """
+    mapping = _map_guest_ram(size, backing, name, reserve)
+    if prealloc:
+        try:
+            mapping.populate()
+        except BaseException:
+            mapping.close()
+            raise
+    return mapping
+
+
+def _map_guest_ram(size: int, backing: Backing, name: str, reserve: bool) -> Mapping:
     page = backing.host_page_size
     if size <= 0 or size % page:
         raise ConfigError(

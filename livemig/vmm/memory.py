@@ -172,8 +172,8 @@ class RamBlock:
 
 
 def make_block(vm_fd: VmFd, name: str, gpa: int, size: int, backing: Backing,
-               slot: int, *, reserve: bool = False) -> RamBlock:
-    mapping = map_guest_ram(size, backing, name, reserve=reserve)
+               slot: int, *, reserve: bool = False, prealloc: bool = False) -> RamBlock:
+    mapping = map_guest_ram(size, backing, name, reserve=reserve, prealloc=prealloc)
     block = RamBlock(name, GuestPhysAddr(gpa), mapping, slot, vm_fd)
     block.register()
     return block

@@ -125,6 +125,7 @@ class VmConfig:
     backing: Backing = Backing.ANON_4K
     vcpus: int = 1
     reserve_hugepages: bool = True
+    prealloc: bool = False  # fault all of guest RAM in at start (QEMU's -mem-prealloc)
     irqchip: bool = True
     cpuid: CpuidPolicy = CpuidPolicy()
 
@@ -179,7 +180,7 @@ class Vm:
             self.vm_fd.create_pit2()
         # The block's mapping reserves its huge pages and gives them back on close.
         block = make_block(self.vm_fd, MAIN_BLOCK, 0, cfg.mem_size, cfg.backing, slot=0,
-                           reserve=cfg.reserve_hugepages)
+                           reserve=cfg.reserve_hugepages, prealloc=cfg.prealloc)
         self._stack.callback(block.mapping.close)
         self.blocks: dict[str, RamBlock] = {block.name: block}
         self.xsave = bool(self.kvm.check_extension(K.KVM_CAP_XSAVE))

@@ -150,6 +150,7 @@ class PairConfig:
     src_caps: tuple[tuple[str, bool], ...] = ()
     dst_caps: tuple[tuple[str, bool], ...] = ()
     params: Mapping[str, Any] = field(default_factory=dict)
+    dst_prealloc: bool = False  # the destination's RAM is preallocated (--mem-prealloc)
 
 
 def caps_of(**flags: bool) -> tuple[tuple[str, bool], ...]:
@@ -166,7 +167,8 @@ def migration_pair(tmp_path: Path, cfg: PairConfig) -> Iterator[Pair]:
     switch = SwitchInterval()  # both instances run in this process: one owner
     with guest_instance(tmp_path, cfg.guest, "src", cfg.mem, cfg.backing, switch) as src, \
             client(src) as sq:
-        dst = Instance(Vm(VmConfig(cfg.mem, cfg.dst_backing or cfg.backing)),
+        dst = Instance(Vm(VmConfig(cfg.mem, cfg.dst_backing or cfg.backing,
+                                   prealloc=cfg.dst_prealloc)),
                        str(tmp_path / "dst.qmp"), switch=switch)
         try:
             with client(dst) as dq:

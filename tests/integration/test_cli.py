@@ -16,6 +16,7 @@ import time
 import zlib
 from pathlib import Path
 
+import psutil
 import pytest
 from helpers import guest_check, livemig_process, wait_migration
 
@@ -44,6 +45,17 @@ def test_run_prints_the_guest_passes_to_the_serial_file(tmp_path: Path) -> None:
     out = serial.read_bytes()
     assert out.count(b"B") >= 2
     assert b"E" not in out
+
+
+@pytest.mark.parametrize("prealloc", [True, False], ids=["mem-prealloc", "default"])
+def test_run_mem_prealloc_faults_guest_ram_in_before_it_answers(
+        tmp_path: Path, prealloc: bool) -> None:
+    """A destination started with --mem-prealloc holds all of its RAM before any page
+    arrives; without it, RAM is allocated only as it is written."""
+    args = ["--incoming", "defer", "--mem", "64M"] + (["--mem-prealloc"] if prealloc else [])
+    with livemig_process(tmp_path, "dst", args) as dst:
+        rss = psutil.Process(dst.pid).memory_info().rss
+    assert (rss >= 64 << 20) is prealloc, rss
 
 
 def test_failed_incoming_migration_exits_non_zero_and_says_why(tmp_path: Path) -> None:
