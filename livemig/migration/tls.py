@@ -56,6 +56,7 @@ import numpy as np
 import numpy.typing as npt
 
 from livemig.errors import ConfigError, TlsError
+from livemig.kernel.sock import peek_raw, unread_bytes
 from livemig.units import PAGE_SIZE
 
 Buffer = bytes | bytearray | memoryview
@@ -500,6 +501,22 @@ PAGES_PER_WRITE = WRITE_CHUNK // (8 + PAGE_SIZE)
 # A read gathers the records already arrived up to this size (decrypted at ~0.5 GB/s:
 # half a millisecond of work before the reader sees the first byte of it).
 READ_CHUNK = 256 * 1024
+_RECORD_HEADER = 5  # content type, version (2 bytes), be16 length
+
+
+def record_waiting(sock: ssl.SSLSocket) -> bool:
+    """Is a whole TLS record already in the socket's receive queue, so that the next
+    read returns at once?  OpenSSL (without read-ahead, as Python leaves it) takes from
+    the kernel exactly the records it decrypts, so the queue starts at a record header.
+    A record still arriving is not waiting: reading it would hold the reader -- and the
+    records already decrypted, perhaps a requested page -- until its last byte."""
+    available = unread_bytes(sock)
+    if available < _RECORD_HEADER:
+        return False
+    head = peek_raw(sock, _RECORD_HEADER)
+    if len(head) < _RECORD_HEADER:
+        return False
+    return available >= _RECORD_HEADER + int.from_bytes(head[3:5], "big")
 
 
 def send_all(sock: ssl.SSLSocket, buffers: Sequence[Buffer]) -> int:

@@ -4,6 +4,8 @@ byte of the stream is read by the other side."""
 
 from __future__ import annotations
 
+import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -354,6 +356,57 @@ def test_distinguished_names_are_printed_as_rfc4514() -> None:
     subject = ((("countryName", "GB"),), (("organizationName", "A, B"),),
                (("commonName", "x"),))
     assert distinguished_name(subject) == "CN=x,O=A\\, B,C=GB"
+
+
+class BioClient:
+    """A TLS client whose encrypted bytes the test hands to the socket itself (an
+    ``ssl.SSLObject`` over memory BIOs), so that a record can arrive in parts."""
+
+    def __init__(self, creds: str, sock: socket.socket) -> None:
+        ctx = TlsCredsX509.create("tls0", creds, "client").context
+        self.sock, self.inc, self.out = sock, ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inc, self.out, server_hostname="dest.example")
+
+    def handshake(self) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+                self.sock.sendall(self.out.read())
+                return
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self.out.read())
+                self.inc.write(self.sock.recv(65536))
+
+    def record(self, data: bytes) -> bytes:
+        """``data`` encrypted: the bytes of its record(s), not sent."""
+        self.obj.write(data)
+        return self.out.read()
+
+
+def test_a_tls_read_returns_the_records_arrived_without_waiting_for_one_in_flight(
+        dirs: TlsDirs) -> None:
+    raw, peer = socket.socketpair()
+    ch = Channel(sock=raw, name="main", tls=server(dirs.server))
+    sender = BioClient(dirs.client, peer)
+    shake = threading.Thread(target=sender.handshake)
+    shake.start()
+    ch.secure(timeout=20)
+    shake.join(20)
+    first, second = b"a" * PAGE_SIZE, b"b" * PAGE_SIZE
+    wire_first, wire_second = sender.record(first), sender.record(second)
+    peer.sendall(wire_first + wire_second[:100])  # the second record is still arriving
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(ch.recv(1 << 20)))
+    reader.start()
+    reader.join(5)
+    arrived_whole = not reader.is_alive()
+    peer.sendall(wire_second[100:])
+    reader.join(20)
+    assert arrived_whole, "the read waited for the record still in flight"
+    assert got == [first]
+    assert ch.recv(1 << 20) == second
+    ch.close()
+    peer.close()
 
 
 # --- objects and parameters --------------------------------------------------------------
