@@ -20,7 +20,12 @@ instances driven over QMP as a user drives them:
    second proxy: the resumed main channel with MIG_CMD_RECV_BITMAP and
    MIG_CMD_POSTCOPY_RESUME and its return path with the RECV_BITMAP answers and
    RESUME_ACK (``recovery``, the return path also as ``returnpath``), the new postcopy
-   channel (``postcopy``).
+   channel (``postcopy``);
+4. a multifd precopy (two channels) of a guest with data and zero pages through a
+   recording proxy: each multifd connection (``multifd``).
+
+``--only TARGET`` (repeatable) writes only those targets' seeds and leaves the others'
+as they are.
 
 Each seed starts with the options byte its target reads first (fuzz/targets.py) and is
 cut to ``--max-seed`` bytes: the fuzzer mutates from there, and the corpus stays small
@@ -53,6 +58,7 @@ from livemig.vmm.boot import boot_image
 from livemig.vmm.vm import Vm, VmConfig
 from livemig.wire import events as ev
 from livemig.wire.blocks import BlockInfo
+from livemig.wire.constants import MULTIFD_MAGIC_BYTES
 from livemig.wire.decoder import Decoder
 
 MEM = 2 << 20
@@ -60,6 +66,7 @@ HALT = bytes([0xFA, 0xF4, 0xEB, 0xFD]) + bytes(506) + b"\x55\xaa"  # cli; hlt; j
 # Options bytes (fuzz/targets.py): the seed block table and 4 KiB chunks.
 STREAM_OPTS, POSTCOPY_OPTS, RP_OPTS, QMP_OPTS = 0x03, 0x03, 0x07, 0x01
 RECOVERY_MAIN_OPTS, RECOVERY_RP_OPTS = 0x03, 0x80 | RP_OPTS
+MULTIFD_OPTS = 0x00  # the seed block table, starting at the initial packet
 RECOVERY_SEED = 16384  # the handshake and a few pages of RAM (fuzz/run.py's MAX_LEN)
 DEVSTATE = {"livemig/cpu": 0, "livemig/serial": 1, "livemig/capabilities": 2}
 
@@ -104,15 +111,21 @@ def wait(c: QmpClient, timeout: float = 60) -> dict[str, Any]:
     raise TimeoutError("migration did not finish")
 
 
+def boot_halting_with_data(vm: Vm, seed: int) -> None:
+    """Start a halting guest whose RAM holds a few pages of random data (every 37th page
+    from the 256th), the rest zero pages."""
+    boot_image(vm, HALT)
+    ram = vm.main_block.array().reshape(-1, 4096)
+    ram[256::37] = np.random.default_rng(seed).integers(0, 256, ram[256::37].shape,
+                                                        dtype=np.uint8)
+    del ram
+    vm.start()
+
+
 def record_precopy_file(tmp: Path, rec: Recorder) -> None:
     image = tmp / "saved.mig"
     with instance(tmp, "src") as src:
-        boot_image(src.vm, HALT)
-        ram = src.vm.main_block.array().reshape(-1, 4096)
-        ram[256::37] = np.random.default_rng(1).integers(0, 256, ram[256::37].shape,
-                                                         dtype=np.uint8)
-        del ram
-        src.vm.start()
+        boot_halting_with_data(src.vm, seed=1)
         with QmpClient(str(tmp / "src.qmp")) as c:
             c.execute("stop")
             c.execute("migrate", uri=f"file:{image}")
@@ -229,6 +242,35 @@ def record_recovery(tmp: Path, rec: Recorder) -> None:
         rec.add("returnpath", bytes([RP_OPTS]) + bytes(down))
 
 
+def record_multifd(tmp: Path, rec: Recorder) -> None:
+    """A multifd precopy over two channels through a recording proxy: each multifd
+    connection's initial packet, page packets (data and zero pages) and SYNCs."""
+    caps = [{"capability": "multifd", "state": True}]
+    with free_port() as port, instance(tmp, "msrc") as src, instance(tmp, "mdst"):
+        boot_halting_with_data(src.vm, seed=2)
+        proxy = TcpProxy(port)
+        with QmpClient(str(tmp / "msrc.qmp")) as s, QmpClient(str(tmp / "mdst.qmp")) as d:
+            for c in (s, d):
+                c.execute("migrate-set-capabilities", capabilities=caps)
+                c.execute("migrate-set-parameters", **{"multifd-channels": 2})
+            d.execute("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+            s.execute("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
+            assert wait(s)["status"] == "completed"
+            assert wait(d)["status"] == "completed"
+        proxy.close()
+    for up, _down in proxy.flows:
+        if up[:4] == MULTIFD_MAGIC_BYTES:
+            rec.add("multifd", bytes([MULTIFD_OPTS]) + bytes(up))
+
+
+RECORDINGS = {"stream": (record_precopy_file, record_postcopy),
+              "devstate": (record_precopy_file,),
+              "postcopy": (record_postcopy, record_recovery),
+              "returnpath": (record_postcopy, record_recovery),
+              "helper": (record_postcopy,), "qmp": (record_postcopy,),
+              "recovery": (record_recovery,), "multifd": (record_multifd,)}
+
+
 @contextlib.contextmanager
 def free_port() -> Iterator[int]:
     with socket.socket() as s:
@@ -241,13 +283,18 @@ def free_port() -> Iterator[int]:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               default=Path(__file__).parent / "seeds", show_default=True)
 @click.option("--max-seed", default=65536, show_default=True, help="Cut seeds to this size.")
-def main(out: Path, max_seed: int) -> None:
+@click.option("--only", multiple=True, type=click.Choice(sorted(RECORDINGS)),
+              help="Record and write only these targets' seeds.")
+def main(out: Path, max_seed: int, only: tuple[str, ...]) -> None:
     """Record seeds for every fuzz target from real migrations."""
     rec = Recorder()
+    targets = only or tuple(RECORDINGS)
+    recordings = dict.fromkeys(r for t in targets for r in RECORDINGS[t])
     with tempfile.TemporaryDirectory() as tmp, tapped(rec):
-        record_precopy_file(Path(tmp), rec)
-        record_postcopy(Path(tmp), rec)
-        record_recovery(Path(tmp), rec)
+        for record in recordings:
+            record(Path(tmp), rec)
+    for target in set(rec.seeds) - set(targets):
+        del rec.seeds[target]
     total = rec.write(out, max_seed)
     for target, seeds in sorted(rec.seeds.items()):
         click.echo(f"{target:11} {len(seeds):4} seeds")

@@ -36,7 +36,8 @@ from rich.console import Console
 from rich.table import Table
 
 HERE = Path(__file__).resolve().parent
-TARGETS = ("stream", "postcopy", "returnpath", "recovery", "qmp", "helper", "devstate")
+TARGETS = ("stream", "postcopy", "returnpath", "recovery", "multifd", "qmp", "helper",
+           "devstate")
 _STATS = re.compile(r"^#(\d+)\s+(?:DONE|pulse|NEW|REDUCE|INITED)\s+cov: (\d+) ft: (\d+)"
                     r"(?: corp: (\d+)/)?", re.M)
 _DONE = re.compile(r"^Done (\d+) runs in (\d+) second", re.M)

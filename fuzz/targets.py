@@ -18,7 +18,9 @@ so one corpus explores how the bytes arrive as well as what they are.  Targets
 packaged blobs, the VM description), ``postcopy`` (the postcopy channel's records),
 ``returnpath``, ``recovery`` (postcopy recovery's resumed main channel and its return
 path), ``qmp`` (JSON splitter + protocol + command argument checks),
-``helper`` (helper control messages), ``devstate`` (saved CPU/serial state, the
+``multifd`` (a multifd channel: its initial packet, then packet headers and their page
+offsets, as the destination's receivers read them), ``helper`` (helper control
+messages), ``devstate`` (saved CPU/serial state, the
 capabilities section, the VM description checks).
 
 Run one target: ``python fuzz/targets.py TARGET [libFuzzer flags] [corpus dirs]``;
@@ -51,6 +53,14 @@ with atheris.instrument_imports(include=["livemig"]):
     from livemig.wire.blocks import BlockInfo
     from livemig.wire.channel import ChannelKind
     from livemig.wire.decoder import Decoder
+    from livemig.wire.multifd import (
+        HEADER_SIZE,
+        INIT_SIZE,
+        PACKET_PAGES,
+        InitPacket,
+        decode_header,
+        decode_offsets,
+    )
     from livemig.wire.returnpath import ReqPages, ReturnPathDecoder
     from livemig.wire.vmdesc import parse_description
 
@@ -182,6 +192,37 @@ def _drive_returnpath(opts: int, body: bytes) -> None:
         pass
 
 
+def multifd(data: bytes) -> None:
+    """One multifd connection as a receiver reads it: the initial packet (unless option
+    bit 0x40 starts past it), then packets -- a header, its page offsets, its pages'
+    data -- until the input ends; option bits 0x30 choose the block table."""
+    opts, body = _options(data)
+    blocks = BLOCKS if opts & 0x30 == 0x30 else SEED_BLOCKS
+    pos = 0
+    try:
+        if not opts & 0x40:
+            if len(body) < INIT_SIZE:
+                return
+            InitPacket.decode(body[:INIT_SIZE])
+            pos = INIT_SIZE
+        while pos + HEADER_SIZE <= len(body):
+            h = decode_header(body[pos : pos + HEADER_SIZE], blocks)
+            pos += HEADER_SIZE
+            if h.normal + h.zero > PACKET_PAGES or h.data_size != h.normal * PAGE_SIZE:
+                raise Finding(f"a packet header beyond its limits: {h}")
+            if pos + h.offsets_size > len(body):
+                return  # the connection ended inside the packet
+            offsets = decode_offsets(h, body[pos : pos + h.offsets_size], blocks)
+            pos += h.offsets_size + h.data_size
+            if len(offsets) != h.normal + h.zero:
+                raise Finding(f"{len(offsets)} offsets for {h.normal} + {h.zero} pages")
+            if len(offsets) and (int(offsets.max()) > blocks[h.block].length - PAGE_SIZE
+                                 or (offsets % PAGE_SIZE).any()):
+                raise Finding(f"page offsets outside {h.block}: {offsets[:4]}")
+    except LivemigError:
+        pass
+
+
 class _Complaints(logging.Handler):
     """A command handler's bug is logged, not raised (the session goes on): count it."""
 
@@ -262,7 +303,7 @@ def _description(body: bytes) -> None:
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "stream": stream, "postcopy": postcopy, "returnpath": returnpath, "qmp": qmp,
-    "helper": helper, "devstate": devstate, "recovery": recovery,
+    "helper": helper, "devstate": devstate, "recovery": recovery, "multifd": multifd,
 }
 
 

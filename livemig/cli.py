@@ -104,8 +104,10 @@ def _quit_on_signals(instance: Instance) -> None:
                    "lines to stderr, as QEMU's -trace.")
 @click.option("--object", "objects", multiple=True, metavar="TYPE,id=ID,...",
               help="Create an object as QEMU's -object: tls-creds-x509,id=ID,dir=DIR,"
-                   "endpoint=server|client,verify-peer=on|off or authz-simple,id=ID,"
-                   "identity=DN (then set the tls-creds / tls-authz parameters).")
+                   "endpoint=server|client,verify-peer=on|off, authz-simple,id=ID,"
+                   "identity=DN or authz-list,id=ID,policy=allow|deny,rules.0.match=DN,"
+                   "rules.0.policy=allow|deny,rules.0.format=exact|glob,... (then set the "
+                   "tls-creds / tls-authz parameters).")
 @_friendly_errors
 def run(guest: str | None, image: str | None, mem: str, page_size: str, prealloc: bool,
         qmp_path: str | None,

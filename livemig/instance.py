@@ -56,7 +56,7 @@ class Instance:
         self._quit = threading.Event()
         self.caps = Capabilities()
         self.params = Parameters()
-        self.objects = TlsObjects()  # --object / object-add (tls-creds-x509, authz-simple)
+        self.objects = TlsObjects()  # --object / object-add (tls-creds-x509, authz-*)
         self.outgoing: SourceMigration | None = None
         # multifd channel helpers, started ahead and kept between migrations
         self.multifd_pool = HelperPool()

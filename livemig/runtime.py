@@ -1,4 +1,6 @@
-"""The interpreter's GIL switch interval, lowered while a postcopy needs it.
+"""The interpreter's GIL switch interval, lowered while a postcopy needs it; the CPU
+priority of a thread that streams background pages while helper processes answer
+page requests.
 
 Theory of operation
 -------------------
@@ -24,11 +26,26 @@ The owner is an object, not module state: there must be exactly one per process
 one to every migration it runs -- each ``Instance`` receives it rather than making
 its own.  Two owners in one process would undo each other's lowering; an owner that
 finds the interval changed behind its back logs a warning, so that mistake shows.
+
+Background threads and helper processes
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+With the helper-process design (``x-postcopy-urgent-sender=process``) a page request
+never needs this process's GIL, but it needs a CPU: the helpers (and, on the
+destination, the vCPU that faulted) are woken by one packet and run for microseconds,
+while the migration thread (source) and the load thread (destination) stream
+background pages for as long as the postcopy lasts -- with TLS, encrypting and
+decrypting every byte.  When the CPUs are busy, a woken helper waits for the
+scheduler behind them.  :func:`lower_thread_priority` raises the calling thread's nice
+value by :data:`BACKGROUND_NICE` (on Linux nice is per thread, and raising it needs no
+privilege), so the scheduler lets the short urgent work run first; the background
+stream still gets every CPU cycle nobody urgent wants.  It cannot be undone without
+privilege, so only threads that end with their migration call it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from typing import Final
@@ -39,6 +56,18 @@ log = logging.getLogger("livemig.runtime")
 # default, small next to a page request's network round trip, large enough that the
 # streaming thread still runs in long stretches (switching costs a few microseconds).
 POSTCOPY_SWITCH_INTERVAL: Final = 50e-6
+# How much nicer a background-streaming thread becomes while helpers answer requests:
+# CFS then weighs it about 3x lighter than a nice-0 helper (1024 against 335).
+BACKGROUND_NICE: Final = 5
+MAX_NICE: Final = 19
+
+
+def lower_thread_priority(by: int = BACKGROUND_NICE) -> None:
+    """Raise the calling thread's nice value by ``by`` (at most to 19): see the module
+    docstring.  Only for threads that end with their migration."""
+    tid = threading.get_native_id()
+    now = os.getpriority(os.PRIO_PROCESS, tid)
+    os.setpriority(os.PRIO_PROCESS, tid, min(MAX_NICE, now + by))
 
 
 class SwitchInterval:

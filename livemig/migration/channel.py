@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import socket
 import ssl
 import threading
@@ -64,6 +63,7 @@ from livemig.migration.tls import (
     TlsEndpoint,
     gather_pages,
     looks_like_tls,
+    record_waiting,
     send_all,
 )
 from livemig.units import PAGE_SIZE
@@ -159,7 +159,6 @@ class Channel:
         self._clear_out = clear_out
         self._tls_lock = threading.Lock()
         self._unread = b""  # clear bytes read by the handshake, not yet by the reader
-        self._poll: select.poll | None = None  # TLS: have more records arrived?
         self.secured = False
 
     @property
@@ -383,18 +382,16 @@ class Channel:
 
     def _recv_records(self, max_bytes: int) -> bytes:
         """A TLS read returns one record (16 KiB): go on reading the records that have
-        already arrived, up to :data:`~livemig.migration.tls.READ_CHUNK` (decrypting
-        costs far more than a copy: a larger chunk would hold back a requested page
-        behind it), so the reader handles large chunks as on a plain socket."""
+        already arrived whole, up to :data:`~livemig.migration.tls.READ_CHUNK`
+        (decrypting costs far more than a copy: a larger chunk would hold back a
+        requested page behind it), so the reader handles large chunks as on a plain
+        socket -- and never waits for a record still arriving while it holds others."""
         assert isinstance(self.sock, ssl.SSLSocket)
         sock = self.sock
         max_bytes = min(max_bytes, READ_CHUNK)
         parts = [sock.recv(max_bytes)]
         got = len(parts[0])
-        if self._poll is None:
-            self._poll = select.poll()
-            self._poll.register(sock.fileno(), select.POLLIN)
-        while got and got < max_bytes and (sock.pending() or self._poll.poll(0)):
+        while got and got < max_bytes and (sock.pending() or record_waiting(sock)):
             more = sock.recv(max_bytes - got)
             if not more:
                 break

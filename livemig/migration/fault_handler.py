@@ -55,7 +55,12 @@ from livemig.migration.postcopy import (
     uffd_block_states,
 )
 from livemig.migration.returnpath import ReturnPathWriter
-from livemig.runtime import POSTCOPY_SWITCH_INTERVAL, SwitchInterval, SwitchIntervalLease
+from livemig.runtime import (
+    POSTCOPY_SWITCH_INTERVAL,
+    SwitchInterval,
+    SwitchIntervalLease,
+    lower_thread_priority,
+)
 from livemig.vmm.memory import RamBlock
 from livemig.wire.blocks import BlockInfo
 
@@ -231,7 +236,10 @@ class HelperFaultHandler(FaultHandler):
         return self._state
 
     def listen(self) -> None:
-        pass  # the fault server polls the userfaultfd since ADVISE
+        """The fault server polls the userfaultfd since ADVISE; the calling load thread
+        places only background pages from here: the fault server and the faulting
+        vCPUs go first when they want a CPU (livemig.runtime)."""
+        lower_thread_priority()
 
     def _start(self, on_error: OnError, *, rerequest: bool) -> None:
         assert self._shared is not None and self.post_channel is not None

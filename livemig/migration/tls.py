@@ -9,7 +9,10 @@ holding ``ca-cert.pem``, ``server-cert.pem``/``server-key.pem`` (endpoint=server
 certificate is checked (``verify-peer``); its files are loaded when the object is
 created, so a missing or bad file is refused by ``object-add``.  An ``authz-simple``
 object (:class:`AuthzSimple`) allows one client identity: the distinguished name of
-the client certificate (RFC 4514, as QEMU prints it: ``CN=...,O=...,C=...``).  The
+the client certificate (RFC 4514, as QEMU prints it: ``CN=...,O=...,C=...``); an
+``authz-list`` object (:class:`AuthzList`) holds QEMU's ordered rules (an identity,
+``exact`` or as a ``glob``, allowed or denied) and a policy for identities no rule
+matches.  Both are :class:`Authz` objects: one call, :meth:`Authz.check`.  The
 parameters ``tls-creds``, ``tls-hostname`` and ``tls-authz`` name what a migration uses;
 :class:`TlsObjects` (one per VMM instance) holds the objects and turns the parameters
 into a :class:`TlsEndpoint` at ``migrate`` / ``migrate-incoming``: the one object that
@@ -41,16 +44,19 @@ helper process (from the same credentials directory, :meth:`TlsEndpoint.describe
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
 from livemig.errors import ConfigError, TlsError
+from livemig.kernel.sock import peek_raw, unread_bytes
 from livemig.units import PAGE_SIZE
 
 Buffer = bytes | bytearray | memoryview
@@ -136,17 +142,143 @@ def _load(loader: Any, path: str) -> None:
         raise ConfigError(f"Unable to load credentials {path} (or its key): {e}") from None
 
 
+class Authz(ABC):
+    """What tls-authz names: a decision on the client certificate's distinguished name."""
+
+    id: str
+    QOM_TYPE: ClassVar[str]
+    PROPS: ClassVar[tuple[str, ...]]  # the properties object-add takes (besides id)
+
+    @classmethod
+    @abstractmethod
+    def create(cls, oid: str, props: Mapping[str, Any]) -> Authz:
+        """The object from its (known) properties, each checked."""
+
+    def check(self, identity: str) -> None:
+        """Return if ``identity`` is allowed; a TlsError saying why not otherwise."""
+        why = self.denied(identity)
+        if why:
+            raise TlsError(f"TLS x509 authz check for {identity!r} is denied ({why})")
+
+    @abstractmethod
+    def denied(self, identity: str) -> str:
+        """Why ``identity`` is refused ('' when it is allowed)."""
+
+    @abstractmethod
+    def props(self) -> dict[str, Any]:
+        """The object's properties as object-add takes them (without id)."""
+
+
 @dataclass(frozen=True)
-class AuthzSimple:
+class AuthzSimple(Authz):
     """An ``authz-simple`` object: exactly one identity (a client certificate's DN)."""
 
     id: str
     identity: str
+    QOM_TYPE: ClassVar[str] = "authz-simple"
+    PROPS: ClassVar[tuple[str, ...]] = ("identity",)
 
-    def check(self, identity: str) -> None:
-        if identity != self.identity:
-            raise TlsError(f"TLS x509 authz check for {identity!r} is denied (authz "
-                           f"'{self.id}' allows {self.identity!r})")
+    @classmethod
+    def create(cls, oid: str, props: Mapping[str, Any]) -> AuthzSimple:
+        if "identity" not in props:
+            raise ConfigError("Parameter 'identity' is missing")
+        return cls(oid, str(props["identity"]))
+
+    def denied(self, identity: str) -> str:
+        return "" if identity == self.identity else \
+            f"authz '{self.id}' allows {self.identity!r}"
+
+    def props(self) -> dict[str, Any]:
+        return {"identity": self.identity}
+
+
+POLICIES = ("deny", "allow")  # QEMU's QAuthZListPolicy
+FORMATS = ("exact", "glob")   # QEMU's QAuthZListFormat
+
+
+def _choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ConfigError(f"Parameter '{name}' does not accept value {value!r} (expected "
+                          f"{' or '.join(choices)})")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class AuthzRule:
+    """One rule of an ``authz-list``: an identity (``exact``) or a pattern (``glob``:
+    ``*`` any run of characters, ``?`` any one, as GLib's g_pattern_match_simple) and
+    what a match decides."""
+
+    match: str
+    policy: str
+    format: str = "exact"
+
+    @classmethod
+    def create(cls, index: int, rule: Any) -> AuthzRule:
+        if not isinstance(rule, Mapping):
+            raise ConfigError(f"Parameter 'rules.{index}' expects an object")
+        unknown = sorted(set(rule) - {"match", "policy", "format"})
+        if unknown:
+            raise ConfigError(f"Parameter 'rules.{index}.{unknown[0]}' is unexpected")
+        for key in ("match", "policy"):
+            if key not in rule:
+                raise ConfigError(f"Parameter 'rules.{index}.{key}' is missing")
+        return cls(str(rule["match"]),
+                   _choice(f"rules.{index}.policy", rule["policy"], POLICIES),
+                   _choice(f"rules.{index}.format", rule.get("format", "exact"), FORMATS))
+
+    def matches(self, identity: str) -> bool:
+        if self.format == "exact":
+            return identity == self.match
+        pattern = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c)
+                          for c in self.match)
+        return re.fullmatch(pattern, identity, re.DOTALL) is not None
+
+    def props(self) -> dict[str, str]:
+        return {"match": self.match, "policy": self.policy, "format": self.format}
+
+
+@dataclass(frozen=True)
+class AuthzList(Authz):
+    """An ``authz-list`` object: rules tried in order, the first that matches decides;
+    ``policy`` decides when none does (deny by default, as QEMU's)."""
+
+    id: str
+    policy: str = "deny"
+    rules: tuple[AuthzRule, ...] = ()
+    QOM_TYPE: ClassVar[str] = "authz-list"
+    PROPS: ClassVar[tuple[str, ...]] = ("policy", "rules")
+
+    @classmethod
+    def create(cls, oid: str, props: Mapping[str, Any]) -> AuthzList:
+        rules = props.get("rules", [])
+        if not isinstance(rules, Sequence) or isinstance(rules, str):
+            raise ConfigError("Parameter 'rules' expects an array")
+        return cls(oid, _choice("policy", props.get("policy", "deny"), POLICIES),
+                   tuple(AuthzRule.create(i, r) for i, r in enumerate(rules)))
+
+    def denied(self, identity: str) -> str:
+        for i, rule in enumerate(self.rules):
+            if rule.matches(identity):
+                return "" if rule.policy == "allow" else \
+                    f"authz-list '{self.id}' rule {i} ({rule.match!r}) denies it"
+        return "" if self.policy == "allow" else \
+            f"authz-list '{self.id}': no rule matches and its policy is deny"
+
+    def props(self) -> dict[str, Any]:
+        return {"policy": self.policy, "rules": [r.props() for r in self.rules]}
+
+
+AUTHZ_TYPES: dict[str, type[Authz]] = {c.QOM_TYPE: c for c in (AuthzSimple, AuthzList)}
+
+
+def make_authz(qom_type: str, oid: str, props: Mapping[str, Any]) -> Authz:
+    """An authz object of ``qom_type`` from its object-add properties (checked)."""
+    cls = AUTHZ_TYPES[qom_type]
+    unknown = sorted(set(props) - set(cls.PROPS))
+    if unknown:
+        raise ConfigError(f"Parameter '{unknown[0]}' is unexpected")
+    return cls.create(oid, props)
 
 
 # Attribute names as OpenSSL's getpeercert() gives them, and RFC 4514's short names.
@@ -209,7 +341,7 @@ class TlsEndpoint:
 
     creds: TlsCredsX509
     hostname: str = ""
-    authz: AuthzSimple | None = None
+    authz: Authz | None = None
 
     @property
     def server(self) -> bool:
@@ -253,17 +385,23 @@ class TlsEndpoint:
 
     def describe(self) -> dict[str, Any]:
         """JSON for a helper process, which builds the same endpoint (:meth:`of`)."""
+        authz = self.authz
         return {"creds": self.creds.describe(), "hostname": self.hostname,
-                "authz": None if self.authz is None else [self.authz.id, self.authz.identity]}
+                "authz": None if authz is None else
+                {"qom-type": authz.QOM_TYPE, "id": authz.id, **authz.props()}}
 
     @classmethod
     def of(cls, desc: Mapping[str, Any]) -> TlsEndpoint:
         c = desc["creds"]
         creds = TlsCredsX509.create(str(c["id"]), str(c["dir"]), str(c["endpoint"]),
                                     c["verify-peer"])
-        authz = desc.get("authz")
-        return cls(creds, str(desc.get("hostname", "")),
-                   AuthzSimple(str(authz[0]), str(authz[1])) if authz else None)
+        a = desc.get("authz")
+        authz = None
+        if a:
+            props = dict(a)
+            qom_type, oid = str(props.pop("qom-type")), str(props.pop("id"))
+            authz = make_authz(qom_type, oid, props)
+        return cls(creds, str(desc.get("hostname", "")), authz)
 
 
 class TlsObjects:
@@ -271,7 +409,7 @@ class TlsObjects:
 
     def __init__(self) -> None:
         self._creds: dict[str, TlsCredsX509] = {}
-        self._authz: dict[str, AuthzSimple] = {}
+        self._authz: dict[str, Authz] = {}
 
     def add(self, qom_type: str, props: Mapping[str, Any]) -> None:
         props = dict(props)
@@ -281,19 +419,15 @@ class TlsObjects:
         if oid in self._creds or oid in self._authz:
             raise ConfigError(f"attempt to add duplicate property '{oid}' to object "
                               "(type 'container')")
-        allowed = {"tls-creds-x509": ("dir", "endpoint", "verify-peer"),
-                   "authz-simple": ("identity",)}.get(qom_type)
-        if allowed is None:
+        if qom_type in AUTHZ_TYPES:
+            self._authz[oid] = make_authz(qom_type, oid, props)
+            return
+        if qom_type != "tls-creds-x509":
             raise ConfigError(f"Invalid parameter type for 'qom-type', expected: one of "
-                              f"tls-creds-x509, authz-simple (not {qom_type!r})")
-        unknown = sorted(set(props) - set(allowed))
+                              f"tls-creds-x509, {', '.join(AUTHZ_TYPES)} (not {qom_type!r})")
+        unknown = sorted(set(props) - {"dir", "endpoint", "verify-peer"})
         if unknown:
             raise ConfigError(f"Parameter '{unknown[0]}' is unexpected")
-        if qom_type == "authz-simple":
-            if "identity" not in props:
-                raise ConfigError("Parameter 'identity' is missing")
-            self._authz[oid] = AuthzSimple(oid, str(props["identity"]))
-            return
         if "dir" not in props:
             raise ConfigError("Parameter 'dir' is missing")
         self._creds[oid] = TlsCredsX509.create(
@@ -323,16 +457,38 @@ class TlsObjects:
         return TlsEndpoint(c, hostname if endpoint == "client" else "", a)
 
 
-def parse_object(spec: str) -> tuple[str, dict[str, str]]:
-    """``--object TYPE,key=value,...`` (QEMU's syntax; ',,' is a literal comma)."""
+def parse_object(spec: str) -> tuple[str, dict[str, Any]]:
+    """``--object TYPE,key=value,...`` (QEMU's syntax; ',,' is a literal comma).  Dotted
+    keys build nested values as QEMU's keyval does: ``rules.0.match=...`` is the
+    ``match`` of the first element of the array ``rules``."""
     parts = [p.replace("\0", ",") for p in spec.replace(",,", "\0").split(",")]
-    props: dict[str, str] = {}
+    props: dict[str, Any] = {}
     for p in parts[1:]:
         key, eq, value = p.partition("=")
         if not eq:
             raise ConfigError(f"--object {spec!r}: expected key=value, not {p!r}")
-        props[key] = value
-    return parts[0], props
+        *path, last = key.split(".")
+        node = props
+        for name in path:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--object {spec!r}: {key!r} is both a value and a group")
+        if last in node:
+            raise ConfigError(f"--object {spec!r}: {key!r} given twice")
+        node[last] = value
+    return parts[0], {k: _arrays(k, v) for k, v in props.items()}
+
+
+def _arrays(key: str, value: Any) -> Any:
+    """Groups whose keys are 0, 1, ... n-1 become arrays (keyval's rule)."""
+    if not isinstance(value, dict):
+        return value
+    items = {k: _arrays(f"{key}.{k}", v) for k, v in value.items()}
+    if all(k.isdigit() for k in items):
+        if sorted(int(k) for k in items) != list(range(len(items))):
+            raise ConfigError(f"Parameter '{key}': array indexes must be 0, 1, 2, ...")
+        return [items[str(i)] for i in range(len(items))]
+    return items
 
 
 # --- sending over a session ------------------------------------------------------------
@@ -345,6 +501,22 @@ PAGES_PER_WRITE = WRITE_CHUNK // (8 + PAGE_SIZE)
 # A read gathers the records already arrived up to this size (decrypted at ~0.5 GB/s:
 # half a millisecond of work before the reader sees the first byte of it).
 READ_CHUNK = 256 * 1024
+_RECORD_HEADER = 5  # content type, version (2 bytes), be16 length
+
+
+def record_waiting(sock: ssl.SSLSocket) -> bool:
+    """Is a whole TLS record already in the socket's receive queue, so that the next
+    read returns at once?  OpenSSL (without read-ahead, as Python leaves it) takes from
+    the kernel exactly the records it decrypts, so the queue starts at a record header.
+    A record still arriving is not waiting: reading it would hold the reader -- and the
+    records already decrypted, perhaps a requested page -- until its last byte."""
+    available = unread_bytes(sock)
+    if available < _RECORD_HEADER:
+        return False
+    head = peek_raw(sock, _RECORD_HEADER)
+    if len(head) < _RECORD_HEADER:
+        return False
+    return available >= _RECORD_HEADER + int.from_bytes(head[3:5], "big")
 
 
 def send_all(sock: ssl.SSLSocket, buffers: Sequence[Buffer]) -> int:

@@ -52,7 +52,7 @@ from livemig.migration.sender import PageSender
 from livemig.migration.state import Capabilities, Parameters, RamStats, UrgentMode
 from livemig.migration.trace import Tracer
 from livemig.migration.urgent import SharedBits, UrgentServer
-from livemig.runtime import POSTCOPY_SWITCH_INTERVAL, SwitchInterval
+from livemig.runtime import POSTCOPY_SWITCH_INTERVAL, SwitchInterval, lower_thread_priority
 
 
 class UrgentSender(ABC):
@@ -180,6 +180,12 @@ class ProcessSender(UrgentSender):
 
     def postcopy_gil(self, switch: SwitchInterval) -> AbstractContextManager[object]:
         return contextlib.nullcontext()  # requests never reach a thread of this process
+
+    def switchover(self) -> None:
+        """The migration thread only streams background pages from here: the helper
+        that answers requests goes first when both want a CPU (livemig.runtime)."""
+        super().switchover()
+        lower_thread_priority()
 
     def on_request(self, req: PageRequest, queue: RequestQueue) -> None:
         raise RemoteProtocolError("a page request on the return path, but the destination "

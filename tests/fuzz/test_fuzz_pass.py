@@ -28,6 +28,7 @@ def test_every_fuzz_target_survives_a_short_pass(tmp_path: Path) -> None:
     outcomes = json.loads(out.read_text())
     assert proc.returncode == 0, (proc.stdout, outcomes)
     assert {o["target"] for o in outcomes} == {
-        "stream", "postcopy", "returnpath", "recovery", "qmp", "helper", "devstate"}
+        "stream", "postcopy", "returnpath", "recovery", "multifd", "qmp", "helper",
+        "devstate"}
     for o in outcomes:
         assert o["inputs"] > 1000 and o["coverage"] > 0 and not o["findings"], o

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,13 @@ from pc_helpers import (
 )
 
 from livemig.control.client import QmpClient
+from livemig.errors import ChannelClosedError, QmpError, TlsError
 from livemig.kernel.mman import Backing
+from livemig.migration.channel import MigrationUri, connect
+from livemig.migration.tls import TlsCredsX509, TlsEndpoint
 from livemig.tlslab import CLIENT_DN, TlsDirs, make_tls_dirs
 from livemig.vmm.vm import RunState
+from livemig.wire.encoder import Encoder
 
 pytestmark = pytest.mark.kvm
 
@@ -60,16 +65,22 @@ def add_creds(qmp: QmpClient, directory: str, endpoint: str) -> None:
                                  "verify-peer": True})
 
 
-def secure(p: Pair, server: str, client: str | None, *, authz: str | None = CLIENT_DN
+Authz = str | dict[str, Any] | None  # an authz-simple identity, authz-list props, none
+
+
+def secure(p: Pair, server: str | None, client: str | None, *, authz: Authz = CLIENT_DN
            ) -> None:
-    """TLS on both sides (``client`` None: the source stays plain)."""
-    add_creds(p.dq, server, "server")
-    params: dict[str, Any] = {"tls-creds": "tls0"}
-    if authz is not None:
-        p.dq.execute("object-add", **{"qom-type": "authz-simple", "id": "auth0",
-                                      "identity": authz})
-        params["tls-authz"] = "auth0"
-    p.dq.execute("migrate-set-parameters", **params)
+    """TLS on both sides (``server`` / ``client`` None: that side stays plain); ``authz``
+    a string: an authz-simple with that identity, a dict: an authz-list."""
+    if server is not None:
+        add_creds(p.dq, server, "server")
+        params: dict[str, Any] = {"tls-creds": "tls0"}
+        if authz is not None:
+            kind, props = (("authz-simple", {"identity": authz}) if isinstance(authz, str)
+                           else ("authz-list", authz))
+            p.dq.execute("object-add", **{"qom-type": kind, "id": "auth0", **props})
+            params["tls-authz"] = "auth0"
+        p.dq.execute("migrate-set-parameters", **params)
     if client is not None:
         add_creds(p.sq, client, "client")
         p.sq.execute("migrate-set-parameters", **{"tls-creds": "tls0",
@@ -164,51 +175,132 @@ def test_multifd_precopy_then_preempt_over_tls_encrypts_every_channel(
         assert_all_encrypted(relay, preempt=True, multifd=2)
 
 
+def pause_a_postcopy_over_tls(p: Pair, dirs: TlsDirs) -> None:
+    """TLS on both sides, a postcopy started, then migrate-pause: both sides paused."""
+    secure(p, dirs.server, dirs.client)
+    p.listen()
+    p.migrate()
+    start_postcopy_after_first_round(p.sq)
+    for q in (p.sq, p.dq):
+        assert wait_migration(q, 60, until=("postcopy-active", "failed"))["status"] == \
+            "postcopy-active"
+    p.sq.execute("migrate-pause")
+    for q in (p.sq, p.dq):
+        assert wait_migration(q, 60, until=("postcopy-paused", "failed"))["status"] == \
+            "postcopy-paused"
+
+
+def resume_and_complete(p: Pair, uri: str) -> None:
+    p.sq.execute("migrate", uri=uri, resume=True)
+    src, dst = wait_migration(p.sq, 120), wait_migration(p.dq, 120)
+    assert (src["status"], dst["status"]) == ("completed", "completed"), (src, dst)
+    assert "postcopy-recover" in migration_statuses(events(p.dq, ends_migration))
+    check_guest_moved(p, "random")
+
+
+RECOVERY_CFG = dict(guest="random", backing=Backing.ANON_4K,
+                    src_caps=caps_of(postcopy=True, preempt=True))
+
+
 @pytest.mark.parametrize("sender", ["migration", "process"])
 def test_a_postcopy_over_tls_recovers_over_new_tls_connections(
         tmp_path: Path, dirs: TlsDirs, sender: str) -> None:
-    cfg = PairConfig("random", Backing.ANON_4K, src_caps=caps_of(postcopy=True, preempt=True),
-                     params={**NO_CONVERGENCE, "x-postcopy-urgent-sender": sender,
-                             "max-postcopy-bandwidth": 4_000_000})
+    cfg = PairConfig(**RECOVERY_CFG, params={**NO_CONVERGENCE, "x-postcopy-urgent-sender": sender,
+                                             "max-postcopy-bandwidth": 4_000_000})
     with migration_pair(tmp_path, cfg) as p:
-        secure(p, dirs.server, dirs.client)
-        p.listen()
-        p.migrate()
-        start_postcopy_after_first_round(p.sq)
-        for q in (p.sq, p.dq):
-            assert wait_migration(q, 60, until=("postcopy-active", "failed"))["status"] == \
-                "postcopy-active"
-        p.sq.execute("migrate-pause")
-        for q in (p.sq, p.dq):
-            assert wait_migration(q, 60, until=("postcopy-paused", "failed"))["status"] == \
-                "postcopy-paused"
+        pause_a_postcopy_over_tls(p, dirs)
         uri = f"unix:{tmp_path / 'recover.sock'}"
         p.dq.execute("migrate-recover", uri=uri)
-        p.sq.execute("migrate", uri=uri, resume=True)
-        src, dst = wait_migration(p.sq, 120), wait_migration(p.dq, 120)
-        assert (src["status"], dst["status"]) == ("completed", "completed"), (src, dst)
-        assert "postcopy-recover" in migration_statuses(events(p.dq, ends_migration))
-        check_guest_moved(p, "random")
+        resume_and_complete(p, uri)
 
 
+def intrude(uri: str, creds: str | None) -> Exception | None:
+    """Connect to ``uri`` as a source would (TLS with ``creds``, or plain) and send a
+    main channel's preamble; what the connection ended with (None: the peer closed)."""
+    tls = None if creds is None else TlsEndpoint(
+        TlsCredsX509.create("intruder", creds, "client"), hostname=HOSTNAME)
+    try:
+        ch = connect(MigrationUri.parse(uri), tls=tls)
+        ch.send([Encoder().preamble()])
+        answer = ch.recv(1)
+        ch.close()
+    except (TlsError, ChannelClosedError) as e:
+        return e
+    assert answer == b"", "the recovery listener answered a refused peer"
+    return None
+
+
+@pytest.mark.parametrize(("intruder", "intruder_says", "dst_says"), [
+    pytest.param(None, "", "without TLS", id="plain-peer"),
+    pytest.param("no_cert_client", "refused the handshake", "sent no certificate",
+                 id="no-client-cert"),
+    pytest.param("other_ca_client", "does not trust", "unable to get local issuer",
+                 id="wrong-ca-client"),
+    pytest.param("expired_client", "expired", "expired", id="expired-client"),
+])
+def test_a_refused_peer_on_the_recovery_listener_leaves_the_postcopy_paused(
+        tmp_path: Path, dirs: TlsDirs, intruder: str | None, intruder_says: str,
+        dst_says: str) -> None:
+    """A connection to migrate-recover's listener that TLS refuses ends there: the
+    destination says why and stays postcopy-paused (a new migrate-recover is needed),
+    the source is untouched, and the real source then resumes over TLS."""
+    cfg = PairConfig(**RECOVERY_CFG, params={**NO_CONVERGENCE,
+                                             "max-postcopy-bandwidth": 4_000_000})
+    with migration_pair(tmp_path, cfg) as p:
+        pause_a_postcopy_over_tls(p, dirs)
+        uri = f"unix:{tmp_path / 'recover.sock'}"
+        p.dq.execute("migrate-recover", uri=uri)
+        said = intrude(uri, getattr(dirs, intruder) if intruder else None)
+        if intruder is not None:
+            assert isinstance(said, TlsError) and intruder_says in str(said), said
+        deadline = time.monotonic() + 30
+        while dst_says not in (dst := p.dq.execute("query-migrate")).get("error-desc", ""):
+            assert time.monotonic() < deadline, dst
+            time.sleep(0.05)
+        assert dst["status"] == "postcopy-paused", dst
+        assert p.sq.execute("query-migrate")["status"] == "postcopy-paused"
+        while True:  # the refused listener is closed once the destination has paused
+            try:
+                p.dq.execute("migrate-recover", uri=uri)
+                break
+            except QmpError as e:
+                assert "triggered already" in str(e) and time.monotonic() < deadline, e
+                time.sleep(0.05)
+        resume_and_complete(p, uri)
+
+
+DENY_SOURCES = {"policy": "allow", "rules": [
+    {"match": "CN=source.*", "policy": "deny", "format": "glob"}]}
 REFUSALS = [
+    pytest.param("server", "no_cert_client", CLIENT_DN, "refused the handshake",
+                 "sent no certificate", id="no-client-cert"),
     pytest.param("other_ca_server", "client", CLIENT_DN, "unable to get local issuer",
-                 "does not trust", id="wrong-ca"),
-    pytest.param("server", "expired_client", CLIENT_DN, "expired", "expired", id="expired"),
+                 "does not trust", id="wrong-ca-server"),
+    pytest.param("server", "other_ca_client", CLIENT_DN, "does not trust",
+                 "unable to get local issuer", id="wrong-ca-client"),
+    pytest.param("wrong_name_server", "client", CLIENT_DN, "Hostname mismatch",
+                 "refused our certificate", id="wrong-hostname"),
+    pytest.param("expired_server", "client", CLIENT_DN, "expired", "expired",
+                 id="expired-server"),
+    pytest.param("server", "expired_client", CLIENT_DN, "expired", "expired",
+                 id="expired-client"),
     pytest.param("server", None, CLIENT_DN, "", "without TLS", id="plain-source"),
+    pytest.param(None, "client", None, "listening without tls-creds", "no tls-creds",
+                 id="plain-destination"),
     pytest.param("server", "client", "CN=someone.else", "", "authz check", id="authz"),
+    pytest.param("server", "client", DENY_SOURCES, "", "rule 0", id="authz-list"),
 ]
 
 
-@pytest.mark.parametrize(("server", "client", "identity", "src_says", "dst_says"), REFUSALS)
+@pytest.mark.parametrize(("server", "client", "authz", "src_says", "dst_says"), REFUSALS)
 def test_a_refused_peer_fails_both_sides_and_the_guest_stays(
-        tmp_path: Path, dirs: TlsDirs, server: str, client: str | None, identity: str,
+        tmp_path: Path, dirs: TlsDirs, server: str | None, client: str | None, authz: Authz,
         src_says: str, dst_says: str) -> None:
     cfg = PairConfig("random", Backing.ANON_4K, src_caps=caps_of(postcopy=True),
                      params=NO_CONVERGENCE)
     with migration_pair(tmp_path, cfg) as p:
-        secure(p, getattr(dirs, server), getattr(dirs, client) if client else None,
-               authz=identity)
+        secure(p, getattr(dirs, server) if server else None,
+               getattr(dirs, client) if client else None, authz=authz)
         p.listen()
         p.migrate()
         src, dst = wait_migration(p.sq, 60), wait_migration(p.dq, 60)
@@ -218,17 +310,21 @@ def test_a_refused_peer_fails_both_sides_and_the_guest_stays(
         assert p.src.vm.runstate is RunState.RUNNING
         assert p.dst.vm.runstate is not RunState.RUNNING
         assert migration_statuses(events(p.dq, ends_migration)) == ["setup", "failed"]
+        # Not one byte of guest RAM reached the destination's memory.
+        assert not p.dst.vm.main_block.array().any()
 
 
 def test_livemig_run_objects_carry_a_migration_over_tcp_tls(tmp_path: Path,
                                                             dirs: TlsDirs) -> None:
-    """--object on both command lines, the parameters over QMP, a TCP migration whose
-    server certificate is checked against the URI's address (127.0.0.1)."""
+    """--object on both command lines (the destination's tls-authz an authz-list with
+    QEMU's dotted rules), the parameters over QMP, a TCP migration whose server
+    certificate is checked against the URI's address (127.0.0.1)."""
     port = free_tcp_port()
     uri = f"tcp:127.0.0.1:{port}"
     server = f"tls-creds-x509,id=tls0,dir={dirs.server},endpoint=server,verify-peer=on"
     client = f"tls-creds-x509,id=tls0,dir={dirs.client},endpoint=client"
-    authz = "authz-simple,id=auth0,identity=" + CLIENT_DN.replace(",", ",,")
+    authz = ("authz-list,id=auth0,policy=deny,rules.0.match=CN=*,,O=livemig tests,,C=GB,"
+             "rules.0.policy=allow,rules.0.format=glob")
     with livemig_process(tmp_path, "src", ["--guest", "ab", "--mem", "32M",
                                            "--object", client]) as src, \
             livemig_process(tmp_path, "dst", ["--incoming", "defer", "--mem", "32M",

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from collections.abc import Iterator
 
 import pytest
 
-from livemig.runtime import POSTCOPY_SWITCH_INTERVAL, SwitchInterval
+from livemig.runtime import (
+    BACKGROUND_NICE,
+    MAX_NICE,
+    POSTCOPY_SWITCH_INTERVAL,
+    SwitchInterval,
+    lower_thread_priority,
+)
 
 BASELINE = 0.005
 
@@ -118,3 +125,25 @@ def test_one_owner_warns_about_nothing(caplog: pytest.LogCaptureFixture) -> None
           owner.switch_interval(1e-3 / 3), owner.switch_interval(1e-4 / 7)):
         pass
     assert not caplog.records
+
+
+def test_lower_thread_priority_makes_only_the_calling_thread_nicer() -> None:
+    def nice_of(tid: int) -> int:
+        return os.getpriority(os.PRIO_PROCESS, tid)
+
+    main_tid = threading.get_native_id()
+    before = nice_of(main_tid)
+    seen: dict[str, int] = {}
+
+    def background() -> None:
+        tid = threading.get_native_id()
+        seen["before"] = nice_of(tid)
+        lower_thread_priority()
+        seen["after"] = nice_of(tid)
+
+    t = threading.Thread(target=background)
+    t.start()
+    t.join(10)
+    assert seen["after"] == min(MAX_NICE, seen["before"] + BACKGROUND_NICE)
+    assert seen["after"] > seen["before"] or seen["before"] == MAX_NICE
+    assert nice_of(main_tid) == before  # the process and its other threads keep theirs

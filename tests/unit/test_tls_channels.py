@@ -4,6 +4,8 @@ byte of the stream is read by the other side."""
 
 from __future__ import annotations
 
+import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +25,9 @@ from livemig.migration.channel import (
 )
 from livemig.migration.state import Parameters
 from livemig.migration.tls import (
+    Authz,
+    AuthzList,
+    AuthzRule,
     AuthzSimple,
     TlsCredsX509,
     TlsEndpoint,
@@ -41,7 +46,7 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> TlsDirs:
     return make_tls_dirs(tmp_path_factory.mktemp("tls"))
 
 
-def server(d: str, verify: bool = True, authz: AuthzSimple | None = None) -> TlsEndpoint:
+def server(d: str, verify: bool = True, authz: Authz | None = None) -> TlsEndpoint:
     return TlsEndpoint(TlsCredsX509.create("tls0", d, "server", verify), authz=authz)
 
 
@@ -261,10 +266,147 @@ def test_authz_simple_allows_exactly_its_identity(dirs: TlsDirs, listener: Liste
     assert isinstance(dst, TlsError) and "denied" in str(dst) and CLIENT_DN in str(dst), dst
 
 
+def authz_list(*rules: tuple[str, str, str], policy: str = "deny") -> AuthzList:
+    return AuthzList.create("auth0", {"policy": policy, "rules": [
+        {"match": m, "policy": p, "format": f} for m, p, f in rules]})
+
+
+def test_authz_list_takes_the_first_matching_rule_then_its_policy() -> None:
+    acl = authz_list(("CN=mallory,*", "deny", "glob"), ("CN=*,O=livemig tests,C=GB", "allow",
+                                                        "glob"),
+                     ("CN=admin,O=other,C=GB", "allow", "exact"))
+    acl.check(CLIENT_DN)  # the glob rule
+    acl.check("CN=admin,O=other,C=GB")  # the exact rule
+    with pytest.raises(TlsError, match="rule 0"):
+        acl.check("CN=mallory,O=livemig tests,C=GB")  # denied before the allowing glob
+    with pytest.raises(TlsError, match="no rule matches"):
+        acl.check("CN=admin,O=other,C=FR")
+    authz_list(policy="allow").check("CN=anyone")
+
+
+def test_authz_list_globs_are_glib_simple_patterns_and_exact_rules_are_literal() -> None:
+    assert AuthzRule("CN=?,O=*", "allow", "glob").matches("CN=x,O=")
+    assert not AuthzRule("CN=?,O=*", "allow", "glob").matches("CN=xy,O=a")
+    # Only * and ? are special: brackets, dots and backslashes are themselves.
+    assert AuthzRule("CN=[ab].c\\*", "allow", "glob").matches("CN=[ab].c\\z")
+    assert not AuthzRule("CN=[ab].c*", "allow", "glob").matches("CN=a.c")
+    assert not AuthzRule("CN=*", "allow", "exact").matches("CN=x")
+    assert AuthzRule("CN=*", "allow", "exact").matches("CN=*")
+
+
+def test_authz_list_from_the_command_line_and_object_add_is_the_same_object(
+        dirs: TlsDirs) -> None:
+    spec = ("authz-list,id=auth0,policy=deny,rules.0.match=CN=mallory*,,O=*,"
+            "rules.0.policy=deny,rules.0.format=glob,rules.1.match=*O=livemig tests*,"
+            "rules.1.policy=allow,rules.1.format=glob")
+    qmp = {"id": "auth0", "policy": "deny", "rules": [
+        {"match": "CN=mallory*,O=*", "policy": "deny", "format": "glob"},
+        {"match": "*O=livemig tests*", "policy": "allow", "format": "glob"}]}
+    from_cli, from_qmp = TlsObjects(), TlsObjects()
+    for objs in (from_cli, from_qmp):
+        objs.add(*parse_object(f"tls-creds-x509,id=tls0,dir={dirs.server},endpoint=server"))
+    from_cli.add(*parse_object(spec))
+    from_qmp.add("authz-list", qmp)
+    ep = from_cli.endpoint("tls0", "", "auth0", endpoint="server")
+    assert ep is not None and ep == from_qmp.endpoint("tls0", "", "auth0", endpoint="server")
+    assert ep.authz == authz_list(("CN=mallory*,O=*", "deny", "glob"),
+                                  ("*O=livemig tests*", "allow", "glob"))
+    # What a helper process gets rebuilds the same endpoint.
+    assert TlsEndpoint.of(ep.describe()) == ep
+
+
+@pytest.mark.parametrize(("props", "error"), [
+    ({"policy": "maybe"}, "'policy' does not accept"),
+    ({"rules": [{"match": "x"}]}, "'rules.0.policy' is missing"),
+    ({"rules": [{"policy": "allow"}]}, "'rules.0.match' is missing"),
+    ({"rules": [{"match": "x", "policy": "allow", "format": "regex"}]},
+     "'rules.0.format' does not accept"),
+    ({"rules": [{"match": "x", "policy": "allow", "colour": "red"}]},
+     "'rules.0.colour' is unexpected"),
+    ({"rules": "CN=x"}, "'rules' expects an array"),
+    ({"identity": "CN=x"}, "'identity' is unexpected"),
+])
+def test_authz_list_refuses_bad_properties_at_object_add(props: dict[str, Any],
+                                                        error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        TlsObjects().add("authz-list", {"id": "auth0", **props})
+
+
+def test_command_line_arrays_need_indexes_from_zero() -> None:
+    with pytest.raises(ConfigError, match="array indexes"):
+        parse_object("authz-list,id=a,rules.1.match=x,rules.1.policy=allow")
+
+
+def test_authz_list_decides_who_may_connect(dirs: TlsDirs, listener: Listener) -> None:
+    allowing = server(dirs.server, authz=authz_list(("*,O=livemig tests,*", "allow", "glob")))
+    t, out = accept_in_thread(listener, allowing)
+    ch = connect(uri(listener), tls=client(dirs.client))
+    ch.send([Encoder().preamble()])
+    t.join(30)
+    ch.close()
+    assert out.get("kind") is ChannelKind.MAIN, out
+    denying = server(dirs.server, authz=authz_list(("CN=source.*", "deny", "glob"),
+                                                   policy="allow"))
+    src, dst = refused_on_both_ends(listener, denying, client(dirs.client))
+    assert isinstance(src, ChannelClosedError), src
+    assert isinstance(dst, TlsError) and "rule 0" in str(dst) and CLIENT_DN in str(dst), dst
+
+
 def test_distinguished_names_are_printed_as_rfc4514() -> None:
     subject = ((("countryName", "GB"),), (("organizationName", "A, B"),),
                (("commonName", "x"),))
     assert distinguished_name(subject) == "CN=x,O=A\\, B,C=GB"
+
+
+class BioClient:
+    """A TLS client whose encrypted bytes the test hands to the socket itself (an
+    ``ssl.SSLObject`` over memory BIOs), so that a record can arrive in parts."""
+
+    def __init__(self, creds: str, sock: socket.socket) -> None:
+        ctx = TlsCredsX509.create("tls0", creds, "client").context
+        self.sock, self.inc, self.out = sock, ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inc, self.out, server_hostname="dest.example")
+
+    def handshake(self) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+                self.sock.sendall(self.out.read())
+                return
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self.out.read())
+                self.inc.write(self.sock.recv(65536))
+
+    def record(self, data: bytes) -> bytes:
+        """``data`` encrypted: the bytes of its record(s), not sent."""
+        self.obj.write(data)
+        return self.out.read()
+
+
+def test_a_tls_read_returns_the_records_arrived_without_waiting_for_one_in_flight(
+        dirs: TlsDirs) -> None:
+    raw, peer = socket.socketpair()
+    ch = Channel(sock=raw, name="main", tls=server(dirs.server))
+    sender = BioClient(dirs.client, peer)
+    shake = threading.Thread(target=sender.handshake)
+    shake.start()
+    ch.secure(timeout=20)
+    shake.join(20)
+    first, second = b"a" * PAGE_SIZE, b"b" * PAGE_SIZE
+    wire_first, wire_second = sender.record(first), sender.record(second)
+    peer.sendall(wire_first + wire_second[:100])  # the second record is still arriving
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(ch.recv(1 << 20)))
+    reader.start()
+    reader.join(5)
+    arrived_whole = not reader.is_alive()
+    peer.sendall(wire_second[100:])
+    reader.join(20)
+    assert arrived_whole, "the read waited for the record still in flight"
+    assert got == [first]
+    assert ch.recv(1 << 20) == second
+    ch.close()
+    peer.close()
 
 
 # --- objects and parameters --------------------------------------------------------------
