@@ -267,8 +267,8 @@ class Instance:
         return {} if self.incoming is None else self.incoming.query()
 
     def latency_samples(self) -> dict[str, Any]:
-        samples = self.incoming.latency_samples() if self.incoming is not None else []
-        return {"samples-ns": samples}
+        samples, at = self.incoming.latency_samples() if self.incoming is not None else ([], [])
+        return {"samples-ns": samples, "fault-at-ns": at}
 
     # --- lifecycle ------------------------------------------------------------------------
     def request_quit(self) -> None:

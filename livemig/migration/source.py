@@ -550,11 +550,14 @@ class SourceMigration:
 
     def _postcopy(self, sender: PageSender) -> None:
         """Switch the guest over to the destination, then send the rest on demand."""
+        # The multifd channels synced at the end of the last round (and the destination
+        # placed their pages before it reads past that round's flush): close them now,
+        # while the guest still runs here, so that neither the pause nor the
+        # destination's LISTEN waits for the helpers' round trips and EOFs.  The pages
+        # still dirty go in postcopy, on the main and postcopy channels.
+        self._precopy_pages.end()
         self._catch_up(sender)
         t0 = self._stop_guest(sender)
-        # The multifd channels synced at the end of the last round: close them; the
-        # pages still dirty go in postcopy, on the main and postcopy channels.
-        self._precopy_pages.end()
         before = self._transferred(sender)
         enc, writer = sender.encoder, sender.writer
         self._write_discards(sender)  # only what the guest dirtied in the last round
