@@ -12,9 +12,11 @@ A :class:`SourceMigration` is one outgoing migration of one VM, run by its own
     stop     pause the vCPUs (runstate finish-migrate), last sync, send what is
              left in the "ram" END section, then the CPU and serial state (FULL
              sections) and EOF
-    postcopy (migrate-start-postcopy) pause, discard what the destination must not
-             keep, the device state in a package with LISTEN and RUN; then send
-             background pages while the urgent-sender design answers requests
+    postcopy (migrate-start-postcopy) close the multifd channels, if any, and
+             discard while the guest still runs (catch-up); pause, discard what the
+             guest dirtied since, the device state in a package with LISTEN and RUN;
+             then send background pages while the urgent-sender design answers
+             requests
     done     completed (source runstate postmigrate) / failed / cancelled
 
 The order of the stream is written by module-level functions (:func:`write_stream_head`,
