@@ -312,6 +312,11 @@ class DestinationMigration:
         stats = self._load.postcopy_stats if self._load is not None else None
         return stats.samples_ns(self.info.postcopy_ns) if stats is not None else ([], [])
 
+    def slow_pages(self, min_ns: int) -> list[dict[str, Any]]:
+        """The postcopy requests that waited at least ``min_ns`` (see LatencyStats)."""
+        stats = self._load.postcopy_stats if self._load is not None else None
+        return stats.slow_pages(min_ns) if stats is not None else []
+
     def query(self) -> dict[str, Any]:
         out = self.info.to_qmp()
         stats = self._load.postcopy_stats if self._load is not None else None

@@ -195,6 +195,21 @@ class LatencyStats:
         lat, _, at = self._samples()
         return [int(x) for x in lat], [int(x) for x in at - since_ns]
 
+    def slow_pages(self, min_ns: int) -> list[dict[str, Any]]:
+        """The requests that waited at least ``min_ns``: block, offset, and when the
+        fault was read and the page placed (CLOCK_MONOTONIC ns, the clock of the
+        source's trace events on the same host: a slow request can be split at the
+        moment the source sent its page)."""
+        out: list[dict[str, Any]] = []
+        for name, st in self._blocks.items():
+            a = st.arrays
+            slow = np.flatnonzero((a.fault_ns > 0) & (a.placed_ns > 0)
+                                  & (a.placed_ns - a.fault_ns >= min_ns))
+            out += [{"block": name, "offset": int(i) * st.host_page,
+                     "fault-ns": int(a.fault_ns[i]), "placed-ns": int(a.placed_ns[i])}
+                    for i in slow.tolist()]
+        return out
+
     def summary(self) -> LatencySummary:
         ns, _, _ = self._samples()
         if not len(ns):
