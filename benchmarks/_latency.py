@@ -102,8 +102,10 @@ DEST_DONE_TIMEOUT_S = 120.0
 TRIES = 2  # attempts per measured migration (a failed one is reported and retried)
 POLL_S = 0.02
 LATENCY_BUCKETS = 24  # livemig's postcopy-latency-dist: bucket k = [2^k, 2^(k+1)) µs
-# livemig QMP command (destination) returning {"samples-ns": [int, ...]}.
+# livemig QMP command (destination) returning {"samples-ns": [int, ...], "fault-at-ns":
+# [int, ...]} (when each fault was read, after postcopy started).
 RAW_SAMPLES_COMMAND = "x-query-postcopy-latency-samples"
+SLOWEST_KEPT = 30  # requests per run whose fault time the JSON keeps
 
 REQUEST_EVENT = "postcopy_ram_fault_thread_request"
 PLACE_EVENTS = ("postcopy_place_page", "postcopy_place_page_zero")
@@ -391,6 +393,8 @@ class Run:
     migration: MigrationResult
     dest_info: Mapping[str, Any]
     pairing: TracePairing | None = None
+    # livemig: the slowest requests, (ms after postcopy started, latency µs).
+    slowest: tuple[tuple[float, float], ...] = ()
 
     @property
     def requests(self) -> int:
@@ -413,6 +417,8 @@ class Run:
             out["trace"] = {"requests": self.pairing.requests,
                             "placements": self.pairing.placements,
                             "unanswered": self.pairing.unanswered}
+        if self.slowest:
+            out["slowest_at_ms_us"] = [[round(t, 1), round(x, 1)] for t, x in self.slowest]
         if with_samples and lat.samples_us:
             out["samples_us"] = [round(x, 1) for x in lat.samples_us]
         return out
@@ -516,14 +522,32 @@ def check_guest(dst: Peer) -> None:
                                  f"{check['first_bad_pages'][:4]}")
 
 
-def livemig_raw_samples(dst: Peer) -> list[int] | None:
+@dataclass(frozen=True)
+class RawSamples:
+    """A livemig destination's raw samples: latencies and when each fault was read."""
+
+    latency_ns: list[int]
+    fault_at_ns: list[int]
+
+    def slowest(self, n: int = SLOWEST_KEPT) -> tuple[tuple[float, float], ...]:
+        """The ``n`` slowest requests, (ms after postcopy started, latency µs), by
+        fault time."""
+        lat = np.asarray(self.latency_ns, dtype=np.int64)
+        at = np.asarray(self.fault_at_ns, dtype=np.int64)
+        top = np.sort(np.argsort(lat)[-n:]) if len(lat) else np.zeros(0, np.int64)
+        top = top[np.argsort(at[top])]
+        return tuple((float(at[i]) / 1e6, float(lat[i]) / 1e3) for i in top)
+
+
+def livemig_raw_samples(dst: Peer) -> RawSamples | None:
     try:
         reply = dst.execute(RAW_SAMPLES_COMMAND)
     except QmpError as e:
         if e.error_class == "CommandNotFound":
             return None
         raise
-    return [int(x) for x in reply["samples-ns"]]
+    return RawSamples([int(x) for x in reply["samples-ns"]],
+                      [int(x) for x in reply.get("fault-at-ns", ())])
 
 
 class Case:
@@ -600,7 +624,10 @@ class Case:
             if isinstance(dst, TracedQemuPeer):
                 latency, pairing = dst.latency()
                 return Run(latency, result, info, pairing)
-            return Run(Latency.from_livemig(info, samples), result, info)
+            if samples is None:
+                return Run(Latency.from_livemig(info), result, info)
+            return Run(Latency.from_livemig(info, samples.latency_ns), result, info,
+                       slowest=samples.slowest() if samples.fault_at_ns else ())
 
     def _profile(self, mode: Mode, dst: Peer, i: int) -> contextlib.AbstractContextManager[Any]:
         pdir = self.cfg.profile_dir
@@ -615,9 +642,13 @@ class Case:
 
 def _report_run(console: Console, label: str, run: Run) -> None:
     lat, m = run.latency, run.migration
+    # When the slowest request's fault came, in ms after postcopy started (livemig).
+    at = (f" (at {max(run.slowest, key=lambda s: s[1])[0]:.0f} ms)" if run.slowest
+          else "")
     console.print(f"{label}: p50 {lat.p50 / 1000:.2f} p99 {lat.p99 / 1000:.2f} "
-                  f"max {lat.max / 1000:.1f} ms, {lat.count} faults, {run.requests} requests, "
-                  f"total {m.total_time_ms} ms, noise {m.noise:.2f} CPUs", soft_wrap=True)
+                  f"max {lat.max / 1000:.1f} ms{at}, {lat.count} faults, {run.requests} "
+                  f"requests, total {m.total_time_ms} ms, downtime {m.downtime_ms} ms, "
+                  f"noise {m.noise:.2f} CPUs", soft_wrap=True)
 
 
 def run_case(cfg: Config, ends: Endpoints, page_size: str, modes: Sequence[Mode],

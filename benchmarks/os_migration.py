@@ -287,7 +287,7 @@ def migrate_os(cell: Cell, spec: OsSpec, ends: Endpoints, workdir: Path, index: 
                           host_check(dst))
     # QEMU's trace is complete once the process has quit (the stack closed it).
     latency = dst.latency()[0] if isinstance(dst, TracedQemuPeer) \
-        else Latency.from_livemig(info, samples)
+        else Latency.from_livemig(info, None if samples is None else samples.latency_ns)
     return OsRun(cell, latency, result, info, (resumed - stopped) * 1e3, verdict)
 
 

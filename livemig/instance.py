@@ -146,7 +146,8 @@ class Instance:
         reg("migrate-start-postcopy", lambda _a: self.migrate_start_postcopy(), params=())
         reg("query-migrate", lambda _a: self.query_migrate(), params=())
         # Ours: every page-request latency of the incoming postcopy, for exact CDFs.
-        reg("x-query-postcopy-latency-samples", lambda _a: self.latency_samples(), params=())
+        reg("x-query-postcopy-latency-samples", lambda a: self.latency_samples(a.get("slow-us")),
+            params=(Param("slow-us", "int", True),))
         reg("migrate-set-capabilities", lambda a: self._set_caps(a["capabilities"]),
             params=(Param("capabilities", "array"),))
         reg("query-migrate-capabilities", lambda _a: self.caps.to_qmp(), params=())
@@ -266,9 +267,15 @@ class Instance:
             return self.outgoing.query()
         return {} if self.incoming is None else self.incoming.query()
 
-    def latency_samples(self) -> dict[str, Any]:
-        samples = self.incoming.latency_samples() if self.incoming is not None else []
-        return {"samples-ns": samples}
+    def latency_samples(self, slow_us: int | None = None) -> dict[str, Any]:
+        """Every latency and when its fault came; with ``slow_us``, also the requests
+        that waited that long, by page, with CLOCK_MONOTONIC times."""
+        samples, at = self.incoming.latency_samples() if self.incoming is not None else ([], [])
+        out: dict[str, Any] = {"samples-ns": samples, "fault-at-ns": at}
+        if slow_us is not None:
+            out["slow"] = ([] if self.incoming is None
+                           else self.incoming.slow_pages(slow_us * 1000))
+        return out
 
     # --- lifecycle ------------------------------------------------------------------------
     def request_quit(self) -> None:

@@ -208,7 +208,7 @@ class DestinationMigration:
                 self.vm, self._channel, self.caps,
                 accept_postcopy_channel=self.accept_postcopy_channel,
                 accept_multifd_channels=self.accept_multifd_channels,
-                on_postcopy_active=lambda: self.status.set(MigrationStatus.POSTCOPY_ACTIVE),
+                on_postcopy_active=self._on_postcopy_active,
                 uffd_features=self.uffd_features, switch=self.switch,
                 await_recovery=self._await_recovery, on_resumed=self._on_resumed)
             self._load.run()
@@ -301,10 +301,21 @@ class DestinationMigration:
         # Last, so that whoever waits for "failed" finds the guest already stopped.
         self.status.try_set(MigrationStatus.FAILED)
 
-    def latency_samples(self) -> list[int]:
-        """Raw postcopy page-request latencies (ns); empty without postcopy."""
+    def _on_postcopy_active(self) -> None:
+        self.info.postcopy_ns = time.monotonic_ns()
+        self.status.set(MigrationStatus.POSTCOPY_ACTIVE)
+
+    def latency_samples(self) -> tuple[list[int], list[int]]:
+        """Raw postcopy page-request latencies (ns) and when each fault was read (ns
+        after postcopy started: guest RAM registered, faults taken); empty without
+        postcopy."""
         stats = self._load.postcopy_stats if self._load is not None else None
-        return stats.samples_ns() if stats is not None else []
+        return stats.samples_ns(self.info.postcopy_ns) if stats is not None else ([], [])
+
+    def slow_pages(self, min_ns: int) -> list[dict[str, Any]]:
+        """The postcopy requests that waited at least ``min_ns`` (see LatencyStats)."""
+        stats = self._load.postcopy_stats if self._load is not None else None
+        return stats.slow_pages(min_ns) if stats is not None else []
 
     def query(self) -> dict[str, Any]:
         out = self.info.to_qmp()

@@ -32,7 +32,9 @@ Source
     guest keeps running on the source.  Helpers come from the instance's
     :class:`HelperPool`: started when multifd is enabled (a Python process takes a
     second or so to import under load), released after a migration that went well
-    (connection closed, mappings dropped) and reused by the next one.
+    (connection closed, mappings dropped) and reused by the next one.  Before
+    postcopy they are released as soon as the last round has synced, while the guest
+    still runs on the source: the switchover pause does not wait for them.
 
 Destination
     :class:`MultifdReceivers` gets each multifd connection (accepted when the

@@ -173,23 +173,45 @@ class LatencyStats:
     def __init__(self, blocks: Mapping[str, BlockState]) -> None:
         self._blocks = blocks
 
-    def _samples(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]:
-        lat, vcpu = [], []
+    def _samples(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int16],
+                                npt.NDArray[np.int64]]:
+        """Latencies, the vCPU that faulted, and when the fault was read."""
+        lat, vcpu, at = [], [], []
         for st in self._blocks.values():
             a = st.arrays
             done = np.flatnonzero((a.fault_ns > 0) & (a.placed_ns > 0))
             # A fault read just after its page was placed waited for nothing.
             lat.append(np.maximum(a.placed_ns[done] - a.fault_ns[done], 0))
             vcpu.append(a.fault_vcpu[done])
+            at.append(a.fault_ns[done])
         return (np.concatenate(lat) if lat else np.zeros(0, np.int64),
-                np.concatenate(vcpu) if vcpu else np.zeros(0, np.int16))
+                np.concatenate(vcpu) if vcpu else np.zeros(0, np.int16),
+                np.concatenate(at) if at else np.zeros(0, np.int64))
 
-    def samples_ns(self) -> list[int]:
-        """Every fault-to-placement latency so far (ns), for exact distributions."""
-        return [int(x) for x in self._samples()[0]]
+    def samples_ns(self, since_ns: int) -> tuple[list[int], list[int]]:
+        """Every fault-to-placement latency so far (ns), for exact distributions, and
+        when each fault was read (ns after ``since_ns``, the start of postcopy): where
+        in the postcopy phase the slow requests were."""
+        lat, _, at = self._samples()
+        return [int(x) for x in lat], [int(x) for x in at - since_ns]
+
+    def slow_pages(self, min_ns: int) -> list[dict[str, Any]]:
+        """The requests that waited at least ``min_ns``: block, offset, and when the
+        fault was read and the page placed (CLOCK_MONOTONIC ns, the clock of the
+        source's trace events on the same host: a slow request can be split at the
+        moment the source sent its page)."""
+        out: list[dict[str, Any]] = []
+        for name, st in self._blocks.items():
+            a = st.arrays
+            slow = np.flatnonzero((a.fault_ns > 0) & (a.placed_ns > 0)
+                                  & (a.placed_ns - a.fault_ns >= min_ns))
+            out += [{"block": name, "offset": int(i) * st.host_page,
+                     "fault-ns": int(a.fault_ns[i]), "placed-ns": int(a.placed_ns[i])}
+                    for i in slow.tolist()]
+        return out
 
     def summary(self) -> LatencySummary:
-        ns, _ = self._samples()
+        ns, _, _ = self._samples()
         if not len(ns):
             return LatencySummary(0, 0, 0.0, 0.0, 0.0, 0.0, (0,) * LATENCY_BUCKETS)
         us = ns / 1000.0
@@ -201,7 +223,7 @@ class LatencyStats:
 
     def to_qmp(self, nvcpus: int) -> dict[str, object]:
         s = self.summary()
-        ns, vcpu = self._samples()
+        ns, vcpu, _ = self._samples()
         per = np.bincount(vcpu.astype(np.int64), weights=ns, minlength=nvcpus + 1)
         per_vcpu = [int(per[i + 1]) // 1_000_000 for i in range(nvcpus)]
         faults = np.bincount(vcpu.astype(np.int64), minlength=nvcpus + 1)

@@ -12,9 +12,11 @@ A :class:`SourceMigration` is one outgoing migration of one VM, run by its own
     stop     pause the vCPUs (runstate finish-migrate), last sync, send what is
              left in the "ram" END section, then the CPU and serial state (FULL
              sections) and EOF
-    postcopy (migrate-start-postcopy) pause, discard what the destination must not
-             keep, the device state in a package with LISTEN and RUN; then send
-             background pages while the urgent-sender design answers requests
+    postcopy (migrate-start-postcopy) close the multifd channels, if any, and
+             discard while the guest still runs (catch-up); pause, discard what the
+             guest dirtied since, the device state in a package with LISTEN and RUN;
+             then send background pages while the urgent-sender design answers
+             requests
     done     completed (source runstate postmigrate) / failed / cancelled
 
 The order of the stream is written by module-level functions (:func:`write_stream_head`,
@@ -550,11 +552,14 @@ class SourceMigration:
 
     def _postcopy(self, sender: PageSender) -> None:
         """Switch the guest over to the destination, then send the rest on demand."""
+        # The multifd channels synced at the end of the last round (and the destination
+        # placed their pages before it reads past that round's flush): close them now,
+        # while the guest still runs here, so that neither the pause nor the
+        # destination's LISTEN waits for the helpers' round trips and EOFs.  The pages
+        # still dirty go in postcopy, on the main and postcopy channels.
+        self._precopy_pages.end()
         self._catch_up(sender)
         t0 = self._stop_guest(sender)
-        # The multifd channels synced at the end of the last round: close them; the
-        # pages still dirty go in postcopy, on the main and postcopy channels.
-        self._precopy_pages.end()
         before = self._transferred(sender)
         enc, writer = sender.encoder, sender.writer
         self._write_discards(sender)  # only what the guest dirtied in the last round

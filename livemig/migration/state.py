@@ -343,6 +343,7 @@ class MigrationInfo:
     start_ns: int = 0
     setup_ns: int = 0
     end_ns: int = 0
+    postcopy_ns: int = 0  # when postcopy started (CLOCK_MONOTONIC; 0: not in postcopy)
     downtime_ms: int = 0
     expected_downtime_ms: int = 0
     rounds: int = 0

@@ -96,9 +96,18 @@ def test_postcopy_after_one_round_moves_a_running_guest(
         assert (check["bad_pages"], check["pages"]) == (0, GUEST_PAGES), check
         assert_postcopy_statistics(src_info, dst_info)
         # The raw samples behind the percentiles (for exact CDFs in the benchmarks).
-        samples = p.dq.execute("x-query-postcopy-latency-samples")["samples-ns"]
+        raw = p.dq.execute("x-query-postcopy-latency-samples")
+        samples, fault_at = raw["samples-ns"], raw["fault-at-ns"]
         pct = dst_info["x-postcopy-latency-percentiles"]
-        assert len(samples) == pct["count"]
+        assert len(samples) == len(fault_at) == pct["count"]
+        # Counted from the start of postcopy, which came after the migration's start.
+        assert 0 < max(fault_at) < dst_info["total-time"] * 1_000_000
+        # The slowest requests by page: their latency is the slowest sample's.
+        cut_us = sorted(samples)[-min(3, len(samples))] // 1000
+        slow = p.dq.execute("x-query-postcopy-latency-samples", **{"slow-us": cut_us})["slow"]
+        assert len(slow) == sum(1 for x in samples if x >= cut_us * 1000)
+        assert max(s["placed-ns"] - s["fault-ns"] for s in slow) == max(samples)
+        assert all(s["block"] == MAIN_BLOCK and s["offset"] % 4096 == 0 for s in slow)
         assert round(max(samples) / 1000, 1) == pct["max"]
 
 
