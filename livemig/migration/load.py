@@ -142,6 +142,34 @@ class GuestStarter:
         self._thread.join(10)
 
 
+def resumed_decoder(vm: Vm) -> Decoder:
+    """The decoder of a main channel opened by a postcopy recovery: it goes on with the
+    ``ram`` section begun on the first connection (docs/STREAM.md)."""
+    return Decoder(block_table(vm.blocks), postcopy=True, resumed=[hs.RAM.section_id])
+
+
+def answer_resume_after_completion(vm: Vm, channel: Channel) -> None:
+    """A postcopy completed here, and its source resumes on ``channel``: the old
+    connection lost the SHUT that ended it.  Answer the first RECV_BITMAP with SHUT 0
+    (every page is here and the guest runs here: the source has nothing left to send),
+    then read until the source closes (closing first, with its other requests unread,
+    would reset the connection, perhaps before the source has read the SHUT)."""
+    dec = resumed_decoder(vm)
+    while True:
+        e = dec.next_event()
+        if e is ev.NEED_DATA:
+            dec.receive_data(channel.recv(RECV_CHUNK))  # b"" = EOF: the decoder raises
+        elif isinstance(e, ev.RecvBitmapRequest):
+            break
+        elif not isinstance(e, ev.StreamStart):
+            raise RemoteProtocolError(f"unexpected {type(e).__name__} in a resume after "
+                                      "the migration completed")
+    ReturnPathWriter(channel).shut(0)
+    log.info("a resume after completion: answered with SHUT")
+    while channel.recv(RECV_CHUNK):
+        pass
+
+
 class IncomingLoad:
     """The load thread's work on one incoming stream (see the module docstring)."""
 
@@ -455,8 +483,7 @@ class IncomingLoad:
         each block with what is here, acknowledge POSTCOPY_RESUME, take faults again."""
         assert self._handler is not None and self._postcopy is not None
         self.channel, self._post_channel = main, post
-        self._dec = Decoder(block_table(self.vm.blocks), postcopy=True,
-                            resumed=[hs.RAM.section_id])
+        self._dec = resumed_decoder(self.vm)
         rp = self._rp = ReturnPathWriter(self.channel)
         while True:
             e = self._dec.next_event()
@@ -553,6 +580,11 @@ class IncomingLoad:
             st.placer.unregister()
 
     # --- for the owner --------------------------------------------------------------------
+    @property
+    def ran_postcopy(self) -> bool:
+        """Whether the guest was started here before the stream ended (postcopy)."""
+        return LoadPhase.RUNNING in self.history
+
     def finish(self) -> LoadStats:
         """After :meth:`run`: the guest runs (or keeps the source's run state)."""
         if not self.started:

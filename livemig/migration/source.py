@@ -637,7 +637,8 @@ class SourceMigration:
             while True:
                 self._pause(sender, failure)
                 try:
-                    self._resume(sender)
+                    if not self._resume(sender):
+                        return  # the destination had completed; its SHUT was lost
                     break
                 except Exception as e:
                     failure = detached(e)
@@ -672,9 +673,13 @@ class SourceMigration:
             raise MigrationError("the source quit in postcopy-paused: the guest's memory "
                                  "is split between the two hosts")
 
-    def _resume(self, sender: PageSender) -> None:
+    def _resume(self, sender: PageSender) -> bool:
         """Connect anew, learn what the destination has (RECV_BITMAP per block), mark
-        everything else dirty, POSTCOPY_RESUME, and go on when it is acknowledged."""
+        everything else dirty, POSTCOPY_RESUME, and go on when it is acknowledged.
+
+        False if the destination answered SHUT 0 instead of the bitmaps: it had
+        received everything and completed, and only its SHUT was lost with the old
+        connection; the migration is then complete here too."""
         channel = self._main = self._connect(ChannelKind.MAIN)
         post_ch = self._connect(ChannelKind.POSTCOPY) if self.caps.postcopy_preempt else None
         self.status.set(MigrationStatus.POSTCOPY_RECOVER)
@@ -689,6 +694,10 @@ class SourceMigration:
         main.writer.write([enc.preamble(), *(enc.recv_bitmap(name) for name in blocks)])
         main.writer.flush()
         received = self._rp.wait_bitmaps(list(blocks), RESUME_TIMEOUT_S)
+        if received is None:
+            log.info("the destination had completed: its SHUT came on the new connection")
+            self.info.error_desc = ""
+            return False
         dirty = sum(sender.bitmaps[name].resync(bits) for name, bits in received.items())
         log.info("resuming postcopy: %d pages to send", dirty)
         main.writer.write_now([enc.postcopy_resume()])
@@ -697,6 +706,7 @@ class SourceMigration:
         self.urgent.start(self.vm.blocks, post_ch, self.trace, self._link_failed)
         self.info.error_desc = ""
         self.status.set(MigrationStatus.POSTCOPY_ACTIVE)
+        return True
 
     def _postcopy_failed(self) -> bool:
         return (self._link_error is not None or self._rp is None

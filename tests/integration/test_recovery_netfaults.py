@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import needs_kvm, needs_netlab, needs_nft
 
+from livemig.errors import MigrationError, QmpError
 from livemig.recoverylab import (
     DESIGNS,
     DROP_ALL,
@@ -36,7 +37,9 @@ from livemig.recoverylab import (
     RecoveryRun,
     hugepages_2m,
     netns_link,
+    status,
 )
+from livemig.wire.returnpath import ReturnPathEncoder
 
 pytestmark = [needs_netlab, needs_kvm, pytest.mark.kvm]
 
@@ -191,4 +194,39 @@ def test_a_second_cut_during_the_resumed_postcopy_recovers_again(
         assert run.recoveries == 2
         helpers = processes(run)
         finish(run)
+    assert_stopped(run, helpers)
+
+
+def wait_for(run: RecoveryRun, want: tuple[str, str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (got := run.statuses()) != want:
+        if time.monotonic() > deadline:
+            raise MigrationError(f"not {want} after {timeout} s: {got}")
+        time.sleep(0.02)
+
+
+@needs_nft
+def test_a_cut_that_loses_only_the_final_shut_completes_the_source_on_recovery(
+        link: NetnsLink, tmp_path: Path) -> None:
+    """(e) The cut comes as the migration ends: the destination has every page,
+    completes and sends SHUT, and the SHUT never arrives (nftables drops it at the
+    source's end, every retransmission too).  The source, which cannot tell whether
+    everything arrived, pauses; the destination stays completed.  The ordinary
+    recovery completes the source too: the destination answers the resume with SHUT,
+    and the guest's memory on the destination is whole."""
+    with migration(link, tmp_path, "vanilla", "4K") as run:
+        shut = bytes(ReturnPathEncoder().shut(0))
+        link.pair.drop_segments(link.pair.source, run.port, shut)
+        run.start_postcopy()
+        wait_for(run, ("postcopy-paused", "completed"), timeout=90)
+        link.pair.stop_dropping_segments(link.pair.source)
+        assert "SHUT" in run.src.qmp.execute("query-migrate")["error-desc"]
+        run.recover()
+        assert run.statuses() == ("completed", "completed")
+        helpers = processes(run)
+        finish(run)
+        # A second resume of a completed migration is refused by the source.
+        with pytest.raises(QmpError, match="paused"):
+            run.src.qmp.execute("migrate", uri=run.uri, resume=True)
+        assert status(run.dst) == "completed"
     assert_stopped(run, helpers)
