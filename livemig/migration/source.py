@@ -100,6 +100,7 @@ RESUME_TIMEOUT_S = 30.0
 # PING values: 1 asks whether the destination took POSTCOPY_ADVISE; SWITCHOVER_PING + i
 # marks the end of the switchover's catch-up round i.  How long a PONG may take.
 ADVISE_PING = 1
+ADVISE_DEAD_LINKS = 4  # dead-link timeouts the PONG after ADVISE may take
 SWITCHOVER_PING = 2
 PONG_TIMEOUT_S = 30.0
 # Postcopy switchover: catch-up rounds while the guest still runs, at most this many,
@@ -439,12 +440,13 @@ class SourceMigration:
         return sender
 
     def _answer_timeout(self) -> float:
-        """Seconds the destination may stay silent when it owes an answer (the PONG after
-        ADVISE): the dead-link timeout when set, since a peer silent that long is gone
-        (a silent peer that keeps its socket open never fills our buffers here, so TCP
-        alone would not notice); else RESUME_TIMEOUT_S."""
+        """Seconds the destination may take to answer ADVISE (the PONG): a few dead-link
+        timeouts when that is set (a silent peer that keeps its socket open never fills
+        our buffers here, so TCP alone would not notice), else RESUME_TIMEOUT_S.  Not
+        one: the destination answers once it has prepared postcopy, which includes
+        starting its fault server process (seconds on a loaded host)."""
         ms = self.params.x_dead_link_timeout
-        return ms / 1000 if ms > 0 else RESUME_TIMEOUT_S
+        return ADVISE_DEAD_LINKS * ms / 1000 if ms > 0 else RESUME_TIMEOUT_S
 
     def _open_postcopy_channel(self) -> OutChannel:
         """The second connection, for requested pages only (postcopy preemption)."""
