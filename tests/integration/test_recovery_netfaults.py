@@ -206,15 +206,17 @@ def wait_for(run: RecoveryRun, want: tuple[str, str], timeout: float = 60) -> No
 
 
 @needs_nft
+@pytest.mark.parametrize("design", ["vanilla", "preempt-process"])
 def test_a_cut_that_loses_only_the_final_shut_completes_the_source_on_recovery(
-        link: NetnsLink, tmp_path: Path) -> None:
+        link: NetnsLink, tmp_path: Path, design: str) -> None:
     """(e) The cut comes as the migration ends: the destination has every page,
     completes and sends SHUT, and the SHUT never arrives (nftables drops it at the
     source's end, every retransmission too).  The source, which cannot tell whether
     everything arrived, pauses; the destination stays completed.  The ordinary
-    recovery completes the source too: the destination answers the resume with SHUT,
-    and the guest's memory on the destination is whole."""
-    with migration(link, tmp_path, "vanilla", "4K") as run:
+    recovery completes the source too: the destination answers the resume with SHUT
+    (with preemption, the resumed postcopy channel is closed unused), and the guest's
+    memory on the destination is whole."""
+    with migration(link, tmp_path, design, "4K") as run:
         shut = bytes(ReturnPathEncoder().shut(0))
         link.pair.drop_segments(link.pair.source, run.port, shut)
         run.start_postcopy()
