@@ -248,15 +248,21 @@ class NetnsPair:
         finally:
             self.restore_traffic()
 
-    def drop_segments(self, end: Endpoint, sport: int, payload: bytes) -> None:
+    def drop_segments(self, end: Endpoint, payload: bytes, *, sport: int | None = None,
+                      dport: int | None = None, alone: bool = False) -> None:
         """Silently drop, as they arrive at ``end``, the TCP segments from port
-        ``sport`` whose data starts with ``payload`` (1 to 16 bytes): one message of a
+        ``sport`` (or to port ``dport``) whose data starts with ``payload`` (1 to 16
+        bytes) - with ``alone``, only those that hold nothing else: one message of a
         protocol is lost, and every retransmission of it, while the rest flows."""
         if not 1 <= len(payload) <= 16:
             raise NetlabError(f"a payload of {len(payload)} bytes: 1 to 16 are matched")
         if shutil.which("nft") is None:
             raise NetlabError("dropping segments needs nft (Debian package nftables)")
-        rule = (f"tcp sport {sport} @ih,0,{len(payload) * 8} 0x{payload.hex()} drop")
+        ports = [f"tcp {kind} {port}" for kind, port in (("sport", sport), ("dport", dport))
+                 if port is not None]
+        # IPv4 header, TCP header with or without timestamps, and the payload alone.
+        size = f"ip length {{ {40 + len(payload)}, {52 + len(payload)} }} " if alone else ""
+        rule = (f"{' '.join(ports)} {size}@ih,0,{len(payload) * 8} 0x{payload.hex()} drop")
         self.run(end, ["nft", "-f", "-"], stdin=(
             f"table inet {SEGMENTS_TABLE} {{\n"
             f"  chain input {{ type filter hook input priority -300; {rule}; }}\n}}\n"))

@@ -546,6 +546,8 @@ class IncomingLoad:
 
     def _end(self) -> None:
         postcopy = self.phase is LoadPhase.RUNNING
+        if postcopy:
+            self._await_postcopy_channel_end()
         self._enter(LoadPhase.ENDED, "EOF")
         if postcopy:
             self._end_postcopy()
@@ -556,13 +558,20 @@ class IncomingLoad:
         if self._rp is not None:
             self._rp.shut(0)
 
+    def _await_postcopy_channel_end(self) -> None:
+        """Main channel's EOF in postcopy: the source ended the postcopy channel first;
+        wait for that end and its pages.  Still in the running phase: a connection that
+        fails now (the EOF came, the channel's end was lost) pauses the migration like
+        any failure in postcopy, and the end comes again after a recovery."""
+        assert self._handler is not None
+        self._check_started(timeout=60)
+        self._handler.wait_channel_end(30)
+        if self._fault_error is not None:
+            raise self._fault_error
+
     def _end_postcopy(self) -> None:
         handler, placer, pc = self._handler, self._placer, self._postcopy
         assert handler is not None and placer is not None and pc is not None
-        self._check_started(timeout=60)
-        handler.wait_channel_end(30)  # the source ends the postcopy channel first
-        if self._fault_error is not None:
-            raise self._fault_error
         if placer.pending():
             raise RemoteProtocolError(f"stream ended inside huge pages {placer.pending()}")
         missing = pc.missing()

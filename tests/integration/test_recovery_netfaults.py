@@ -39,6 +39,8 @@ from livemig.recoverylab import (
     netns_link,
     status,
 )
+from livemig.wire.channel import ChannelKind
+from livemig.wire.encoder import Encoder
 from livemig.wire.returnpath import ReturnPathEncoder
 
 pytestmark = [needs_netlab, needs_kvm, pytest.mark.kvm]
@@ -218,7 +220,7 @@ def test_a_cut_that_loses_only_the_final_shut_completes_the_source_on_recovery(
     memory on the destination is whole."""
     with migration(link, tmp_path, design, "4K") as run:
         shut = bytes(ReturnPathEncoder().shut(0))
-        link.pair.drop_segments(link.pair.source, run.port, shut)
+        link.pair.drop_segments(link.pair.source, shut, sport=run.port)
         run.start_postcopy()
         wait_for(run, ("postcopy-paused", "completed"), timeout=90)
         link.pair.stop_dropping_segments(link.pair.source)
@@ -231,4 +233,29 @@ def test_a_cut_that_loses_only_the_final_shut_completes_the_source_on_recovery(
         with pytest.raises(QmpError, match="paused"):
             run.src.qmp.execute("migrate", uri=run.uri, resume=True)
         assert status(run.dst) == "completed"
+    assert_stopped(run, helpers)
+
+
+@needs_nft
+@pytest.mark.parametrize("design", ["preempt-rp", "preempt-process"])
+def test_a_cut_that_loses_the_postcopy_channels_end_pauses_and_recovers(
+        link: NetnsLink, tmp_path: Path, design: str) -> None:
+    """(f) Preemption: the source ends the postcopy channel (EOS), then the main
+    channel (EOF); the cut loses only the postcopy channel's end (nftables drops the
+    segment that holds the EOS alone, every retransmission too).  The destination has
+    the main channel's EOF but waits for that end: the wait fails, which pauses both
+    sides (it must not fail the migration: the guest runs there), and a recovery
+    brings the end again on a new postcopy channel."""
+    with migration(link, tmp_path, design, "4K") as run:
+        enc = Encoder(channel=ChannelKind.POSTCOPY, postcopy=True)
+        enc.preamble()
+        eos = enc.eof()
+        link.pair.drop_segments(link.pair.dest, eos, dport=run.port, alone=True)
+        run.start_postcopy()
+        got = run.wait("postcopy-paused", timeout=90)
+        link.pair.stop_dropping_segments(link.pair.dest)
+        assert got == ("postcopy-paused", "postcopy-paused"), got
+        run.recover()
+        helpers = processes(run)
+        finish(run)
     assert_stopped(run, helpers)
