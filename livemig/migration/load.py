@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from livemig.errors import MigrationError, RemoteProtocolError
+from livemig.errors import ChannelClosedError, MigrationError, RemoteProtocolError
 from livemig.kernel.uffd import (
     FEATURE_MISSING_HUGETLBFS,
     FEATURE_THREAD_ID,
@@ -556,7 +556,22 @@ class IncomingLoad:
             self.loader.check_complete()
             self.vm.restore_state(self._vm_state())
         if self._rp is not None:
+            self._shut(postcopy)
+
+    def _shut(self, postcopy: bool) -> None:
+        """SHUT 0: every page arrived.  After a postcopy a SHUT the connection fails to
+        carry does not fail the migration (the guest runs here, whole): the source
+        pauses without it and learns it when it resumes
+        (:func:`answer_resume_after_completion`).  After a precopy it does: the source,
+        which never heard it, restarts its guest, which must then not run here too."""
+        assert self._rp is not None
+        try:
             self._rp.shut(0)
+        except (ChannelClosedError, OSError) as e:
+            if not postcopy:
+                raise
+            log.warning("postcopy completed, but its SHUT was lost (%s): the source "
+                        "learns it when it resumes", str(e))
 
     def _await_postcopy_channel_end(self) -> None:
         """Main channel's EOF in postcopy: the source ended the postcopy channel first;
