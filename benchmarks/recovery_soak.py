@@ -1,7 +1,8 @@
 """Postcopy recovery soak: many postcopy migrations, each cut several times at random
 moments by a random fault, and recovered.
 
-    python benchmarks/recovery_soak.py [--migrations 100] [--cuts 3] [--link netns]
+    python benchmarks/recovery_soak.py [--migrations 100] [--cuts 3]
+        [--link netns|1gbit|loopback]
         [--page-sizes 4K,2M] [--designs vanilla,preempt-migration,preempt-rp,preempt-process]
         [--seed N] [--json PATH]
 
@@ -13,8 +14,11 @@ combinations of page size and urgent-sender design take turns.  Once postcopy ru
 the harness waits a random moment (up to ``--max-gap`` seconds), then applies a fault
 drawn from those the link can make - ``--link loopback``: ``ss -K`` on the migration's
 port and ``migrate-pause``; ``--link netns`` (two network namespaces joined by a veth
-pair): also the link taken down and every packet dropped by nftables, both left in
-place until both sides have paused on their dead-link timeout.  The migration is then
+pair; ``--link 1gbit``: the same link shaped to 1 Gbit/s each way): also the link taken
+down and every packet dropped by nftables, both left in place until both sides have
+paused on their dead-link timeout.  A fault that comes as the migration ends may lose
+only the destination's final SHUT: the source alone pauses, and the same recovery
+completes it (counted in the ``SHUT lost`` column).  The migration is then
 recovered on a new port, and cut again, ``--cuts`` times (a migration that completes
 before all its cuts is counted with the cuts it got).  At the end both sides must be
 ``completed`` and the destination's check of every guest page must find 0 bad pages.
@@ -48,6 +52,7 @@ from _latency import machine_notes
 from rich.console import Console
 from rich.table import Table
 
+from livemig.netlab import Shaping
 from livemig.recoverylab import (
     DESIGNS,
     Link,
@@ -72,6 +77,7 @@ class MigrationRecord:
     to_resumed_s: list[float] = field(default_factory=list)
     recoveries: int = 0
     resume_retries: int = 0
+    shut_lost: int = 0
     status: str = "not started"
     bad_pages: int = 0
     latency_us: list[float] = field(default_factory=list)
@@ -124,6 +130,7 @@ def soak_run(rec: MigrationRecord, run: RecoveryRun, link: Link, cuts: int, max_
             rec.faults.append(got.fault)
             rec.to_paused_s.append(got.to_paused)
             rec.to_resumed_s.append(got.to_resumed)
+            rec.shut_lost += got.shut_lost
             if split is None:
                 split = len(run.latency_samples())
         outcome = run.finish()
@@ -154,8 +161,8 @@ def seconds(values: Sequence[float], how: str) -> str:
     return f"{statistics.median(values) if how == 'median' else max(values):.2f}"
 
 
-COLUMNS = ("pages", "design", "migrations", "cuts", "recoveries", "resume retries", "failed",
-           "bad pages",
+COLUMNS = ("pages", "design", "migrations", "cuts", "recoveries", "resume retries",
+           "SHUT lost", "failed", "bad pages",
            "paused→resumed s median", "max", "fault→paused s median",
            "latency µs p50", "p99", "after recovery p50", "p99 ", "other CPUs")
 
@@ -168,6 +175,7 @@ def row(label: tuple[str, str], recs: Sequence[MigrationRecord]) -> list[str]:
     other = sum(r.other_cpu_s for r in recs) / wall if wall else 0.0
     return [*label, str(len(recs)), str(sum(len(r.faults) for r in recs)),
             str(sum(r.recoveries for r in recs)), str(sum(r.resume_retries for r in recs)),
+            str(sum(r.shut_lost for r in recs)),
             str(sum(r.failed for r in recs)),
             str(sum(max(r.bad_pages, 0) for r in recs)),
             seconds(resumed, "median"), seconds(resumed, "max"),
@@ -189,8 +197,8 @@ def results_table(recs: Sequence[MigrationRecord], title: str) -> Table:
 
 @contextmanager
 def make_link(kind: str) -> Iterator[Link]:
-    if kind == "netns":
-        with netns_link() as link:
+    if kind in ("netns", "1gbit"):
+        with netns_link(Shaping() if kind == "1gbit" else None) as link:
             yield link
     else:
         with nullcontext(LoopbackLink()) as link:
@@ -201,7 +209,7 @@ def make_link(kind: str) -> Iterator[Link]:
 @click.option("--migrations", default=100, show_default=True, type=click.IntRange(1))
 @click.option("--cuts", default=3, show_default=True, type=click.IntRange(0),
               help="Random cuts per migration.")
-@click.option("--link", "link_kind", type=click.Choice(["loopback", "netns"]),
+@click.option("--link", "link_kind", type=click.Choice(["loopback", "netns", "1gbit"]),
               default="netns", show_default=True)
 @click.option("--page-sizes", default="4K,2M", show_default=True)
 @click.option("--designs", default=",".join(DESIGNS), show_default=True,
@@ -209,7 +217,7 @@ def make_link(kind: str) -> Iterator[Link]:
 @click.option("--mem", default="64M", show_default=True, help="Guest RAM size.")
 @click.option("--dead-link-ms", default=1500, show_default=True,
               help="x-dead-link-timeout on both sides.")
-@click.option("--postcopy-bandwidth", default=4_000_000, show_default=True,
+@click.option("--postcopy-bandwidth", default=8_000_000, show_default=True,
               help="max-postcopy-bandwidth (bytes/s): how long postcopy lasts.")
 @click.option("--max-gap", default=1.0, show_default=True,
               help="Longest random wait (s) before each cut.")

@@ -28,6 +28,10 @@ Faults are real, made by the kernel, not simulated by livemig:
   what ``tc qdisc ... netem loss 100%`` does, but netem is often not built into the
   kernel (``CONFIG_NET_SCH_NETEM``) while nftables is.  Needs ``nft`` (Debian package
   ``nftables``).
+* **drop one message** (:meth:`NetnsPair.drop_segments` /
+  :meth:`NetnsPair.stop_dropping_segments`): an nftables rule drops the TCP segments
+  from a port whose data starts with given bytes (nftables' ``@ih`` payload match),
+  retransmissions included: one protocol message is lost while everything else flows.
 * **kill connections** (:meth:`NetnsPair.kill_connections`): ``ss -K`` in both
   namespaces destroys the established TCP connections on a port; the local end sees
   ``ECONNABORTED`` and the kernel sends a reset, so the peer sees ``ECONNRESET`` (needs
@@ -60,6 +64,7 @@ NETNS_PORT = 4444  # a port that is always free inside a pair's namespaces
 COMMAND_TIMEOUT_S = 30.0
 MAX_TAG = 11  # so that the veth names fit in 15 bytes
 DROP_TABLE = "livemig_netlab_drop"
+SEGMENTS_TABLE = "livemig_netlab_segments"  # drop_segments
 _DROP_RULESET = (f"table inet {DROP_TABLE} {{\n"
                  "  chain input { type filter hook input priority -300; policy drop; }\n"
                  "}\n")
@@ -242,6 +247,28 @@ class NetnsPair:
             yield
         finally:
             self.restore_traffic()
+
+    def drop_segments(self, end: Endpoint, payload: bytes, *, sport: int | None = None,
+                      dport: int | None = None, alone: bool = False) -> None:
+        """Silently drop, as they arrive at ``end``, the TCP segments from port
+        ``sport`` (or to port ``dport``) whose data starts with ``payload`` (1 to 16
+        bytes) - with ``alone``, only those that hold nothing else: one message of a
+        protocol is lost, and every retransmission of it, while the rest flows."""
+        if not 1 <= len(payload) <= 16:
+            raise NetlabError(f"a payload of {len(payload)} bytes: 1 to 16 are matched")
+        if shutil.which("nft") is None:
+            raise NetlabError("dropping segments needs nft (Debian package nftables)")
+        ports = [f"tcp {kind} {port}" for kind, port in (("sport", sport), ("dport", dport))
+                 if port is not None]
+        # IPv4 header, TCP header with or without timestamps, and the payload alone.
+        size = f"ip length {{ {40 + len(payload)}, {52 + len(payload)} }} " if alone else ""
+        rule = (f"{' '.join(ports)} {size}@ih,0,{len(payload) * 8} 0x{payload.hex()} drop")
+        self.run(end, ["nft", "-f", "-"], stdin=(
+            f"table inet {SEGMENTS_TABLE} {{\n"
+            f"  chain input {{ type filter hook input priority -300; {rule}; }}\n}}\n"))
+
+    def stop_dropping_segments(self, end: Endpoint) -> None:
+        self.run(end, ["nft", "delete", "table", "inet", SEGMENTS_TABLE])
 
     def kill_connections(self, port: int) -> int:
         """Destroy the established TCP connections from or to ``port`` (``ss -K``, both

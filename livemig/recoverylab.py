@@ -38,7 +38,7 @@ from typing import Any
 
 from livemig.errors import MigrationError, QmpError
 from livemig.migration.state import MigrationStatus
-from livemig.netlab import NETNS_PORT, NetnsPair, run_command
+from livemig.netlab import NETNS_PORT, NetnsPair, Shaping, run_command
 from livemig.vmmprocess import VmmProcess
 
 WAIT_S = 60.0  # any one status change (a loaded nested VM is slow)
@@ -73,7 +73,7 @@ class RecoveryConfig:
     mem: str = "64M"
     dead_link_ms: int = 1500
     precopy_bandwidth: int = 30_000_000  # a first round over 64 MiB takes ~2 s
-    postcopy_bandwidth: int = 4_000_000  # postcopy lasts several seconds
+    postcopy_bandwidth: int = 8_000_000  # postcopy lasts several seconds (~7 s)
 
     def capabilities(self) -> list[dict[str, Any]]:
         return [{"capability": "events", "state": True},
@@ -222,13 +222,15 @@ class Outcome:
 @dataclass(frozen=True)
 class Cut:
     """One fault and its recovery: seconds from the fault to both sides paused, from
-    both paused to both active (or completed) again, and the error-desc of each side
-    while paused (source, destination)."""
+    both paused to both active (or completed) again, the error-desc of each side
+    while paused (source, destination), and whether the destination had completed
+    (the fault lost only its final SHUT; the recovery completed the source)."""
 
     fault: str
     to_paused: float
     to_resumed: float
     errors: tuple[str, ...]
+    shut_lost: bool = False
 
 
 class RecoveryRun:
@@ -274,12 +276,13 @@ class RecoveryRun:
         return status(self.src), status(self.dst)
 
     def wait(self, want: str, timeout: float = WAIT_S) -> tuple[str, str]:
-        """Until both sides report ``want`` (or one has finished, or ``timeout``): the
-        two statuses then; a MigrationError if the wait timed out."""
+        """Until each side reports ``want`` or has completed (or one has failed, or
+        ``timeout``): the two statuses then; a MigrationError if the wait timed out."""
         deadline = time.monotonic() + timeout
         while True:
             got = self.statuses()
-            if all(s == want for s in got) or any(_finished(s) for s in got):
+            if (all(s in (want, "completed") for s in got)
+                    or any(_finished(s) and s != "completed" for s in got)):
                 return got
             if time.monotonic() > deadline:
                 raise MigrationError(f"not both {want} after {timeout:.0f} s: "
@@ -322,7 +325,11 @@ class RecoveryRun:
     def cut(self, fault: Fault) -> Cut | None:
         """Break the postcopy with ``fault``, wait for both sides to pause, lift it and
         recover on a new port (see :class:`Cut`); None if the migration completed before
-        the fault took (nothing to recover)."""
+        the fault took (nothing to recover).
+
+        A fault that comes as the migration ends may find the destination completed
+        and lose only its final SHUT: the source pauses alone, and the same recovery
+        completes it (the destination answers the resume with SHUT)."""
         start = time.monotonic()
         try:
             fault.apply(self)
@@ -331,8 +338,7 @@ class RecoveryRun:
                 return None  # migrate-pause came too late
             raise
         try:
-            got = self._reached("postcopy-paused", f"a cut with {fault.name} did not pause "
-                                                   "both sides")
+            got = self.wait("postcopy-paused")
             paused = time.monotonic()
             errors = tuple(str(v.qmp.execute("query-migrate").get("error-desc", ""))
                            for v in (self.src, self.dst))
@@ -340,8 +346,13 @@ class RecoveryRun:
             fault.lift(self)
         if got == ("completed", "completed"):
             return None
+        if got not in (("postcopy-paused", "postcopy-paused"),
+                       ("postcopy-paused", "completed")):
+            raise MigrationError(f"a cut with {fault.name} did not pause both sides: "
+                                 f"source {got[0]}, destination {got[1]}")
         self.recover()
-        return Cut(fault.name, paused - start, time.monotonic() - paused, errors)
+        return Cut(fault.name, paused - start, time.monotonic() - paused, errors,
+                   shut_lost=got[1] == "completed")
 
     def recover(self) -> None:
         """migrate-recover on a new port (destination), migrate resume=true (source),
@@ -398,9 +409,10 @@ class RecoveryRun:
 
 
 @contextlib.contextmanager
-def netns_link() -> Iterator[NetnsLink]:
-    """A :class:`NetnsLink` over a new namespace pair, removed on exit."""
-    with NetnsPair() as pair:
+def netns_link(shaping: Shaping | None = None) -> Iterator[NetnsLink]:
+    """A :class:`NetnsLink` over a new namespace pair (its link shaped by ``shaping``),
+    removed on exit."""
+    with NetnsPair(shaping) as pair:
         yield NetnsLink(pair)
 
 

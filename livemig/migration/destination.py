@@ -32,7 +32,7 @@ from typing import Any
 from livemig.errors import ChannelClosedError, LivemigError, MigrationError, RemoteProtocolError
 from livemig.kernel.uffd import Userfaultfd
 from livemig.migration.channel import Channel, Listener, MigrationUri, identify_incoming
-from livemig.migration.load import IncomingLoad
+from livemig.migration.load import IncomingLoad, answer_resume_after_completion
 from livemig.migration.state import (
     Capabilities,
     MigrationInfo,
@@ -82,6 +82,10 @@ class DestinationMigration:
         self._recover_cond = threading.Condition()
         self._recover_listener: Listener | None = None
         self._aborted = False
+        # After a completed postcopy: the thread answering a resume (the source lost
+        # our SHUT), and the connection it answers on.
+        self._answerer: threading.Thread | None = None
+        self._answering: Channel | None = None
         self._thread = threading.Thread(target=self._run, name="incoming", daemon=True)
         # Injectable so tests can play a host whose userfaultfd lacks features.
         self.uffd_features: Callable[[], int] = Userfaultfd.supported_features
@@ -98,9 +102,11 @@ class DestinationMigration:
         return self.status.wait_finished(timeout)
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait for the load thread to finish its cleanup (after wait())."""
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        """Wait for the load thread to finish its cleanup (after wait()), and for a
+        resume after completion being answered."""
+        for thread in (self._thread, self._answerer):
+            if thread is not None and thread.is_alive():
+                thread.join(timeout)
 
     def abort(self) -> None:
         """Stop waiting or receiving (the process is shutting down)."""
@@ -113,7 +119,8 @@ class DestinationMigration:
         self._shutdown_channels()
 
     def _shutdown_channels(self) -> None:
-        for ch in (self._channel, self._post_channel, *self._multifd_channels):
+        for ch in (self._channel, self._post_channel, *self._multifd_channels,
+                   self._answering):
             if ch is not None:
                 ch.shutdown()
 
@@ -124,15 +131,50 @@ class DestinationMigration:
         self._shutdown_channels()
 
     def recover(self, uri: MigrationUri) -> None:
-        """migrate-recover: listen on ``uri`` for the source's resumed connections."""
+        """migrate-recover: listen on ``uri`` for the source's resumed connections.
+
+        Also after a postcopy that completed here: its source may have lost the final
+        SHUT with the connection and paused.  Its resume is then answered with SHUT
+        (:func:`~livemig.migration.load.answer_resume_after_completion`), and the
+        status stays completed."""
         with self._recover_cond:
-            if self.status.status is not MigrationStatus.POSTCOPY_PAUSED:
+            completed = (self.status.status is MigrationStatus.COMPLETED
+                         and self._load is not None and self._load.ran_postcopy)
+            if self.status.status is not MigrationStatus.POSTCOPY_PAUSED and not completed:
                 raise MigrationError("Migrate recover can only be run when postcopy is "
                                      "paused.")
             if self._recover_listener is not None:
                 raise MigrationError("Migrate recovery is triggered already")
-            self._recover_listener = Listener(uri)  # bind now: errors reach the caller
+            listener = self._recover_listener = Listener(uri)  # bind now: errors reach
+            if completed:                                      # the caller
+                self._answerer = threading.Thread(target=self._answer_completed,
+                                                  args=(listener,), name="resume-completed",
+                                                  daemon=True)
+                self._answerer.start()
             self._recover_cond.notify_all()
+
+    def _answer_completed(self, listener: Listener) -> None:
+        """The migration completed here: answer one resume on ``listener`` with SHUT;
+        then another migrate-recover may listen again."""
+        try:
+            while self._answering is None:
+                ch = listener.accept(timeout=None)
+                ch.detect_dead_peer(self.dead_link_timeout_ms)
+                if identify_incoming(ch, self.tls) is ChannelKind.MAIN:
+                    self._answering = ch
+                else:
+                    ch.close()  # a resuming source's postcopy channel: not needed
+            answer_resume_after_completion(self.vm, self._answering)
+        except Exception as e:
+            log_failure(log, "a resume after the migration completed", e)
+        finally:
+            with self._recover_cond:
+                listener.close()
+                if self._recover_listener is listener:
+                    self._recover_listener = None
+                if self._answering is not None:
+                    self._answering.close()
+                    self._answering = None
 
     @property
     def recover_port(self) -> int:

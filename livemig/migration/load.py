@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from livemig.errors import MigrationError, RemoteProtocolError
+from livemig.errors import ChannelClosedError, MigrationError, RemoteProtocolError
 from livemig.kernel.uffd import (
     FEATURE_MISSING_HUGETLBFS,
     FEATURE_THREAD_ID,
@@ -140,6 +140,34 @@ class GuestStarter:
     def close(self) -> None:
         self._states.put(None)  # never asked to start: end the thread
         self._thread.join(10)
+
+
+def resumed_decoder(vm: Vm) -> Decoder:
+    """The decoder of a main channel opened by a postcopy recovery: it goes on with the
+    ``ram`` section begun on the first connection (docs/STREAM.md)."""
+    return Decoder(block_table(vm.blocks), postcopy=True, resumed=[hs.RAM.section_id])
+
+
+def answer_resume_after_completion(vm: Vm, channel: Channel) -> None:
+    """A postcopy completed here, and its source resumes on ``channel``: the old
+    connection lost the SHUT that ended it.  Answer the first RECV_BITMAP with SHUT 0
+    (every page is here and the guest runs here: the source has nothing left to send),
+    then read until the source closes (closing first, with its other requests unread,
+    would reset the connection, perhaps before the source has read the SHUT)."""
+    dec = resumed_decoder(vm)
+    while True:
+        e = dec.next_event()
+        if e is ev.NEED_DATA:
+            dec.receive_data(channel.recv(RECV_CHUNK))  # b"" = EOF: the decoder raises
+        elif isinstance(e, ev.RecvBitmapRequest):
+            break
+        elif not isinstance(e, ev.StreamStart):
+            raise RemoteProtocolError(f"unexpected {type(e).__name__} in a resume after "
+                                      "the migration completed")
+    ReturnPathWriter(channel).shut(0)
+    log.info("a resume after completion: answered with SHUT")
+    while channel.recv(RECV_CHUNK):
+        pass
 
 
 class IncomingLoad:
@@ -455,8 +483,7 @@ class IncomingLoad:
         each block with what is here, acknowledge POSTCOPY_RESUME, take faults again."""
         assert self._handler is not None and self._postcopy is not None
         self.channel, self._post_channel = main, post
-        self._dec = Decoder(block_table(self.vm.blocks), postcopy=True,
-                            resumed=[hs.RAM.section_id])
+        self._dec = resumed_decoder(self.vm)
         rp = self._rp = ReturnPathWriter(self.channel)
         while True:
             e = self._dec.next_event()
@@ -519,6 +546,8 @@ class IncomingLoad:
 
     def _end(self) -> None:
         postcopy = self.phase is LoadPhase.RUNNING
+        if postcopy:
+            self._await_postcopy_channel_end()
         self._enter(LoadPhase.ENDED, "EOF")
         if postcopy:
             self._end_postcopy()
@@ -527,15 +556,37 @@ class IncomingLoad:
             self.loader.check_complete()
             self.vm.restore_state(self._vm_state())
         if self._rp is not None:
+            self._shut(postcopy)
+
+    def _shut(self, postcopy: bool) -> None:
+        """SHUT 0: every page arrived.  After a postcopy a SHUT the connection fails to
+        carry does not fail the migration (the guest runs here, whole): the source
+        pauses without it and learns it when it resumes
+        (:func:`answer_resume_after_completion`).  After a precopy it does: the source,
+        which never heard it, restarts its guest, which must then not run here too."""
+        assert self._rp is not None
+        try:
             self._rp.shut(0)
+        except (ChannelClosedError, OSError) as e:
+            if not postcopy:
+                raise
+            log.warning("postcopy completed, but its SHUT was lost (%s): the source "
+                        "learns it when it resumes", str(e))
+
+    def _await_postcopy_channel_end(self) -> None:
+        """Main channel's EOF in postcopy: the source ended the postcopy channel first;
+        wait for that end and its pages.  Still in the running phase: a connection that
+        fails now (the EOF came, the channel's end was lost) pauses the migration like
+        any failure in postcopy, and the end comes again after a recovery."""
+        assert self._handler is not None
+        self._check_started(timeout=60)
+        self._handler.wait_channel_end(30)
+        if self._fault_error is not None:
+            raise self._fault_error
 
     def _end_postcopy(self) -> None:
         handler, placer, pc = self._handler, self._placer, self._postcopy
         assert handler is not None and placer is not None and pc is not None
-        self._check_started(timeout=60)
-        handler.wait_channel_end(30)  # the source ends the postcopy channel first
-        if self._fault_error is not None:
-            raise self._fault_error
         if placer.pending():
             raise RemoteProtocolError(f"stream ended inside huge pages {placer.pending()}")
         missing = pc.missing()
@@ -553,6 +604,11 @@ class IncomingLoad:
             st.placer.unregister()
 
     # --- for the owner --------------------------------------------------------------------
+    @property
+    def ran_postcopy(self) -> bool:
+        """Whether the guest was started here before the stream ended (postcopy)."""
+        return LoadPhase.RUNNING in self.history
+
     def finish(self) -> LoadStats:
         """After :meth:`run`: the guest runs (or keeps the source's run state)."""
         if not self.started:

@@ -37,7 +37,10 @@ class RateLimiter:
         if due > now:
             self._sleep(due - now)
             now = self._clock()
-        if now - self._window_start >= WINDOW_S:
+        # A new window only once this one is paid for: a pause a request cut short
+        # leaves its bytes owed (forgiving them would let a stream of requests lift the
+        # limit altogether).
+        if now >= due and now - self._window_start >= WINDOW_S:
             self._window_start, self._used = now, 0
 
 

@@ -147,10 +147,14 @@ class ReturnPathReader:
         self._wait(lambda: value in self._pongs, timeout, f"PONG {value}")
 
     def wait_bitmaps(self, blocks: Collection[str], timeout: float
-                     ) -> dict[str, npt.NDArray[np.bool_]]:
-        """Postcopy recovery: the received-pages bitmap of each of ``blocks``."""
-        self._wait(lambda: all(b in self._bitmaps for b in blocks), timeout,
-                   "the received bitmaps")
+                     ) -> dict[str, npt.NDArray[np.bool_]] | None:
+        """Postcopy recovery: the received-pages bitmap of each of ``blocks``; None if
+        the destination answered SHUT 0 instead: it had completed, and its first SHUT
+        was lost with the old connection (docs/STREAM.md)."""
+        self._wait(lambda: self.shut_status == 0 or all(b in self._bitmaps for b in blocks),
+                   timeout, "the received bitmaps")
+        if self.shut_status == 0:
+            return None
         return {b: self._bitmaps[b] for b in blocks}
 
     def wait_resume_ack(self, timeout: float) -> None:

@@ -102,6 +102,7 @@ RESUME_TIMEOUT_S = 30.0
 # PING values: 1 asks whether the destination took POSTCOPY_ADVISE; SWITCHOVER_PING + i
 # marks the end of the switchover's catch-up round i.  How long a PONG may take.
 ADVISE_PING = 1
+ADVISE_DEAD_LINKS = 4  # dead-link timeouts the PONG after ADVISE may take
 SWITCHOVER_PING = 2
 PONG_TIMEOUT_S = 30.0
 # Postcopy switchover: catch-up rounds while the guest still runs, at most this many,
@@ -441,12 +442,13 @@ class SourceMigration:
         return sender
 
     def _answer_timeout(self) -> float:
-        """Seconds the destination may stay silent when it owes an answer (the PONG after
-        ADVISE): the dead-link timeout when set, since a peer silent that long is gone
-        (a silent peer that keeps its socket open never fills our buffers here, so TCP
-        alone would not notice); else RESUME_TIMEOUT_S."""
+        """Seconds the destination may take to answer ADVISE (the PONG): a few dead-link
+        timeouts when that is set (a silent peer that keeps its socket open never fills
+        our buffers here, so TCP alone would not notice), else RESUME_TIMEOUT_S.  Not
+        one: the destination answers once it has prepared postcopy, which includes
+        starting its fault server process (seconds on a loaded host)."""
         ms = self.params.x_dead_link_timeout
-        return ms / 1000 if ms > 0 else RESUME_TIMEOUT_S
+        return ADVISE_DEAD_LINKS * ms / 1000 if ms > 0 else RESUME_TIMEOUT_S
 
     def _open_postcopy_channel(self) -> OutChannel:
         """The second connection, for requested pages only (postcopy preemption)."""
@@ -642,7 +644,8 @@ class SourceMigration:
             while True:
                 self._pause(sender, failure)
                 try:
-                    self._resume(sender)
+                    if not self._resume(sender):
+                        return  # the destination had completed; its SHUT was lost
                     break
                 except Exception as e:
                     failure = detached(e)
@@ -677,9 +680,13 @@ class SourceMigration:
             raise MigrationError("the source quit in postcopy-paused: the guest's memory "
                                  "is split between the two hosts")
 
-    def _resume(self, sender: PageSender) -> None:
+    def _resume(self, sender: PageSender) -> bool:
         """Connect anew, learn what the destination has (RECV_BITMAP per block), mark
-        everything else dirty, POSTCOPY_RESUME, and go on when it is acknowledged."""
+        everything else dirty, POSTCOPY_RESUME, and go on when it is acknowledged.
+
+        False if the destination answered SHUT 0 instead of the bitmaps: it had
+        received everything and completed, and only its SHUT was lost with the old
+        connection; the migration is then complete here too."""
         channel = self._main = self._connect(ChannelKind.MAIN)
         post_ch = self._connect(ChannelKind.POSTCOPY) if self.caps.postcopy_preempt else None
         self.status.set(MigrationStatus.POSTCOPY_RECOVER)
@@ -694,6 +701,10 @@ class SourceMigration:
         main.writer.write([enc.preamble(), *(enc.recv_bitmap(name) for name in blocks)])
         main.writer.flush()
         received = self._rp.wait_bitmaps(list(blocks), RESUME_TIMEOUT_S)
+        if received is None:
+            log.info("the destination had completed: its SHUT came on the new connection")
+            self.info.error_desc = ""
+            return False
         dirty = sum(sender.bitmaps[name].resync(bits) for name, bits in received.items())
         log.info("resuming postcopy: %d pages to send", dirty)
         main.writer.write_now([enc.postcopy_resume()])
@@ -702,6 +713,7 @@ class SourceMigration:
         self.urgent.start(self.vm.blocks, post_ch, self.trace, self._link_failed)
         self.info.error_desc = ""
         self.status.set(MigrationStatus.POSTCOPY_ACTIVE)
+        return True
 
     def _postcopy_failed(self) -> bool:
         return (self._link_error is not None or self._rp is None

@@ -102,7 +102,10 @@ STATUS_TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
                                    _S.FAILED}),
     _S.POSTCOPY_RECOVER_SETUP: frozenset({_S.POSTCOPY_RECOVER, _S.POSTCOPY_PAUSED,
                                           _S.FAILED}),
-    _S.POSTCOPY_RECOVER: frozenset({_S.POSTCOPY_ACTIVE, _S.POSTCOPY_PAUSED, _S.FAILED}),
+    # COMPLETED from postcopy-recover: the destination had completed and answers the
+    # resume with its SHUT, which the old connection lost (docs/STREAM.md).
+    _S.POSTCOPY_RECOVER: frozenset({_S.POSTCOPY_ACTIVE, _S.POSTCOPY_PAUSED, _S.COMPLETED,
+                                    _S.FAILED}),
     _S.CANCELLING: frozenset({_S.CANCELLED, _S.FAILED}),
     _S.CANCELLED: frozenset(),
     _S.COMPLETED: frozenset(),

@@ -60,11 +60,12 @@ from livemig.wire.returnpath import (
     ResumeAck,
     ReturnPathDecoder,
     RpEvent,
+    Shut,
 )
 
 pytestmark = pytest.mark.kvm
 
-SLOW = 4_000_000  # bytes/s in postcopy: the migration is still running when we cut it
+SLOW = 16_000_000  # bytes/s in postcopy: the random guest's ~57 MiB left last ~3.5 s
 DESIGNS = [
     pytest.param(caps_of(postcopy=True), "migration", id="vanilla"),
     pytest.param(caps_of(postcopy=True, preempt=True), "migration", id="preempt-migration"),
@@ -293,27 +294,35 @@ def incoming_postcopy(dq: QmpClient, path: Path, *, preempt: bool = False) -> No
     dq.execute("migrate-incoming", uri=f"unix:{path}")
 
 
+def whole_postcopy_stream(*, skip_last: bool) -> bytes:
+    """A test source's whole postcopy stream of a stopped guest: every page of its RAM
+    after the package (all but the last one with ``skip_last``), then the end."""
+    src_vm = Vm(VmConfig(MEM))
+    try:
+        boot_guest(src_vm, "ab")  # some non-zero pages worth sending
+        ram = src_vm.main_block.view()
+        pages = np.arange(MEM // PAGE_SIZE, dtype=np.uint64) * np.uint64(PAGE_SIZE)
+        head, enc = postcopy_stream_head(src_vm, "paused", Handshake(postcopy_ram=True))
+        out: list[Any] = [head, enc.ram_part(hs.RAM.section_id),
+                          *enc.pages("pc.ram", pages[:-1] if skip_last else pages, ram),
+                          enc.close_ram_section(), enc.ram_end(hs.RAM.section_id),
+                          enc.close_ram_section(), enc.eof()]
+        stream = b"".join(bytes(b) for b in out)
+        out.clear()  # the page payloads are views of the VM's RAM
+        ram.release()
+        return stream
+    finally:
+        src_vm.close()
+
+
 def test_a_postcopy_stream_that_skips_a_page_fails_the_destination_naming_it(
         tmp_path: Path) -> None:
     """Completeness: before it says completed, the destination checks that every host
     page arrived (or was legitimately zero).  A test source that sends every page but
     one, in postcopy, gets a typed failure naming the block and the page, never a
     silent zero page."""
-    src_vm = Vm(VmConfig(MEM))
-    try:
-        boot_guest(src_vm, "ab")  # some non-zero pages worth sending
-        ram = src_vm.main_block.view()
-        pages = np.arange(MEM // PAGE_SIZE, dtype=np.uint64) * np.uint64(PAGE_SIZE)
-        skipped = int(pages[-1])
-        head, enc = postcopy_stream_head(src_vm, "paused", Handshake(postcopy_ram=True))
-        out: list[Any] = [head, enc.ram_part(hs.RAM.section_id),
-                          *enc.pages("pc.ram", pages[:-1], ram), enc.close_ram_section(),
-                          enc.ram_end(hs.RAM.section_id), enc.close_ram_section(), enc.eof()]
-        stream = b"".join(bytes(b) for b in out)
-        out.clear()  # the page payloads are views of the VM's RAM
-        ram.release()
-    finally:
-        src_vm.close()
+    skipped = MEM - PAGE_SIZE
+    stream = whole_postcopy_stream(skip_last=True)
     with guest_instance(tmp_path, None, "dst") as dst, client(dst) as dq:
         path = tmp_path / "in.sock"
         incoming_postcopy(dq, path)
@@ -324,6 +333,58 @@ def test_a_postcopy_stream_that_skips_a_page_fails_the_destination_naming_it(
         assert info["status"] == "failed", info
         assert f"1 host pages of pc.ram (first at {skipped:#x})" in info["error-desc"], info
         assert dq.execute("query-status")["status"] != "running"
+
+
+def resume_answer(dq: QmpClient, path: Path) -> RpEvent:
+    """migrate-recover on ``path``; a test source resumes there and asks for the
+    bitmap of pc.ram: the destination's first answer."""
+    dq.execute("migrate-recover", uri=f"unix:{path}")
+    resumed = Encoder(postcopy=True, resumed=[hs.RAM.section_id])
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as peer:
+        peer.connect(str(path))
+        peer.sendall(resumed.preamble() + resumed.recv_bitmap("pc.ram"))
+        return ReturnPath(peer).next()
+
+
+@pytest.mark.parametrize("source_gone", [False, True],
+                         ids=["shut-lost-later", "source-gone-before-the-shut"])
+def test_a_completed_postcopy_destination_answers_a_resume_with_shut(
+        tmp_path: Path, source_gone: bool) -> None:
+    """A source that lost the final SHUT resumes: the destination, completed, takes
+    migrate-recover, answers the first RECV_BITMAP with SHUT 0 (not a bitmap), stays
+    completed, and takes another migrate-recover afterwards.
+
+    ``source_gone``: the source goes away right after the stream's last byte, so the
+    SHUT the destination then sends fails; that must not fail the migration (the
+    guest runs there, whole: failing would lose it)."""
+    stream = whole_postcopy_stream(skip_last=False)
+    with guest_instance(tmp_path, None, "dst") as dst, client(dst) as dq:
+        incoming_postcopy(dq, tmp_path / "in.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first:
+            first.connect(str(tmp_path / "in.sock"))
+            first.sendall(stream)
+            if not source_gone:
+                assert wait_migration(dq, 60)["status"] == "completed"
+        info = wait_migration(dq, 60)
+        assert info["status"] == "completed", info
+        for i in range(2):
+            path = tmp_path / f"recover{i}.sock"
+            assert resume_answer(dq, path) == Shut(0)
+            assert dq.execute("query-migrate")["status"] == "completed"
+            deadline = time.monotonic() + 10
+            while path.exists():  # the listener goes once the answer is done
+                assert time.monotonic() < deadline, "migrate-recover's socket stayed"
+                time.sleep(0.02)
+
+
+def test_a_completed_precopy_destination_refuses_migrate_recover(tmp_path: Path) -> None:
+    """Only a destination that ran a postcopy can have a source waiting for its SHUT."""
+    with migration_pair(tmp_path, PairConfig(src_caps=caps_of(postcopy=True))) as p:
+        p.listen()
+        p.migrate()
+        assert wait_migration(p.dq, 120)["status"] == "completed"
+        with pytest.raises(QmpError, match="paused"):
+            p.dq.execute("migrate-recover", uri=f"unix:{tmp_path / 'r.sock'}")
 
 
 class ReturnPath:

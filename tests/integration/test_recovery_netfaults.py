@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import needs_kvm, needs_netlab, needs_nft
 
+from livemig.errors import MigrationError, QmpError
 from livemig.recoverylab import (
     DESIGNS,
     DROP_ALL,
@@ -36,7 +37,11 @@ from livemig.recoverylab import (
     RecoveryRun,
     hugepages_2m,
     netns_link,
+    status,
 )
+from livemig.wire.channel import ChannelKind
+from livemig.wire.encoder import Encoder
+from livemig.wire.returnpath import ReturnPathEncoder
 
 pytestmark = [needs_netlab, needs_kvm, pytest.mark.kvm]
 
@@ -189,6 +194,68 @@ def test_a_second_cut_during_the_resumed_postcopy_recovers_again(
         time.sleep(0.3)
         cut(run, KILL_CONNECTIONS)
         assert run.recoveries == 2
+        helpers = processes(run)
+        finish(run)
+    assert_stopped(run, helpers)
+
+
+def wait_for(run: RecoveryRun, want: tuple[str, str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (got := run.statuses()) != want:
+        if time.monotonic() > deadline:
+            raise MigrationError(f"not {want} after {timeout} s: {got}")
+        time.sleep(0.02)
+
+
+@needs_nft
+@pytest.mark.parametrize("design", ["vanilla", "preempt-process"])
+def test_a_cut_that_loses_only_the_final_shut_completes_the_source_on_recovery(
+        link: NetnsLink, tmp_path: Path, design: str) -> None:
+    """(e) The cut comes as the migration ends: the destination has every page,
+    completes and sends SHUT, and the SHUT never arrives (nftables drops it at the
+    source's end, every retransmission too).  The source, which cannot tell whether
+    everything arrived, pauses; the destination stays completed.  The ordinary
+    recovery completes the source too: the destination answers the resume with SHUT
+    (with preemption, the resumed postcopy channel is closed unused), and the guest's
+    memory on the destination is whole."""
+    with migration(link, tmp_path, design, "4K") as run:
+        shut = bytes(ReturnPathEncoder().shut(0))
+        link.pair.drop_segments(link.pair.source, shut, sport=run.port)
+        run.start_postcopy()
+        wait_for(run, ("postcopy-paused", "completed"), timeout=90)
+        link.pair.stop_dropping_segments(link.pair.source)
+        assert "SHUT" in run.src.qmp.execute("query-migrate")["error-desc"]
+        run.recover()
+        assert run.statuses() == ("completed", "completed")
+        helpers = processes(run)
+        finish(run)
+        # A second resume of a completed migration is refused by the source.
+        with pytest.raises(QmpError, match="paused"):
+            run.src.qmp.execute("migrate", uri=run.uri, resume=True)
+        assert status(run.dst) == "completed"
+    assert_stopped(run, helpers)
+
+
+@needs_nft
+@pytest.mark.parametrize("design", ["preempt-rp", "preempt-process"])
+def test_a_cut_that_loses_the_postcopy_channels_end_pauses_and_recovers(
+        link: NetnsLink, tmp_path: Path, design: str) -> None:
+    """(f) Preemption: the source ends the postcopy channel (EOS), then the main
+    channel (EOF); the cut loses only the postcopy channel's end (nftables drops the
+    segment that holds the EOS alone, every retransmission too).  The destination has
+    the main channel's EOF but waits for that end: the wait fails, which pauses both
+    sides (it must not fail the migration: the guest runs there), and a recovery
+    brings the end again on a new postcopy channel."""
+    with migration(link, tmp_path, design, "4K") as run:
+        enc = Encoder(channel=ChannelKind.POSTCOPY, postcopy=True)
+        enc.preamble()
+        eos = enc.eof()
+        link.pair.drop_segments(link.pair.dest, eos, dport=run.port, alone=True)
+        run.start_postcopy()
+        got = run.wait("postcopy-paused", timeout=90)
+        link.pair.stop_dropping_segments(link.pair.dest)
+        assert got == ("postcopy-paused", "postcopy-paused"), got
+        run.recover()
         helpers = processes(run)
         finish(run)
     assert_stopped(run, helpers)

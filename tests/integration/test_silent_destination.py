@@ -100,10 +100,12 @@ def test_a_destination_that_never_reads_fails_precopy_after_the_dead_link_timeou
 
 def test_a_destination_that_goes_silent_in_postcopy_pauses_the_source(
         tmp_path: Path) -> None:
-    # Postcopy slow enough (about a minute for the guest's RAM) that the source still
-    # has pages to send when the peer goes silent, however late a loaded machine sees
-    # postcopy-active: only the dead-link timeout can end the wait then.
-    params = {**NO_CONVERGENCE, "max-postcopy-bandwidth": 500_000,
+    # Postcopy slow enough (about ten seconds for what is left of the guest's RAM) that
+    # the source still has pages to send when the peer goes silent, however late a
+    # loaded machine sees postcopy-active, and fast enough that they fill the silent
+    # peer's buffers within a second or two: only the dead-link timeout can end the
+    # wait then.
+    params = {**NO_CONVERGENCE, "max-postcopy-bandwidth": 3_000_000,
               "x-dead-link-timeout": DEAD_LINK_MS}
     cfg = PairConfig("random", src_caps=caps_of(postcopy=True), params=params)
     with migration_pair(tmp_path, cfg) as p:

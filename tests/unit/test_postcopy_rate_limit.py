@@ -27,3 +27,21 @@ def test_without_requests_the_rate_limit_pause_is_kept() -> None:
     limiter = RateLimiter(1000, clock=lambda: now[0], sleep=slept.append)
     limiter.account(10_000)
     assert slept == [pytest.approx(10.0)]
+
+
+def test_bytes_sent_while_requests_cut_every_pause_short_stay_owed() -> None:
+    """A request ends the pause, not the debt: when every pause is cut short and the
+    window's time has passed, the next batch still waits for every byte sent before
+    (else a guest that keeps faulting would lift the limit altogether)."""
+    slept: list[float] = []
+    now = [0.0]
+
+    def interrupted(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += 0.2  # a request came: the pause ended long before its end
+
+    limiter = RateLimiter(1000, clock=lambda: now[0], sleep=interrupted)
+    for _ in range(3):
+        limiter.account(10_000)
+    # 30 kB at 1 kB/s are paid for at t = 30 s, whatever the interruptions.
+    assert slept == [pytest.approx(10.0), pytest.approx(19.8), pytest.approx(29.6)]
