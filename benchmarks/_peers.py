@@ -37,7 +37,7 @@ import shutil
 import socket
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -338,6 +338,17 @@ def event_time(event: Mapping[str, Any]) -> float:
     """A QMP event's wall-clock timestamp, in seconds."""
     ts = event["timestamp"]
     return float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
+
+
+def first_event_times(events: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The first time of each event name (and of each MIGRATION status)."""
+    out: dict[str, float] = {}
+    for e in events:
+        name = str(e.get("event"))
+        if name == "MIGRATION":
+            name = str(e.get("data", {}).get("status"))
+        out.setdefault(name, event_time(e))
+    return out
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ from _peers import (
     MigrationResult,
     Peer,
     VmSpec,
+    first_event_times,
     migrate,
     qemu_available,
 )
@@ -156,15 +157,6 @@ def host_check(peer: Peer) -> int:
         return len(os_check(ram, spec.params).bad_pages)
     finally:
         dump.unlink()
-
-
-def event_time(peer: Peer, name: str) -> float | None:
-    """Wall-clock time (s) of the first ``name`` event received from ``peer`` so far."""
-    for event in peer.vmm.qmp.events():
-        if event["event"] == name:
-            stamp = event["timestamp"]
-            return float(stamp["seconds"]) + stamp["microseconds"] / 1e6
-    return None
 
 
 @dataclass(frozen=True)
@@ -266,7 +258,9 @@ def migrate_os(cell: Cell, spec: OsSpec, ends: Endpoints, workdir: Path, index: 
                 dst.abandon()  # it may no longer answer quit
             raise
         _check_postcopy(result)
-        stopped, resumed = event_time(src, "STOP"), event_time(dst, "RESUME")
+        # migrate() collected both sides' events up to the end of the migration.
+        stopped = first_event_times(result.source_events).get("STOP")
+        resumed = first_event_times(result.destination_events).get("RESUME")
         if stopped is None or resumed is None:
             raise HarnessError(f"{cell.label}: no STOP ({stopped}) or RESUME ({resumed})")
         samples = livemig_raw_samples(dst) if mode.peer == "livemig" else None

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ from _latency import (
     run_matrix,
     start_cli,
 )
-from _peers import MigrationResult, event_time
+from _peers import MigrationResult, first_event_times
 from rich.table import Table
 
 DEFAULT_MODES = "vanilla,qemu-vanilla,preempt-proc,qemu-preempt"
@@ -72,8 +72,8 @@ class Speed:
 
     @classmethod
     def of(cls, m: MigrationResult) -> Speed:
-        src = _first_times(m.source_events)
-        dst = _first_times(m.destination_events)
+        src = first_event_times(m.source_events)
+        dst = first_event_times(m.destination_events)
         start, end = src.get("postcopy-active"), src.get("completed")
         pc_bytes = float(m.source_info.get("ram", {}).get("postcopy-bytes", 0))
         pc_s = end - start if start is not None and end is not None else float("nan")
@@ -81,17 +81,6 @@ class Speed:
         pause = (resume - stop) * 1e3 if stop is not None and resume is not None else float("nan")
         return cls(pc_bytes / 1e6 / pc_s if pc_s > 0 else float("nan"), pc_s,
                    m.total_time_ms / 1e3, pause)
-
-
-def _first_times(events: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """The first time of each event name (and of each MIGRATION status)."""
-    out: dict[str, float] = {}
-    for e in events:
-        name = str(e.get("event"))
-        if name == "MIGRATION":
-            name = str(e.get("data", {}).get("status"))
-        out.setdefault(name, event_time(e))
-    return out
 
 
 def _median(values: Sequence[float]) -> float:

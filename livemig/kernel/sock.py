@@ -139,6 +139,20 @@ def set_notsent_lowat(sock: socket.socket, nbytes: int) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_NOTSENT_LOWAT", 25), nbytes)
 
 
+IP_MTU: Final = 14  # linux/in.h
+IPV6_MTU: Final = 24  # linux/in6.h
+
+
+def path_mtu(sock: socket.socket) -> int:
+    """The path MTU of a connected TCP socket, the largest packet its link carries
+    (65536 on loopback, 1500 on Ethernet); 0 for other sockets."""
+    if sock.family == socket.AF_INET:
+        return int(sock.getsockopt(socket.IPPROTO_IP, IP_MTU))
+    if sock.family == socket.AF_INET6:
+        return int(sock.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU))
+    return 0
+
+
 SO_SNDBUFFORCE: Final = 32
 SO_RCVBUFFORCE: Final = 33
 

@@ -43,6 +43,7 @@ import numpy.typing as npt
 from livemig.errors import ChannelClosedError, ConfigError, RemoteProtocolError, TlsError
 from livemig.kernel.sock import (
     Buffer,
+    path_mtu,
     queued_bytes,
     read_exact_into,
     recv_exact_into,
@@ -646,13 +647,26 @@ class ChannelWriter:
         return self.channel.bytes_sent
 
 
-# With preemption, background pages must not pile up in front of urgent ones: keep the
-# precopy socket's queue short (its unsent part too, for TCP) once postcopy runs.
-BACKGROUND_QUEUE = 64 * 1024
+# Once postcopy runs, background pages must not pile up in front of urgent ones (the
+# same stream without preemption; the same qdisc on a shaped link with it), yet the
+# queue must hold many packets of the link: TCP's windows open a segment at a time, so
+# a queue of one or two segments (loopback's are 64 KiB) leaves the link idle while the
+# two ends wait for each other to be scheduled.  The queue is BACKGROUND_PACKETS path
+# MTUs, at least BACKGROUND_QUEUE_MIN: 64 KiB on an Ethernet link, 1 MiB on loopback.
+BACKGROUND_PACKETS = 16
+BACKGROUND_QUEUE_MIN = 64 * 1024
+
+
+def background_queue_bytes(mtu: int) -> int:
+    """The postcopy background queue on a link that carries ``mtu``-byte packets
+    (0: not an IP link)."""
+    return max(BACKGROUND_QUEUE_MIN, BACKGROUND_PACKETS * mtu)
 
 
 def quiet_background(channel: Channel) -> None:
-    """Postcopy with preemption: keep the precopy channel's kernel queue short."""
+    """Postcopy: size the precopy channel's kernel queues (send and receive buffers,
+    and the unsent part for TCP) by the packets of its link."""
     if channel.sock is not None:
-        set_buffer_sizes(channel.sock, BACKGROUND_QUEUE)
-        set_notsent_lowat(channel.sock, BACKGROUND_QUEUE // 2)
+        queue = background_queue_bytes(path_mtu(channel.sock))
+        set_buffer_sizes(channel.sock, queue)
+        set_notsent_lowat(channel.sock, queue // 2)

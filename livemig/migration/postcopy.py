@@ -390,9 +390,13 @@ class PostcopyState:
             st.placer.copy(offset + i * PAGE_SIZE, buf[i], PAGE_SIZE)
         self._mark_placed(st, offset // PAGE_SIZE, n)
 
-    def placed_zero(self, st: BlockState, hp: int) -> None:
-        """A 4 KiB zero page was placed with UFFDIO_ZEROPAGE."""
-        self._mark_placed(st, hp, 1)
+    def zero_run(self, st: BlockState, offset: int, n: int) -> None:
+        """Place ``n`` consecutive 4 KiB zero pages: one UFFDIO_ZEROPAGE for the run,
+        or page by page if one of them was already there."""
+        if not st.placer.zero(offset, n * PAGE_SIZE):
+            for i in range(n):
+                st.placer.zero(offset + i * PAGE_SIZE, PAGE_SIZE)
+        self._mark_placed(st, offset // PAGE_SIZE, n)
 
     def _mark_placed(self, st: BlockState, first: int, n: int) -> None:
         """Record placed host pages.  No lock: each element is written by whoever
@@ -435,6 +439,12 @@ class PostcopyState:
 
     def close(self) -> None:
         self._zero_page.close()
+
+
+def _runs(offsets: npt.NDArray[np.uint64]) -> list[tuple[int, int]]:
+    """[start, end) index ranges of ``offsets`` whose pages are consecutive."""
+    breaks = (np.flatnonzero(np.diff(offsets) != PAGE_SIZE) + 1).tolist()
+    return list(zip([0, *breaks], [*breaks, len(offsets)], strict=True))
 
 
 class ChannelPlacer:
@@ -550,10 +560,7 @@ class ChannelPlacer:
             return
         if st.host_page == PAGE_SIZE:
             # Background pages come in runs of consecutive offsets: one ioctl a run.
-            breaks = np.flatnonzero(np.diff(e.offsets) != PAGE_SIZE) + 1
-            starts = [0, *breaks.tolist()]
-            ends = [*breaks.tolist(), len(e.offsets)]
-            for a, b in zip(starts, ends, strict=True):
+            for a, b in _runs(e.offsets):
                 self.state.place_run(st, int(e.offsets[a]), e.data[a:b])
             return
         self._fill_huge(st, e.offsets, e.data)
@@ -561,11 +568,9 @@ class ChannelPlacer:
     def zeros(self, e: ev.ZeroPages) -> None:
         st = self.state.blocks[e.block]
         self.pages += len(e.offsets)
-        offs = e.offsets.tolist()
         if st.host_page == PAGE_SIZE:
-            for off in offs:
-                st.placer.zero(off, PAGE_SIZE)
-                self.state.placed_zero(st, off // PAGE_SIZE)
+            for a, b in _runs(e.offsets):  # one UFFDIO_ZEROPAGE a run, as for data
+                self.state.zero_run(st, int(e.offsets[a]), b - a)
             return
         self._fill_huge(st, e.offsets, None)
 

@@ -22,6 +22,8 @@ from conftest import needs_kvm, needs_netlab, needs_nft
 from netlab_helpers import connection
 
 from livemig.errors import NetlabError
+from livemig.kernel.sock import path_mtu
+from livemig.migration.channel import Channel, quiet_background
 from livemig.netlab import NETNS_PORT, NetnsPair, Shaping
 
 pytestmark = needs_netlab
@@ -201,3 +203,15 @@ def test_killing_connections_on_a_port_resets_both_ends_and_spares_others() -> N
         other_client.sendall(b"still here")
         other_server.settimeout(10)
         assert other_server.recv(10) == b"still here"
+
+
+def test_postcopy_background_queue_over_the_veth_link_stays_64k() -> None:
+    """On an Ethernet-sized link (the veth pair, MTU 1500) the postcopy background
+    queue stays 64 KiB at both ends: there the background bytes share the qdisc with
+    the urgent pages, and a longer queue delays them."""
+    with NetnsPair(Shaping(rate="1gbit")) as pair, connection(pair) as ends:
+        for sock in ends:
+            assert path_mtu(sock) == 1500
+            quiet_background(Channel(sock=sock))
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 64 * 1024
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * 64 * 1024

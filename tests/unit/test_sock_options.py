@@ -1,17 +1,19 @@
-"""Dead-peer detection options: what set_dead_peer_timeout asks of the kernel.
-
-(The behaviour over a real cut link is tested in
-``tests/integration/test_dead_peer_timeout.py``.)
+"""Socket options: dead-peer detection (what set_dead_peer_timeout asks of the kernel;
+the behaviour over a real cut link is in ``tests/integration/test_dead_peer_timeout.py``)
+and the postcopy background queue (``quiet_background``).
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 
 import pytest
 
 from livemig.errors import ConfigError
-from livemig.kernel.sock import set_dead_peer_timeout
+from livemig.kernel.sock import path_mtu, set_dead_peer_timeout
+from livemig.migration.channel import Channel, background_queue_bytes, quiet_background
+from livemig.units import KIB, MIB
 
 
 @pytest.mark.parametrize(("timeout_ms", "interval_s"), [(500, 1), (2000, 1), (9000, 3),
@@ -39,3 +41,56 @@ def test_unix_sockets_are_left_alone() -> None:
 def test_timeout_must_be_positive() -> None:
     with socket.socket() as s, pytest.raises(ConfigError, match="positive"):
         set_dead_peer_timeout(s, 0)
+
+
+@pytest.fixture
+def loopback_tcp() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected TCP pair over 127.0.0.1 (client, accepted)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with socket.create_connection(listener.getsockname()) as client:
+            accepted, _ = listener.accept()
+            with accepted:
+                yield client, accepted
+
+
+def test_background_queue_holds_sixteen_packets_of_the_link() -> None:
+    assert background_queue_bytes(65536) == MIB  # loopback
+    assert background_queue_bytes(9000) == 144000  # jumbo frames
+
+
+def test_background_queue_is_64k_on_ethernet_and_off_ip() -> None:
+    assert background_queue_bytes(1500) == 64 * KIB
+    assert background_queue_bytes(0) == 64 * KIB  # a unix socket
+
+
+def test_path_mtu_of_loopback_tcp_is_loopbacks(loopback_tcp: tuple[socket.socket,
+                                                                    socket.socket]) -> None:
+    for s in loopback_tcp:
+        assert path_mtu(s) >= 65535
+
+
+def test_path_mtu_off_ip_is_zero() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        assert path_mtu(a) == 0
+
+
+def test_postcopy_queue_on_loopback_holds_a_megabyte_both_ends(
+        loopback_tcp: tuple[socket.socket, socket.socket]) -> None:
+    """Both ends of a loopback connection get about 1 MiB of send and receive buffer
+    (Linux reports twice what was set) and half of it as the unsent limit."""
+    for s in loopback_tcp:
+        quiet_background(Channel(sock=s))
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 2 * (MIB - 16)
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 2 * (MIB - 16)
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) >= MIB // 2 - 8
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) <= 2 * MIB
+
+
+def test_postcopy_queue_on_a_unix_socket_stays_64k() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        quiet_background(Channel(sock=a))
+        assert a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 64 * KIB

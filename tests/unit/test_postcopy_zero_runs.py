@@ -1,0 +1,76 @@
+"""Postcopy placement of 4 KiB zero pages: one UFFDIO_ZEROPAGE per run of consecutive
+pages (as for page data), page by page only past a page that is already there."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from preempt_harness import BufferPlacer
+
+from livemig.migration.postcopy import BlockState, ChannelPlacer, PostcopyState
+from livemig.units import PAGE_SIZE
+from livemig.wire import events as ev
+
+BLK = "pc.ram"
+PAGES = 64
+
+
+class PartlyPlaced(BufferPlacer):
+    """A placer where some pages are already there: a zero-fill over one of them
+    stops and reports it, as UFFDIO_ZEROPAGE does (EEXIST)."""
+
+    def __init__(self, size: int, present: set[int]) -> None:
+        super().__init__(size)
+        self.present = present
+
+    def zero(self, offset: int, length: int) -> bool:
+        pages = range(offset // PAGE_SIZE, (offset + length) // PAGE_SIZE)
+        self.placements.append((offset, length))
+        return not any(p in self.present for p in pages)
+
+
+def offsets(*pages: int) -> np.ndarray:
+    return np.array(pages, dtype=np.uint64) * PAGE_SIZE
+
+
+@pytest.fixture
+def zero_pages() -> Iterator[tuple[BufferPlacer, ChannelPlacer, PostcopyState]]:
+    placer = BufferPlacer(PAGES * PAGE_SIZE)
+    state = PostcopyState({BLK: BlockState(BLK, PAGES * PAGE_SIZE, PAGE_SIZE, placer)},
+                          None, {})
+    ch = ChannelPlacer(state, "main")
+    yield placer, ch, state
+    ch.close()
+    state.close()
+    placer.close()
+
+
+def test_each_run_of_zero_pages_is_one_placement(
+        zero_pages: tuple[BufferPlacer, ChannelPlacer, PostcopyState]) -> None:
+    placer, ch, state = zero_pages
+    placer.mem[:] = 0xAB
+    ch.zeros(ev.ZeroPages(BLK, offsets(0, 1, 2, 3, 10, 11, 40)))
+    assert placer.placements == [(0, 4 * PAGE_SIZE), (10 * PAGE_SIZE, 2 * PAGE_SIZE),
+                                 (40 * PAGE_SIZE, PAGE_SIZE)]
+    got = state.received_pages(BLK)
+    assert np.flatnonzero(got).tolist() == [0, 1, 2, 3, 10, 11, 40]
+    assert not placer.mem[: 4 * PAGE_SIZE].any()
+    assert placer.mem[4 * PAGE_SIZE] == 0xAB  # between the runs: untouched
+
+
+def test_a_run_over_a_page_already_there_is_placed_page_by_page() -> None:
+    placer = PartlyPlaced(PAGES * PAGE_SIZE, present={2})
+    state = PostcopyState({BLK: BlockState(BLK, PAGES * PAGE_SIZE, PAGE_SIZE, placer)},
+                          None, {})
+    ch = ChannelPlacer(state, "main")
+    try:
+        ch.zeros(ev.ZeroPages(BLK, offsets(0, 1, 2, 3)))
+        assert placer.placements == [(0, 4 * PAGE_SIZE),
+                                     *((p * PAGE_SIZE, PAGE_SIZE) for p in range(4))]
+        assert np.flatnonzero(state.received_pages(BLK)).tolist() == [0, 1, 2, 3]
+    finally:
+        ch.close()
+        state.close()
+        placer.close()
