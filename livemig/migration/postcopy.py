@@ -443,8 +443,19 @@ class PostcopyState:
 
 def _runs(offsets: npt.NDArray[np.uint64]) -> list[tuple[int, int]]:
     """[start, end) index ranges of ``offsets`` whose pages are consecutive."""
-    breaks = (np.flatnonzero(np.diff(offsets) != PAGE_SIZE) + 1).tolist()
-    return list(zip([0, *breaks], [*breaks, len(offsets)], strict=True))
+    return _ranges(np.flatnonzero(np.diff(offsets) != PAGE_SIZE) + 1, len(offsets))
+
+
+def _huge_runs(offsets: npt.NDArray[np.uint64], host_page: int) -> list[tuple[int, int]]:
+    """[start, end) index ranges of ``offsets`` that fall in one host page, in order."""
+    hp = offsets // np.uint64(host_page)
+    return _ranges(np.flatnonzero(np.diff(hp)) + 1, len(offsets))
+
+
+def _ranges(breaks: npt.NDArray[np.intp], n: int) -> list[tuple[int, int]]:
+    """[start, end) pairs of 0..n cut at ``breaks``."""
+    cuts = breaks.tolist()
+    return list(zip([0, *cuts], [*cuts, n], strict=True))
 
 
 class ChannelPlacer:
@@ -479,25 +490,26 @@ class ChannelPlacer:
         """Huge pages this channel has started but not finished (block, offset)."""
         return [(name, off) for name, (off, _got) in self._cur.items()]
 
-    def _pieces(self, st: BlockState, offsets: list[int]) -> int:
+    def _pieces(self, st: BlockState, offsets: npt.NDArray[np.uint64]) -> int:
         """Record pieces of this channel's current huge page; returns the host page offset.
 
         Pieces of one huge page may come in any order (zero pages are batched apart from
         the others) but all on this channel and each once; a piece of another huge page
         before the current one is complete means the sender split a huge page.
         """
-        hp_off = offsets[0] - offsets[0] % st.host_page
+        first, last = int(offsets[0]), int(offsets[-1])
+        hp_off = first - first % st.host_page
         cur = self._cur.get(st.name)
         if cur is None:
             self._claim(st, hp_off)
             cur = (hp_off, np.zeros(st.host_page // PAGE_SIZE, dtype=np.bool_))
             self._cur[st.name] = cur
-        if cur[0] != hp_off or offsets[-1] - hp_off >= st.host_page:
+        if cur[0] != hp_off or last - hp_off >= st.host_page:
             raise RemoteProtocolError(
-                f"{self.channel} channel: got {st.name}@{offsets[0]:#x} while huge page "
+                f"{self.channel} channel: got {st.name}@{first:#x} while huge page "
                 f"{cur[0]:#x} has {int(cur[1].sum())} of {len(cur[1])} pieces "
                 "(a huge page split across channels?)")
-        idx = (np.asarray(offsets, dtype=np.int64) - hp_off) // PAGE_SIZE
+        idx = (offsets.astype(np.int64) - hp_off) // PAGE_SIZE
         if cur[1][idx].any():
             raise RemoteProtocolError(f"{self.channel} channel: piece of {st.name}@"
                                       f"{hp_off:#x} sent twice")
@@ -529,28 +541,15 @@ class ChannelPlacer:
             with self.state.lock:
                 st.arrays.owner[hp_off // st.host_page] = 0
 
-    def _huge_run(self, st: BlockState, offs: list[int], i: int) -> int:
-        """How many of ``offs[i:]`` belong to the same huge page as ``offs[i]``."""
-        start = offs[i] - offs[i] % st.host_page
-        end = start + st.host_page
-        n = i
-        while n < len(offs) and start <= offs[n] < end:
-            n += 1
-        return n - i
-
     def _fill_huge(self, st: BlockState, offsets: npt.NDArray[np.uint64],
                    data: npt.NDArray[np.uint8] | None) -> None:
         """Copy pieces (``data`` rows, or zeroes) into the temporary huge page, one
         huge page's run at a time, placing each huge page as it completes."""
-        offs = offsets.tolist()
-        i = 0
-        while i < len(offs):
-            run = self._huge_run(st, offs, i)
-            hp_off = self._pieces(st, offs[i : i + run])
-            rows = (offsets[i : i + run] - np.uint64(hp_off)) // np.uint64(PAGE_SIZE)
-            self._tmp_page(st)[rows] = 0 if data is None else data[i : i + run]
+        for a, b in _huge_runs(offsets, st.host_page):
+            hp_off = self._pieces(st, offsets[a:b])
+            rows = (offsets[a:b] - np.uint64(hp_off)) // np.uint64(PAGE_SIZE)
+            self._tmp_page(st)[rows] = 0 if data is None else data[a:b]
             self._complete_if_full(st)
-            i += run
 
     def batch(self, e: ev.PageBatch) -> None:
         st = self.state.blocks[e.block]
@@ -579,7 +578,7 @@ class ChannelPlacer:
         st = self.state.blocks[e.block]
         if st.host_page == PAGE_SIZE:
             return memoryview(self._tmp_page(st)[0]).cast("B")
-        hp_off = self._pieces(st, [e.offset])
+        hp_off = self._pieces(st, np.array([e.offset], dtype=np.uint64))
         return memoryview(self._tmp_page(st)[(e.offset - hp_off) // PAGE_SIZE]).cast("B")
 
     def single_done(self, e: ev.PageHeader) -> None:

@@ -1,5 +1,6 @@
-"""Postcopy placement of 4 KiB zero pages: one UFFDIO_ZEROPAGE per run of consecutive
-pages (as for page data), page by page only past a page that is already there."""
+"""Postcopy placement in runs: 4 KiB zero pages with one UFFDIO_ZEROPAGE per run of
+consecutive pages (as for page data), page by page only past a page that is already
+there; a batch over several huge pages assembled and placed one huge page at a time."""
 
 from __future__ import annotations
 
@@ -70,6 +71,34 @@ def test_a_run_over_a_page_already_there_is_placed_page_by_page() -> None:
         assert placer.placements == [(0, 4 * PAGE_SIZE),
                                      *((p * PAGE_SIZE, PAGE_SIZE) for p in range(4))]
         assert np.flatnonzero(state.received_pages(BLK)).tolist() == [0, 1, 2, 3]
+    finally:
+        ch.close()
+        state.close()
+        placer.close()
+
+
+def test_a_batch_over_several_huge_pages_places_each_whole_with_its_pieces() -> None:
+    """Background pieces of consecutive 2 MiB pages arrive in one batch: each huge page
+    is assembled from its own pieces and placed once, as it completes; the last one
+    waits for its zero pieces, which come in a batch of their own."""
+    huge = 2 << 20
+    per_huge = huge // PAGE_SIZE
+    placer = BufferPlacer(3 * huge)
+    state = PostcopyState({BLK: BlockState(BLK, 3 * huge, huge, placer)}, None, {})
+    ch = ChannelPlacer(state, "main")
+    try:
+        pages = np.arange(0, 2 * per_huge + per_huge // 2, dtype=np.uint64)
+        data = np.zeros((len(pages), PAGE_SIZE), dtype=np.uint8)
+        data[:, 0] = (pages % 251 + 1).astype(np.uint8)
+        ch.batch(ev.PageBatch(BLK, pages * PAGE_SIZE, data))
+        assert placer.placements == [(0, huge), (huge, huge)]  # the third lacks half
+        ch.zeros(ev.ZeroPages(BLK, offsets(*range(2 * per_huge + per_huge // 2,
+                                                  3 * per_huge))))
+        assert placer.placements[-1] == (2 * huge, huge)
+        got = placer.mem.reshape(-1, PAGE_SIZE)[:, 0].copy()
+        assert np.array_equal(got[: len(pages)], data[:, 0])
+        assert not got[len(pages) :].any()
+        assert state.received_pages(BLK).all()
     finally:
         ch.close()
         state.close()
