@@ -7,7 +7,11 @@ forwarded to ``127.0.0.1:target`` by two pump threads, one per direction, and ea
 direction's bytes are recorded in :attr:`TcpProxy.flows` (``fuzz/record_seeds.py``
 takes its seeds from there).  :meth:`TcpProxy.go_silent` turns it into the peer a dead
 link or a hung program looks like: from then on it reads nothing and forwards nothing,
-yet keeps every connection open, so only a timeout can notice.  A direction that ends
+yet keeps every connection open, so only a timeout can notice.  Its sockets' receive
+buffers are fixed (:data:`BUFFER`), as a hung program's are bounded: with the kernel's
+autotuning (up to ``tcp_rmem``'s maximum, 32 MiB on some hosts) a silent proxy could
+swallow a whole small guest's remaining pages before the sender ever sees a full
+window.  A direction that ends
 (EOF) is half-closed on the other side, as the peer would see it.
 """
 
@@ -18,13 +22,17 @@ import socket
 import threading
 
 POLL_S = 0.05  # how often a pump checks whether it should go silent
+BUFFER = 256 << 10  # SO_RCVBUF of every proxy socket (set before connect/accept)
 
 
 class TcpProxy:
     """Forwards TCP connections to ``127.0.0.1:target`` and records both directions."""
 
     def __init__(self, target: int) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)  # accepted inherit
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen()
         self.port: int = self.server.getsockname()[1]
         self.uri = f"tcp:127.0.0.1:{self.port}"
         self.target = target
@@ -41,7 +49,9 @@ class TcpProxy:
                 a, _ = self.server.accept()
             except OSError:
                 return
-            b = socket.create_connection(("127.0.0.1", self.target))
+            b = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)
+            b.connect(("127.0.0.1", self.target))
             self._sockets += [a, b]
             up, down = bytearray(), bytearray()
             self.flows.append((up, down))
