@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -26,6 +27,15 @@ from livemig.migration.channel import image_trailer
 from livemig.vmmprocess import VmmProcess
 
 pytestmark = pytest.mark.kvm
+
+
+@contextlib.contextmanager
+def cli_pair(tmp_path: Path, incoming: str = "defer") -> Iterator[tuple[VmmProcess, VmmProcess]]:
+    """Two ``livemig run`` processes: a 32 MiB ``ab`` source and a destination waiting
+    on ``incoming``."""
+    with livemig_process(tmp_path, "src", ["--guest", "ab", "--mem", "32M"]) as src, \
+            livemig_process(tmp_path, "dst", ["--incoming", incoming, "--mem", "32M"]) as dst:
+        yield src, dst
 
 
 def livemig(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -109,8 +119,7 @@ def test_bad_run_input_is_one_error_line_without_traceback(
 
 def test_migrate_command_moves_a_running_guest(tmp_path: Path) -> None:
     uri = f"unix:{tmp_path / 'mig.sock'}"
-    with livemig_process(tmp_path, "src", ["--guest", "ab", "--mem", "32M"]) as src, \
-            livemig_process(tmp_path, "dst", ["--incoming", uri, "--mem", "32M"]) as dst:
+    with cli_pair(tmp_path, uri) as (src, dst):
         assert src.wait_serial(2)
         wait_migration(dst.qmp, 30, until=("setup",))  # listening
         result = livemig("migrate", "--qmp", src.qmp_path, "--to", uri,
@@ -127,8 +136,7 @@ PROGRESS_LINE = re.compile(r"^ *\d+\.\ds (setup|active|postcopy-active|completed
 
 def test_migrate_command_does_postcopy_with_preemption_on_both_sides(tmp_path: Path) -> None:
     uri = f"unix:{tmp_path / 'mig.sock'}"
-    with livemig_process(tmp_path, "src", ["--guest", "ab", "--mem", "32M"]) as src, \
-            livemig_process(tmp_path, "dst", ["--incoming", "defer", "--mem", "32M"]) as dst:
+    with cli_pair(tmp_path) as (src, dst):
         assert src.wait_serial(2)
         result = livemig("migrate", "--qmp", src.qmp_path, "--dest-qmp", dst.qmp_path,
                          "--to", uri, "--preempt", "--postcopy-after", "0",
@@ -153,8 +161,7 @@ def test_migrate_command_does_postcopy_with_preemption_on_both_sides(tmp_path: P
 
 def test_migrate_command_sets_multifd_on_both_sides(tmp_path: Path) -> None:
     uri = f"unix:{tmp_path / 'mig.sock'}"
-    with livemig_process(tmp_path, "src", ["--guest", "ab", "--mem", "32M"]) as src, \
-            livemig_process(tmp_path, "dst", ["--incoming", "defer", "--mem", "32M"]) as dst:
+    with cli_pair(tmp_path) as (src, dst):
         assert src.wait_serial(2)
         result = livemig("migrate", "--qmp", src.qmp_path, "--dest-qmp", dst.qmp_path,
                          "--to", uri, "--multifd-channels", "3", "--downtime-limit", "5000",
@@ -168,8 +175,7 @@ def test_migrate_command_sets_multifd_on_both_sides(tmp_path: Path) -> None:
 
 
 def test_migrate_command_refuses_sides_that_disagree(tmp_path: Path) -> None:
-    with livemig_process(tmp_path, "src", ["--guest", "ab", "--mem", "32M"]) as src, \
-            livemig_process(tmp_path, "dst", ["--incoming", "defer", "--mem", "32M"]) as dst:
+    with cli_pair(tmp_path) as (src, dst):
         dst.qmp.execute("migrate-set-capabilities",
                         capabilities=[{"capability": "postcopy-ram", "state": True}])
         result = livemig("migrate", "--qmp", src.qmp_path, "--dest-qmp", dst.qmp_path,
@@ -183,8 +189,7 @@ def test_migrate_command_refuses_sides_that_disagree(tmp_path: Path) -> None:
 
 def test_migrate_command_postcopy_needs_a_deferred_destination(tmp_path: Path) -> None:
     uri = f"unix:{tmp_path / 'mig.sock'}"
-    with livemig_process(tmp_path, "src", ["--guest", "ab", "--mem", "32M"]) as src, \
-            livemig_process(tmp_path, "dst", ["--incoming", uri, "--mem", "32M"]) as dst:
+    with cli_pair(tmp_path, uri) as (src, dst):
         wait_migration(dst.qmp, 30, until=("setup",))
         result = livemig("migrate", "--qmp", src.qmp_path, "--dest-qmp", dst.qmp_path,
                          "--to", uri, "--postcopy")
@@ -223,8 +228,7 @@ def test_recover_and_migrate_resume_commands_finish_a_paused_postcopy(tmp_path: 
     """``livemig recover`` (destination) and ``livemig migrate --resume`` (source) go
     on with a paused postcopy; with --dest-qmp one ``migrate --resume`` does both and
     watches the migration to its end.  Resuming what is not paused is one error line."""
-    with livemig_process(tmp_path, "src", ["--guest", "ab", "--mem", "32M"]) as src, \
-            livemig_process(tmp_path, "dst", ["--incoming", "defer", "--mem", "32M"]) as dst:
+    with cli_pair(tmp_path) as (src, dst):
         assert src.wait_serial(2)
         nothing = livemig("migrate", "--qmp", src.qmp_path, "--to", "unix:/nowhere",
                           "--resume")
