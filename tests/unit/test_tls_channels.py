@@ -25,6 +25,7 @@ from livemig.migration.channel import (
 )
 from livemig.migration.state import Parameters
 from livemig.migration.tls import (
+    RECORD_PLAINTEXT,
     Authz,
     AuthzList,
     AuthzRule,
@@ -383,16 +384,23 @@ class BioClient:
         return self.out.read()
 
 
-def test_a_tls_read_returns_the_records_arrived_without_waiting_for_one_in_flight(
-        dirs: TlsDirs) -> None:
+def _bio_pair(dirs: TlsDirs) -> tuple[Channel, BioClient, socket.socket]:
+    """A secured channel and a sender whose records the test puts on the wire."""
     raw, peer = socket.socketpair()
-    ch = Channel(sock=raw, name="main", tls=server(dirs.server))
+    ch = Channel(sock=raw, name="postcopy", tls=server(dirs.server))
     sender = BioClient(dirs.client, peer)
     shake = threading.Thread(target=sender.handshake)
     shake.start()
     ch.secure(timeout=20)
     shake.join(20)
-    first, second = b"a" * PAGE_SIZE, b"b" * PAGE_SIZE
+    return ch, sender, peer
+
+
+def test_a_tls_read_returns_the_records_arrived_without_waiting_for_one_in_flight(
+        dirs: TlsDirs) -> None:
+    ch, sender, peer = _bio_pair(dirs)
+    # Full records: the read would go on to the next one if it had arrived whole.
+    first, second = b"a" * RECORD_PLAINTEXT, b"b" * RECORD_PLAINTEXT
     wire_first, wire_second = sender.record(first), sender.record(second)
     peer.sendall(wire_first + wire_second[:100])  # the second record is still arriving
     got: list[bytes] = []
@@ -405,6 +413,28 @@ def test_a_tls_read_returns_the_records_arrived_without_waiting_for_one_in_fligh
     assert arrived_whole, "the read waited for the record still in flight"
     assert got == [first]
     assert ch.recv(1 << 20) == second
+    ch.close()
+    peer.close()
+
+
+def test_a_tls_read_ends_with_the_senders_write_though_the_next_has_arrived(
+        dirs: TlsDirs) -> None:
+    # An urgent page (or a page request) is one write and one short record: its reader
+    # gets it at once, without asking the kernel whether the next write is there.
+    ch, sender, peer = _bio_pair(dirs)
+    page, request = b"p" * (8 + PAGE_SIZE), b"r" * 24
+    peer.sendall(sender.record(page) + sender.record(request))
+    assert ch.recv(1 << 20) == page
+    assert ch.recv(1 << 20) == request
+    ch.close()
+    peer.close()
+
+
+def test_a_tls_read_gathers_the_arrived_records_of_one_large_write(dirs: TlsDirs) -> None:
+    ch, sender, peer = _bio_pair(dirs)
+    batch = bytes(range(256)) * (3 * 64 + 1)  # three full records and a short one
+    peer.sendall(sender.record(batch))
+    assert ch.recv(1 << 20) == batch
     ch.close()
     peer.close()
 
