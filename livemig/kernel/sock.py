@@ -26,6 +26,10 @@ acknowledged; with a user timeout set, Linux aborts an idle connection at the fi
 after the peer has been silent for the timeout.  The blocked call then fails with
 ``ETIMEDOUT``.
 
+:func:`unread_bytes` (SIOCINQ) and :func:`peek_raw` (MSG_PEEK) look at what has arrived
+and not been read yet, below any TLS session: the TLS reader uses them to tell a record
+that has arrived whole from one still arriving.
+
 :func:`socket_in_netns` creates a socket inside another network namespace (tests and the
 network lab use it): a socket stays in the namespace it was created in.
 """
@@ -300,6 +304,7 @@ def _consumed(chunk: npt.NDArray[np.void], nbytes: int) -> int:
 
 
 TIOCOUTQ: Final = 0x5411  # SIOCOUTQ: bytes in the send queue (unsent + unacked, TCP)
+FIONREAD: Final = 0x541B  # SIOCINQ: bytes received and not read yet
 
 
 def queued_bytes(sock: socket.socket) -> int:
@@ -308,6 +313,24 @@ def queued_bytes(sock: socket.socket) -> int:
     import struct
     buf = fcntl.ioctl(sock.fileno(), TIOCOUTQ, b"\0\0\0\0")
     return int(struct.unpack("i", buf)[0])
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    """Bytes in this socket's receive queue, not read yet (SIOCINQ)."""
+    import fcntl
+    import struct
+    buf = fcntl.ioctl(sock.fileno(), FIONREAD, b"\0\0\0\0")
+    return int(struct.unpack("i", buf)[0])
+
+
+def peek_raw(sock: socket.socket, nbytes: int) -> bytes:
+    """The next ``nbytes`` (or fewer) of the socket's receive queue, left there, without
+    waiting -- the kernel's bytes even under a TLS session (``ssl.SSLSocket`` refuses
+    flags, so the plain socket's ``recv`` is called on it)."""
+    try:
+        return socket.socket.recv(sock, nbytes, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return b""
 
 
 KEEPALIVE_PROBES_PER_TIMEOUT: Final = 3  # keepalive probes sent within one timeout

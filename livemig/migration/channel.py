@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import threading
 import zlib
 from collections.abc import Mapping, Sequence
@@ -61,9 +62,9 @@ from livemig.migration.tls import (
     PAGES_PER_WRITE,
     READ_CHUNK,
     TlsEndpoint,
-    TlsSession,
     gather_pages,
     looks_like_tls,
+    read_on,
     send_all,
 )
 from livemig.units import PAGE_SIZE
@@ -159,12 +160,7 @@ class Channel:
         self._clear_out = clear_out
         self._tls_lock = threading.Lock()
         self._unread = b""  # clear bytes read by the handshake, not yet by the reader
-        self._session: TlsSession | None = None
-
-    @property
-    def secured(self) -> bool:
-        """Is this channel a TLS session now?"""
-        return self._session is not None
+        self.secured = False
 
     @property
     def is_file(self) -> bool:
@@ -190,13 +186,13 @@ class Channel:
             # socket object (queued bytes, socket options, shutdown) meanwhile.
             raw = self.sock
             try:
-                session = endpoint.handshake(raw.dup(), self.name, timeout)
+                tls_sock = endpoint.handshake(raw.dup(), self.name, timeout)
             except TlsError:
                 if self._closed:
                     raise ChannelClosedError(f"{self.name} channel closed during its "
                                              "TLS handshake") from None
                 raise
-            self.sock, self._session, self._tls = session.sock, session, None
+            self.sock, self.secured, self._tls = tls_sock, True, None
             raw.close()
 
     def expect_tls(self, tls: TlsEndpoint, clear_in: int) -> None:
@@ -233,7 +229,7 @@ class Channel:
     def buffered(self) -> int:
         """Bytes already received and decrypted but not read yet (a poll loop must
         read them: the socket will not signal them again)."""
-        return self._session.pending() if self._session is not None else 0
+        return self.sock.pending() if isinstance(self.sock, ssl.SSLSocket) else 0
 
     def fileno(self) -> int:
         return self.sock.fileno() if self.sock is not None else self.fd
@@ -254,9 +250,10 @@ class Channel:
             if not buffers:
                 return
         self._ready()
-        if self._session is not None:
+        if self.secured:
+            assert isinstance(self.sock, ssl.SSLSocket)
             try:
-                self.bytes_sent += send_all(self._session, buffers)
+                self.bytes_sent += send_all(self.sock, buffers)
             except OSError as e:
                 raise ChannelClosedError(f"{self.name} channel: {e}") from None
         elif self.sock is not None:
@@ -336,9 +333,7 @@ class Channel:
                 view[: len(data)] = data
                 return len(data)
         try:
-            if self._session is not None:
-                n = self._session.recv_into(view)
-            elif self.sock is not None:
+            if self.sock is not None:
                 n = self.sock.recv_into(view)
             else:
                 n = os.readv(self.fd, [view[: self._file_left]]) if self._file_left else 0
@@ -371,8 +366,8 @@ class Channel:
             if self._unread:
                 return self._take_unread(max_bytes)
         try:
-            if self._session is not None:
-                data = self._session.recv(min(max_bytes, READ_CHUNK))
+            if self.secured:
+                data = self._recv_records(max_bytes)
             elif self.sock is not None:
                 data = self.sock.recv(max_bytes)
             else:
@@ -385,6 +380,24 @@ class Channel:
         self._clear_in = max(0, self._clear_in - len(data))
         self.bytes_received += len(data)
         return data
+
+    def _recv_records(self, max_bytes: int) -> bytes:
+        """A TLS read returns one record (16 KiB): go on reading the records of the
+        same write that have already arrived whole, up to
+        :data:`~livemig.migration.tls.READ_CHUNK` (decrypting costs far more than a
+        copy: a larger chunk would hold back a requested page behind it), so the
+        reader handles large chunks as on a plain socket -- and never waits for a
+        record still arriving while it holds others.  A short record (a page, a
+        request) is read alone (:func:`~livemig.migration.tls.read_on`)."""
+        assert isinstance(self.sock, ssl.SSLSocket)
+        sock = self.sock
+        max_bytes = min(max_bytes, READ_CHUNK)
+        parts = [sock.recv(max_bytes)]
+        got = len(parts[0])
+        while got < max_bytes and parts[-1] and read_on(sock, len(parts[-1])):
+            parts.append(sock.recv(max_bytes - got))
+            got += len(parts[-1])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def peek(self, n: int, timeout: float = 30.0) -> bytes:
         """The first ``n`` bytes of the stream, left in place (identifies a channel)."""
@@ -404,11 +417,11 @@ class Channel:
 
     def _peek_secured(self, n: int, timeout: float) -> bytes:
         """TLS has no MSG_PEEK: read the plaintext and keep it for the reader."""
-        assert self.sock is not None and self._session is not None
+        assert self.sock is not None
         self.sock.settimeout(timeout)
         try:
             while len(self._unread) < n:
-                data = self._session.recv(n - len(self._unread))
+                data = self.sock.recv(n - len(self._unread))
                 if not data:
                     raise ChannelClosedError(f"{self.name} channel closed before its "
                                              "preamble")
@@ -444,7 +457,9 @@ class Channel:
         self._closed = True
         if self.sock is not None:
             with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_RDWR)
+                # The plain socket's shutdown: SSLSocket.shutdown would also drop the
+                # session that a blocked reader still uses.
+                socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
 
     def close(self) -> None:
         self._closed = True

@@ -43,13 +43,12 @@ helper process (from the same credentials directory, :meth:`TlsEndpoint.describe
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import socket
 import ssl
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -57,6 +56,7 @@ import numpy as np
 import numpy.typing as npt
 
 from livemig.errors import ConfigError, TlsError
+from livemig.kernel.sock import peek_raw, unread_bytes
 from livemig.units import PAGE_SIZE
 
 Buffer = bytes | bytearray | memoryview
@@ -353,7 +353,7 @@ class TlsEndpoint:
         return self if self.hostname or self.server else replace(self, hostname=host)
 
     def handshake(self, sock: socket.socket, channel: str,
-                  timeout: float | None = HANDSHAKE_TIMEOUT) -> TlsSession:
+                  timeout: float | None = HANDSHAKE_TIMEOUT) -> ssl.SSLSocket:
         """The TLS session on ``sock`` (which it takes over, and closes on failure) once
         the handshake and the peer checks passed; TlsError names what was refused."""
         side = "server" if self.server else "client"
@@ -362,24 +362,26 @@ class TlsEndpoint:
             raise TlsError(f"the {channel} channel has no host name to check the "
                            "server's certificate against: set tls-hostname")
         sock.settimeout(timeout)
+        tls: ssl.SSLSocket | None = None
         try:
-            session = TlsSession(sock, self.creds.context, server_side=self.server,
-                                 hostname=None if self.server else (self.hostname or None))
-            session.do_handshake()
-            sock.settimeout(None)
+            tls = self.creds.context.wrap_socket(
+                sock, server_side=self.server, do_handshake_on_connect=False,
+                server_hostname=None if self.server else (self.hostname or None))
+            tls.do_handshake()
+            tls.settimeout(None)
             if self.server and self.authz is not None:
-                cert = session.peer_certificate()
+                cert = tls.getpeercert()
                 if not cert:
                     raise TlsError(f"tls-authz '{self.authz.id}' needs the client's "
                                    "certificate: set verify-peer=on")
-                self.authz.check(distinguished_name(cert["subject"]))
+                self.authz.check(distinguished_name(cert["subject"]))  # type: ignore[arg-type]
         except (OSError, EOFError, TlsError) as e:
-            sock.close()  # the socket handed to us is ours to close
+            (tls or sock).close()  # the socket handed to us is ours to close
             if isinstance(e, TlsError):
                 raise
             raise TlsError(f"TLS handshake on the {channel} channel failed ({side}): "
                            f"{_explain(e)}") from None
-        return session
+        return tls
 
     def describe(self) -> dict[str, Any]:
         """JSON for a helper process, which builds the same endpoint (:meth:`of`)."""
@@ -496,140 +498,45 @@ def _arrays(key: str, value: Any) -> Any:
 # thread -- one answering a page request -- waiting for long.
 WRITE_CHUNK = 256 * 1024
 PAGES_PER_WRITE = WRITE_CHUNK // (8 + PAGE_SIZE)
-# A read decrypts the records already arrived up to this size (at ~0.5 GB/s: half a
-# millisecond of work before the reader sees the first byte of it).
+# A read gathers the records already arrived up to this size (decrypted at ~0.5 GB/s:
+# half a millisecond of work before the reader sees the first byte of it).
 READ_CHUNK = 256 * 1024
-# What one read of the socket takes of the bytes that have arrived.
-RAW_READ = 512 * 1024
-RECORD_HEADER = 5  # content type, version (2 bytes), be16 length
-RECORD_PLAINTEXT = 16384  # the most plaintext one record carries (RFC 5246 6.2.1)
+_RECORD_HEADER = 5  # content type, version (2 bytes), be16 length
+# The most plaintext one record carries (TLS 1.2, RFC 5246 6.2.1): a write is cut into
+# records of this size, so a shorter record is the last one of the sender's write.
+RECORD_PLAINTEXT = 16384
 
 
-def whole_records(data: Buffer) -> int:
-    """How many bytes at the start of ``data`` (which starts at a record header) are
-    whole TLS records."""
-    view = memoryview(data)
-    pos = 0
-    while pos + RECORD_HEADER <= len(view):
-        end = pos + RECORD_HEADER + int.from_bytes(view[pos + 3 : pos + 5], "big")
-        if end > len(view):
-            break
-        pos = end
-    return pos
-
-
-class TlsSession:
-    """A TLS session over a connected socket, OpenSSL working on memory buffers (an
-    ``ssl.SSLObject`` over two ``MemoryBIO`` buffers) while this class moves the bytes.
-
-    A read takes everything that has arrived with one ``recv`` and hands OpenSSL the
-    whole records of it (the start of a record still arriving waits here), then
-    decrypts them one by one: OpenSSL reading its socket itself would make two system
-    calls per record, header then body, on the path of every page request and every
-    answer.  A read waits for the socket only while it has nothing to return, so a
-    record still arriving never holds back the records before it, and :meth:`pending`
-    tells a poll loop exactly whether a read would return at once.  A write is
-    encrypted into memory and sent with one ``sendall`` (OpenSSL writes each 16 KiB
-    record to its socket with a call of its own).  One thread reads and another may
-    write at the same time, as on the main channel (TLS 1.2 without renegotiation:
-    neither direction makes the other send or receive anything)."""
-
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool,
-                 hostname: str | None) -> None:
-        self.sock = sock
-        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self._obj = context.wrap_bio(self._in, self._out, server_side=server_side,
-                                     server_hostname=hostname)
-        self._buf = bytearray(RAW_READ)
-        self._partial = b""  # the start of a record still arriving
-
-    def do_handshake(self) -> None:
-        while True:
-            try:
-                self._obj.do_handshake()
-            except ssl.SSLWantReadError:
-                self._flush()
-                if not self._pull():
-                    raise EOFError("the peer closed the connection") from None
-                continue
-            except ssl.SSLError:
-                # Our alert (say, an unknown CA) tells the peer why; then fail here.
-                with contextlib.suppress(OSError):
-                    self._flush()
-                raise
-            self._flush()
-            return
-
-    def peer_certificate(self) -> Any:
-        return self._obj.getpeercert()
-
-    def _flush(self) -> None:
-        data = self._out.read()
-        if data:
-            self.sock.sendall(data)
-
-    def _pull(self) -> bool:
-        """Wait for bytes, take all that have arrived and give OpenSSL their whole
-        records; False at the peer's EOF."""
-        n = self.sock.recv_into(self._buf)
-        if not n:
-            return False
-        data: Buffer = memoryview(self._buf)[:n]
-        if self._partial:
-            data = self._partial + data
-        whole = whole_records(data)
-        self._in.write(data[:whole])
-        self._partial = bytes(data[whole:])
+def read_on(sock: ssl.SSLSocket, last: int) -> bool:
+    """After a read that returned ``last`` bytes, should a gathering read go on, with
+    no wait?  Yes while the record being read has plaintext left, or when a whole
+    record (``last`` the full record size) was read and another has arrived whole
+    (:func:`record_waiting`).  A shorter record ends the sender's write -- a requested
+    page, a page request, the tail of a background batch -- and the read returns at
+    once: asking the kernel whether the next write has arrived costs a system call
+    on the path of every request and every answer, and whatever has arrived is read
+    by the next read anyway."""
+    if sock.pending():
         return True
-
-    def send(self, data: Buffer) -> None:
-        self._obj.write(data)
-        self._flush()
-
-    def pending(self) -> int:
-        """Bytes received that a read returns without waiting (decrypted, or in whole
-        records): a poll loop must read them, the socket will not signal them again."""
-        return self._obj.pending() + self._in.pending
-
-    def _read(self, room: int, read: Callable[[int], int]) -> int:
-        """``read(got)`` decrypts one record (at most ``room - got`` bytes of it) while
-        whole records are here, until ``room`` bytes are read; waits only for the
-        first."""
-        got = 0
-        while got < room:
-            if not self.pending():
-                if got or not self._pull():
-                    break
-                continue
-            try:
-                n = read(got)
-            except ssl.SSLWantReadError:  # a record without application data
-                continue
-            except ssl.SSLZeroReturnError:  # the peer's close_notify: EOF
-                break
-            if not n:
-                break
-            got += n
-        return got
-
-    def recv(self, max_bytes: int) -> bytes:
-        """Up to ``max_bytes`` (at least one: waits for a record); b"" at EOF."""
-        parts: list[bytes] = []
-
-        def read(got: int) -> int:
-            parts.append(self._obj.read(min(max_bytes - got, RECORD_PLAINTEXT)))
-            return len(parts[-1])
-        self._read(max_bytes, read)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def recv_into(self, view: memoryview) -> int:
-        """Into ``view`` (at least one byte: waits for a record); 0 at EOF."""
-        def read(got: int) -> int:
-            return int(self._obj.read(len(view) - got, view[got:]))
-        return self._read(len(view), read)
+    return last == RECORD_PLAINTEXT and record_waiting(sock)
 
 
-def send_all(session: TlsSession, buffers: Sequence[Buffer]) -> int:
+def record_waiting(sock: ssl.SSLSocket) -> bool:
+    """Is a whole TLS record already in the socket's receive queue, so that the next
+    read returns at once?  OpenSSL (without read-ahead, as Python leaves it) takes from
+    the kernel exactly the records it decrypts, so the queue starts at a record header.
+    A record still arriving is not waiting: reading it would hold the reader -- and the
+    records already decrypted, perhaps a requested page -- until its last byte."""
+    available = unread_bytes(sock)
+    if available < _RECORD_HEADER:
+        return False
+    head = peek_raw(sock, _RECORD_HEADER)
+    if len(head) < _RECORD_HEADER:
+        return False
+    return available >= _RECORD_HEADER + int.from_bytes(head[3:5], "big")
+
+
+def send_all(sock: ssl.SSLSocket, buffers: Sequence[Buffer]) -> int:
     """Send ``buffers`` in writes of about :data:`WRITE_CHUNK` bytes (small ones joined,
     a large one as it is); records are encrypted without the GIL."""
     total = 0
@@ -639,18 +546,18 @@ def send_all(session: TlsSession, buffers: Sequence[Buffer]) -> int:
         n = len(b)
         if n >= WRITE_CHUNK:
             if pending:
-                session.send(b"".join(pending))
+                sock.sendall(b"".join(pending))
                 pending, size = [], 0
-            session.send(b)
+            sock.sendall(b)
         else:
             pending.append(b)
             size += n
             if size >= WRITE_CHUNK:
-                session.send(b"".join(pending))
+                sock.sendall(b"".join(pending))
                 pending, size = [], 0
         total += n
     if pending:
-        session.send(pending[0] if len(pending) == 1 else b"".join(pending))
+        sock.sendall(pending[0] if len(pending) == 1 else b"".join(pending))
     return total
 
 
