@@ -430,6 +430,48 @@ def test_a_tls_read_ends_with_the_senders_write_though_the_next_has_arrived(
     peer.close()
 
 
+def _records(wire: bytes) -> list[tuple[int, int]]:
+    """(content type, length) of each TLS record in ``wire``."""
+    out, pos = [], 0
+    while pos < len(wire):
+        out.append((wire[pos], int.from_bytes(wire[pos + 3 : pos + 5], "big")))
+        pos += 5 + out[-1][1]
+    return out
+
+
+def test_an_urgent_page_goes_out_as_one_tls_record(dirs: TlsDirs) -> None:
+    # A page request is answered with one record, made by one write: its header and
+    # its page are not two records, and the reader needs one record for it.
+    raw, peer = socket.socketpair()
+    ch = Channel(sock=raw, name="postcopy", tls=client(dirs.client, hostname="dest.example"))
+    other = TlsCredsX509.create("tls0", dirs.server, "server").context.wrap_bio(
+        inc := ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_side=True)
+
+    def serve_handshake() -> None:
+        while True:
+            try:
+                other.do_handshake()
+                peer.sendall(out.read())
+                return
+            except ssl.SSLWantReadError:
+                peer.sendall(out.read())
+                inc.write(peer.recv(65536))
+    shake = threading.Thread(target=serve_handshake)
+    shake.start()
+    ch.secure(timeout=20)
+    shake.join(20)
+    enc = Encoder(channel=ChannelKind.POSTCOPY, postcopy=True)
+    enc.preamble()
+    header, page = enc.page_header("pc.ram", 0x5000), bytes(range(256)) * 16
+    ch.send([header, memoryview(page)])
+    wire = peer.recv(1 << 20)
+    assert [t for t, _n in _records(wire)] == [23]  # one application-data record
+    inc.write(wire)
+    assert other.read(1 << 20) == header + page
+    ch.close()
+    peer.close()
+
+
 def test_a_tls_read_gathers_the_arrived_records_of_one_large_write(dirs: TlsDirs) -> None:
     ch, sender, peer = _bio_pair(dirs)
     batch = bytes(range(256)) * (3 * 64 + 1)  # three full records and a short one
