@@ -64,7 +64,7 @@ from livemig.migration.tls import (
     TlsEndpoint,
     gather_pages,
     looks_like_tls,
-    record_waiting,
+    read_on,
     send_all,
 )
 from livemig.units import PAGE_SIZE
@@ -382,22 +382,21 @@ class Channel:
         return data
 
     def _recv_records(self, max_bytes: int) -> bytes:
-        """A TLS read returns one record (16 KiB): go on reading the records that have
-        already arrived whole, up to :data:`~livemig.migration.tls.READ_CHUNK`
-        (decrypting costs far more than a copy: a larger chunk would hold back a
-        requested page behind it), so the reader handles large chunks as on a plain
-        socket -- and never waits for a record still arriving while it holds others."""
+        """A TLS read returns one record (16 KiB): go on reading the records of the
+        same write that have already arrived whole, up to
+        :data:`~livemig.migration.tls.READ_CHUNK` (decrypting costs far more than a
+        copy: a larger chunk would hold back a requested page behind it), so the
+        reader handles large chunks as on a plain socket -- and never waits for a
+        record still arriving while it holds others.  A short record (a page, a
+        request) is read alone (:func:`~livemig.migration.tls.read_on`)."""
         assert isinstance(self.sock, ssl.SSLSocket)
         sock = self.sock
         max_bytes = min(max_bytes, READ_CHUNK)
         parts = [sock.recv(max_bytes)]
         got = len(parts[0])
-        while got and got < max_bytes and (sock.pending() or record_waiting(sock)):
-            more = sock.recv(max_bytes - got)
-            if not more:
-                break
-            parts.append(more)
-            got += len(more)
+        while got < max_bytes and parts[-1] and read_on(sock, len(parts[-1])):
+            parts.append(sock.recv(max_bytes - got))
+            got += len(parts[-1])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def peek(self, n: int, timeout: float = 30.0) -> bytes:

@@ -502,6 +502,23 @@ PAGES_PER_WRITE = WRITE_CHUNK // (8 + PAGE_SIZE)
 # half a millisecond of work before the reader sees the first byte of it).
 READ_CHUNK = 256 * 1024
 _RECORD_HEADER = 5  # content type, version (2 bytes), be16 length
+# The most plaintext one record carries (TLS 1.2, RFC 5246 6.2.1): a write is cut into
+# records of this size, so a shorter record is the last one of the sender's write.
+RECORD_PLAINTEXT = 16384
+
+
+def read_on(sock: ssl.SSLSocket, last: int) -> bool:
+    """After a read that returned ``last`` bytes, should a gathering read go on, with
+    no wait?  Yes while the record being read has plaintext left, or when a whole
+    record (``last`` the full record size) was read and another has arrived whole
+    (:func:`record_waiting`).  A shorter record ends the sender's write -- a requested
+    page, a page request, the tail of a background batch -- and the read returns at
+    once: asking the kernel whether the next write has arrived costs a system call
+    on the path of every request and every answer, and whatever has arrived is read
+    by the next read anyway."""
+    if sock.pending():
+        return True
+    return last == RECORD_PLAINTEXT and record_waiting(sock)
 
 
 def record_waiting(sock: ssl.SSLSocket) -> bool:

@@ -25,6 +25,7 @@ from livemig.migration.channel import (
 )
 from livemig.migration.state import Parameters
 from livemig.migration.tls import (
+    RECORD_PLAINTEXT,
     Authz,
     AuthzList,
     AuthzRule,
@@ -383,16 +384,23 @@ class BioClient:
         return self.out.read()
 
 
-def test_a_tls_read_returns_the_records_arrived_without_waiting_for_one_in_flight(
-        dirs: TlsDirs) -> None:
+def _bio_pair(dirs: TlsDirs) -> tuple[Channel, BioClient, socket.socket]:
+    """A secured channel and a sender whose records the test puts on the wire."""
     raw, peer = socket.socketpair()
-    ch = Channel(sock=raw, name="main", tls=server(dirs.server))
+    ch = Channel(sock=raw, name="postcopy", tls=server(dirs.server))
     sender = BioClient(dirs.client, peer)
     shake = threading.Thread(target=sender.handshake)
     shake.start()
     ch.secure(timeout=20)
     shake.join(20)
-    first, second = b"a" * PAGE_SIZE, b"b" * PAGE_SIZE
+    return ch, sender, peer
+
+
+def test_a_tls_read_returns_the_records_arrived_without_waiting_for_one_in_flight(
+        dirs: TlsDirs) -> None:
+    ch, sender, peer = _bio_pair(dirs)
+    # Full records: the read would go on to the next one if it had arrived whole.
+    first, second = b"a" * RECORD_PLAINTEXT, b"b" * RECORD_PLAINTEXT
     wire_first, wire_second = sender.record(first), sender.record(second)
     peer.sendall(wire_first + wire_second[:100])  # the second record is still arriving
     got: list[bytes] = []
@@ -405,6 +413,70 @@ def test_a_tls_read_returns_the_records_arrived_without_waiting_for_one_in_fligh
     assert arrived_whole, "the read waited for the record still in flight"
     assert got == [first]
     assert ch.recv(1 << 20) == second
+    ch.close()
+    peer.close()
+
+
+def test_a_tls_read_ends_with_the_senders_write_though_the_next_has_arrived(
+        dirs: TlsDirs) -> None:
+    # An urgent page (or a page request) is one write and one short record: its reader
+    # gets it at once, without asking the kernel whether the next write is there.
+    ch, sender, peer = _bio_pair(dirs)
+    page, request = b"p" * (8 + PAGE_SIZE), b"r" * 24
+    peer.sendall(sender.record(page) + sender.record(request))
+    assert ch.recv(1 << 20) == page
+    assert ch.recv(1 << 20) == request
+    ch.close()
+    peer.close()
+
+
+def _records(wire: bytes) -> list[tuple[int, int]]:
+    """(content type, length) of each TLS record in ``wire``."""
+    out, pos = [], 0
+    while pos < len(wire):
+        out.append((wire[pos], int.from_bytes(wire[pos + 3 : pos + 5], "big")))
+        pos += 5 + out[-1][1]
+    return out
+
+
+def test_an_urgent_page_goes_out_as_one_tls_record(dirs: TlsDirs) -> None:
+    # A page request is answered with one record, made by one write: its header and
+    # its page are not two records, and the reader needs one record for it.
+    raw, peer = socket.socketpair()
+    ch = Channel(sock=raw, name="postcopy", tls=client(dirs.client, hostname="dest.example"))
+    other = TlsCredsX509.create("tls0", dirs.server, "server").context.wrap_bio(
+        inc := ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_side=True)
+
+    def serve_handshake() -> None:
+        while True:
+            try:
+                other.do_handshake()
+                peer.sendall(out.read())
+                return
+            except ssl.SSLWantReadError:
+                peer.sendall(out.read())
+                inc.write(peer.recv(65536))
+    shake = threading.Thread(target=serve_handshake)
+    shake.start()
+    ch.secure(timeout=20)
+    shake.join(20)
+    enc = Encoder(channel=ChannelKind.POSTCOPY, postcopy=True)
+    enc.preamble()
+    header, page = enc.page_header("pc.ram", 0x5000), bytes(range(256)) * 16
+    ch.send([header, memoryview(page)])
+    wire = peer.recv(1 << 20)
+    assert [t for t, _n in _records(wire)] == [23]  # one application-data record
+    inc.write(wire)
+    assert other.read(1 << 20) == header + page
+    ch.close()
+    peer.close()
+
+
+def test_a_tls_read_gathers_the_arrived_records_of_one_large_write(dirs: TlsDirs) -> None:
+    ch, sender, peer = _bio_pair(dirs)
+    batch = bytes(range(256)) * (3 * 64 + 1)  # three full records and a short one
+    peer.sendall(sender.record(batch))
+    assert ch.recv(1 << 20) == batch
     ch.close()
     peer.close()
 
