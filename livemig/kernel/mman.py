@@ -22,6 +22,12 @@ instead of unmapping memory someone still reads.
 Every memfd backing has :attr:`Mapping.fd` >= 0 (the file another process maps);
 anonymous memory has -1.
 
+What sharing costs: a read of a page never written allocates it in a memfd (anonymous
+memory maps the shared zero page instead), so the first precopy round, which looks at
+every page, leaves the source's memfd fully allocated, as QEMU's memory-backend-memfd
+does.  That, and QEMU's own default, is why private ``4K`` stays the default and
+``4K-memfd`` is chosen (``--object memory-backend-memfd``).
+
 Discarding pages (:meth:`Mapping.discard`: postcopy's "drop what the source will send
 again") must free them *in the file* for a memfd: ``MADV_DONTNEED`` on a shared mapping
 only unmaps the page from this process, the file keeps its contents, and the next touch

@@ -12,7 +12,6 @@ while the source guest keeps running.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import helper_reads
 from helpers import (
     EVENTS_ON,
     FAST_CONVERGENCE,
@@ -122,16 +122,6 @@ def start_slow_multifd(s: QmpClient, d: QmpClient, uri: str) -> dict[str, Any]:
     return wait_migration(s, until=("active",))
 
 
-def helper_sees(pid: int) -> tuple[bool, bool]:
-    """Does a helper process map guest RAM's memfd, and has it /proc/VMM/mem open?"""
-    maps = Path(f"/proc/{pid}/maps").read_text()
-    fds = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(FileNotFoundError):  # an fd closed while we look
-            fds.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
-    return f"/memfd:{MAIN_BLOCK} " in maps, f"/proc/{os.getpid()}/mem" in fds
-
-
 @pytest.mark.parametrize("backing,maps", [pytest.param(Backing.ANON_4K, False, id="4K"),
                                           pytest.param(Backing.MEMFD_4K, True,
                                                        id="4K-memfd")])
@@ -152,7 +142,7 @@ def test_channel_helpers_map_memfd_ram_and_read_private_ram_through_proc_mem(
 
         assert wait_until(sending, 30)
         pids = s.execute("query-migrate")["x-multifd"]["helper-pids"]
-        seen = [helper_sees(pid) for pid in pids]
+        seen = [helper_reads(pid, MAIN_BLOCK) for pid in pids]
         s.execute("migrate-set-parameters", **{"max-bandwidth": 0})
         assert (wait_migration(s)["status"], wait_migration(d)["status"]) == (
             "completed", "completed")
