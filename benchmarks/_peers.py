@@ -50,6 +50,8 @@ from livemig.guests import load_image, patch_range
 from livemig.kernel.mman import Backing, HugepageReservation
 from livemig.migration.state import MigrationStatus
 from livemig.netlab import NETNS_PORT, netns_prefix
+from livemig.units import MIB
+from livemig.vmm.membackend import MemoryBackend, run_memory_args
 from livemig.vmm.vm import parse_size
 from livemig.vmmprocess import VmmFiles, VmmProcess, livemig_command, livemig_environment
 
@@ -231,8 +233,7 @@ class LivemigPeer(Peer):
         return livemig_environment()
 
     def command(self) -> list[str]:
-        args = ["--mem", f"{self.spec.mem_mib}M", "--page-size", self.spec.page_size]
-        args += ["--mem-prealloc"] if self.preallocates else []
+        args = run_memory_args(self.spec.backing, self.spec.mem_mib, self.preallocates)
         args += ["--incoming", "defer"] if self.incoming else ["--guest", self.spec.guest]
         return livemig_command(self.files, args)
 
@@ -241,16 +242,15 @@ def qemu_memory_args(backing: Backing, mem_mib: int, prealloc: bool = False) -> 
     """A memory backend matching livemig's backing of the same name.
 
     4K and THP are private anonymous memory (memory-backend-ram; 4K also disables THP
-    for the process, see :func:`_harness.child_setup`).  2M and 1G are hugetlb memfds mapped
-    shared, as livemig maps them; :meth:`QemuPeer.hugepages` reserves the pages.
-    ``prealloc`` is livemig's ``--mem-prealloc``.
+    for the process, see :func:`_harness.child_setup`).  4K-memfd, 2M and 1G are memfds
+    mapped shared, the same memory-backend-memfd object livemig is given;
+    :meth:`QemuPeer.hugepages` reserves huge pages.  ``prealloc`` is livemig's
+    ``--mem-prealloc``.
     """
+    if backing.is_memfd:
+        return MemoryBackend("ram0", mem_mib * MIB, backing, prealloc).command_args("-")
     size = f"size={mem_mib}M" + (",prealloc=on" if prealloc else "")
-    if backing.is_hugetlb:
-        obj = f"memory-backend-memfd,id=ram0,{size},hugetlb=on,hugetlbsize={backing.value},share=on"
-    else:
-        obj = f"memory-backend-ram,id=ram0,{size}"
-    return ["-object", obj, "-machine", "memory-backend=ram0"]
+    return ["-object", f"memory-backend-ram,id=ram0,{size}", "-machine", "memory-backend=ram0"]
 
 
 class QemuPeer(Peer):

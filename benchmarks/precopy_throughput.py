@@ -298,7 +298,7 @@ def machine_notes() -> dict[str, Any]:
 @click.command()
 @click.option("--mem", default="1G", show_default=True, help="Guest RAM size.")
 @click.option("--page-sizes", default="4K,2M", show_default=True,
-              help="Comma-separated backings: 4K, THP, 2M, 1G.")
+              help="Comma-separated backings: 4K, THP, 4K-memfd, 2M, 1G.")
 @click.option("--peers", default="livemig,qemu", show_default=True,
               help="Comma-separated peers (qemu is skipped when not installed).")
 @click.option("--multifd-channels", "multifd_channels", default="0", show_default=True,

@@ -22,14 +22,17 @@ from livemig.guests.os import OS_GUEST
 from livemig.instance import Instance
 from livemig.kernel.mman import Backing, keep_freed_buffers
 from livemig.migration.state import MigrationStatus, UrgentMode
-from livemig.migration.tls import parse_object
+from livemig.objects import parse_object
 from livemig.vmm.boot import boot_image, boot_os
 from livemig.vmm.console import Console, open_console
 from livemig.vmm.cpuid import FEATURES, CpuidPolicy
+from livemig.vmm.membackend import MemoryBackend, guest_ram_backend
 from livemig.vmm.serial import Sink
 from livemig.vmm.vm import Vm, VmConfig, parse_size
 
 RUN_GUESTS = (*GUEST_NAMES, OS_GUEST)
+# --page-size: every backing but 4K-memfd, which is a memory-backend-memfd object.
+PAGE_SIZES = tuple(b.value for b in Backing if b is not Backing.MEMFD_4K)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -81,9 +84,10 @@ def _quit_on_signals(instance: Instance) -> None:
 @main.command()
 @click.option("--guest", help=f"Built-in guest program: {', '.join(RUN_GUESTS)}.")
 @click.option("--image", type=click.Path(dir_okay=False), help="Any 512-byte boot sector.")
-@click.option("--mem", default="256M", show_default=True, help="Guest RAM size.")
-@click.option("--page-size", default="4K", show_default=True,
-              help="Guest RAM backing: 4K pages, THP, or hugetlbfs 2M / 1G pages.")
+@click.option("--mem", help="Guest RAM size [default: 256M, or the memory backend's].")
+@click.option("--page-size", type=click.Choice(PAGE_SIZES, case_sensitive=False),
+              help="Guest RAM backing: private 4K pages (the default), THP, or hugetlbfs "
+                   "2M / 1G pages.  For shared RAM use --object memory-backend-memfd.")
 @click.option("--mem-prealloc", "prealloc", is_flag=True,
               help="Fault all of guest RAM in at start (QEMU's -mem-prealloc): a migration "
                    "into this VM then does not pay the first touch of its memory.")
@@ -107,13 +111,18 @@ def _quit_on_signals(instance: Instance) -> None:
                    "endpoint=server|client,verify-peer=on|off, authz-simple,id=ID,"
                    "identity=DN or authz-list,id=ID,policy=allow|deny,rules.0.match=DN,"
                    "rules.0.policy=allow|deny,rules.0.format=exact|glob,... (then set the "
-                   "tls-creds / tls-authz parameters).")
+                   "tls-creds / tls-authz parameters); memory-backend-memfd,id=ID,size=SIZE,"
+                   "share=on[,hugetlb=on,hugetlbsize=2M|1G][,prealloc=on] for guest RAM "
+                   "in a shared memfd (with --machine memory-backend=ID).")
+@click.option("--machine", metavar="memory-backend=ID",
+              help="As QEMU's -machine memory-backend=ID: guest RAM is that --object "
+                   "memory-backend-memfd (helper processes then map it, no copy).")
 @_friendly_errors
 def run(guest: str | None, image: str | None, mem: str, page_size: str, prealloc: bool,
         qmp_path: str | None,
         serial: str | None, console_spec: str | None, smp: int, cpuid_hide: str,
         duration: float | None, paused: bool, incoming: str | None,
-        trace: tuple[str, ...], objects: tuple[str, ...]) -> None:
+        trace: tuple[str, ...], objects: tuple[str, ...], machine: str | None) -> None:
     """Run a VM until `quit` over QMP, a signal, or --duration."""
     if guest is not None and image is not None:
         raise click.UsageError("give one of --guest or --image, not both")
@@ -122,16 +131,29 @@ def run(guest: str | None, image: str | None, mem: str, page_size: str, prealloc
     if serial is not None and console_spec is not None:
         raise click.UsageError("give --serial or --console, not both")
     hide = frozenset(f for f in cpuid_hide.split(",") if f)
-    config = VmConfig(parse_size(mem), Backing.parse(page_size), vcpus=smp,
-                      cpuid=CpuidPolicy(hide), prealloc=prealloc)
+    parsed = [parse_object(spec) for spec in objects]
+    backend = guest_ram_backend(
+        {b.id: b for b in (MemoryBackend.from_object(t, p) for t, p in parsed
+                           if MemoryBackend.is_memory_backend(t))}, machine)
+    if backend is None:
+        size, backing = parse_size(mem or "256M"), Backing.parse(page_size or "4K")
+    else:
+        if page_size is not None:
+            raise click.UsageError("give --page-size or a memory backend, not both")
+        if mem is not None and parse_size(mem) != backend.size:
+            raise click.UsageError(f"--mem {mem} does not match the size of memory "
+                                   f"backend '{backend.id}'")
+        size, backing, prealloc = backend.size, backend.backing, prealloc or backend.prealloc
+    config = VmConfig(size, backing, vcpus=smp, cpuid=CpuidPolicy(hide), prealloc=prealloc)
     keep_freed_buffers()
     with _serial_sink(serial, console_spec) as sink, \
             Instance(Vm(config, sink), qmp_path, exit_after_incoming=incoming is not None,
                      trace=trace, trace_sink=sys.stderr) as inst:
         if isinstance(sink, Console):
             sink.attach(inst.vm.serial)
-        for spec in objects:
-            inst.objects.add(*parse_object(spec))
+        for qom_type, props in parsed:
+            if not MemoryBackend.is_memory_backend(qom_type):
+                inst.objects.add(qom_type, props)
         _quit_on_signals(inst)
         # A destination keeps its boot options for system_reset only (as QEMU's -kernel).
         if guest == OS_GUEST:

@@ -27,7 +27,11 @@ from rich.table import Table
 
 from livemig.control.client import QmpClient
 from livemig.errors import MigrationError
+from livemig.kernel.mman import Backing
 from livemig.migration.state import MigrationStatus
+from livemig.units import MIB
+from livemig.vmm.membackend import run_memory_args
+from livemig.vmm.vm import parse_size
 from livemig.vmmprocess import VmmProcess
 
 MODES = ("precopy", "postcopy", "preempt")
@@ -138,7 +142,8 @@ def _progress_view(console: Console) -> _BarView | _LineView:
 
 @contextlib.contextmanager
 def _processes(cfg: DemoConfig, workdir: Path) -> Iterator[tuple[VmmProcess, VmmProcess]]:
-    common = ["--mem", cfg.mem, "--page-size", cfg.page_size, "--smp", str(cfg.smp)]
+    common = [*run_memory_args(Backing.parse(cfg.page_size), parse_size(cfg.mem) // MIB),
+              "--smp", str(cfg.smp)]
     src = VmmProcess(workdir, "source", ["--guest", cfg.guest, *common])
     try:
         dst = VmmProcess(workdir, "destination", ["--incoming", "defer", *common])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -23,6 +24,17 @@ _NETLAB_MISSING = unavailable_reason()
 needs_netlab = pytest.mark.skipif(_NETLAB_MISSING is not None, reason=_NETLAB_MISSING or "")
 needs_nft = pytest.mark.skipif(shutil.which("nft") is None,
                                reason="dropping traffic needs nft (Debian package nftables)")
+
+
+def helper_reads(pid: int, memfd: str) -> tuple[bool, bool]:
+    """How helper process ``pid`` reads this process's guest RAM: does it map the memfd
+    named ``memfd``, and has it this process's ``/proc/PID/mem`` open?"""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    fds = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # an fd closed while we look
+            fds.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return f"/memfd:{memfd} " in maps, f"/proc/{os.getpid()}/mem" in fds
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

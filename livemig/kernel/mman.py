@@ -1,4 +1,5 @@
-"""Guest RAM backings: anonymous 4 KiB, THP, and hugetlbfs (2 MiB / 1 GiB) memfds.
+"""Guest RAM backings: anonymous 4 KiB, THP, a shared 4 KiB memfd, and hugetlbfs
+(2 MiB / 1 GiB) memfds.
 
 Theory of operation
 -------------------
@@ -11,8 +12,28 @@ instead of unmapping memory someone still reads.
 * ``4K``  - private anonymous memory.
 * ``THP`` - private anonymous memory with ``MADV_HUGEPAGE``.  Linux aligns anonymous
   mappings whose length is a multiple of 2 MiB on a 2 MiB boundary, which THP needs.
+* ``4K-memfd`` - a plain (shmem) ``memfd_create`` file mapped shared, 4 KiB pages (QEMU's
+  ``memory-backend-memfd,share=on``).  Another process can map the same memory (the
+  migration's helper processes do: they send guest RAM from their own mapping of it,
+  with no copy).
 * ``2M`` / ``1G`` - a ``memfd_create(MFD_HUGETLB | MFD_HUGE_*)`` file mapped shared: the
-  same memory could be handed to another process over a unix socket.
+  same memory is handed to helper processes the same way.
+
+Every memfd backing has :attr:`Mapping.fd` >= 0 (the file another process maps);
+anonymous memory has -1.
+
+What sharing costs: a read of a page never written allocates it in a memfd (anonymous
+memory maps the shared zero page instead), so the first precopy round, which looks at
+every page, leaves the source's memfd fully allocated, as QEMU's memory-backend-memfd
+does.  That, and QEMU's own default, is why private ``4K`` stays the default and
+``4K-memfd`` is chosen (``--object memory-backend-memfd``).
+
+Discarding pages (:meth:`Mapping.discard`: postcopy's "drop what the source will send
+again") must free them *in the file* for a memfd: ``MADV_DONTNEED`` on a shared mapping
+only unmaps the page from this process, the file keeps its contents, and the next touch
+(even under userfaultfd, which traps only pages missing from the file) reads the old
+bytes again.  So a memfd's pages are dropped with ``fallocate(PUNCH_HOLE)``, anonymous
+memory's with ``MADV_DONTNEED``.
 
 Any backing may be *preallocated* (``map_guest_ram(prealloc=True)``, ``livemig run
 --mem-prealloc``, QEMU's ``-mem-prealloc``): ``MADV_POPULATE_WRITE`` faults every page in
@@ -78,6 +99,7 @@ from livemig.errors import ConfigError, MemoryMapError
 from livemig.units import GIB, KIB, MIB, PAGE_SIZE
 
 MADV_HUGEPAGE: Final = 14
+MADV_NOHUGEPAGE: Final = 15
 MADV_DONTNEED: Final = 4
 MADV_POPULATE_WRITE: Final = 23  # Linux 5.14
 FALLOC_FL_KEEP_SIZE: Final = 0x01
@@ -89,6 +111,7 @@ class Backing(Enum):
 
     ANON_4K = "4K"
     THP = "THP"
+    MEMFD_4K = "4K-memfd"
     HUGETLB_2M = "2M"
     HUGETLB_1G = "1G"
 
@@ -100,6 +123,11 @@ class Backing(Enum):
     @property
     def is_hugetlb(self) -> bool:
         return self in (Backing.HUGETLB_2M, Backing.HUGETLB_1G)
+
+    @property
+    def is_memfd(self) -> bool:
+        """A memfd mapped shared: another process can map the same memory."""
+        return self is Backing.MEMFD_4K or self.is_hugetlb
 
     @classmethod
     def parse(cls, text: str) -> Backing:
@@ -117,7 +145,7 @@ class Mapping:
     mm: mmap.mmap
     size: int
     backing: Backing
-    fd: int  # the memfd for hugetlb, -1 for anonymous memory
+    fd: int  # the memfd (4K-memfd, hugetlb), -1 for anonymous memory
     # The huge pages this mapping raised the pool by, given back on close (None: the
     # caller reserved them, or none were needed).
     reservation: HugepageReservation | None = None
@@ -143,19 +171,14 @@ class Mapping:
         again reserves it again (a shared hugetlbfs mapping reserves each page of its
         range that has no reservation); that mapping is not needed and goes at once.
         Both steps hold the pool lock, so no livemig process takes the pages between
-        them.
+        them.  A 4 KiB memfd's pages are punched out of the file (see the module
+        docstring); anonymous memory's are dropped with ``MADV_DONTNEED``.
         """
-        if self.fd < 0:
-            try:
-                self.mm.madvise(MADV_DONTNEED, offset, length)
-            except OSError as e:
-                raise MemoryMapError("discard", e.errno or errno.EIO) from None
+        if not self.backing.is_hugetlb:
+            self._drop(offset, length)
             return
         with HugepagePoolLock(self.backing.host_page_size):
-            try:
-                _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-            except OSError as e:
-                raise MemoryMapError("discard", e.errno or errno.EIO) from None
+            self._drop(offset, length)
             try:
                 mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ,
                           offset=offset).close()
@@ -164,6 +187,18 @@ class Mapping:
                                      e.errno or errno.EIO,
                                      "no free huge page is left for the discarded range"
                                      ) from None
+
+    def _drop(self, offset: int, length: int) -> None:
+        """Free the pages: out of the memfd (a hole), or out of anonymous memory."""
+        try:
+            if self.fd >= 0:
+                # MADV_DONTNEED would keep a memfd's pages (and their old bytes).
+                _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset,
+                           length)
+            else:
+                self.mm.madvise(MADV_DONTNEED, offset, length)
+        except OSError as e:
+            raise MemoryMapError("discard", e.errno or errno.EIO) from None
 
     def populate(self) -> None:
         """Fault every page in for writing now (QEMU's ``prealloc=on``): the kernel
@@ -234,14 +269,14 @@ def _map_guest_ram(size: int, backing: Backing, name: str, reserve: bool) -> Map
     if backing.is_hugetlb and reserve:
         reservation = HugepageReservation(page, size // page).acquire()
         try:
-            mapping = _map_hugetlb(size, backing, name)
+            mapping = _map_memfd(size, backing, name)
         except BaseException:
             reservation.release()
             raise
         reservation.mapped()
         return Mapping(mapping.mm, size, backing, mapping.fd, reservation)
-    if backing.is_hugetlb:
-        return _map_hugetlb(size, backing, name)
+    if backing.is_memfd:
+        return _map_memfd(size, backing, name)
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
     mm = mmap.mmap(-1, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
     if backing is Backing.THP:
@@ -249,19 +284,27 @@ def _map_guest_ram(size: int, backing: Backing, name: str, reserve: bool) -> Map
     return Mapping(mm, size, backing, -1)
 
 
-def _map_hugetlb(size: int, backing: Backing, name: str) -> Mapping:
-    huge_flag = os.MFD_HUGE_2MB if backing is Backing.HUGETLB_2M else os.MFD_HUGE_1GB
+_MEMFD_FLAGS: Final = {Backing.MEMFD_4K: 0,
+                       Backing.HUGETLB_2M: os.MFD_HUGETLB | os.MFD_HUGE_2MB,
+                       Backing.HUGETLB_1G: os.MFD_HUGETLB | os.MFD_HUGE_1GB}
+
+
+def _map_memfd(size: int, backing: Backing, name: str) -> Mapping:
     try:
-        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_HUGETLB | huge_flag)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | _MEMFD_FLAGS[backing])
     except OSError as e:
-        raise MemoryMapError("memfd_create(MFD_HUGETLB)", e.errno or errno.EIO) from None
+        raise MemoryMapError(f"memfd_create ({backing.value})", e.errno or errno.EIO) from None
     try:
         os.ftruncate(fd, size)
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except OSError as e:
         os.close(fd)
-        raise MemoryMapError(f"mmap hugetlb {backing.value}", e.errno or errno.EIO,
-                             "are enough huge pages reserved?") from None
+        raise MemoryMapError(f"mmap memfd {backing.value}", e.errno or errno.EIO,
+                             "are enough huge pages reserved?" if backing.is_hugetlb
+                             else "") from None
+    if backing is Backing.MEMFD_4K:
+        # 4 KiB pages even where the host's shmem_enabled would hand out huge ones.
+        mm.madvise(MADV_NOHUGEPAGE)
     return Mapping(mm, size, backing, fd)
 
 

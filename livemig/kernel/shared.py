@@ -7,9 +7,10 @@ Postcopy's urgent path runs in helper processes (``migration/helper.py``): a Pyt
 thread woken by a fault would otherwise wait for the GIL held by the thread streaming
 background pages.  A helper and its parent share state through a :class:`SharedMemory`
 (a memfd mapped shared by both, NumPy arrays laid over it) and guard it with a
-:class:`ProcessLock`.  The source's helper reads guest RAM either from a shared memfd
-(hugetlb backings) or, for private anonymous RAM, through :class:`ProcessMemory`
-(``/proc/PID/mem``: one copy of at most one host page).
+:class:`ProcessLock`.  The source's helpers read guest RAM from the VMM's own memfd
+when it has one (``4K-memfd`` and hugetlb backings: mapped, sent with no copy) or, for
+private anonymous RAM, through :class:`ProcessMemory` (``/proc/PID/mem``: a kernel copy
+into the helper's buffer).
 
 What lies in shared memory is described once, by a :class:`SharedLayout`: a list of
 named fields (name, dtype, shape) from which it computes each field's aligned offset
@@ -256,19 +257,28 @@ class ProcessLock:
 
 class ProcessMemory:
     """Reads another process's memory through ``/proc/PID/mem`` (one ``preadv`` a read,
-    the GIL released; the same permission as ptrace, which the VMM's own helper has)."""
+    the GIL released; the same permission as ptrace, which the VMM's own helper has).
+
+    The file is opened at the first read: a helper whose guest RAM is all memfds (which
+    it maps) never opens it."""
 
     def __init__(self, pid: int) -> None:
-        try:
-            self._fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise MemoryMapError(f"open /proc/{pid}/mem", e.errno or errno.EIO) from None
         self.pid = pid
+        self._fd = -1
+
+    def _file(self) -> int:
+        if self._fd < 0:
+            try:
+                self._fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise MemoryMapError(f"open /proc/{self.pid}/mem",
+                                     e.errno or errno.EIO) from None
+        return self._fd
 
     def read_into(self, address: int, into: memoryview) -> None:
         """Fill ``into`` with the bytes at ``address`` of the process."""
         try:
-            n = os.preadv(self._fd, [into], address)
+            n = os.preadv(self._file(), [into], address)
         except OSError as e:
             raise MemoryMapError(f"read {len(into)} bytes at {address:#x} of pid {self.pid}",
                                  e.errno or errno.EIO) from None
@@ -277,7 +287,9 @@ class ProcessMemory:
                                  f"{self.pid}", errno.EFAULT, f"got {n}")
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

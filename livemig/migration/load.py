@@ -44,6 +44,7 @@ from typing import Any
 from livemig.errors import ChannelClosedError, MigrationError, RemoteProtocolError
 from livemig.kernel.uffd import (
     FEATURE_MISSING_HUGETLBFS,
+    FEATURE_MISSING_SHMEM,
     FEATURE_THREAD_ID,
     Userfaultfd,
     feature_names,
@@ -421,6 +422,8 @@ class IncomingLoad:
         for block in self.vm.blocks.values():
             if block.backing.is_hugetlb:
                 needed |= FEATURE_MISSING_HUGETLBFS
+            elif block.backing.is_memfd:
+                needed |= FEATURE_MISSING_SHMEM
         have = self._uffd_features()
         if needed & ~have:
             raise MigrationError("this host's userfaultfd lacks "

@@ -15,8 +15,10 @@ records and the device state.  How a migration sends its precopy pages is one
 Source
     The migration bitmap's bits live in shared memory
     (:class:`~livemig.migration.urgent.SharedBits`, the same memory the postcopy urgent
-    helper uses), and so does guest RAM when it is a hugetlb memfd (mapped by every
-    helper; private 4 KiB RAM is read through ``/proc/PID/mem``, one window per read).
+    helper uses), and so does guest RAM when it is a memfd (``4K-memfd`` or hugetlb:
+    mapped by every helper, pages sent from that mapping with no copy; private 4 KiB
+    RAM is read through ``/proc/PID/mem``, one window per read, a kernel copy that
+    costs a helper about as much CPU as sending).
     A *round* is: the migration thread syncs the dirty log into the bits, tells every
     helper "round"; helper *i* owns the 2 MiB windows ``i, i+N, i+2N, ...`` of every
     block, scans its own windows' bits (one NumPy step), clears and sends each dirty

@@ -57,6 +57,7 @@ import numpy.typing as npt
 
 from livemig.errors import ConfigError, TlsError
 from livemig.kernel.sock import peek_raw, unread_bytes
+from livemig.objects import object_flag
 from livemig.units import PAGE_SIZE
 
 Buffer = bytes | bytearray | memoryview
@@ -73,18 +74,6 @@ _TLS_HANDSHAKE_RECORD = b"\x16\x03"
 def looks_like_tls(head: bytes) -> bool:
     """Do these first bytes of a connection open a TLS handshake?"""
     return head[:2] == _TLS_HANDSHAKE_RECORD
-
-
-def _flag(name: str, value: Any) -> bool:
-    """A boolean property given as JSON (QMP) or as on/off text (--object)."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).lower()
-    if text in ("on", "yes", "true"):
-        return True
-    if text in ("off", "no", "false"):
-        return False
-    raise ConfigError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
 @dataclass(frozen=True)
@@ -104,7 +93,7 @@ class TlsCredsX509:
         if endpoint not in CERT_FILES:
             raise ConfigError(f"Parameter 'endpoint' expects 'server' or 'client', not "
                               f"{endpoint!r}")
-        verify = _flag("verify-peer", verify_peer)
+        verify = object_flag("verify-peer", verify_peer)
         return cls(id, dir, endpoint, verify, _context(dir, endpoint, verify))
 
     def describe(self) -> dict[str, Any]:
@@ -455,40 +444,6 @@ class TlsObjects:
             if a is None:
                 raise ConfigError(f"No authz object with id '{authz}'")
         return TlsEndpoint(c, hostname if endpoint == "client" else "", a)
-
-
-def parse_object(spec: str) -> tuple[str, dict[str, Any]]:
-    """``--object TYPE,key=value,...`` (QEMU's syntax; ',,' is a literal comma).  Dotted
-    keys build nested values as QEMU's keyval does: ``rules.0.match=...`` is the
-    ``match`` of the first element of the array ``rules``."""
-    parts = [p.replace("\0", ",") for p in spec.replace(",,", "\0").split(",")]
-    props: dict[str, Any] = {}
-    for p in parts[1:]:
-        key, eq, value = p.partition("=")
-        if not eq:
-            raise ConfigError(f"--object {spec!r}: expected key=value, not {p!r}")
-        *path, last = key.split(".")
-        node = props
-        for name in path:
-            node = node.setdefault(name, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--object {spec!r}: {key!r} is both a value and a group")
-        if last in node:
-            raise ConfigError(f"--object {spec!r}: {key!r} given twice")
-        node[last] = value
-    return parts[0], {k: _arrays(k, v) for k, v in props.items()}
-
-
-def _arrays(key: str, value: Any) -> Any:
-    """Groups whose keys are 0, 1, ... n-1 become arrays (keyval's rule)."""
-    if not isinstance(value, dict):
-        return value
-    items = {k: _arrays(f"{key}.{k}", v) for k, v in value.items()}
-    if all(k.isdigit() for k in items):
-        if sorted(int(k) for k in items) != list(range(len(items))):
-            raise ConfigError(f"Parameter '{key}': array indexes must be 0, 1, 2, ...")
-        return [items[str(i)] for i in range(len(items))]
-    return items
 
 
 # --- sending over a session ------------------------------------------------------------

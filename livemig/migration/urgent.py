@@ -10,9 +10,9 @@ page's dirty bits (shared with the migration thread, under a
 read the page, send it.  Nothing else runs in this process, so no thread streaming
 background pages holds a GIL that a request would wait for.
 
-Guest RAM is read from the VMM's hugetlb memfd when there is one (mapped here, sent
-without a copy) and otherwise through ``/proc/PID/mem`` into a buffer of one host page
-(private anonymous RAM cannot be mapped by another process).
+Guest RAM is read from the VMM's memfd when there is one (``4K-memfd`` or hugetlb:
+mapped here, sent without a copy) and otherwise through ``/proc/PID/mem`` into a
+buffer of one host page (private anonymous RAM cannot be mapped by another process).
 
 The VMM keeps the precopy channel and the migration thread as they are; it sends the
 postcopy channel's preamble before handing the socket over, and at the end asks this

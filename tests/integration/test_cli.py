@@ -29,12 +29,18 @@ from livemig.vmmprocess import VmmProcess
 pytestmark = pytest.mark.kvm
 
 
+PRIVATE_RAM = ("--mem", "32M")
+MEMFD_RAM = ("--object", "memory-backend-memfd,id=ram0,size=32M,share=on",
+             "--machine", "memory-backend=ram0")
+
+
 @contextlib.contextmanager
-def cli_pair(tmp_path: Path, incoming: str = "defer") -> Iterator[tuple[VmmProcess, VmmProcess]]:
+def cli_pair(tmp_path: Path, incoming: str = "defer", ram: tuple[str, ...] = PRIVATE_RAM
+             ) -> Iterator[tuple[VmmProcess, VmmProcess]]:
     """Two ``livemig run`` processes: a 32 MiB ``ab`` source and a destination waiting
-    on ``incoming``."""
-    with livemig_process(tmp_path, "src", ["--guest", "ab", "--mem", "32M"]) as src, \
-            livemig_process(tmp_path, "dst", ["--incoming", incoming, "--mem", "32M"]) as dst:
+    on ``incoming``, both with guest RAM given by ``ram``."""
+    with livemig_process(tmp_path, "src", ["--guest", "ab", *ram]) as src, \
+            livemig_process(tmp_path, "dst", ["--incoming", incoming, *ram]) as dst:
         yield src, dst
 
 
@@ -68,6 +74,23 @@ def test_run_mem_prealloc_faults_guest_ram_in_before_it_answers(
     assert (rss >= 64 << 20) is prealloc, rss
 
 
+def test_run_with_a_memfd_memory_backend_maps_guest_ram_shared(tmp_path: Path) -> None:
+    """QEMU's spelling (--object memory-backend-memfd + --machine memory-backend):
+    guest RAM is a memfd of the backend's size, mapped shared, preallocated on demand."""
+    backend = "memory-backend-memfd,id=ram0,size=64M,share=on,prealloc=on"
+    with livemig_process(tmp_path, "dst", ["--incoming", "defer", "--object", backend,
+                                           "--machine", "memory-backend=ram0"]) as dst:
+        lines = [line.split() for line in
+                 Path(f"/proc/{dst.pid}/maps").read_text().splitlines()
+                 if "/memfd:pc.ram" in line]
+        rss = psutil.Process(dst.pid).memory_info().rss
+    assert len(lines) == 1, lines
+    first, last = (int(a, 16) for a in lines[0][0].split("-"))
+    assert last - first == 64 << 20
+    assert lines[0][1] == "rw-s"  # shared
+    assert rss >= 64 << 20  # prealloc=on
+
+
 def test_failed_incoming_migration_exits_non_zero_and_says_why(tmp_path: Path) -> None:
     stream = tmp_path / "corrupt.mig"
     data = b"QEVM" + b"\x00\x00\x00\x03" + b"\x07garbage"
@@ -91,8 +114,19 @@ def short_image(tmp_path: Path) -> Path:
 # usage error (exit status 2, click's convention).
 BAD_RUNS = [
     pytest.param(["--guest", "nope", "--mem", "32M"], 1, "nope", id="unknown guest"),
-    pytest.param(["--guest", "ab", "--mem", "32M", "--page-size", "3M"], 1, "3M",
+    pytest.param(["--guest", "ab", "--mem", "32M", "--page-size", "3M"], 2, "3M",
                  id="unknown page size"),
+    pytest.param(["--guest", "ab", "--object", "memory-backend-memfd,id=m,size=32M,share=off",
+                  "--machine", "memory-backend=m"], 1, "share=on", id="memfd share=off"),
+    pytest.param(["--guest", "ab", "--object", "memory-backend-memfd,id=m,size=32M,seal=on",
+                  "--machine", "memory-backend=m"], 1, "'seal' is unexpected",
+                 id="memfd unknown property"),
+    pytest.param(["--guest", "ab", "--object", "memory-backend-memfd,id=m,size=32M"], 1,
+                 "--machine memory-backend=m", id="memfd backend not used"),
+    pytest.param(["--guest", "ab", "--machine", "memory-backend=m"], 1,
+                 "Memory backend 'm' not found", id="machine names no backend"),
+    pytest.param(["--guest", "ab", "--mem", "64M", *MEMFD_RAM], 2, "does not match",
+                 id="mem is not the backend's size"),
     pytest.param(["--guest", "ab", "--mem", "3M", "--page-size", "2M"], 1, "multiple",
                  id="3M of 2M pages"),
     pytest.param(["--guest", "ab", "--mem", "lots"], 1, "lots", id="bad size"),
@@ -159,9 +193,11 @@ def test_migrate_command_does_postcopy_with_preemption_on_both_sides(tmp_path: P
     assert "completed" in lines[-1]
 
 
-def test_migrate_command_sets_multifd_on_both_sides(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ram", [PRIVATE_RAM, MEMFD_RAM], ids=["4K", "4K-memfd"])
+def test_migrate_command_sets_multifd_on_both_sides(tmp_path: Path,
+                                                    ram: tuple[str, ...]) -> None:
     uri = f"unix:{tmp_path / 'mig.sock'}"
-    with cli_pair(tmp_path) as (src, dst):
+    with cli_pair(tmp_path, ram=ram) as (src, dst):
         assert src.wait_serial(2)
         result = livemig("migrate", "--qmp", src.qmp_path, "--dest-qmp", dst.qmp_path,
                          "--to", uri, "--multifd-channels", "3", "--downtime-limit", "5000",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import helper_reads
 from helpers import (
     EVENTS_ON,
     FAST_CONVERGENCE,
@@ -35,12 +36,15 @@ from helpers import (
     same_ram,
     status,
     wait_migration,
+    wait_until,
 )
 
+from livemig.control.client import QmpClient
 from livemig.errors import QmpError
 from livemig.guests import DEFAULT_RANGE_START
 from livemig.kernel.mman import Backing
 from livemig.units import MIB
+from livemig.vmm.vm import MAIN_BLOCK
 
 pytestmark = pytest.mark.kvm
 
@@ -88,6 +92,7 @@ def test_running_guest_migrates_over_multifd_channels_and_keeps_passing(
 
 
 @pytest.mark.parametrize("backing", [pytest.param(Backing.ANON_4K, id="4K"),
+                                     pytest.param(Backing.MEMFD_4K, id="4K-memfd"),
                                      pytest.param(Backing.HUGETLB_2M, id="2M")])
 def test_paused_vm_arrives_byte_identical_over_multifd(tmp_path: Path,
                                                        backing: Backing) -> None:
@@ -104,6 +109,44 @@ def test_paused_vm_arrives_byte_identical_over_multifd(tmp_path: Path,
         src_info, dst_info = wait_migration(s), wait_migration(d)
         assert (src_info["status"], dst_info["status"]) == ("completed", "completed")
         assert nonzero_bytes(src.vm) > MEM // 4
+        assert same_ram(src.vm, dst.vm)
+
+
+def start_slow_multifd(s: QmpClient, d: QmpClient, uri: str) -> dict[str, Any]:
+    """A multifd migration on 2 channels at 4 MiB/s, once it is active."""
+    for c in (s, d):
+        c.execute("migrate-set-capabilities", capabilities=multifd_caps())
+    s.execute("migrate-set-parameters", **{"multifd-channels": 2, "max-bandwidth": 4 * MIB})
+    d.execute("migrate-incoming", uri=uri)
+    s.execute("migrate", uri=uri)
+    return wait_migration(s, until=("active",))
+
+
+@pytest.mark.parametrize("backing,maps", [pytest.param(Backing.ANON_4K, False, id="4K"),
+                                          pytest.param(Backing.MEMFD_4K, True,
+                                                       id="4K-memfd")])
+def test_channel_helpers_map_memfd_ram_and_read_private_ram_through_proc_mem(
+        tmp_path: Path, backing: Backing, maps: bool) -> None:
+    """With guest RAM in a memfd the channel helpers map it and send from there (no
+    /proc/PID/mem copy); private RAM can only be read through /proc/PID/mem."""
+    uri = tcp_uri()
+    with halt_instance(tmp_path, backing=backing) as src, \
+            empty_instance(tmp_path, backing=backing) as dst, \
+            client(qmp_path(src)) as s, client(qmp_path(dst)) as d:
+        s.execute("stop")
+        start_slow_multifd(s, d, uri)
+
+        def sending() -> bool:
+            info = s.execute("query-migrate").get("x-multifd", {})
+            return bool(info) and all(b > 0 for b in info["bytes"])
+
+        assert wait_until(sending, 30)
+        pids = s.execute("query-migrate")["x-multifd"]["helper-pids"]
+        seen = [helper_reads(pid, MAIN_BLOCK) for pid in pids]
+        s.execute("migrate-set-parameters", **{"max-bandwidth": 0})
+        assert (wait_migration(s)["status"], wait_migration(d)["status"]) == (
+            "completed", "completed")
+        assert seen == [(maps, not maps)] * 2
         assert same_ram(src.vm, dst.vm)
 
 
@@ -157,14 +200,8 @@ def test_killed_multifd_channel_fails_precopy_and_source_keeps_running(
     uri = tcp_uri()
     with ab_instance(tmp_path) as src, empty_instance(tmp_path) as dst, \
             client(qmp_path(src)) as s, client(qmp_path(dst)) as d:
-        for c in (s, d):
-            c.execute("migrate-set-capabilities", capabilities=multifd_caps())
         # Slow: the precopy is still running when the helper is killed.
-        s.execute("migrate-set-parameters", **{"multifd-channels": 2,
-                                               "max-bandwidth": 4 * MIB})
-        d.execute("migrate-incoming", uri=uri)
-        s.execute("migrate", uri=uri)
-        info = wait_migration(s, until=("active",))
+        info = start_slow_multifd(s, d, uri)
         os.kill(info["x-multifd"]["helper-pids"][1], signal.SIGKILL)
         src_info = wait_migration(s)
         assert src_info["status"] == "failed", src_info

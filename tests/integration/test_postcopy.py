@@ -66,6 +66,7 @@ from livemig.wire.returnpath import ReturnPathEncoder
 pytestmark = pytest.mark.kvm
 
 BACKINGS = [pytest.param(Backing.ANON_4K, id="4K"), pytest.param(Backing.THP, id="THP"),
+            pytest.param(Backing.MEMFD_4K, id="4K-memfd"),
             pytest.param(Backing.HUGETLB_2M, id="2M")]
 # Keeps the postcopy phase going for a while (several seconds of background pages).
 SLOW_POSTCOPY = 2_000_000
@@ -112,6 +113,7 @@ def test_postcopy_after_one_round_moves_a_running_guest(
 
 
 @pytest.mark.parametrize("backing", [pytest.param(Backing.ANON_4K, id="4K"),
+                                     pytest.param(Backing.MEMFD_4K, id="4K-memfd"),
                                      pytest.param(Backing.HUGETLB_2M, id="2M")])
 def test_postcopy_into_a_preallocated_destination_moves_the_guest_intact(
         tmp_path: Path, request: pytest.FixtureRequest, backing: Backing) -> None:
@@ -212,6 +214,8 @@ def assert_source_untouched(p: Pair) -> None:
 
 NO_USERFAULTFD = [
     pytest.param(Backing.ANON_4K, 0, "THREAD_ID", id="4K-no-thread-id"),
+    pytest.param(Backing.MEMFD_4K, FEATURE_THREAD_ID, "MISSING_SHMEM",
+                 id="4K-memfd-no-shmem"),
     pytest.param(Backing.HUGETLB_2M, FEATURE_THREAD_ID, "MISSING_HUGETLBFS",
                  id="2M-no-hugetlbfs"),
 ]

@@ -94,6 +94,16 @@ def test_preempt_moves_a_running_guest(
         assert_preempt_traced(src_info, guest, sender)
 
 
+@pytest.mark.parametrize("sender", SENDERS)
+def test_preempt_moves_a_running_guest_in_memfd_ram(
+        tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+        sender: str) -> None:
+    """Shared 4 KiB guest RAM (the urgent helper maps it): random touches, so requested
+    pages travel on the postcopy channel."""
+    test_preempt_moves_a_running_guest(tmp_path, request, monkeypatch, "random",
+                                       Backing.MEMFD_4K, sender, False)
+
+
 def assert_preempt_traced(src_info: dict[str, Any], guest: str, sender: str) -> None:
     """The source traced the preempt path it took (counters in query-migrate)."""
     counters = trace_counters(src_info)

@@ -140,6 +140,15 @@ def test_a_paused_postcopy_recovers_and_completes(
         assert src["ram"]["transferred"] >= src["ram"]["postcopy-bytes"]
 
 
+def test_a_paused_multifd_postcopy_in_memfd_ram_recovers_and_completes(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Shared 4 KiB guest RAM, mapped by the multifd channel helpers and the urgent
+    helper (new ones after the recovery)."""
+    test_a_paused_postcopy_recovers_and_completes(
+        tmp_path, request, caps_of(postcopy=True, preempt=True, multifd=True), "process",
+        Backing.MEMFD_4K)
+
+
 def test_a_destination_pause_recovers_too(tmp_path: Path) -> None:
     """migrate-pause on the destination side pauses both sides the same way."""
     caps = caps_of(postcopy=True, preempt=True)

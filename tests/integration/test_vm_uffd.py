@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from livemig.kernel.mman import Backing
-from livemig.kernel.uffd import FEATURE_THREAD_ID, Userfaultfd
+from livemig.kernel.uffd import FEATURE_MISSING_SHMEM, FEATURE_THREAD_ID, Userfaultfd
 from livemig.units import MIB
 from livemig.vmm.boot import boot_guest, guest_range
 from livemig.vmm.checks import ab_check
@@ -35,7 +35,8 @@ def _serve_faults(uffd: Userfaultfd, dst: Vm, src: Vm, stop: threading.Event,
             uffd.copy(base + offset, src_base + offset, page)
 
 
-@pytest.mark.parametrize("backing", [Backing.ANON_4K, Backing.HUGETLB_2M], ids=["4K", "2M"])
+@pytest.mark.parametrize("backing", [Backing.ANON_4K, Backing.MEMFD_4K, Backing.HUGETLB_2M],
+                         ids=["4K", "4K-memfd", "2M"])
 def test_vcpu_blocks_on_a_missing_page_until_it_is_placed(backing: Backing,
                                                           hugepages_restored: None) -> None:
     with Vm(VmConfig(MEM, backing)) as src:
@@ -45,7 +46,7 @@ def test_vcpu_blocks_on_a_missing_page_until_it_is_placed(backing: Backing,
         src.pause()
         state = src.save_state()
         with Vm(VmConfig(MEM, backing)) as dst, Userfaultfd.open() as uffd:
-            uffd.api(FEATURE_THREAD_ID)
+            uffd.api(FEATURE_THREAD_ID | FEATURE_MISSING_SHMEM)
             block = dst.main_block
             uffd.register(block.host_addr, block.size)
             dst.restore_state(state)

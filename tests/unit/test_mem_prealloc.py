@@ -16,6 +16,7 @@ SIZE = 8 * MIB
 
 
 @pytest.fixture(params=[pytest.param(Backing.ANON_4K, id="4K"),
+                        pytest.param(Backing.MEMFD_4K, id="4K-memfd"),
                         pytest.param(Backing.HUGETLB_2M, id="2M", marks=needs_root)])
 def backing(request: pytest.FixtureRequest) -> Backing:
     b: Backing = request.param

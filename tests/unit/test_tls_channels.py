@@ -34,8 +34,8 @@ from livemig.migration.tls import (
     TlsEndpoint,
     TlsObjects,
     distinguished_name,
-    parse_object,
 )
+from livemig.objects import parse_object
 from livemig.tlslab import CLIENT_DN, TlsDirs, make_tls_dirs
 from livemig.units import PAGE_SIZE
 from livemig.wire.channel import ChannelKind

@@ -15,7 +15,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ import pytest
 
 from livemig.errors import ConfigError, UffdError
 from livemig.kernel import uffd as U
-from livemig.kernel.mman import HugepageReservation
+from livemig.kernel.mman import Backing, HugepageReservation, map_guest_ram
 from livemig.kernel.uffd import PageFault, Userfaultfd
 
 PAGE = mmap.PAGESIZE
@@ -137,6 +137,21 @@ def anon() -> Iterator[Guest]:
     guest = open_guest(ctypes.addressof(views[0]), size, U.FEATURE_THREAD_ID)
     yield guest
     close_guest(guest, views, mm)
+
+
+@pytest.fixture
+def shmem() -> Iterator[tuple[Guest, Callable[[int], None]]]:
+    """4 pages of 4K-memfd guest RAM (shmem, mapped shared) registered in MISSING mode,
+    with their old contents written before registration, and the mapping's discard."""
+    size = 4 * PAGE
+    mapping = map_guest_ram(size, Backing.MEMFD_4K, "livemig-uffd-shmem")
+    mapping.mm[:] = b"\xaa" * size  # stale bytes a discard must drop
+    views = [(ctypes.c_char * size).from_buffer(mapping.mm)]
+    guest = open_guest(ctypes.addressof(views[0]), size,
+                       U.FEATURE_MISSING_SHMEM | U.FEATURE_THREAD_ID)
+    yield guest, lambda page: mapping.discard(page * PAGE, PAGE)
+    close_guest(guest, views, mapping.mm)
+    mapping.close()
 
 
 # --- ABI -------------------------------------------------------------------------
@@ -291,6 +306,33 @@ def test_open_sets_nonblocking_and_cloexec_by_default() -> None:
     with Userfaultfd.open() as uffd:
         assert not os.get_blocking(uffd.fileno())
         assert not os.get_inheritable(uffd.fileno())
+
+
+# --- 4 KiB shared memory (memfd) --------------------------------------------------
+
+def test_discarded_shmem_page_faults_and_gets_the_placed_bytes_not_its_old_ones(
+        shmem: tuple[Guest, Callable[[int], None]]) -> None:
+    guest, discard = shmem
+    discard(1)
+    reader = guest.touch(guest.page(1), PAGE)
+    [fault] = wait_for_faults(guest.uffd, 1)
+    assert fault.address == guest.page(1)
+    data = pattern(PAGE, seed=5)
+    src = ctypes.create_string_buffer(data, PAGE)
+    assert guest.uffd.copy(guest.page(1), ctypes.addressof(src), PAGE) == PAGE
+    assert reader.result() == data
+    assert peek(guest.page(0), PAGE) == b"\xaa" * PAGE  # a page not discarded stays
+
+
+def test_discarded_shmem_page_placed_as_zero_reads_zeroes(
+        shmem: tuple[Guest, Callable[[int], None]]) -> None:
+    guest, discard = shmem
+    discard(2)
+    reader = guest.touch(guest.page(2) + 64, 64)
+    [fault] = wait_for_faults(guest.uffd, 1)
+    assert fault.address == guest.page(2)
+    assert guest.uffd.zeropage(guest.page(2), PAGE) == PAGE
+    assert reader.result() == bytes(64)
 
 
 # --- 4 KiB anonymous memory -----------------------------------------------------

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from conftest import helper_reads
 
 from livemig.errors import ChannelClosedError, RemoteProtocolError
 from livemig.kernel.mman import Backing, Mapping, map_guest_ram
@@ -116,11 +117,14 @@ class PostcopyPeer:
 @pytest.fixture
 def source_side() -> Iterator[tuple[dict[str, Block], SharedBits, PostcopyPeer, UrgentServer,
                                      dict[str, np.ndarray]]]:
-    """An urgent server for a private 4 KiB block and a (memfd) 2 MiB block."""
+    """An urgent server for a private 4 KiB block, a (memfd) 2 MiB block and a 4K-memfd
+    block."""
     blocks = {"pc.ram": Block(map_guest_ram(PAGES * PAGE_SIZE, Backing.ANON_4K)),
-              "mem-huge": Block(memfd_mapping(2 * HUGE, Backing.HUGETLB_2M))}
+              "mem-huge": Block(memfd_mapping(2 * HUGE, Backing.HUGETLB_2M)),
+              "mem-4k": Block(map_guest_ram(PAGES * PAGE_SIZE, Backing.MEMFD_4K, "mem-4k"))}
     content = {"pc.ram": fill(blocks["pc.ram"].mapping, {5}),
-               "mem-huge": fill(blocks["mem-huge"].mapping, set(range(512, 512 + 100)))}
+               "mem-huge": fill(blocks["mem-huge"].mapping, set(range(512, 512 + 100))),
+               "mem-4k": fill(blocks["mem-4k"].mapping, {2})}
     shared = SharedBits({n: b.size // PAGE_SIZE for n, b in blocks.items()})
     for name in blocks:
         shared.bits[name][:] = True  # the migration bitmap starts all dirty
@@ -140,19 +144,38 @@ def source_side() -> Iterator[tuple[dict[str, Block], SharedBits, PostcopyPeer, 
             b.mapping.close()
 
 
-def test_urgent_server_answers_a_request_with_that_page_once(source_side) -> None:  # type: ignore[no-untyped-def]
-    blocks, shared, peer, server, content = source_side
-    peer.request("pc.ram", 3 * PAGE_SIZE, PAGE_SIZE)
+def assert_answered(peer: PostcopyPeer, content: dict[str, np.ndarray], block: str,
+                    page: int) -> None:
+    """Request one 4 KiB page: exactly that page comes back, with its contents."""
+    peer.request(block, page * PAGE_SIZE, PAGE_SIZE)
     e = peer.next_event()
     assert isinstance(e, ev.PageBatch) and (e.block, e.offsets.tolist()) == (
-        "pc.ram", [3 * PAGE_SIZE])
-    assert e.data.tobytes() == content["pc.ram"][3].tobytes()
+        block, [page * PAGE_SIZE])
+    assert e.data.tobytes() == content[block][page].tobytes()
+
+
+def test_urgent_server_answers_a_request_with_that_page_once(source_side) -> None:  # type: ignore[no-untyped-def]
+    blocks, shared, peer, server, content = source_side
+    assert_answered(peer, content, "pc.ram", 3)
     assert not shared.bits["pc.ram"][3] and shared.bits["pc.ram"][4]
     # Asked again (the destination had not seen it yet): already sent, nothing more.
     peer.request("pc.ram", 3 * PAGE_SIZE, PAGE_SIZE)
     assert peer.nothing_pending()
     assert (shared.counter("requests"), shared.counter("host_pages")) == (2, 1)
     assert shared.counter("urgent_bytes") > PAGE_SIZE
+
+
+def test_urgent_server_sends_4k_memfd_pages_from_its_mapping_of_the_memfd(source_side) -> None:  # type: ignore[no-untyped-def]
+    """A 4K-memfd page comes from the helper's own mapping: /proc/PID/mem is opened
+    only once a page of private RAM is asked for."""
+    _, _, peer, server, content = source_side
+    assert_answered(peer, content, "mem-4k", 7)
+    peer.request("mem-4k", 2 * PAGE_SIZE, PAGE_SIZE)
+    e = peer.next_event()
+    assert isinstance(e, ev.ZeroPages) and e.offsets.tolist() == [2 * PAGE_SIZE]
+    assert helper_reads(server.helper.pid, "mem-4k") == (True, False)
+    assert_answered(peer, content, "pc.ram", 7)
+    assert helper_reads(server.helper.pid, "mem-4k") == (True, True)
 
 
 def test_urgent_server_skips_pages_the_migration_thread_took(source_side) -> None:  # type: ignore[no-untyped-def]
