@@ -445,8 +445,7 @@ class IncomingLoad:
             raise RemoteProtocolError(f"POSTCOPY_RAM_DISCARD in the {self.phase.value} phase "
                                       "of the stream (only between ADVISE and LISTEN)")
         assert self._postcopy is not None
-        for start, length in e.ranges:
-            self._postcopy.discard(e.block, start, length)
+        self._postcopy.discard(e.block, e.ranges)
 
     def _listen(self, _e: ev.PostcopyListen) -> None:
         """Register guest RAM with userfaultfd and start taking faults."""

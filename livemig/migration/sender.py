@@ -234,7 +234,7 @@ class PageSender:
         return total
 
     # --- postcopy: switchover -------------------------------------------------------------
-    def postcopy_discards(self) -> list[tuple[str, list[tuple[int, int]]]]:
+    def postcopy_discards(self) -> list[tuple[str, npt.NDArray[np.uint64]]]:
         """At switchover: whole host pages dirty, and per block the ranges the
         destination must drop that no earlier call returned (see bitmap.py)."""
         return [(name, bm.discard_ranges()) for name, bm in self.bitmaps.items()]

@@ -622,7 +622,7 @@ class SourceMigration:
         enc, writer = sender.encoder, sender.writer
         count = 0
         for name, ranges in sender.postcopy_discards():
-            if ranges:
+            if len(ranges):
                 writer.write([enc.postcopy_ram_discard(name, ranges)])
                 count += len(ranges)
         return count

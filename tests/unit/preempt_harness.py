@@ -591,8 +591,9 @@ class BufferPlacer:
         self.mem[offset : offset + length] = 0
         return True
 
-    def discard(self, offset: int, length: int) -> None:
-        self.mem[offset : offset + length] = 0
+    def discard(self, ranges: npt.NDArray[np.uint64]) -> None:
+        for offset, length in ranges.tolist():
+            self.mem[offset : offset + length] = 0
 
     def close(self) -> None:
         del self.mem

@@ -553,5 +553,6 @@ def test_destination_names_host_pages_that_never_arrived(block: Blocks, dest: De
     assert receive_postcopy_channel(phead + pieces + penc.eof(), table,
                                     d.channels[POSTCOPY]) == []
     assert d.state.missing() == {BLK: (1, blk.host_page_size)}
-    d.state.discard(BLK, 0, blk.host_page_size)  # stale in precopy: must come again
+    # Stale in precopy: must come again.
+    d.state.discard(BLK, np.array([[0, blk.host_page_size]], np.uint64))
     assert d.state.missing() == {BLK: (2, 0)}
