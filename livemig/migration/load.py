@@ -409,7 +409,14 @@ class IncomingLoad:
         return self._rp
 
     def _ping(self, e: ev.Ping) -> None:
-        self._require_rp("PING").pong(e.value)
+        """PONG; once postcopy is advised, only when the fault handler can take faults
+        (answered from its helper's watching thread if that is still starting: the
+        precopy stream goes on meanwhile)."""
+        rp = self._require_rp("PING")
+        if self.phase is LoadPhase.ADVISED and self._handler is not None:
+            self._handler.when_ready(lambda: rp.pong(e.value))
+        else:
+            rp.pong(e.value)
 
     def _advise(self, _e: ev.PostcopyAdvise) -> None:
         """Refuse early (before the source stops its guest) if postcopy cannot work."""

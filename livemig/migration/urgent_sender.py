@@ -86,9 +86,9 @@ class UrgentSender(ABC):
 
     def start(self, blocks: Mapping[str, HelperBlock], post_channel: Channel | None,  # noqa: B027 - optional hook
               tracer: Tracer, on_error: Callable[[Exception], None]) -> None:
-        """The channels and the return path are up (the destination agreed): at setup,
-        and again after each postcopy recovery.  ``on_error`` hears of a failure
-        the migration thread would not see (a helper's)."""
+        """The channels and the return path are up (the destination agreed): before the
+        switch to postcopy, and again after each postcopy recovery.  ``on_error`` hears
+        of a failure the migration thread would not see (a helper's)."""
 
     def pause(self) -> None:  # noqa: B027 - optional hook
         """Postcopy paused: the channels are gone; keep what a resume needs."""
