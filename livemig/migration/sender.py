@@ -19,6 +19,12 @@ Postcopy (:meth:`PageSender.postcopy_loop`)
     requested page: a faulting guest touches neighbours next).  Without preemption
     everything goes on the precopy channel.  With preemption a requested host page is
     sent whole on the postcopy channel and flushed at once.
+    Background pieces are small (POSTCOPY_CHUNK_PAGES) while requests wait behind them
+    on this thread; when another process serves requests
+    (:meth:`PageSender.widen_background`) a piece is as large as the main channel's
+    kernel queue, which the link holds in flight anyway, so the per-piece work (bitmap
+    scan and take, zero test, iovec, ``sendmsg``) is paid once per queue, not once per
+    128 KiB.
 
 Huge-page preemption (migration-thread mode, QEMU 7.1)
     While a huge page is being sent on the precopy channel, the sender checks for
@@ -190,6 +196,14 @@ class PageSender:
         else:
             self.limiter.account(nbytes)
         return nbytes
+
+    def widen_background(self, queue_bytes: int) -> None:
+        """Requests never wait behind this thread's background pieces (another process
+        serves them on its own channel): cut pieces as large as the main channel's
+        kernel queue of ``queue_bytes``, at least the default.  Not over TLS, where a
+        piece's copy and encryption compete for a CPU with the urgent sender."""
+        if not self.main.writer.channel.secured:
+            self.postcopy_chunk = max(self.postcopy_chunk, queue_bytes // PAGE_SIZE)
 
     def send_window(self, name: str, first: int, count: int) -> int:
         """Send the dirty pages of one window on the precopy channel."""

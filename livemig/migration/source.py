@@ -581,10 +581,9 @@ class SourceMigration:
         # preemption serve requests on this thread: they must not sleep off the limit).
         sender.limiter = RateLimiter(self.params.max_postcopy_bandwidth,
                                      sleep=self.requests.wait)
-        self.urgent.switchover()
         # Requests (vanilla) or the background stream (preempt) must not wait behind
         # megabytes queued in the kernel.
-        quiet_background(sender.writer.channel)
+        self.urgent.switchover(quiet_background(sender.writer.channel))
         with self.urgent.postcopy_gil(self.switch):
             self._postcopy_until_done(sender)
         st.transferred = self._transferred(sender)

@@ -104,8 +104,9 @@ class UrgentSender(ABC):
         request."""
         return switch.switch_interval(POSTCOPY_SWITCH_INTERVAL)
 
-    def switchover(self) -> None:
-        """Postcopy starts: how the background stream treats huge pages and requests."""
+    def switchover(self, background_queue: int) -> None:
+        """Postcopy starts: how the background stream treats huge pages and requests
+        (``background_queue``: the bytes the main channel's kernel queue holds now)."""
         self.sender.break_huge = False
         self.sender.locality = self.params.x_postcopy_locality
 
@@ -133,8 +134,8 @@ class MigrationThreadSender(UrgentSender):
     def on_request(self, req: PageRequest, queue: RequestQueue) -> None:
         queue.put(req)
 
-    def switchover(self) -> None:
-        super().switchover()
+    def switchover(self, background_queue: int) -> None:
+        super().switchover(background_queue)
         self.sender.break_huge = self.params.x_postcopy_preempt_break_huge
 
 
@@ -181,10 +182,12 @@ class ProcessSender(UrgentSender):
     def postcopy_gil(self, switch: SwitchInterval) -> AbstractContextManager[object]:
         return contextlib.nullcontext()  # requests never reach a thread of this process
 
-    def switchover(self) -> None:
+    def switchover(self, background_queue: int) -> None:
         """The migration thread only streams background pages from here: the helper
-        that answers requests goes first when both want a CPU (livemig.runtime)."""
-        super().switchover()
+        that answers requests goes first when both want a CPU (livemig.runtime), and no
+        request waits behind a background piece, so pieces may be large."""
+        super().switchover(background_queue)
+        self.sender.widen_background(background_queue)
         lower_thread_priority()
 
     def on_request(self, req: PageRequest, queue: RequestQueue) -> None:

@@ -11,6 +11,7 @@ the same placers and to the destination's own postcopy-channel receive loop.
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -39,13 +40,15 @@ from preempt_harness import (
 from livemig.errors import ChannelClosedError, RemoteProtocolError
 from livemig.migration import sender as sender_module
 from livemig.migration.sender import POSTCOPY_CHUNK_PAGES
+from livemig.migration.state import Capabilities, Parameters, UrgentMode
+from livemig.migration.urgent_sender import choose_urgent_sender
 from livemig.wire import events as ev
 from livemig.wire.blocks import BlockInfo
 from livemig.wire.channel import ChannelKind
 from livemig.wire.decoder import Decoder
 
 # host page size, and how sparse the pattern is (1 GiB pages: one non-zero piece in 256)
-SIZES = {"2M": (2 * MIB, 1), "1G": (GIB, 256)}
+SIZES = {"4K": (PAGE, 1), "2M": (2 * MIB, 1), "1G": (GIB, 256)}
 BLK = "pc.ram"
 COMPLETION: list[StoryItem] = [
     (POSTCOPY, "EOF"), (PRECOPY, "END"), (PRECOPY, "EOS"), (PRECOPY, "EOF"),
@@ -327,6 +330,40 @@ def test_continue_records_never_refer_to_the_other_channels_block(
     d.replay(run)
     placed_once_and_exact(d, a)
     placed_once_and_exact(d, b)
+
+
+# --- source: background piece size -----------------------------------------------------
+@pytest.mark.parametrize(("design", "piece"), [
+    (UrgentMode.MIGRATION, POSTCOPY_CHUNK_PAGES),  # requests wait behind each piece
+    (UrgentMode.PROCESS, MIB // PAGE),  # they never do: one kernel queue per piece
+])
+def test_background_pieces_are_one_kernel_queue_only_when_requests_go_elsewhere(
+        design: UrgentMode, piece: int, block: Blocks, make: Make, dest: Dest) -> None:
+    """A 1 MiB main-channel queue (loopback): with the process design every background
+    write carries 256 pieces, with the migration-thread design 32; all arrive once."""
+    blk = block("4K", 1024)
+    h = make(blk)
+    urgent = choose_urgent_sender(Capabilities(postcopy_ram=True, postcopy_preempt=True),
+                                  Parameters(x_postcopy_urgent_sender=design))
+    urgent.attach(h.sender)
+    # The process design lowers the calling thread's priority: not the test's thread.
+    t = threading.Thread(target=urgent.switchover, args=(MIB,))
+    t.start()
+    t.join()
+    h.run(h.queue())
+    h.complete()
+    run = h.finish()
+    pieces: dict[int, int] = {}
+    for r in run.page_records(PRECOPY):
+        assert isinstance(r.event, ev.PageBatch | ev.ZeroPages)
+        pieces[r.write] = pieces.get(r.write, 0) + len(r.event.offsets)
+    assert sorted(pieces.values()) == [piece] * (blk.pages // piece)
+    d = dest(h.table)
+    d.replay(run)
+    placed = sorted(d.placements(blk.name))  # runs of 4 KiB pages, none twice
+    assert sum(n for _, n in placed) == blk.size
+    assert all(a + n <= b for (a, n), (b, _) in zip(placed, placed[1:], strict=False))
+    assert all(d.holds(blk, hp) for hp in range(blk.pages))
 
 
 # --- source: back to the precopy channel ---------------------------------------------------
