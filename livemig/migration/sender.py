@@ -21,10 +21,10 @@ Postcopy (:meth:`PageSender.postcopy_loop`)
     sent whole on the postcopy channel and flushed at once.
     Background pieces are small (POSTCOPY_CHUNK_PAGES) while requests wait behind them
     on this thread; when another process serves requests
-    (:meth:`PageSender.widen_background`) a piece is as large as the main channel's
-    kernel queue, which the link holds in flight anyway, so the per-piece work (bitmap
-    scan and take, zero test, iovec, ``sendmsg``) is paid once per queue, not once per
-    128 KiB.
+    (:meth:`PageSender.widen_background`) a piece of 4 KiB pages is as large as the main
+    channel's kernel queue, which the link holds in flight anyway, so the per-piece
+    work (bitmap scan and take, zero test, iovec, ``sendmsg``) is paid once per queue,
+    not once per 128 KiB.
 
 Huge-page preemption (migration-thread mode, QEMU 7.1)
     While a huge page is being sent on the precopy channel, the sender checks for
@@ -147,6 +147,8 @@ class PageSender:
         # Background pieces in postcopy (pages), chosen once from the main channel.
         self.postcopy_chunk = (TLS_POSTCOPY_CHUNK_PAGES if main.writer.channel.secured
                                else POSTCOPY_CHUNK_PAGES)
+        # Background pieces of 4 KiB-page blocks (see widen_background).
+        self.small_page_piece = self.postcopy_chunk
         self.current = main.name  # the channel in use, for switch/reset traces
         self.preempted: Preempted | None = None
         self._views = {name: b.view() for name, b in self.blocks.items()}
@@ -200,10 +202,12 @@ class PageSender:
     def widen_background(self, queue_bytes: int) -> None:
         """Requests never wait behind this thread's background pieces (another process
         serves them on its own channel): cut pieces as large as the main channel's
-        kernel queue of ``queue_bytes``, at least the default.  Not over TLS, where a
-        piece's copy and encryption compete for a CPU with the urgent sender."""
+        kernel queue of ``queue_bytes``, at least the default, in blocks of 4 KiB pages
+        (huge pages keep their pieces: larger ones raised their p99 and max).  Not over
+        TLS, where a piece's copy and encryption compete for a CPU with the urgent
+        sender."""
         if not self.main.writer.channel.secured:
-            self.postcopy_chunk = max(self.postcopy_chunk, queue_bytes // PAGE_SIZE)
+            self.small_page_piece = max(self.postcopy_chunk, queue_bytes // PAGE_SIZE)
 
     def send_window(self, name: str, first: int, count: int) -> int:
         """Send the dirty pages of one window on the precopy channel."""
@@ -388,7 +392,7 @@ class PageSender:
             else:
                 # Small pieces, so a request waits at most for the piece in hand (QEMU
                 # checks before every page; a 2 MiB window made requests wait for it).
-                chunk = self.postcopy_chunk
+                chunk = self.small_page_piece
                 first = page - page % chunk
                 self.send_window(name, first, chunk)
                 cursor[name] = first + chunk

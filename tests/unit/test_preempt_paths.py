@@ -333,6 +333,17 @@ def test_continue_records_never_refer_to_the_other_channels_block(
 
 
 # --- source: background piece size -----------------------------------------------------
+def switch_over(h: PreemptHarness, design: UrgentMode, background_queue: int) -> None:
+    """Postcopy starts with ``design`` serving requests, as ``SourceMigration`` does."""
+    urgent = choose_urgent_sender(Capabilities(postcopy_ram=True, postcopy_preempt=True),
+                                  Parameters(x_postcopy_urgent_sender=design))
+    urgent.attach(h.sender)
+    # The process design lowers the calling thread's priority: not the test's thread.
+    t = threading.Thread(target=urgent.switchover, args=(background_queue,))
+    t.start()
+    t.join()
+
+
 @pytest.mark.parametrize(("design", "piece"), [
     (UrgentMode.MIGRATION, POSTCOPY_CHUNK_PAGES),  # requests wait behind each piece
     (UrgentMode.PROCESS, MIB // PAGE),  # they never do: one kernel queue per piece
@@ -343,13 +354,7 @@ def test_background_pieces_are_one_kernel_queue_only_when_requests_go_elsewhere(
     write carries 256 pieces, with the migration-thread design 32; all arrive once."""
     blk = block("4K", 1024)
     h = make(blk)
-    urgent = choose_urgent_sender(Capabilities(postcopy_ram=True, postcopy_preempt=True),
-                                  Parameters(x_postcopy_urgent_sender=design))
-    urgent.attach(h.sender)
-    # The process design lowers the calling thread's priority: not the test's thread.
-    t = threading.Thread(target=urgent.switchover, args=(MIB,))
-    t.start()
-    t.join()
+    switch_over(h, design, MIB)
     h.run(h.queue())
     h.complete()
     run = h.finish()
@@ -364,6 +369,25 @@ def test_background_pieces_are_one_kernel_queue_only_when_requests_go_elsewhere(
     assert sum(n for _, n in placed) == blk.size
     assert all(a + n <= b for (a, n), (b, _) in zip(placed, placed[1:], strict=False))
     assert all(d.holds(blk, hp) for hp in range(blk.pages))
+
+
+def test_huge_pages_keep_small_pieces_with_the_process_design(
+        block: Blocks, make: Make, dest: Dest) -> None:
+    """Larger pieces raised 2M p99 and max: a huge page still goes out 32 pages a write."""
+    blk = block("2M", 2)
+    h = make(blk)
+    switch_over(h, UrgentMode.PROCESS, MIB)
+    h.run(h.queue())
+    h.complete()
+    run = h.finish()
+    pages: dict[int, int] = {}
+    for r in run.page_records(PRECOPY):
+        if isinstance(r.event, ev.PageBatch):
+            pages[r.write] = pages.get(r.write, 0) + len(r.event.offsets)
+    assert set(pages.values()) == {POSTCOPY_CHUNK_PAGES}
+    d = dest(h.table)
+    d.replay(run)
+    placed_once_and_exact(d, blk)
 
 
 # --- source: back to the precopy channel ---------------------------------------------------
