@@ -19,12 +19,12 @@ Postcopy (:meth:`PageSender.postcopy_loop`)
     requested page: a faulting guest touches neighbours next).  Without preemption
     everything goes on the precopy channel.  With preemption a requested host page is
     sent whole on the postcopy channel and flushed at once.
-    Background pieces are small (POSTCOPY_CHUNK_PAGES) while requests wait behind them
-    on this thread; when another process serves requests
-    (:meth:`PageSender.widen_background`) a piece of 4 KiB pages is as large as the main
-    channel's kernel queue, which the link holds in flight anyway, so the per-piece
-    work (bitmap scan and take, zero test, iovec, ``sendmsg``) is paid once per queue,
-    not once per 128 KiB.
+    Background pieces of 4 KiB pages are cut by the main channel's kernel queue
+    (:meth:`PageSender.widen_background`, chosen by the urgent-sender design): half a
+    queue where requests wait behind the piece in hand on this thread, a whole queue
+    when another process serves them; at least POSTCOPY_CHUNK_PAGES (128 KiB: an
+    Ethernet link's 64 KiB queue keeps them), so the per-piece work is paid once per
+    half queue on loopback, not once per 128 KiB.
 
 Huge-page preemption (migration-thread mode, QEMU 7.1)
     While a huge page is being sent on the precopy channel, the sender checks for
@@ -199,15 +199,14 @@ class PageSender:
             self.limiter.account(nbytes)
         return nbytes
 
-    def widen_background(self, queue_bytes: int) -> None:
-        """Requests never wait behind this thread's background pieces (another process
-        serves them on its own channel): cut pieces as large as the main channel's
-        kernel queue of ``queue_bytes``, at least the default, in blocks of 4 KiB pages
-        (huge pages keep their pieces: larger ones raised their p99 and max).  Not over
-        TLS, where a piece's copy and encryption compete for a CPU with the urgent
-        sender."""
+    def widen_background(self, piece_bytes: int) -> None:
+        """Cut background pieces of ``piece_bytes`` (at least the default) in blocks of
+        4 KiB pages: the per-piece work in Python (bitmap scan and take, zero test,
+        records, iovec) cost about 80 us, which 32-page pieces paid every 128 KiB.
+        Huge pages keep their pieces (larger ones raised their p99 and max).  Not over
+        TLS, where a piece's copy and encryption compete for a CPU with the requests."""
         if not self.main.writer.channel.secured:
-            self.small_page_piece = max(self.postcopy_chunk, queue_bytes // PAGE_SIZE)
+            self.small_page_piece = max(self.postcopy_chunk, piece_bytes // PAGE_SIZE)
 
     def send_window(self, name: str, first: int, count: int) -> int:
         """Send the dirty pages of one window on the precopy channel."""

@@ -104,11 +104,18 @@ class UrgentSender(ABC):
         request."""
         return switch.switch_interval(POSTCOPY_SWITCH_INTERVAL)
 
+    # The background piece of 4 KiB pages, in kernel queues of the main channel: half
+    # of one where a request can wait behind the piece in hand (a request waits behind
+    # the queue anyway; the half is what TCP_NOTSENT_LOWAT lets a blocking send put in
+    # at once).
+    background_piece_queues = 0.5
+
     def switchover(self, background_queue: int) -> None:
         """Postcopy starts: how the background stream treats huge pages and requests
         (``background_queue``: the bytes the main channel's kernel queue holds now)."""
         self.sender.break_huge = False
         self.sender.locality = self.params.x_postcopy_locality
+        self.sender.widen_background(int(background_queue * self.background_piece_queues))
 
     def finish(self) -> dict[str, int]:
         """Every page is sent: end the postcopy channel after the last urgent page.
@@ -182,12 +189,14 @@ class ProcessSender(UrgentSender):
     def postcopy_gil(self, switch: SwitchInterval) -> AbstractContextManager[object]:
         return contextlib.nullcontext()  # requests never reach a thread of this process
 
+    # No request waits behind a background piece: the helper answers a 4 KiB page the
+    # migration thread took too (urgent.py).
+    background_piece_queues = 1.0
+
     def switchover(self, background_queue: int) -> None:
         """The migration thread only streams background pages from here: the helper
-        that answers requests goes first when both want a CPU (livemig.runtime), and no
-        request waits behind a background piece, so pieces may be large."""
+        that answers requests goes first when both want a CPU (livemig.runtime)."""
         super().switchover(background_queue)
-        self.sender.widen_background(background_queue)
         lower_thread_priority()
 
     def on_request(self, req: PageRequest, queue: RequestQueue) -> None:

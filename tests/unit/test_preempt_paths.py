@@ -344,17 +344,21 @@ def switch_over(h: PreemptHarness, design: UrgentMode, background_queue: int) ->
     t.join()
 
 
-@pytest.mark.parametrize(("design", "piece"), [
-    (UrgentMode.MIGRATION, POSTCOPY_CHUNK_PAGES),  # requests wait behind each piece
-    (UrgentMode.PROCESS, MIB // PAGE),  # they never do: one kernel queue per piece
+@pytest.mark.parametrize(("design", "queue", "piece"), [
+    (UrgentMode.MIGRATION, MIB, MIB // 2 // PAGE),  # requests wait behind each piece
+    (UrgentMode.PROCESS, MIB, MIB // PAGE),  # they never do: one kernel queue per piece
+    (UrgentMode.MIGRATION, 64 * 1024, POSTCOPY_CHUNK_PAGES),  # Ethernet: the default
+    (UrgentMode.PROCESS, 64 * 1024, POSTCOPY_CHUNK_PAGES),
 ])
-def test_background_pieces_are_one_kernel_queue_only_when_requests_go_elsewhere(
-        design: UrgentMode, piece: int, block: Blocks, make: Make, dest: Dest) -> None:
+def test_background_pieces_are_cut_by_the_kernel_queue_and_who_serves_requests(
+        design: UrgentMode, queue: int, piece: int, block: Blocks, make: Make,
+        dest: Dest) -> None:
     """A 1 MiB main-channel queue (loopback): with the process design every background
-    write carries 256 pieces, with the migration-thread design 32; all arrive once."""
+    write carries 256 pieces, with the migration-thread design (requests wait behind
+    the piece in hand) 128; a 64 KiB one (Ethernet) keeps 32; all arrive once."""
     blk = block("4K", 1024)
     h = make(blk)
-    switch_over(h, design, MIB)
+    switch_over(h, design, queue)
     h.run(h.queue())
     h.complete()
     run = h.finish()
