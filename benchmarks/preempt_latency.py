@@ -82,7 +82,7 @@ def main(mem: str, page_sizes: str, links: str, modes: str, repeat: int, precopy
             tls = TlsPlan(dirs.server, dirs.client, SERVER_NAMES[-1])
         cfg = Config(mem, _split(page_sizes), _split(links), chosen, repeat, precopy_ms,
                      warmup, link_burst, link_latency, profile_dir=pdir, tls=tls,
-                     precopy_bytes=parse_size(precopy_bytes))
+                     precopy_bytes=parse_size(precopy_bytes) if precopy_bytes != "0" else 0)
         rows = run_matrix(cfg, console)
     after = (f"{precopy_bytes} sent" if cfg.precopy_bytes else f"{precopy_ms:.0f} ms")
     title = (f"postcopy page-request latency, {mem} random guest, postcopy after "

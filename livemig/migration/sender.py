@@ -21,10 +21,11 @@ Postcopy (:meth:`PageSender.postcopy_loop`)
     sent whole on the postcopy channel and flushed at once.
     Background pieces of 4 KiB pages are cut by the main channel's kernel queue
     (:meth:`PageSender.widen_background`, chosen by the urgent-sender design): half a
-    queue where requests wait behind the piece in hand on this thread, a whole queue
-    when another process serves them; at least POSTCOPY_CHUNK_PAGES (128 KiB: an
-    Ethernet link's 64 KiB queue keeps them), so the per-piece work is paid once per
-    half queue on loopback, not once per 128 KiB.
+    queue where requests wait behind the piece in hand on this thread before they go
+    on the postcopy channel, a whole queue when another process serves them, and
+    POSTCOPY_CHUNK_PAGES (128 KiB) without preemption, where a request also queues
+    behind every piece, and on an Ethernet link (64 KiB queue); so with preemption on
+    loopback the per-piece work is paid once per half queue, not once per 128 KiB.
 
 Huge-page preemption (migration-thread mode, QEMU 7.1)
     While a huge page is being sent on the precopy channel, the sender checks for

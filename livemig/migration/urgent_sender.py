@@ -105,8 +105,8 @@ class UrgentSender(ABC):
         return switch.switch_interval(POSTCOPY_SWITCH_INTERVAL)
 
     # The background piece of 4 KiB pages, in kernel queues of the main channel: half
-    # of one where a request can wait behind the piece in hand (a request waits behind
-    # the queue anyway; the half is what TCP_NOTSENT_LOWAT lets a blocking send put in
+    # of one where a request can wait behind the piece in hand on its way to the
+    # postcopy channel (the half is what TCP_NOTSENT_LOWAT lets a blocking send put in
     # at once).
     background_piece_queues = 0.5
 
@@ -115,7 +115,11 @@ class UrgentSender(ABC):
         (``background_queue``: the bytes the main channel's kernel queue holds now)."""
         self.sender.break_huge = False
         self.sender.locality = self.params.x_postcopy_locality
-        self.sender.widen_background(int(background_queue * self.background_piece_queues))
+        # Without a postcopy channel a request also queues behind every background
+        # piece in the kernel: pieces stay small (512 KiB ones raised loopback 4K
+        # vanilla p50 from 0.9 to 3.5 ms).
+        share = self.background_piece_queues if self.sender.post is not None else 0.0
+        self.sender.widen_background(int(background_queue * share))
 
     def finish(self) -> dict[str, int]:
         """Every page is sent: end the postcopy channel after the last urgent page.

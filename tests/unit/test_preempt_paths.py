@@ -333,10 +333,14 @@ def test_continue_records_never_refer_to_the_other_channels_block(
 
 
 # --- source: background piece size -----------------------------------------------------
-def switch_over(h: PreemptHarness, design: UrgentMode, background_queue: int) -> None:
-    """Postcopy starts with ``design`` serving requests, as ``SourceMigration`` does."""
-    urgent = choose_urgent_sender(Capabilities(postcopy_ram=True, postcopy_preempt=True),
+def switch_over(h: PreemptHarness, design: UrgentMode, background_queue: int,
+               preempt: bool = True) -> None:
+    """Postcopy starts with ``design`` serving requests, as ``SourceMigration`` does
+    (without ``preempt``: no postcopy channel, the migration thread serves them)."""
+    urgent = choose_urgent_sender(Capabilities(postcopy_ram=True, postcopy_preempt=preempt),
                                   Parameters(x_postcopy_urgent_sender=design))
+    if not preempt:
+        h.sender.post = None
     urgent.attach(h.sender)
     # The process design lowers the calling thread's priority: not the test's thread.
     t = threading.Thread(target=urgent.switchover, args=(background_queue,))
@@ -344,10 +348,17 @@ def switch_over(h: PreemptHarness, design: UrgentMode, background_queue: int) ->
     t.join()
 
 
+def test_without_preemption_background_pieces_stay_small(block: Blocks, make: Make) -> None:
+    """A request then queues behind every piece in the kernel too."""
+    h = make(block("4K", 64))
+    switch_over(h, UrgentMode.MIGRATION, MIB, preempt=False)
+    assert h.sender.small_page_piece == POSTCOPY_CHUNK_PAGES
+
+
 @pytest.mark.parametrize(("design", "queue", "piece"), [
-    (UrgentMode.MIGRATION, MIB, MIB // 2 // PAGE),  # requests wait behind each piece
-    (UrgentMode.PROCESS, MIB, MIB // PAGE),  # they never do: one kernel queue per piece
-    (UrgentMode.MIGRATION, 64 * 1024, POSTCOPY_CHUNK_PAGES),  # Ethernet: the default
+    (UrgentMode.MIGRATION, MIB, MIB // 2 // PAGE),  # requests wait for the piece
+    (UrgentMode.PROCESS, MIB, MIB // PAGE),  # they never do: one queue a piece
+    (UrgentMode.MIGRATION, 64 * 1024, POSTCOPY_CHUNK_PAGES),  # Ethernet
     (UrgentMode.PROCESS, 64 * 1024, POSTCOPY_CHUNK_PAGES),
 ])
 def test_background_pieces_are_cut_by_the_kernel_queue_and_who_serves_requests(
