@@ -160,8 +160,17 @@ class Mapping:
         return memoryview(self.mm)
 
     def discard(self, offset: int, length: int) -> None:
-        """Drop the pages in [offset, offset+length): later reads see zeroes, or fault
-        under userfaultfd (how postcopy discards stale pages on the destination).
+        """Drop the pages in [offset, offset+length) (see :meth:`discard_ranges`)."""
+        self.discard_ranges(np.array([[offset, length]], dtype=np.uint64))
+
+    def discard_ranges(self, ranges: npt.NDArray[np.uint64]) -> None:
+        """Drop the pages of every (offset, length) row of ``ranges``: later reads see
+        zeroes, or fault under userfaultfd (how postcopy discards stale pages on the
+        destination, often tens of thousands of scattered ranges at a switchover).
+
+        Anonymous memory: ``process_madvise(MADV_DONTNEED)`` on this process, IOV_MAX
+        ranges a call (Linux 6.13 allows any advice on oneself), ``madvise`` a range
+        on older kernels.
 
         Huge pages stay reserved for the range.  Punching a hole in a hugetlbfs file
         also drops its pages' reservation: the freed pages go back to the machine's
@@ -174,19 +183,34 @@ class Mapping:
         them.  A 4 KiB memfd's pages are punched out of the file (see the module
         docstring); anonymous memory's are dropped with ``MADV_DONTNEED``.
         """
+        if not len(ranges):
+            return
+        if self.fd < 0:
+            # The iovecs point into self.mm, which this call keeps open.
+            iov = ranges.astype(np.uint64, copy=True)
+            iov[:, 0] += np.uint64(self.host_addr)
+            done = _advise_self(iov, MADV_DONTNEED)
+            for offset, length in ranges[done:].tolist():
+                self._drop(offset, length)
+            return
         if not self.backing.is_hugetlb:
-            self._drop(offset, length)
+            for offset, length in ranges.tolist():
+                self._drop(offset, length)
             return
         with HugepagePoolLock(self.backing.host_page_size):
-            self._drop(offset, length)
-            try:
-                mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ,
-                          offset=offset).close()
-            except OSError as e:
-                raise MemoryMapError("discard: reserve the huge pages again",
-                                     e.errno or errno.EIO,
-                                     "no free huge page is left for the discarded range"
-                                     ) from None
+            for offset, length in ranges.tolist():
+                self._drop(offset, length)
+                self._reserve_again(offset, length)
+
+    def _reserve_again(self, offset: int, length: int) -> None:
+        try:
+            mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ,
+                      offset=offset).close()
+        except OSError as e:
+            raise MemoryMapError("discard: reserve the huge pages again",
+                                 e.errno or errno.EIO,
+                                 "no free huge page is left for the discarded range"
+                                 ) from None
 
     def _drop(self, offset: int, length: int) -> None:
         """Free the pages: out of the memfd (a hole), or out of anonymous memory."""
@@ -234,6 +258,36 @@ class Mapping:
 
 
 _LIBC: Final = ctypes.CDLL(None, use_errno=True)
+
+
+NR_PROCESS_MADVISE: Final = 440  # x86-64
+IOV_MAX: Final = 1024
+_process_madvise: Final = ctypes.CFUNCTYPE(
+    ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t,
+    ctypes.c_int, ctypes.c_uint, use_errno=True)(("syscall", _LIBC))
+
+
+def _advise_self(iov: npt.NDArray[np.uint64], advice: int) -> int:
+    """``process_madvise`` of this process over the (address, length) rows of ``iov``,
+    IOV_MAX rows a call; returns how many rows were advised: all, or the rows before
+    the first that failed on a kernel that refuses this advice here (the caller
+    advises the rest one by one, which reports a real error)."""
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        done = 0
+        ends = np.cumsum(iov[:, 1], dtype=np.uint64)
+        while done < len(iov):
+            batch = iov[done : done + IOV_MAX]  # rows of (void *, size_t): struct iovec
+            # `batch` is referenced until the call returns, keeping the iovecs alive.
+            n = _process_madvise(NR_PROCESS_MADVISE, pidfd, batch.ctypes.data, len(batch),
+                                 advice, 0)
+            if n <= 0:
+                return done
+            base = int(ends[done - 1]) if done else 0
+            done = int(np.searchsorted(ends, np.uint64(base + n), side="right"))
+        return done
+    finally:
+        os.close(pidfd)
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:

@@ -43,7 +43,7 @@ class RemoteRange:
     host_addr: int
     size: int
 
-    def discard(self, offset: int, length: int) -> None:
+    def discard_ranges(self, ranges: npt.NDArray[np.uint64]) -> None:
         raise UffdError("discard in another process's RAM", errno.EPERM,
                         "only the VMM itself discards pages")
 
@@ -72,9 +72,10 @@ class PagePlacer:
         """UFFDIO_COPY ``length`` bytes of ``src`` to ``offset``; False if already there."""
         return self.uffd.copy(self._base + offset, buffer_address(src), length) == length
 
-    def discard(self, offset: int, length: int) -> None:
-        """Drop pages so that they fault again (postcopy discard of stale pages)."""
-        self.mapping.discard(offset, length)
+    def discard(self, ranges: npt.NDArray[np.uint64]) -> None:
+        """Drop the (offset, length) rows' pages so that they fault again (postcopy
+        discard of stale pages)."""
+        self.mapping.discard_ranges(ranges)
 
     def copy_prefix(self, offset: int, src: npt.NDArray[np.uint8], length: int) -> int:
         """UFFDIO_COPY a run of pages; returns how many bytes were placed before the

@@ -180,10 +180,10 @@ class MigrationBitmap:
         self.expand_to_host_pages()
         return self.dirty_count()
 
-    def discard_ranges(self) -> list[tuple[int, int]]:
+    def discard_ranges(self) -> npt.NDArray[np.uint64]:
         """Postcopy: mark whole host pages dirty, and return the dirty pages not returned
-        by an earlier call (and not sent since) as (start byte, length) runs, for
-        POSTCOPY_RAM_DISCARD."""
+        by an earlier call (and not sent since) as (start byte, length) runs, one row
+        each, for POSTCOPY_RAM_DISCARD."""
         self.expand_to_host_pages()
         with self.lock:
             new = self.bits.copy() if self._discarded is None else self.bits & ~self._discarded
@@ -191,10 +191,9 @@ class MigrationBitmap:
         return runs(new)
 
 
-def runs(bools: npt.NDArray[np.bool_]) -> list[tuple[int, int]]:
-    """Runs of set pages as (start byte, length) pairs."""
+def runs(bools: npt.NDArray[np.bool_]) -> npt.NDArray[np.uint64]:
+    """Runs of set pages as (start byte, length) rows."""
     edges = np.diff(np.concatenate(([0], bools.view(np.int8), [0])))
     starts = np.flatnonzero(edges == 1)
     ends = np.flatnonzero(edges == -1)
-    return [(int(a) * PAGE_SIZE, int(b - a) * PAGE_SIZE) for a, b in zip(starts, ends,
-                                                                           strict=True)]
+    return (np.stack([starts, ends - starts], axis=1) * PAGE_SIZE).astype(np.uint64)

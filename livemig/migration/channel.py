@@ -662,10 +662,13 @@ def background_queue_bytes(mtu: int) -> int:
     return max(BACKGROUND_QUEUE_MIN, BACKGROUND_PACKETS * mtu)
 
 
-def quiet_background(channel: Channel) -> None:
+def quiet_background(channel: Channel) -> int:
     """Postcopy: size the precopy channel's kernel queues (send and receive buffers,
-    and the unsent part for TCP) by the packets of its link."""
-    if channel.sock is not None:
-        queue = background_queue_bytes(path_mtu(channel.sock))
-        set_buffer_sizes(channel.sock, queue)
-        set_notsent_lowat(channel.sock, queue // 2)
+    and the unsent part for TCP) by the packets of its link; returns that size (0 for
+    a channel without a socket of its own)."""
+    if channel.sock is None:
+        return 0
+    queue = background_queue_bytes(path_mtu(channel.sock))
+    set_buffer_sizes(channel.sock, queue)
+    set_notsent_lowat(channel.sock, queue // 2)
+    return queue

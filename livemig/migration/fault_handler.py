@@ -23,7 +23,9 @@ The interface, in the order the load uses it: :meth:`~FaultHandler.advise` (at
 POSTCOPY_ADVISE: the :class:`~livemig.migration.postcopy.PostcopyState` both sides of
 the handler share; the threads or the helper start here, long before the guest stops:
 nothing faults until guest RAM is registered, and starting a thread or handing fds to a
-helper inside the switchover pause would lengthen it), :meth:`~FaultHandler.listen`
+helper inside the switchover pause would lengthen it), :meth:`~FaultHandler.when_ready`
+(the load answers ADVISE's PING once the handler can take faults, without holding up
+the precopy stream while a helper process imports), :meth:`~FaultHandler.listen`
 (at POSTCOPY_LISTEN, guest RAM registered: faults come from now on),
 :meth:`~FaultHandler.wait_channel_end` (at the main stream's end: the
 postcopy channel has ended and its pages are placed), :attr:`~FaultHandler.pages`,
@@ -91,6 +93,12 @@ class FaultHandler(ABC):
         """The postcopy state the load and this handler share; start reading the
         userfaultfd (and the postcopy channel) now: nothing faults before guest RAM is
         registered."""
+
+    def when_ready(self, then: Callable[[], None]) -> None:
+        """Run ``then`` once what :meth:`advise` started can take faults (at once for
+        threads; a helper process may still be importing, and the stream must go on
+        meanwhile: the load thread answers ADVISE's PING through this)."""
+        then()
 
     @abstractmethod
     def listen(self) -> None:
@@ -235,10 +243,18 @@ class HelperFaultHandler(FaultHandler):
         self._start(on_error, rerequest=False)
         return self._state
 
+    def when_ready(self, then: Callable[[], None]) -> None:
+        assert self._server is not None, "advise() first"
+        self._server.when_ready(then)
+
     def listen(self) -> None:
-        """The fault server polls the userfaultfd since ADVISE; the calling load thread
-        places only background pages from here: the fault server and the faulting
-        vCPUs go first when they want a CPU (livemig.runtime)."""
+        """The fault server polls the userfaultfd since it took it (the source waited
+        for that: it waits for the PONG answered through :meth:`when_ready` before it
+        stops its guest); the calling load thread places only background pages from
+        here: the fault server and the faulting vCPUs go first when they want a CPU
+        (livemig.runtime)."""
+        assert self._server is not None
+        self._server.wait_ready()
         lower_thread_priority()
 
     def _start(self, on_error: OnError, *, rerequest: bool) -> None:
@@ -263,6 +279,8 @@ class HelperFaultHandler(FaultHandler):
                on_error: OnError) -> None:
         self.post_channel = post_channel
         self._start(on_error, rerequest=True)
+        assert self._server is not None
+        self._server.wait_ready()
 
     def wait_channel_end(self, timeout: float) -> None:
         assert self._server is not None

@@ -64,7 +64,8 @@ START_TIMEOUT = 30.0
 
 class FaultServer:
     """VMM side: start the helper early (it imports for a few hundred ms), hand it the
-    userfaultfd and the postcopy channel at POSTCOPY_LISTEN, hear when it is done."""
+    userfaultfd and the postcopy channel at POSTCOPY_ADVISE without waiting for it to
+    take them (:meth:`when_ready`, :meth:`wait_ready`), hear when it is done."""
 
     def __init__(self) -> None:
         self.helper = HelperProcess(MODULE)
@@ -87,8 +88,19 @@ class FaultServer:
             "channel": channel.handover(),
         }
         self.helper.send(config, [uffd.fileno(), channel.sock.fileno(), shared.fd])
-        self.helper.expect("ready", START_TIMEOUT)
-        self._watch = HelperWatch(self.helper, "done", "postcopy/fault-server", on_error)
+        # The helper may still be importing: nothing waits for it here (see when_ready).
+        self._watch = HelperWatch(self.helper, "done", "postcopy/fault-server", on_error,
+                                  ready="ready")
+
+    def when_ready(self, then: Callable[[], None]) -> None:
+        """Run ``then`` once the helper has taken the userfaultfd and the channel (at
+        once if it has; on the watching thread otherwise)."""
+        assert self._watch is not None, "start() first"
+        self._watch.when_ready(then)
+
+    def wait_ready(self) -> None:
+        assert self._watch is not None, "start() first"
+        self._watch.wait_ready(START_TIMEOUT)
 
     @property
     def pages(self) -> int:

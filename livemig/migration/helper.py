@@ -155,38 +155,77 @@ class HelperProcess:
 
 
 class HelperWatch:
-    """Reads a started helper's control socket on a thread of its own until the one
-    message of ``final`` kind comes (kept in :attr:`message`) or the helper fails (its
-    report, or its death).  A failure goes to ``on_error`` at once, unless the helper
-    was stopped on purpose (:meth:`close`)."""
+    """Reads a started helper's control socket on a thread of its own: first, with
+    ``ready``, the message of that kind (the helper took its start message; what waits
+    for it goes on then, see :meth:`when_ready`), then until the one message of
+    ``final`` kind comes (kept in :attr:`message`) or the helper fails (its report, or
+    its death).  A failure goes to ``on_error`` at once, unless the helper was stopped
+    on purpose (:meth:`close`)."""
 
     def __init__(self, helper: HelperProcess, final: str, name: str,
-                 on_error: Callable[[Exception], None]) -> None:
+                 on_error: Callable[[Exception], None], *, ready: str | None = None) -> None:
         self.helper = helper
         self.final = final
         self.message: dict[str, Any] = {}
         self.error: LivemigError | None = None
+        self._ready_kind = ready
+        self._ready = threading.Event()
+        self._then: list[Callable[[], None]] = []  # run once ready, in order
+        self._lock = threading.Lock()
         self._done = threading.Event()
         self._stopping = False
         self._on_error = on_error
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
+    def _expect(self, kind: str) -> dict[str, Any]:
+        msg = self.helper.recv()
+        if msg.get("msg") != kind:
+            raise MigrationError(f"helper {self.helper.module} sent {msg.get('msg')!r}, "
+                                 f"expected {kind!r}")
+        return msg
+
     def _run(self) -> None:
         try:
-            msg = self.helper.recv()
-            if msg.get("msg") != self.final:
-                raise MigrationError(f"helper {self.helper.module} sent {msg.get('msg')!r}, "
-                                     f"expected {self.final!r}")
-            self.message = msg
+            if self._ready_kind is not None:
+                self._expect(self._ready_kind)
+            for then in self._set_ready():
+                then()
+            self.message = self._expect(self.final)
         except LivemigError as e:
             self.error = e
         except OSError as e:
             self.error = ChannelClosedError(f"helper {self.helper.module}: {e}")
         finally:
+            self._set_ready()  # a failed helper: waiters wake up to its error
             self._done.set()
         if self.error is not None and not self._stopping:
             self._on_error(self.error)
+
+    def _set_ready(self) -> list[Callable[[], None]]:
+        """Mark the helper ready; returns what waited for it (to run, unless failed)."""
+        with self._lock:
+            self._ready.set()
+            then, self._then = self._then, []
+        return then
+
+    def when_ready(self, then: Callable[[], None]) -> None:
+        """Run ``then`` once the helper is ready: now, or on the watching thread (in
+        the order asked); never if it failed first."""
+        with self._lock:
+            if not self._ready.is_set():
+                self._then.append(then)
+                return
+        if self.error is None:
+            then()
+
+    def wait_ready(self, timeout: float) -> None:
+        """Until the helper is ready; its failure is raised."""
+        if not self._ready.wait(timeout):
+            raise MigrationError(f"helper {self.helper.module} did not answer in "
+                                 f"{timeout:.0f} s")
+        if self.error is not None:
+            raise self.error
 
     def wait(self, timeout: float, what: str) -> dict[str, Any]:
         """The final message; the helper's failure is raised."""

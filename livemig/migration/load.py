@@ -410,7 +410,14 @@ class IncomingLoad:
         return self._rp
 
     def _ping(self, e: ev.Ping) -> None:
-        self._require_rp("PING").pong(e.value)
+        """PONG; once postcopy is advised, only when the fault handler can take faults
+        (answered from its helper's watching thread if that is still starting: the
+        precopy stream goes on meanwhile)."""
+        rp = self._require_rp("PING")
+        if self.phase is LoadPhase.ADVISED and self._handler is not None:
+            self._handler.when_ready(lambda: rp.pong(e.value))
+        else:
+            rp.pong(e.value)
 
     def _advise(self, _e: ev.PostcopyAdvise) -> None:
         """Refuse early (before the source stops its guest) if postcopy cannot work."""
@@ -448,8 +455,7 @@ class IncomingLoad:
             raise RemoteProtocolError(f"POSTCOPY_RAM_DISCARD in the {self.phase.value} phase "
                                       "of the stream (only between ADVISE and LISTEN)")
         assert self._postcopy is not None
-        for start, length in e.ranges:
-            self._postcopy.discard(e.block, start, length)
+        self._postcopy.discard(e.block, e.ranges)
 
     def _listen(self, _e: ev.PostcopyListen) -> None:
         """Register guest RAM with userfaultfd and start taking faults."""

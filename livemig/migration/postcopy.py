@@ -253,7 +253,7 @@ class Placer(Protocol):
              length: int) -> bool: ...
     def copy_prefix(self, offset: int, src: npt.NDArray[np.uint8], length: int) -> int: ...
     def zero(self, offset: int, length: int) -> bool: ...
-    def discard(self, offset: int, length: int) -> None: ...
+    def discard(self, ranges: npt.NDArray[np.uint64]) -> None: ...
 
 
 class StateLock(Protocol):
@@ -366,11 +366,19 @@ class PostcopyState:
         st = self.blocks[name]
         st.precopy_present[offsets // st.host_page] = True
 
-    def discard(self, name: str, start: int, length: int) -> None:
+    def discard(self, name: str, ranges: npt.NDArray[np.uint64]) -> None:
+        """Drop the whole host pages under the (start, length) byte rows of
+        ``ranges`` (checked against the block by the decoder) in one step."""
         st = self.blocks[name]
-        first, last = start // st.host_page, (start + length - 1) // st.host_page
-        st.placer.discard(first * st.host_page, (last - first + 1) * st.host_page)
-        st.precopy_present[first : last + 1] = False
+        hp = np.uint64(st.host_page)
+        first = ranges[:, 0] // hp
+        end = (ranges[:, 0] + ranges[:, 1] + hp - np.uint64(1)) // hp
+        st.placer.discard(np.stack([first * hp, (end - first) * hp], axis=1))
+        # Host pages in any [first, end): a running count of range starts and ends.
+        edges = np.zeros(st.pages + 1, dtype=np.int32)
+        np.add.at(edges, first.astype(np.int64), 1)
+        np.add.at(edges, end.astype(np.int64), -1)
+        st.precopy_present[np.cumsum(edges[:-1]) > 0] = False
 
     # --- placement ----------------------------------------------------------------------
     def place(self, st: BlockState, offset: int, src: npt.NDArray[np.uint8] | mmap.mmap

@@ -429,14 +429,11 @@ class SourceMigration:
         precopy.start()  # before the PING: the destination accepts them first
         if self.caps.postcopy_ram:
             # The destination checks page sizes and userfaultfd at ADVISE; its PONG
-            # tells us it agreed, before anything could stop our guest.
+            # tells us it agreed (_postcopy_agreed waits for it).
             main.writer.write([main.encoder.ping(ADVISE_PING)])
             main.writer.flush()
             self._rp = ReturnPathReader(channel, blocks, self._on_request)
             self._rp.start()
-            self._rp.wait_pong(ADVISE_PING, timeout=self._answer_timeout())
-        self.urgent.start(self.vm.blocks, sender.post.writer.channel if sender.post else None,
-                          self.trace, self._link_failed)
         self.vm.set_dirty_logging(True)
         self.info.setup_ns = time.monotonic_ns() - self.info.start_ns
         return sender
@@ -560,6 +557,7 @@ class SourceMigration:
         # destination's LISTEN waits for the helpers' round trips and EOFs.  The pages
         # still dirty go in postcopy, on the main and postcopy channels.
         self._precopy_pages.end()
+        self._postcopy_agreed(sender)
         self._catch_up(sender)
         t0 = self._stop_guest(sender)
         before = self._transferred(sender)
@@ -583,10 +581,9 @@ class SourceMigration:
         # preemption serve requests on this thread: they must not sleep off the limit).
         sender.limiter = RateLimiter(self.params.max_postcopy_bandwidth,
                                      sleep=self.requests.wait)
-        self.urgent.switchover()
         # Requests (vanilla) or the background stream (preempt) must not wait behind
         # megabytes queued in the kernel.
-        quiet_background(sender.writer.channel)
+        self.urgent.switchover(quiet_background(sender.writer.channel))
         with self.urgent.postcopy_gil(self.switch):
             self._postcopy_until_done(sender)
         st.transferred = self._transferred(sender)
@@ -595,6 +592,16 @@ class SourceMigration:
         self.urgent.update_stats(st)
         self.vm.set_runstate(RunState.POSTMIGRATE)
         self.status.set(MigrationStatus.COMPLETED)
+
+    def _postcopy_agreed(self, sender: PageSender) -> None:
+        """Before anything stops our guest: the destination's PONG to ADVISE (its checks
+        passed and its fault handler is up), then our urgent-sender design starts.  Not
+        at setup: the helper processes of the urgent-process design import for a few
+        hundred ms on both sides, and precopy pages flow meanwhile."""
+        assert self._rp is not None
+        self._rp.wait_pong(ADVISE_PING, timeout=self._answer_timeout())
+        self.urgent.start(self.vm.blocks, sender.post.writer.channel if sender.post else None,
+                          self.trace, self._link_failed)
 
     def _catch_up(self, sender: PageSender) -> None:
         """Before the guest stops: the destination drops what it holds of every page
@@ -622,7 +629,7 @@ class SourceMigration:
         enc, writer = sender.encoder, sender.writer
         count = 0
         for name, ranges in sender.postcopy_discards():
-            if ranges:
+            if len(ranges):
                 writer.write([enc.postcopy_ram_discard(name, ranges)])
                 count += len(ranges)
         return count

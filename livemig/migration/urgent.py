@@ -10,6 +10,11 @@ page's dirty bits (shared with the migration thread, under a
 read the page, send it.  Nothing else runs in this process, so no thread streaming
 background pages holds a GIL that a request would wait for.
 
+A requested 4 KiB page is answered even if the migration thread has taken it already
+(it may still be on its way in a background piece; the destination ignores a second
+copy); a huge page only if none of its pieces were taken (a huge page is never split
+between the two channels).
+
 Guest RAM is read from the VMM's memfd when there is one (``4K-memfd`` or hugetlb:
 mapped here, sent without a copy) and otherwise through ``/proc/PID/mem`` into a
 buffer of one host page (private anonymous RAM cannot be mapped by another process).
@@ -224,14 +229,13 @@ class _Server:
     def _send_small(self, block: str, start: int) -> int:
         """One 4 KiB page, with scalar steps only (this is the latency that counts).
 
-        No lock: the migration thread clears only the bits it takes, so the worst a race
-        can do is send this page on both channels, and the destination places a 4 KiB
-        page atomically and ignores the second copy."""
-        bits = self.bits[block]
-        i = start // PAGE_SIZE
-        if not bits[i]:
-            return 0  # already sent (or on its way on the precopy channel)
-        bits[i] = False
+        Sent even when its bit is clear: the destination asks only for a page it does
+        not have, and one the migration thread took may still be in a background piece
+        as long as the main channel's kernel queue, on its way behind up to twice that;
+        the faulting vCPU should not wait for it.  The destination places a 4 KiB page
+        atomically and ignores the second copy (the source's RAM no longer changes).
+        No lock, for the same reason."""
+        self.bits[block][start // PAGE_SIZE] = False
         page = self.ram[block].small_page(start)
         if page.tobytes() == _ZERO_PAGE:
             record = self.enc.page_header(block, start, zero=True)

@@ -15,6 +15,7 @@ import struct
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from livemig.errors import LocalProtocolError, RemoteProtocolError
 from livemig.units import PAGE_SIZE
@@ -49,10 +50,14 @@ def encode_command(cmd: Command, payload: bytes = b"") -> bytes:
     return _HEADER.pack(SectionType.COMMAND, cmd, len(payload)) + payload
 
 
-def encode_discard(block: str, ranges: Sequence[tuple[int, int]]) -> bytes:
+# (start, length) byte ranges: pairs, or an (n, 2) array of them.
+DiscardRanges = Sequence[tuple[int, int]] | npt.NDArray[np.uint64]
+
+
+def encode_discard(block: str, ranges: DiscardRanges) -> bytes:
     """POSTCOPY_RAM_DISCARD commands for ``ranges``, split to fit the be16 length."""
     name = local_name(block)
-    if not ranges:
+    if not len(ranges):
         raise LocalProtocolError("POSTCOPY_RAM_DISCARD needs at least one range.")
     arr = _ranges_array(ranges)
     prefix = bytes([DISCARD_VERSION, len(name)]) + name + b"\0"
@@ -64,7 +69,7 @@ def encode_discard(block: str, ranges: Sequence[tuple[int, int]]) -> bytes:
     return b"".join(out)
 
 
-def _ranges_array(ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+def _ranges_array(ranges: DiscardRanges) -> np.ndarray:
     try:
         arr = np.array(ranges, dtype=np.uint64)
     except (OverflowError, ValueError, TypeError):
@@ -136,8 +141,7 @@ def _parse_discard(r: PayloadReader, blocks: Mapping[str, BlockInfo]) -> Postcop
         )
     raw = np.frombuffer(r.take(left), dtype=">u8").reshape(-1, 2).astype(np.uint64)
     _check_discard_ranges(name, info, raw)
-    pairs = raw.tolist()
-    return PostcopyRamDiscard(name, tuple((int(s), int(n)) for s, n in pairs))
+    return PostcopyRamDiscard(name, raw)
 
 
 def _check_discard_ranges(name: str, info: BlockInfo, raw: np.ndarray) -> None:

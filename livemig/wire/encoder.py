@@ -21,7 +21,7 @@ Use one Encoder per channel.
 from __future__ import annotations
 
 import struct
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from enum import Enum, auto
 
@@ -32,7 +32,7 @@ from livemig.errors import LocalProtocolError
 from livemig.units import PAGE_SIZE
 from livemig.wire.blocks import BlockInfo, local_name
 from livemig.wire.channel import ChannelKind
-from livemig.wire.commands import encode_command, encode_discard
+from livemig.wire.commands import DiscardRanges, encode_command, encode_discard
 from livemig.wire.constants import (
     DEVICE_PREFIX,
     FLAG_MASK,
@@ -360,7 +360,7 @@ class Encoder:
         """Postcopy recovery: the source goes on (after the bitmaps)."""
         return self._command(Command.POSTCOPY_RESUME)
 
-    def postcopy_ram_discard(self, block: str, ranges: Sequence[tuple[int, int]]) -> bytes:
+    def postcopy_ram_discard(self, block: str, ranges: DiscardRanges) -> bytes:
         """Discard byte ranges (start, length); split over several commands if long."""
         self._require_main(_State.TOP, "send a command")
         return encode_discard(block, ranges)

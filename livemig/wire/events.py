@@ -155,12 +155,23 @@ class PostcopyRun:
     """MIG_CMD_POSTCOPY_RUN: start the guest; missing pages arrive on demand."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class PostcopyRamDiscard:
-    """MIG_CMD_POSTCOPY_RAM_DISCARD: drop these (start, length) byte ranges of ``block``."""
+    """MIG_CMD_POSTCOPY_RAM_DISCARD: drop these (start, length) byte ranges of ``block``,
+    one row each (a switchover discards thousands: they stay one array end to end)."""
 
     block: str
-    ranges: tuple[tuple[int, int], ...]
+    ranges: npt.NDArray[np.uint64]
+
+    def __post_init__(self) -> None:
+        rows = np.asarray(self.ranges, dtype=np.uint64).reshape(-1, 2)
+        object.__setattr__(self, "ranges", rows)
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, PostcopyRamDiscard) and self.block == other.block
+                and np.array_equal(self.ranges, other.ranges))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable payload, as with PageBatch
 
 
 @dataclass(frozen=True, slots=True)

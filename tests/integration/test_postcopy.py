@@ -204,9 +204,11 @@ def test_start_postcopy_is_refused_without_postcopy_ram_and_precopy_goes_on(
 
 
 def assert_source_untouched(p: Pair) -> None:
-    """The source failed in setup, its guest was never stopped and still runs."""
+    """The source failed before it stopped its guest (in setup, or in its first
+    precopy round: it waits for the destination's answer to ADVISE only before the
+    switch to postcopy), which still runs."""
     seen = events(p.sq, ends_migration)
-    assert migration_statuses(seen) == ["setup", "failed"]
+    assert migration_statuses(seen) in (["setup", "failed"], ["setup", "active", "failed"])
     assert "STOP" not in [e["event"] for e in seen]
     assert p.sq.execute("query-status")["status"] == "running"
     assert runs_on(p.src.vm), p.src.vm.serial.output[-80:]

@@ -49,7 +49,7 @@ import numpy as np
 import numpy.typing as npt
 
 from livemig.kernel.sock import Buffer
-from livemig.migration.channel import Channel, ChannelWriter
+from livemig.migration.channel import Channel, ChannelWriter, background_queue_bytes
 from livemig.migration.fault_handler import receive_postcopy_channel as receive_loop
 from livemig.migration.handshake import Handshake
 from livemig.migration.pagesink import dispatch_page_event
@@ -337,7 +337,7 @@ class PreemptHarness:
                                  RecordingTracer(self.timeline))
         self.sender.post = post
         self.urgent.attach(self.sender)
-        self.urgent.switchover()
+        self.urgent.switchover(background_queue_bytes(0))
         # The drained socketpairs make SIOCOUTQ (and so the urgent yield) timing
         # dependent; the yield is measured by benchmarks/preempt_latency.py instead.
         self.sender.yield_to_urgent = False
@@ -591,8 +591,9 @@ class BufferPlacer:
         self.mem[offset : offset + length] = 0
         return True
 
-    def discard(self, offset: int, length: int) -> None:
-        self.mem[offset : offset + length] = 0
+    def discard(self, ranges: npt.NDArray[np.uint64]) -> None:
+        for offset, length in ranges.tolist():
+            self.mem[offset : offset + length] = 0
 
     def close(self) -> None:
         del self.mem

@@ -11,6 +11,7 @@ the same placers and to the destination's own postcopy-channel receive loop.
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -39,13 +40,15 @@ from preempt_harness import (
 from livemig.errors import ChannelClosedError, RemoteProtocolError
 from livemig.migration import sender as sender_module
 from livemig.migration.sender import POSTCOPY_CHUNK_PAGES
+from livemig.migration.state import Capabilities, Parameters, UrgentMode
+from livemig.migration.urgent_sender import choose_urgent_sender
 from livemig.wire import events as ev
 from livemig.wire.blocks import BlockInfo
 from livemig.wire.channel import ChannelKind
 from livemig.wire.decoder import Decoder
 
 # host page size, and how sparse the pattern is (1 GiB pages: one non-zero piece in 256)
-SIZES = {"2M": (2 * MIB, 1), "1G": (GIB, 256)}
+SIZES = {"4K": (PAGE, 1), "2M": (2 * MIB, 1), "1G": (GIB, 256)}
 BLK = "pc.ram"
 COMPLETION: list[StoryItem] = [
     (POSTCOPY, "EOF"), (PRECOPY, "END"), (PRECOPY, "EOS"), (PRECOPY, "EOF"),
@@ -329,6 +332,79 @@ def test_continue_records_never_refer_to_the_other_channels_block(
     placed_once_and_exact(d, b)
 
 
+# --- source: background piece size -----------------------------------------------------
+def switch_over(h: PreemptHarness, design: UrgentMode, background_queue: int,
+               preempt: bool = True) -> None:
+    """Postcopy starts with ``design`` serving requests, as ``SourceMigration`` does
+    (without ``preempt``: no postcopy channel, the migration thread serves them)."""
+    urgent = choose_urgent_sender(Capabilities(postcopy_ram=True, postcopy_preempt=preempt),
+                                  Parameters(x_postcopy_urgent_sender=design))
+    if not preempt:
+        h.sender.post = None
+    urgent.attach(h.sender)
+    # The process design lowers the calling thread's priority: not the test's thread.
+    t = threading.Thread(target=urgent.switchover, args=(background_queue,))
+    t.start()
+    t.join()
+
+
+def test_without_preemption_background_pieces_stay_small(block: Blocks, make: Make) -> None:
+    """A request then queues behind every piece in the kernel too."""
+    h = make(block("4K", 64))
+    switch_over(h, UrgentMode.MIGRATION, MIB, preempt=False)
+    assert h.sender.small_page_piece == POSTCOPY_CHUNK_PAGES
+
+
+@pytest.mark.parametrize(("design", "queue", "piece"), [
+    (UrgentMode.MIGRATION, MIB, MIB // 2 // PAGE),  # requests wait for the piece
+    (UrgentMode.PROCESS, MIB, MIB // PAGE),  # they never do: one queue a piece
+    (UrgentMode.MIGRATION, 64 * 1024, POSTCOPY_CHUNK_PAGES),  # Ethernet
+    (UrgentMode.PROCESS, 64 * 1024, POSTCOPY_CHUNK_PAGES),
+])
+def test_background_pieces_are_cut_by_the_kernel_queue_and_who_serves_requests(
+        design: UrgentMode, queue: int, piece: int, block: Blocks, make: Make,
+        dest: Dest) -> None:
+    """A 1 MiB main-channel queue (loopback): with the process design every background
+    write carries 256 pieces, with the migration-thread design (requests wait behind
+    the piece in hand) 128; a 64 KiB one (Ethernet) keeps 32; all arrive once."""
+    blk = block("4K", 1024)
+    h = make(blk)
+    switch_over(h, design, queue)
+    h.run(h.queue())
+    h.complete()
+    run = h.finish()
+    pieces: dict[int, int] = {}
+    for r in run.page_records(PRECOPY):
+        assert isinstance(r.event, ev.PageBatch | ev.ZeroPages)
+        pieces[r.write] = pieces.get(r.write, 0) + len(r.event.offsets)
+    assert sorted(pieces.values()) == [piece] * (blk.pages // piece)
+    d = dest(h.table)
+    d.replay(run)
+    placed = sorted(d.placements(blk.name))  # runs of 4 KiB pages, none twice
+    assert sum(n for _, n in placed) == blk.size
+    assert all(a + n <= b for (a, n), (b, _) in zip(placed, placed[1:], strict=False))
+    assert all(d.holds(blk, hp) for hp in range(blk.pages))
+
+
+def test_huge_pages_keep_small_pieces_with_the_process_design(
+        block: Blocks, make: Make, dest: Dest) -> None:
+    """Larger pieces raised 2M p99 and max: a huge page still goes out 32 pages a write."""
+    blk = block("2M", 2)
+    h = make(blk)
+    switch_over(h, UrgentMode.PROCESS, MIB)
+    h.run(h.queue())
+    h.complete()
+    run = h.finish()
+    pages: dict[int, int] = {}
+    for r in run.page_records(PRECOPY):
+        if isinstance(r.event, ev.PageBatch):
+            pages[r.write] = pages.get(r.write, 0) + len(r.event.offsets)
+    assert set(pages.values()) == {POSTCOPY_CHUNK_PAGES}
+    d = dest(h.table)
+    d.replay(run)
+    placed_once_and_exact(d, blk)
+
+
 # --- source: back to the precopy channel ---------------------------------------------------
 def test_end_of_round_resets_to_the_precopy_channel(
         block: Blocks, make: Make, clock: FakeClock) -> None:
@@ -553,5 +629,6 @@ def test_destination_names_host_pages_that_never_arrived(block: Blocks, dest: De
     assert receive_postcopy_channel(phead + pieces + penc.eof(), table,
                                     d.channels[POSTCOPY]) == []
     assert d.state.missing() == {BLK: (1, blk.host_page_size)}
-    d.state.discard(BLK, 0, blk.host_page_size)  # stale in precopy: must come again
+    # Stale in precopy: must come again.
+    d.state.discard(BLK, np.array([[0, blk.host_page_size]], np.uint64))
     assert d.state.missing() == {BLK: (2, 0)}

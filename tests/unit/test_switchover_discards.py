@@ -4,6 +4,7 @@ only what it dirtied since (bitmap.MigrationBitmap.discard_ranges)."""
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from livemig.migration.bitmap import MigrationBitmap
 from livemig.units import PAGE_SIZE
@@ -36,8 +37,8 @@ class GuestBlock:
         return n
 
 
-def pages_of(ranges: list[tuple[int, int]]) -> list[int]:
-    return [p for start, length in ranges
+def pages_of(ranges: npt.NDArray[np.uint64]) -> list[int]:
+    return [p for start, length in ranges.tolist()
             for p in range(start // PAGE_SIZE, (start + length) // PAGE_SIZE)]
 
 
@@ -63,7 +64,7 @@ def test_the_first_discard_names_every_page_never_sent() -> None:
     block = GuestBlock(16)
     bm = MigrationBitmap(block)
     bm.take_window(0, 8)
-    assert bm.discard_ranges() == [(8 * PAGE_SIZE, 8 * PAGE_SIZE)]
+    assert bm.discard_ranges().tolist() == [[8 * PAGE_SIZE, 8 * PAGE_SIZE]]
 
 
 def test_a_page_sent_after_its_discard_and_dirtied_again_is_discarded_again() -> None:
@@ -86,8 +87,8 @@ def test_discards_cover_whole_huge_pages_and_a_huge_page_only_once() -> None:
     sent_everything(bm)
     block.write(per + 3)
     bm.sync()
-    assert bm.discard_ranges() == [(HUGE, HUGE)]
+    assert bm.discard_ranges().tolist() == [[HUGE, HUGE]]
     block.write(per + 100, 2 * per)  # the first huge page again, and a new one
     bm.sync()
-    assert bm.discard_ranges() == [(2 * HUGE, HUGE)]
+    assert bm.discard_ranges().tolist() == [[2 * HUGE, HUGE]]
     assert int(bm.bits.sum()) == 2 * per  # both whole huge pages are still to send

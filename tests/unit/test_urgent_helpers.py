@@ -154,14 +154,14 @@ def assert_answered(peer: PostcopyPeer, content: dict[str, np.ndarray], block: s
     assert e.data.tobytes() == content[block][page].tobytes()
 
 
-def test_urgent_server_answers_a_request_with_that_page_once(source_side) -> None:  # type: ignore[no-untyped-def]
+def test_urgent_server_answers_a_request_with_that_page(source_side) -> None:  # type: ignore[no-untyped-def]
     blocks, shared, peer, server, content = source_side
     assert_answered(peer, content, "pc.ram", 3)
     assert not shared.bits["pc.ram"][3] and shared.bits["pc.ram"][4]
-    # Asked again (the destination had not seen it yet): already sent, nothing more.
-    peer.request("pc.ram", 3 * PAGE_SIZE, PAGE_SIZE)
-    assert peer.nothing_pending()
-    assert (shared.counter("requests"), shared.counter("host_pages")) == (2, 1)
+    deadline = time.monotonic() + TIMEOUT  # the counters follow the send
+    while shared.counter("host_pages") < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (shared.counter("requests"), shared.counter("host_pages")) == (1, 1)
     assert shared.counter("urgent_bytes") > PAGE_SIZE
 
 
@@ -178,15 +178,13 @@ def test_urgent_server_sends_4k_memfd_pages_from_its_mapping_of_the_memfd(source
     assert helper_reads(server.helper.pid, "mem-4k") == (True, True)
 
 
-def test_urgent_server_skips_pages_the_migration_thread_took(source_side) -> None:  # type: ignore[no-untyped-def]
+def test_urgent_server_answers_a_small_page_the_migration_thread_took(source_side) -> None:  # type: ignore[no-untyped-def]
+    """The page may still be in a background piece on its way: the faulting vCPU must
+    not wait for that piece."""
     _, shared, peer, _, content = source_side
     with shared.lock:
         shared.bits["pc.ram"][9] = False  # taken by the background stream meanwhile
-    peer.request("pc.ram", 9 * PAGE_SIZE, PAGE_SIZE)
-    peer.request("pc.ram", 10 * PAGE_SIZE, PAGE_SIZE)
-    e = peer.next_event()
-    assert isinstance(e, ev.PageBatch) and e.offsets.tolist() == [10 * PAGE_SIZE]
-    assert e.data.tobytes() == content["pc.ram"][10].tobytes()
+    assert_answered(peer, content, "pc.ram", 9)
 
 
 def test_urgent_server_sends_a_zero_page_as_a_zero_record(source_side) -> None:  # type: ignore[no-untyped-def]
