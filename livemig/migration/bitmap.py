@@ -59,9 +59,10 @@ class BitmapLock(Protocol):
 
 
 def take_bits(bits: npt.NDArray[np.bool_], first: int, count: int,
-              lock: BitmapLock) -> IndexArray:
+              lock: BitmapLock, most: int | None = None) -> IndexArray:
     """Clear the set bits in [first, first+count) and return their indexes: under
-    ``lock``, so two senders never take the same page.
+    ``lock``, so two senders never take the same page.  With ``most``, only the first
+    ``most`` of them.
 
     The indexes come from one copy of the bits.  The urgent helper process clears the
     bit of a 4 KiB page without the lock (urgent.py), and ``np.flatnonzero`` reads its
@@ -72,6 +73,8 @@ def take_bits(bits: npt.NDArray[np.bool_], first: int, count: int,
     with lock:
         sl = bits[first : first + count]
         idx = np.flatnonzero(sl.copy())
+        if most is not None:
+            idx = idx[:most]
         if len(idx):
             sl[idx] = False
     return idx + first
@@ -172,6 +175,18 @@ class MigrationBitmap:
         if not len(idx):
             return Window(idx, idx)
         return split_zero_pages(self._words, idx, idx)
+
+    def take_next(self, first: int, most: int, span: int) -> tuple[Window, int]:
+        """Clear and return the first ``most`` dirty pages in [first, first+span), and
+        the page to look from next.  Postcopy's background pieces: late in a migration
+        the dirty pages left are scattered, and a piece cut as an aligned window of
+        ``most`` pages would carry only the few of them it covers, each piece paying
+        the same fixed work (bitmap, records, a system call) for a few pages."""
+        idx = take_bits(self.bits, first, span, self.lock, most)
+        if not len(idx):
+            return Window(idx, idx), first + span
+        after = int(idx[-1]) + 1 if len(idx) == most else first + span
+        return split_zero_pages(self._words, idx, idx), after
 
     def expand_to_host_pages(self) -> None:
         """Postcopy: a host page with any dirty piece must be re-sent whole (and is

@@ -356,7 +356,7 @@ def test_without_preemption_background_pieces_stay_small(block: Blocks, make: Ma
 
 
 @pytest.mark.parametrize(("design", "queue", "piece"), [
-    (UrgentMode.MIGRATION, MIB, MIB // 2 // PAGE),  # requests wait for the piece
+    (UrgentMode.MIGRATION, MIB, POSTCOPY_CHUNK_PAGES),  # requests wait for the piece
     (UrgentMode.PROCESS, MIB, MIB // PAGE),  # they never do: one queue a piece
     (UrgentMode.MIGRATION, 64 * 1024, POSTCOPY_CHUNK_PAGES),  # Ethernet
     (UrgentMode.PROCESS, 64 * 1024, POSTCOPY_CHUNK_PAGES),
@@ -365,8 +365,8 @@ def test_background_pieces_are_cut_by_the_kernel_queue_and_who_serves_requests(
         design: UrgentMode, queue: int, piece: int, block: Blocks, make: Make,
         dest: Dest) -> None:
     """A 1 MiB main-channel queue (loopback): with the process design every background
-    write carries 256 pieces, with the migration-thread design (requests wait behind
-    the piece in hand) 128; a 64 KiB one (Ethernet) keeps 32; all arrive once."""
+    write carries 256 pages; with the migration-thread design (requests wait behind
+    the piece in hand) and on a 64 KiB queue (Ethernet) 32; all arrive once."""
     blk = block("4K", 1024)
     h = make(blk)
     switch_over(h, design, queue)
@@ -384,6 +384,30 @@ def test_background_pieces_are_cut_by_the_kernel_queue_and_who_serves_requests(
     assert sum(n for _, n in placed) == blk.size
     assert all(a + n <= b for (a, n), (b, _) in zip(placed, placed[1:], strict=False))
     assert all(d.holds(blk, hp) for hp in range(blk.pages))
+
+
+@pytest.mark.parametrize("design", [UrgentMode.MIGRATION, UrgentMode.PROCESS])
+def test_a_background_piece_carries_the_next_dirty_pages_however_scattered(
+        design: UrgentMode, block: Blocks, make: Make, dest: Dest) -> None:
+    """Late in a migration the dirty pages left are scattered: a piece is the next
+    ``small_page_piece`` of them, not the few an aligned window of that many covers."""
+    blk = block("4K", 4096)
+    h = make(blk)
+    switch_over(h, design, MIB)
+    h.sender.bitmaps[blk.name].bits[np.arange(blk.pages) % 8 != 0] = False
+    h.run(h.queue())
+    h.complete()
+    run = h.finish()
+    pieces: dict[int, int] = {}
+    for r in run.page_records(PRECOPY):
+        assert isinstance(r.event, ev.PageBatch | ev.ZeroPages)
+        pieces[r.write] = pieces.get(r.write, 0) + len(r.event.offsets)
+    piece = h.sender.small_page_piece
+    assert sorted(pieces.values()) == [piece] * (blk.pages // 8 // piece)
+    d = dest(h.table)
+    d.replay(run)
+    placed = sorted(o for o, _ in d.placements(blk.name))
+    assert placed == [p * PAGE for p in range(0, blk.pages, 8)]
 
 
 def test_huge_pages_keep_small_pieces_with_the_process_design(
