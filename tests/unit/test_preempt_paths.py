@@ -348,6 +348,18 @@ def switch_over(h: PreemptHarness, design: UrgentMode, background_queue: int,
     t.join()
 
 
+def background_pieces(h: PreemptHarness) -> tuple[Run, list[int]]:
+    """Run the postcopy to its end: the run, and the pages each write carried."""
+    h.run(h.queue())
+    h.complete()
+    run = h.finish()
+    pieces: dict[int, int] = {}
+    for r in run.page_records(PRECOPY):
+        assert isinstance(r.event, ev.PageBatch | ev.ZeroPages)
+        pieces[r.write] = pieces.get(r.write, 0) + len(r.event.offsets)
+    return run, sorted(pieces.values())
+
+
 def test_without_preemption_background_pieces_stay_small(block: Blocks, make: Make) -> None:
     """A request then queues behind every piece in the kernel too."""
     h = make(block("4K", 64))
@@ -370,14 +382,8 @@ def test_background_pieces_are_cut_by_the_kernel_queue_and_who_serves_requests(
     blk = block("4K", 1024)
     h = make(blk)
     switch_over(h, design, queue)
-    h.run(h.queue())
-    h.complete()
-    run = h.finish()
-    pieces: dict[int, int] = {}
-    for r in run.page_records(PRECOPY):
-        assert isinstance(r.event, ev.PageBatch | ev.ZeroPages)
-        pieces[r.write] = pieces.get(r.write, 0) + len(r.event.offsets)
-    assert sorted(pieces.values()) == [piece] * (blk.pages // piece)
+    run, pieces = background_pieces(h)
+    assert pieces == [piece] * (blk.pages // piece)
     d = dest(h.table)
     d.replay(run)
     placed = sorted(d.placements(blk.name))  # runs of 4 KiB pages, none twice
@@ -395,15 +401,9 @@ def test_a_background_piece_carries_the_next_dirty_pages_however_scattered(
     h = make(blk)
     switch_over(h, design, MIB)
     h.sender.bitmaps[blk.name].bits[np.arange(blk.pages) % 8 != 0] = False
-    h.run(h.queue())
-    h.complete()
-    run = h.finish()
-    pieces: dict[int, int] = {}
-    for r in run.page_records(PRECOPY):
-        assert isinstance(r.event, ev.PageBatch | ev.ZeroPages)
-        pieces[r.write] = pieces.get(r.write, 0) + len(r.event.offsets)
+    run, pieces = background_pieces(h)
     piece = h.sender.small_page_piece
-    assert sorted(pieces.values()) == [piece] * (blk.pages // 8 // piece)
+    assert pieces == [piece] * (blk.pages // 8 // piece)
     d = dest(h.table)
     d.replay(run)
     placed = sorted(o for o, _ in d.placements(blk.name))
