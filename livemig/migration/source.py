@@ -47,7 +47,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from livemig.errors import MigrationCancelled, MigrationError
+from livemig.errors import ChannelClosedError, MigrationCancelled, MigrationError
 from livemig.kernel.sock import Buffer
 from livemig.migration import handshake as hs
 from livemig.migration.channel import (
@@ -105,6 +105,8 @@ ADVISE_PING = 1
 ADVISE_DEAD_LINKS = 4  # dead-link timeouts the PONG after ADVISE may take
 SWITCHOVER_PING = 2
 PONG_TIMEOUT_S = 30.0
+# How long a failing migration waits for the return-path reader to say why it ended.
+RETURN_PATH_JOIN_S = 1.0
 # Postcopy switchover: catch-up rounds while the guest still runs, at most this many,
 # ending once a round discards no more than this many ranges.
 CATCH_UP_ROUNDS = 4
@@ -371,7 +373,7 @@ class SourceMigration:
             else:
                 self._complete(sender)
         except Exception as e:
-            self._fail(e)
+            self._fail(self._root_cause(e))
         finally:
             self.urgent.close()
             if self._precopy is not None:
@@ -730,6 +732,19 @@ class SourceMigration:
         if self._postcopy_failed():
             err = self._link_error or (self._rp.error if self._rp is not None else None)
             raise MigrationError(f"the destination vanished during postcopy: {err}")
+
+    def _root_cause(self, e: Exception) -> Exception:
+        """A dead link fails every thread that uses the connection, and the kernel
+        reports why (ETIMEDOUT after the dead-link timeout) to the first of them only: if
+        that was the return-path reader, this thread saw just a closed connection.
+        Report both."""
+        if not isinstance(e, ChannelClosedError) or self._rp is None:
+            return e
+        self._rp.join(RETURN_PATH_JOIN_S)  # its connection is dead: it ends at once
+        why = self._rp.error
+        if why is None or isinstance(why, ChannelClosedError):
+            return e
+        return MigrationError(f"{e} (the return path: {why})")
 
     def _fail(self, e: Exception) -> None:
         """Leave the source VM exactly as it was before the migration."""
