@@ -742,7 +742,7 @@ class SourceMigration:
             return e
         self._rp.join(RETURN_PATH_JOIN_S)  # its connection is dead: it ends at once
         why = self._rp.error
-        if why is None or isinstance(why, ChannelClosedError):
+        if why is None:
             return e
         return MigrationError(f"{e} (the return path: {why})")
 
