@@ -170,14 +170,14 @@ def test_destination_without_preempt_refuses_a_preempt_source(tmp_path: Path) ->
     with migration_pair(tmp_path, cfg) as p:
         p.listen()
         p.migrate()
-        # Refused at setup, from the capabilities section: before any page is sent and
-        # before the source could stop its guest.
+        # Refused from the capabilities section, while the source's first precopy round
+        # runs (it does not wait for the answer to ADVISE before sending pages): the
+        # destination loads no page and the source never stops its guest.
         dst_info = wait_migration(p.dq, 60)
         assert dst_info["status"] == "failed", dst_info
         assert "preempt" in dst_info["error-desc"], dst_info
         src_info = wait_migration(p.sq, 60)
         assert src_info["status"] == "failed", src_info
-        assert src_info["ram"]["transferred"] < 1 << 20, src_info
         assert p.src.vm.running
 
 
