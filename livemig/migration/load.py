@@ -444,7 +444,7 @@ class IncomingLoad:
         self._uffd.api(needed)
         self._postcopy = self._handler.advise(self.vm.blocks, self._uffd, self._vcpu_tids(),
                                               rp, self._fault_failed)
-        self.loader.on_loaded = self._postcopy.mark_precopy
+        self.loader.report_to(self._postcopy.mark_precopy)
         self._starter = GuestStarter(self._start_guest)
 
     def _vcpu_tids(self) -> dict[int, int]:

@@ -10,7 +10,9 @@ VMM or in the fault server) and the protocol tests all call it.
 * :class:`RamLoader` is the precopy sink: pages go straight to their final place in
   guest RAM (one vectorised NumPy copy per batch; a single page's payload is read by
   ``recv_into`` into guest RAM).  Once postcopy is advised it also reports which pages
-  it loaded (``on_loaded``), so postcopy knows what precopy already brought.
+  it loaded (:meth:`~RamLoader.report_to`: those loaded so far, then each as it
+  lands), so postcopy knows what precopy already brought, including pages a multifd
+  channel loaded before the main channel reached POSTCOPY_ADVISE.
 * :class:`~livemig.migration.postcopy.ChannelPlacer` is the postcopy sink: guest RAM is
   registered with userfaultfd, so pages are placed atomically (``UFFDIO_COPY``), huge
   pages assembled first in that channel's temporary huge page.
@@ -98,15 +100,27 @@ class RamLoader:
             self._received[name] = np.zeros(block.size // PAGE_SIZE, dtype=np.bool_)
         self.pages = 0
         self.zero_pages = 0
-        # Told of every page loaded, once postcopy is advised (PostcopyState.mark_precopy).
-        self.on_loaded: Loaded | None = None
+        self._on_loaded: Loaded | None = None
+
+    def report_to(self, on_loaded: Loaded) -> None:
+        """Tell ``on_loaded`` of every page loaded: first of those already here, then
+        of each as it lands.  Multifd channels load on their own threads and may be
+        ahead of the main channel, so pages can land before postcopy is advised; a page
+        recorded meanwhile is reported once or twice, never missed (the callback is set
+        before the record is read, and :meth:`record` marks before it looks)."""
+        self._on_loaded = on_loaded
+        for name, got in self._received.items():
+            here = np.flatnonzero(got).astype(np.uint64) * np.uint64(PAGE_SIZE)
+            if len(here):
+                on_loaded(name, here)
 
     def record(self, block: str, offsets: npt.NDArray[np.uint64]) -> None:
         """Pages at ``offsets`` of ``block`` are in guest RAM (also called by the
         multifd receivers, each for its own pages: no lock)."""
         self._received[block][offsets // PAGE_SIZE] = True
-        if self.on_loaded is not None:
-            self.on_loaded(block, offsets)
+        on_loaded = self._on_loaded
+        if on_loaded is not None:
+            on_loaded(block, offsets)
 
     def check_complete(self) -> None:
         """Every page of every block arrived at least once, or MissingPagesError

@@ -41,10 +41,13 @@ class FakeBlock:
 
 
 @contextmanager
-def receivers(channels: int) -> Iterator[tuple[MultifdReceivers, dict[str, Any],
-                                               list[socket.socket], list[Exception]]]:
-    blocks: dict[str, Any] = {"pc.ram": FakeBlock(PAGES)}
-    loader = RamLoader(blocks)
+def receivers(channels: int, blocks: dict[str, Any] | None = None,
+              loader: RamLoader | None = None
+              ) -> Iterator[tuple[MultifdReceivers, dict[str, Any],
+                                  list[socket.socket], list[Exception]]]:
+    if blocks is None or loader is None:
+        blocks = {"pc.ram": FakeBlock(PAGES)}
+        loader = RamLoader(blocks)
     errors: list[Exception] = []
     rx = MultifdReceivers(blocks, loader, channels, UUID, errors.append)
     senders = []
@@ -92,6 +95,34 @@ def test_pages_land_in_ram_and_a_flush_waits_for_every_sync() -> None:
         assert (rx.pages, rx.zero_pages) == (5, 1)
         for s in senders:
             s.shutdown(socket.SHUT_WR)
+        rx.finish(10)
+        assert errors == []
+
+
+def test_pages_a_channel_loaded_before_postcopy_was_advised_are_reported_with_later_ones(
+        ) -> None:
+    """Multifd channels run ahead of the main channel: what they loaded before it
+    reached POSTCOPY_ADVISE must still count as brought by precopy."""
+    blocks: dict[str, Any] = {"pc.ram": FakeBlock(PAGES)}
+    loader = RamLoader(blocks)
+    reported: set[int] = set()
+
+    def on_loaded(block: str, offsets: npt.NDArray[np.uint64]) -> None:
+        assert block == "pc.ram"
+        reported.update((offsets // PAGE_SIZE).tolist())
+
+    with receivers(1, blocks, loader) as (rx, _blocks, senders, errors):
+        connect(rx, senders, 0)
+        send_pages(senders[0], 1, [0, 9], [3], 0xCC)
+        senders[0].sendall(sync_packet(2))
+        rx.flush()
+        loader.report_to(on_loaded)  # the main channel reaches POSTCOPY_ADVISE
+        assert reported == {0, 3, 9}
+        send_pages(senders[0], 3, [12], [13], 0xDD)
+        senders[0].sendall(sync_packet(4))
+        rx.flush()
+        assert reported == {0, 3, 9, 12, 13}
+        senders[0].shutdown(socket.SHUT_WR)
         rx.finish(10)
         assert errors == []
 
