@@ -40,8 +40,8 @@ every measured migration (collapsed stacks in DIR) and their top functions are p
 profiling perturbs the timing a little, so take figures from an unprofiled run.
 
 CPU is reported per stage as CPU seconds per GiB moved: the source VMM (with its
-helper processes: multifd channel senders) and the destination VMM (with its receiver
-threads).  Those two figures say how the throughput would scale with more cores: a
+multifd sender threads and any helper process) and the destination VMM (with its
+receiver threads).  Those two figures say how the throughput would scale with more cores: a
 stage that needs ``c`` CPU seconds per GiB spread over ``N`` channels can move at most
 ``N / c`` GiB/s once it has ``N`` cores of its own.
 """

@@ -26,7 +26,6 @@ from livemig.errors import ConfigError, QmpError
 from livemig.guests.os import LOAD_ADDRESS, OS_GUEST, PARAMS_OFFSET, PARAMS_SIZE, OsParams
 from livemig.migration.channel import MigrationUri
 from livemig.migration.destination import DestinationMigration
-from livemig.migration.multifd import HelperPool
 from livemig.migration.source import SourceMigration
 from livemig.migration.state import Capabilities, MigrationStatus, Parameters
 from livemig.migration.tls import TlsEndpoint, TlsObjects
@@ -58,8 +57,6 @@ class Instance:
         self.params = Parameters()
         self.objects = TlsObjects()  # --object / object-add (tls-creds-x509, authz-*)
         self.outgoing: SourceMigration | None = None
-        # multifd channel helpers, started ahead and kept between migrations
-        self.multifd_pool = HelperPool()
         self.incoming: DestinationMigration | None = None
         self._exit_after_incoming = exit_after_incoming
         self._register_vm_commands()
@@ -185,18 +182,9 @@ class Instance:
         if self._migration_active():
             raise QmpError("There's a migration process in progress")
         self.caps = self.caps.updated(changes)
-        self._warm_multifd()
-
-    def _warm_multifd(self) -> None:
-        """With multifd on, start the channel helpers now: they import while idle.
-        Not in a process that exists to receive one migration (``--incoming``): only a
-        source sends on multifd channels."""
-        if self.caps.multifd and not self._exit_after_incoming:
-            self.multifd_pool.warm(self.params.multifd_channels)
 
     def _set_params(self, args: dict[str, Any]) -> None:
         self.params = self.params.updated(args)
-        self._warm_multifd()
         if self.outgoing is not None and not self.outgoing.status.status.finished:
             self.outgoing.update_params(self.params)
 
@@ -216,7 +204,7 @@ class Instance:
         self.outgoing = SourceMigration(self.vm, target, self.caps,
                                         self.params, self._emit,
                                         Tracer(self.trace_patterns, self.trace_sink),
-                                        switch=self.switch, multifd_pool=self.multifd_pool,
+                                        switch=self.switch,
                                         tls=self._tls(target, "client"))
         self.outgoing.start()
 
@@ -294,7 +282,6 @@ class Instance:
         if self.incoming is not None:
             self.incoming.abort()
             self.incoming.join(30)
-        self.multifd_pool.close()
         self.vm.shutdown()
         if self.qmp is not None:
             self.qmp.close()

@@ -1,42 +1,39 @@
-"""Multifd: precopy pages on several connections, each owned by a process of its own.
+"""Multifd: precopy pages on several connections, each sent by a thread of its own.
 
 Theory of operation
 -------------------
-One Python thread cannot fill a fast link (the GIL serialises whatever Python work
-each page needs), so with the ``multifd`` capability precopy pages travel on
-``multifd-channels`` extra connections, each owned by a *channel helper process*
-(``python -m livemig.migration.multifd``, started through
-:class:`~livemig.migration.helper.HelperProcess`).  The main channel keeps the control
-records and the device state.  How a migration sends its precopy pages is one
+One connection cannot fill a fast link, so with the ``multifd`` capability precopy
+pages travel on ``multifd-channels`` extra connections; the main channel keeps the
+control records and the device state.  How a migration sends its precopy pages is one
 :class:`PrecopyPages` object chosen once (:func:`choose_precopy_pages`):
 :class:`MainChannelPages` (the page sender on the main channel, as without multifd) or
 :class:`MultifdPages`.
 
 Source
-    The migration bitmap's bits live in shared memory
-    (:class:`~livemig.migration.urgent.SharedBits`, the same memory the postcopy urgent
-    helper uses), and so does guest RAM when it is a memfd (``4K-memfd`` or hugetlb:
-    mapped by every helper, pages sent from that mapping with no copy; private 4 KiB
-    RAM is read through ``/proc/PID/mem``, one window per read, a kernel copy that
-    costs a helper about as much CPU as sending).
-    A *round* is: the migration thread syncs the dirty log into the bits, tells every
-    helper "round"; helper *i* owns the 2 MiB windows ``i, i+N, i+2N, ...`` of every
-    block, scans its own windows' bits (one NumPy step), clears and sends each dirty
-    window as one packet (zero pages named, not sent), then sends a SYNC packet and
-    answers "synced".  No lock: during a round only helper *i* touches its windows'
-    bits, and the migration thread syncs only between rounds.  When every helper has
-    synced, the migration thread writes ``MULTIFD_FLUSH`` on the main channel (QEMU's
-    ``multifd_send_sync_main``).  A page always belongs to the same channel, and a
-    round's pages are all placed before the destination reads past the flush, so a
-    newer copy of a page never loses against an older one.  Cancelling, or a request
-    for postcopy, bumps a shared ``stop`` counter: helpers end the round early (still
-    with their SYNC).  A helper's death (or its connection's) fails the precopy; the
-    guest keeps running on the source.  Helpers come from the instance's
-    :class:`HelperPool`: started when multifd is enabled (a Python process takes a
-    second or so to import under load), released after a migration that went well
-    (connection closed, mappings dropped) and reused by the next one.  Before
-    postcopy they are released as soon as the last round has synced, while the guest
-    still runs on the source: the switchover pause does not wait for them.
+    :class:`MultifdSource` holds one :class:`ChannelSender` per channel (its
+    connection, its share of the pages, its counters) and a pool of as many threads.
+    Each channel's work per 2 MiB window is a few NumPy steps and one gather
+    ``sendmsg`` straight from the VMM's own mapping of guest RAM: no copy but the
+    kernel's into the socket.  The send (a ctypes call) releases the GIL, and it is
+    most of a window's time, so the channels' threads run in parallel: the GIL is held
+    for a few tens of microseconds of Python and NumPy per 2 MiB.  Threads, not processes: a helper
+    process cannot map private guest RAM (it had to copy it through
+    ``/proc/PID/mem``) and builds new page tables for shared RAM in every migration,
+    which cost a process design 0.1-0.2 CPU s per GiB more than these threads.
+    A *round* is: the migration thread syncs the dirty log into the migration
+    bitmaps' bits, then runs every channel's round on the pool; channel *i* owns the
+    2 MiB windows ``i, i+N, i+2N, ...`` of every block, scans its own windows' bits
+    (one NumPy step), clears and sends each dirty window as one packet (zero pages
+    named, not sent), then sends a SYNC packet.  No lock: during a round only channel
+    *i* touches its windows' bits, and the migration thread syncs only between rounds.
+    When every channel has synced, the migration thread writes ``MULTIFD_FLUSH`` on the
+    main channel (QEMU's ``multifd_send_sync_main``).  A page always belongs to the
+    same channel, and a round's pages are all placed before the destination reads past
+    the flush, so a newer copy of a page never loses against an older one.
+    Cancelling, a request for postcopy, or a channel's failure ends the other
+    channels' round early (still with their SYNC); a failed channel fails the precopy
+    and the guest keeps running on the source.  The channels close as soon as the
+    last round has synced (before postcopy, while the guest still runs on the source).
 
 Destination
     :class:`MultifdReceivers` gets each multifd connection (accepted when the
@@ -56,35 +53,26 @@ Destination
 from __future__ import annotations
 
 import logging
-import os
-import select
 import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from livemig.errors import ChannelClosedError, ConfigError, MigrationError, RemoteProtocolError
-from livemig.kernel.shared import (
-    Counters,
-    ProcessMemory,
-    SharedLayout,
-    SharedMemory,
-    counters_field,
-)
+from livemig.errors import ConfigError, LivemigError, MigrationError, RemoteProtocolError
 from livemig.migration.bitmap import SourceBlock, split_zero_pages
 from livemig.migration.channel import Channel, MigrationUri, connect
 from livemig.migration.handshake import block_table
-from livemig.migration.helper import HelperBlock, HelperConn, HelperProcess, helper_main
 from livemig.migration.pagesink import RamLoader
 from livemig.migration.ratelimit import RateLimiter
 from livemig.migration.sender import PageSender
 from livemig.migration.state import Capabilities, Parameters, RamStats, detached
 from livemig.migration.tls import TlsEndpoint
-from livemig.migration.urgent import SharedBits, bits_layout
 from livemig.units import PAGE_SIZE
 from livemig.wire.channel import ChannelKind
 from livemig.wire.multifd import (
@@ -100,20 +88,9 @@ from livemig.wire.multifd import (
 
 log = logging.getLogger("livemig.multifd")
 
-MODULE = "livemig.migration.multifd"
-START_TIMEOUT = 30.0
 INIT_TIMEOUT = 30.0  # for a multifd connection's initial packet
 ROUND_POLL_S = 0.05
-CHANNEL_COUNTERS = ("normal", "zero", "bytes", "packets")
 _WORDS = PAGE_SIZE // 8
-
-
-def state_layout(channels: int) -> SharedLayout:
-    """The shared counters: ``control`` (written by the VMM: ``stop`` cuts a round
-    short) and one group per channel (written by that channel's helper only)."""
-    return SharedLayout([counters_field("control", ("stop",)),
-                         *(counters_field(f"channel{i}", CHANNEL_COUNTERS)
-                           for i in range(channels))])
 
 
 # --- the source: how precopy pages travel ------------------------------------------------
@@ -165,155 +142,173 @@ class MainChannelPages(PrecopyPages):
         self.sender.send_all_remaining()
 
 
-class HelperPool:
-    """Channel helper processes kept ready between migrations (owned by the VMM's
-    instance): a helper started ahead imports while idle, and one released after a
-    migration that went well serves the next one, so ``setup`` does not pay for
-    starting Python N times."""
+class ChannelSender:
+    """One multifd channel of the source: its connection, its share of every round
+    (the 2 MiB windows ``index, index + count, ...`` of each block) and its counters
+    (written by the thread that runs its round, read by anyone)."""
 
-    def __init__(self) -> None:
-        self._idle: list[HelperProcess] = []
-        self._lock = threading.Lock()
+    def __init__(self, index: int, count: int, channel: Channel,
+                 bits: Mapping[str, npt.NDArray[np.bool_]],
+                 blocks: Mapping[str, SourceBlock]) -> None:
+        self.index, self.count = index, count
+        self.channel = channel
+        self._bits = bits
+        self._ram = {n: b.view() for n, b in blocks.items()}  # released by close()
+        self._words = {n: np.frombuffer(v, dtype=np.uint64).reshape(-1, _WORDS)
+                       for n, v in self._ram.items()}
+        self.normal = self.zero = self.bytes = self.packets = 0
+        self._seq = 0
+        # The TCP port of this end of the connection (None on a unix socket).
+        name = channel.sock.getsockname() if channel.sock is not None else None
+        self.local_port = int(name[1]) if isinstance(name, tuple) else None
 
-    def warm(self, count: int) -> None:
-        """Have at least ``count`` helpers started."""
-        with self._lock:
-            while len(self._idle) < count:
-                self._idle.append(HelperProcess(MODULE))
+    def _packet_num(self) -> int:
+        """Unique over all channels without a shared counter: seq * N + channel."""
+        self._seq += 1
+        return self._seq * self.count + self.index
 
-    def take(self, count: int) -> list[HelperProcess]:
-        """``count`` helpers for a migration (started now if the pool has too few)."""
-        with self._lock:
-            got, self._idle = self._idle[:count], self._idle[count:]
-        return got + [HelperProcess(MODULE) for _ in range(count - len(got))]
+    def round(self, limit: int, stop: threading.Event) -> None:
+        """Send this channel's dirty windows (until ``stop``), then its SYNC packet."""
+        limiter = RateLimiter(limit)
+        for name, bits in self._bits.items():
+            starts = np.arange(0, len(bits), PACKET_PAGES)
+            dirty = np.logical_or.reduceat(bits, starts)
+            mine = starts[self.index :: self.count][dirty[self.index :: self.count]]
+            for first in mine.tolist():
+                if stop.is_set():
+                    break
+                limiter.account(self._send_window(name, bits, first,
+                                                  min(PACKET_PAGES, len(bits) - first)))
+        self.channel.send([sync_packet(self._packet_num())])
+        self.packets += 1
 
-    def give_back(self, helpers: list[HelperProcess]) -> None:
-        with self._lock:
-            self._idle += helpers
+    def _send_window(self, name: str, bits: npt.NDArray[np.bool_], first: int,
+                     count: int) -> int:
+        """Clear and send the dirty pages of one window as one packet: the header,
+        then the non-zero pages straight from guest RAM (one gather send)."""
+        sl = bits[first : first + count]
+        idx = np.flatnonzero(sl)
+        if not len(idx):
+            return 0
+        sl[idx] = False
+        pages = idx + first
+        w = split_zero_pages(self._words[name], pages, pages)
+        head = encode_packet(self._packet_num(), name, w.pages, w.zeros)
+        self.channel.send_gather(head, self._ram[name],
+                                 w.pages.astype(np.uint64) * np.uint64(PAGE_SIZE))
+        nbytes = len(head) + len(w.pages) * PAGE_SIZE
+        self.normal += len(w.pages)
+        self.zero += len(w.zeros)
+        self.bytes += nbytes
+        self.packets += 1
+        return nbytes
 
     def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for h in idle:
-            h.close()
+        """Close the connection and let go of guest RAM."""
+        self.channel.close()
+        self._words.clear()
+        for v in self._ram.values():
+            v.release()
+        self._ram.clear()
 
 
 class MultifdSource:
-    """The VMM's side of the channel helpers (see the module docstring)."""
+    """The source's multifd channels (see the module docstring): one
+    :class:`ChannelSender` per channel, each round run on a pool of as many threads."""
 
-    def __init__(self, uri: MigrationUri, channels: int, bits: SharedBits,
-                 dead_link_timeout_ms: int, pool: HelperPool,
+    def __init__(self, uri: MigrationUri, channels: int, dead_link_timeout_ms: int,
                  tls: TlsEndpoint | None = None) -> None:
         self.uri = uri
-        self.tls = tls  # each helper opens its own TLS session from the same credentials
+        self.tls = tls
         self.channels = channels
-        self.bits = bits
         self.uuid = uuid.uuid4().bytes
         self.dead_link_timeout_ms = dead_link_timeout_ms
-        layout = state_layout(channels)
-        self.memory, views = layout.create("livemig-multifd")
-        self._control = views.counters("control")
-        self._counters = [views.counters(f"channel{i}") for i in range(channels)]
-        views.release()
-        self.pool = pool
-        self.helpers = pool.take(channels)
-        self._released = False
+        self.senders: list[ChannelSender] = []
+        self._threads = ThreadPoolExecutor(channels, thread_name_prefix="multifd")
+        self._stop = threading.Event()
+        self._ended = False
 
-    def start(self, blocks: Mapping[str, HelperBlock]) -> None:
-        """Each helper connects its channel and sends the initial packet."""
-        fds = [self.bits.memory.fd, self.memory.fd]
-        table = []
-        for name, b in blocks.items():
-            if b.mapping.fd >= 0:
-                table.append([name, b.size, "memfd", len(fds)])
-                fds.append(b.mapping.fd)
-            else:
-                table.append([name, b.size, "pid", b.mapping.host_addr])
-        for i, h in enumerate(self.helpers):
-            h.send({"msg": "start", "channel": i, "channels": self.channels,
-                    "uri": str(self.uri), "uuid": self.uuid.hex(), "blocks": table,
-                    "tls": None if self.tls is None else self.tls.describe(),
-                    "pid": os.getpid(), "bits_size": self.bits.memory.size,
-                    "state_size": self.memory.size,
-                    "dead_link_timeout": self.dead_link_timeout_ms}, fds)
-        for i, h in enumerate(self.helpers):
-            self._expect(i, h, "ready", START_TIMEOUT)
+    def _open(self, index: int, bits: Mapping[str, npt.NDArray[np.bool_]],
+              blocks: Mapping[str, SourceBlock]) -> ChannelSender:
+        ch = connect(self.uri, name=f"multifd{index}", tls=self.tls, kind=ChannelKind.MULTIFD)
+        try:
+            ch.detect_dead_peer(self.dead_link_timeout_ms)
+            ch.send([InitPacket(self.uuid, index).encode()])
+        except BaseException:
+            ch.close()
+            raise
+        return ChannelSender(index, self.channels, ch, bits, blocks)
+
+    def start(self, bits: Mapping[str, npt.NDArray[np.bool_]],
+              blocks: Mapping[str, SourceBlock]) -> None:
+        """Connect every channel (in parallel: a TLS handshake each) and send its
+        initial packet."""
+        jobs = [self._threads.submit(self._open, i, bits, blocks)
+                for i in range(self.channels)]
+        wait_futures(jobs)
+        self.senders = [j.result() for j in jobs if j.exception() is None]
+        self._raise_failures(jobs)
 
     @staticmethod
-    def _expect(i: int, h: HelperProcess, kind: str, timeout: float | None) -> None:
-        try:
-            h.expect(kind, timeout)
-        except (ChannelClosedError, MigrationError) as e:
-            raise MigrationError(f"multifd channel {i} failed: {e}") from None
+    def _raise_failures(jobs: list[Future[Any]]) -> None:
+        """Every channel that failed, in one error: when one connection dies the
+        destination gives up on all of them, so which broke first cannot be told here."""
+        failed = [(i, e) for i, e in enumerate(j.exception() for j in jobs) if e is not None]
+        for _i, e in failed:
+            if not isinstance(e, (LivemigError, OSError)):
+                raise e
+        if failed:
+            raise MigrationError("; ".join(f"multifd channel {i} failed: {e}"
+                                           for i, e in failed))
 
     def round(self, limit: int, interrupted: Callable[[], bool]) -> None:
-        """One round on every channel, until each has sent its SYNC packet."""
+        """One round on every channel, until each has sent its SYNC packet; a channel
+        that fails ends the others' round early, and its error is raised."""
         per_channel = limit // self.channels if limit > 0 else 0
-        for h in self.helpers:
-            h.send({"msg": "round", "limit": per_channel})
-        pending = {h.ctl.fileno(): (i, h) for i, h in enumerate(self.helpers)}
-        stopped = False
-        while pending:
-            if not stopped and interrupted():
-                self._control.add("stop")
-                stopped = True
-            for fd in select.select(list(pending), [], [], ROUND_POLL_S)[0]:
-                i, h = pending.pop(fd)
-                self._expect(i, h, "synced", None)
+        self._stop.clear()
+        jobs = [self._threads.submit(s.round, per_channel, self._stop) for s in self.senders]
+        while True:
+            done, pending = wait_futures(jobs, ROUND_POLL_S, FIRST_EXCEPTION)
+            if not pending:
+                break
+            if interrupted() or any(j.exception() is not None for j in done):
+                self._stop.set()
+        self._raise_failures(jobs)
 
     def counter(self, name: str) -> int:
-        return sum(c[name] for c in self._counters)
+        return sum(self.per_channel(name))
 
     def per_channel(self, name: str) -> list[int]:
-        return [c[name] for c in self._counters]
+        return [int(getattr(s, name)) for s in self.senders]
 
-    def release_helpers(self) -> None:
-        """Precopy went well: each helper closes its connection and goes back to the
-        pool (one that does not answer is stopped)."""
-        if self._released:
+    def end(self) -> None:
+        """Precopy is over: close every channel (the destination's receivers end on
+        it) and the threads (idempotent)."""
+        if self._ended:
             return
-        self._released = True
-        kept = []
-        for h in self.helpers:
-            try:
-                h.send({"msg": "release"})
-                h.expect("released", START_TIMEOUT)
-                kept.append(h)
-            except (ChannelClosedError, MigrationError) as e:
-                log.warning("multifd helper %d not reused: %s", h.pid, e)
-                h.close()
-        self.pool.give_back(kept)
-
-    def close(self) -> None:
-        """Stop the helpers not given back (a failed or cancelled migration)."""
-        if not self._released:
-            self._released = True
-            for h in self.helpers:
-                h.close()
-        del self._control
-        self._counters.clear()
-        self.memory.close()
+        self._ended = True
+        self._threads.shutdown()
+        for s in self.senders:
+            s.close()
 
 
 class MultifdPages(PrecopyPages):
-    """With multifd: rounds on the channel helpers, a flush on the main channel."""
+    """With multifd: rounds on the channels, a flush on the main channel."""
 
     def __init__(self, sender: PageSender, source: MultifdSource,
-                 blocks: Mapping[str, HelperBlock], limit: Callable[[], int]) -> None:
+                 blocks: Mapping[str, SourceBlock], limit: Callable[[], int]) -> None:
         self.sender = sender
         self.source = source
         self._blocks = blocks
         self._limit = limit
         self._counted = (0, 0)  # normal, zero pages already added to the stats
-        self._pids = [h.pid for h in source.helpers]
-        self._final: dict[str, int] | None = None
-        self._final_bytes: list[int] = []
 
     def handshake(self) -> dict[str, Any]:
         return {"multifd_channels": self.source.channels, "multifd_uuid": self.source.uuid}
 
     def start(self) -> None:
-        self.source.start(self._blocks)
+        self.source.start({n: bm.bits for n, bm in self.sender.bitmaps.items()},
+                          self._blocks)
 
     def _flush(self) -> None:
         main = self.sender.main
@@ -333,47 +328,33 @@ class MultifdPages(PrecopyPages):
         self.end()
 
     def end(self) -> None:
-        if self._final is None:
-            self._final = {"bytes": self.source.counter("bytes"),
-                           "normal": self.source.counter("normal"),
-                           "zero": self.source.counter("zero")}
-            self._final_bytes = self.source.per_channel("bytes")
-            self.source.release_helpers()
-
-    def _count(self, name: str) -> int:
-        return self._final[name] if self._final is not None else self.source.counter(name)
+        self.source.end()
 
     def bytes_sent(self) -> int:
-        return self._count("bytes")
+        return self.source.counter("bytes")
 
     def update_stats(self, ram: RamStats) -> None:
-        normal, zero = self._count("normal"), self._count("zero")
+        normal, zero = self.source.counter("normal"), self.source.counter("zero")
         ram.normal += normal - self._counted[0]
         ram.duplicate += zero - self._counted[1]
         self._counted = (normal, zero)
 
     def to_qmp(self) -> dict[str, Any]:
-        per_channel = (self.source.per_channel("bytes") if self._final is None
-                       else self._final_bytes)
         return {"x-multifd": {"channels": self.source.channels,
-                              "helper-pids": list(self._pids), "bytes": per_channel}}
+                              "bytes": self.source.per_channel("bytes"),
+                              "local-ports": [s.local_port for s in self.source.senders]}}
 
     def close(self) -> None:
         self.end()
-        self.source.close()
 
 
 def choose_precopy_pages(caps: Capabilities, params: Parameters, uri: MigrationUri,
-                         sender: PageSender, blocks: Mapping[str, HelperBlock],
-                         bits: SharedBits | None, pool: HelperPool,
+                         sender: PageSender, blocks: Mapping[str, SourceBlock],
                          tls: TlsEndpoint | None = None) -> PrecopyPages:
-    """The precopy design of one migration.  With multifd, ``bits`` is the shared
-    memory the page sender's bitmaps live in, ``pool`` where its helpers come from."""
+    """The precopy design of one migration."""
     if not caps.multifd:
         return MainChannelPages(sender)
-    assert bits is not None, "multifd needs the bitmaps in shared memory"
-    source = MultifdSource(uri, params.multifd_channels, bits, params.x_dead_link_timeout,
-                           pool, tls)
+    source = MultifdSource(uri, params.multifd_channels, params.x_dead_link_timeout, tls)
     return MultifdPages(sender, source, blocks, lambda: sender.limiter.limit)
 
 
@@ -381,11 +362,6 @@ def require_socket_uri(caps: Capabilities, uri: MigrationUri) -> None:
     """multifd opens several connections: a file: URI cannot have them."""
     if caps.multifd and uri.scheme == "file":
         raise ConfigError("multifd needs a tcp: or unix: URI (a file: image has one stream)")
-
-
-def shared_pages(blocks: Mapping[str, SourceBlock]) -> SharedBits:
-    """Bitmaps' bits in shared memory, for a migration whose urgent design has none."""
-    return SharedBits({n: b.pages for n, b in blocks.items()})
 
 
 # --- the destination -----------------------------------------------------------------------
@@ -533,143 +509,3 @@ class MultifdReceivers:
         for v in self._views.values():
             v.release()
         self._views.clear()
-
-
-# --- the channel helper process ------------------------------------------------------------
-class _WindowRam:
-    """One block's guest RAM as a channel helper sees it: the VMM's memfd mapped here
-    (no copy), or a window read through ``/proc/PID/mem`` into a buffer."""
-
-    def __init__(self, size: int, kind: str, where: int, mem: ProcessMemory,
-                 fds: list[int]) -> None:
-        self._shared: SharedMemory | None = None
-        self._mem = mem
-        self._addr = where
-        if kind == "memfd":
-            self._shared = SharedMemory.attach(fds[where], size)
-            self._bytes = self._shared.array(0, np.uint8, size)
-        else:
-            self._bytes = np.empty(PACKET_PAGES * PAGE_SIZE, dtype=np.uint8)
-        self._words = self._bytes.view(np.uint64).reshape(-1, _WORDS)
-
-    def window(self, first: int, count: int
-               ) -> tuple[npt.NDArray[np.uint64], memoryview, int]:
-        """Pages [first, first+count): RAM as 64-bit words one row per page, the same
-        as bytes, and the page index that row 0 stands for."""
-        if self._shared is not None:
-            return self._words, self._bytes.data, 0
-        view = self._bytes.data
-        self._mem.read_into(self._addr + first * PAGE_SIZE, view[: count * PAGE_SIZE])
-        return self._words, view, first
-
-
-class _ChannelHelper:
-    """One multifd channel's sender, in its own process."""
-
-    def __init__(self, conn: HelperConn, msg: dict[str, Any], fds: list[int]) -> None:
-        self.conn = conn
-        self._fds = fds
-        self.index, self.count = int(msg["channel"]), int(msg["channels"])
-        blocks = {str(b[0]): b for b in msg["blocks"]}
-        pages = {n: int(b[1]) // PAGE_SIZE for n, b in blocks.items()}
-        bits = bits_layout(pages).views(SharedMemory.attach(fds[0], int(msg["bits_size"])))
-        self.bits = {n: bits[f"{n}/bits"] for n in blocks}
-        state = state_layout(self.count).views(SharedMemory.attach(fds[1],
-                                                                   int(msg["state_size"])))
-        self.control: Counters = state.counters("control")
-        self.counters: Counters = state.counters(f"channel{self.index}")
-        mem = self._mem = ProcessMemory(int(msg["pid"]))
-        self.ram = {n: _WindowRam(int(b[1]), str(b[2]), int(b[3]), mem, fds)
-                    for n, b in blocks.items()}
-        tls = msg.get("tls")
-        self.channel = connect(MigrationUri.parse(str(msg["uri"])),
-                               name=f"multifd{self.index}",
-                               tls=None if tls is None else TlsEndpoint.of(tls),
-                               kind=ChannelKind.MULTIFD)
-        self.channel.detect_dead_peer(int(msg["dead_link_timeout"]))
-        self.channel.send([InitPacket(bytes.fromhex(str(msg["uuid"])), self.index).encode()])
-        self._seq = 0
-
-    def _packet_num(self) -> int:
-        """Unique over all channels without a shared counter: seq * N + channel."""
-        self._seq += 1
-        return self._seq * self.count + self.index
-
-    def round(self, limit: int) -> None:
-        stop = self.control["stop"]
-        limiter = RateLimiter(limit)
-        for name, bits in self.bits.items():
-            starts = np.arange(0, len(bits), PACKET_PAGES)
-            dirty = np.logical_or.reduceat(bits, starts)
-            mine = starts[self.index :: self.count][dirty[self.index :: self.count]]
-            for first in mine.tolist():
-                if self.control["stop"] != stop:
-                    break
-                limiter.account(self._send_window(name, bits, first,
-                                                  min(PACKET_PAGES, len(bits) - first)))
-        self.channel.send([sync_packet(self._packet_num())])
-        self.counters.add("packets")
-
-    def _send_window(self, name: str, bits: npt.NDArray[np.bool_], first: int,
-                     count: int) -> int:
-        """Clear and send the dirty pages of one window as one packet."""
-        sl = bits[first : first + count]
-        idx = np.flatnonzero(sl)
-        if not len(idx):
-            return 0
-        sl[idx] = False
-        words, view, base = self.ram[name].window(first, count)
-        pages = idx + first
-        w = split_zero_pages(words, pages - base, pages)
-        head = encode_packet(self._packet_num(), name, w.pages, w.zeros)
-        offsets = (w.pages - base).astype(np.uint64) * np.uint64(PAGE_SIZE)
-        self.channel.send_gather(head, view, offsets)
-        nbytes = len(head) + len(w.pages) * PAGE_SIZE
-        self.counters.add("normal", len(w.pages))
-        self.counters.add("zero", len(w.zeros))
-        self.counters.add("bytes", nbytes)
-        self.counters.add("packets")
-        return nbytes
-
-    def serve(self) -> bool:
-        """Rounds until the VMM releases this helper (True: it may serve another
-        migration) or stops it (False)."""
-        self.conn.send({"msg": "ready"})
-        while True:
-            msg, _ = self.conn.recv()
-            kind = msg.get("msg")
-            if kind == "round":
-                self.round(int(msg["limit"]))
-                self.conn.send({"msg": "synced"})
-            elif kind in ("release", "stop"):
-                return bool(kind == "release")
-
-    def close(self) -> None:
-        """Close the channel and every fd and mapping of this migration (guest RAM's
-        memfd mapping too: its huge pages must go back when the VM goes)."""
-        self.channel.close()
-        self.ram.clear()
-        self.bits.clear()
-        self._mem.close()
-        for fd in self._fds:
-            os.close(fd)
-
-
-def _serve(conn: HelperConn, msg: dict[str, Any], fds: list[int]) -> None:
-    """Serve migrations one after the other: a released helper waits in the VMM's
-    pool for the next migration's "start"."""
-    while True:
-        helper = _ChannelHelper(conn, msg, fds)
-        again = helper.serve()
-        helper.close()
-        del helper
-        if not again:
-            return
-        conn.send({"msg": "released"})
-        msg, fds = conn.recv()
-        if msg.get("msg") != "start":
-            return
-
-
-if __name__ == "__main__":
-    helper_main(_serve)

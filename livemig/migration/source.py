@@ -58,13 +58,7 @@ from livemig.migration.channel import (
     quiet_background,
 )
 from livemig.migration.handshake import Handshake, block_table
-from livemig.migration.multifd import (
-    HelperPool,
-    PrecopyPages,
-    choose_precopy_pages,
-    require_socket_uri,
-    shared_pages,
-)
+from livemig.migration.multifd import PrecopyPages, choose_precopy_pages, require_socket_uri
 from livemig.migration.ratelimit import BandwidthMeter, RateLimiter
 from livemig.migration.returnpath import PageRequest, RequestQueue, ReturnPathReader
 from livemig.migration.sender import OutChannel, PageSender
@@ -79,7 +73,6 @@ from livemig.migration.state import (
 )
 from livemig.migration.tls import TlsEndpoint
 from livemig.migration.trace import Tracer
-from livemig.migration.urgent import SharedBits
 from livemig.migration.urgent_sender import UrgentSender, choose_urgent_sender
 from livemig.migration.vmdesc import (
     DevicePayload,
@@ -195,15 +188,10 @@ class SourceMigration:
                  emit: EventSink | None = None, tracer: Tracer | None = None, *,
                  switch: SwitchInterval | None = None,
                  postcopy_channel_first: bool = False,
-                 multifd_pool: HelperPool | None = None,
                  tls: TlsEndpoint | None = None) -> None:
         """``switch``: the process's owner of the GIL switch interval (one per process,
-        shared by every migration in it).  ``multifd_pool``: where multifd channel
-        helpers come from (the instance's, kept between migrations; else our own).
-        ``tls``: secures every connection (tls-creds)."""
+        shared by every migration in it).  ``tls``: secures every connection (tls-creds)."""
         require_socket_uri(caps, uri)
-        self._own_pool = multifd_pool is None
-        self.multifd_pool = multifd_pool or HelperPool()
         self.vm = vm
         self.switch = switch or SwitchInterval()
         self.uri = uri
@@ -236,7 +224,6 @@ class SourceMigration:
         self._link_error: Exception | None = None
         self._resume_cond = threading.Condition()
         self._previous_bytes = 0
-        self._shared_pages: SharedBits | None = None  # multifd's, when urgent has none
         self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
 
     # --- control (any thread) -------------------------------------------------------------
@@ -379,10 +366,6 @@ class SourceMigration:
             if self._precopy is not None:
                 self._precopy.update_stats(self.info.ram)
                 self._precopy.close()
-            if self._shared_pages is not None:
-                self._shared_pages.close()
-            if self._own_pool:
-                self.multifd_pool.close()
             if self._sender is not None:
                 self.urgent.update_stats(self.info.ram)
                 self._sender.release()
@@ -409,8 +392,6 @@ class SourceMigration:
         main = OutChannel("precopy", Encoder(postcopy=self.caps.postcopy_ram),
                           ChannelWriter(channel))
         shared = self.urgent.shared_bits()
-        if shared is None and self.caps.multifd:  # the channel helpers map the bits
-            shared = self._shared_pages = shared_pages(self.vm.blocks)
         sender = PageSender(self.vm.blocks, main, hs.RAM.section_id, self.info.ram,
                             RateLimiter(self.params.max_bandwidth), self.trace,
                             bits=shared.bits if shared else None,
@@ -419,8 +400,7 @@ class SourceMigration:
         self.urgent.attach(sender)
         sender.post = post
         precopy = self._precopy = choose_precopy_pages(self.caps, self.params, self.uri,
-                                                       sender, self.vm.blocks, shared,
-                                                       self.multifd_pool, self.tls)
+                                                       sender, self.vm.blocks, self.tls)
         # QEMU's suppress-vmdesc: no VM description after EOF.
         self._handshake = replace(self.urgent.handshake(),
                                   vmdesc=not self.params.x_suppress_vmdesc,
