@@ -61,10 +61,10 @@ from livemig.migration.tls import (
     HANDSHAKE_TIMEOUT,
     PAGES_PER_WRITE,
     READ_CHUNK,
+    RecordGauge,
     TlsEndpoint,
     gather_pages,
     looks_like_tls,
-    read_on,
     send_all,
 )
 from livemig.units import PAGE_SIZE
@@ -388,13 +388,14 @@ class Channel:
         copy: a larger chunk would hold back a requested page behind it), so the
         reader handles large chunks as on a plain socket -- and never waits for a
         record still arriving while it holds others.  A short record (a page, a
-        request) is read alone (:func:`~livemig.migration.tls.read_on`)."""
+        request) is read alone (:class:`~livemig.migration.tls.RecordGauge`)."""
         assert isinstance(self.sock, ssl.SSLSocket)
         sock = self.sock
         max_bytes = min(max_bytes, READ_CHUNK)
         parts = [sock.recv(max_bytes)]
         got = len(parts[0])
-        while got < max_bytes and parts[-1] and read_on(sock, len(parts[-1])):
+        gauge = RecordGauge(sock)
+        while got < max_bytes and parts[-1] and gauge.read_on(len(parts[-1])):
             parts.append(sock.recv(max_bytes - got))
             got += len(parts[-1])
         return parts[0] if len(parts) == 1 else b"".join(parts)

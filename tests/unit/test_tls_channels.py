@@ -396,19 +396,24 @@ def _bio_pair(dirs: TlsDirs) -> tuple[Channel, BioClient, socket.socket]:
     return ch, sender, peer
 
 
+@pytest.mark.parametrize("whole", [1, 3, 12])
 def test_a_tls_read_returns_the_records_arrived_without_waiting_for_one_in_flight(
-        dirs: TlsDirs) -> None:
+        dirs: TlsDirs, whole: int) -> None:
     ch, sender, peer = _bio_pair(dirs)
     # Full records: the read would go on to the next one if it had arrived whole.
-    first, second = b"a" * RECORD_PLAINTEXT, b"b" * RECORD_PLAINTEXT
-    wire_first, wire_second = sender.record(first), sender.record(second)
-    peer.sendall(wire_first + wire_second[:100])  # the second record is still arriving
+    first = b"".join(bytes([65 + i]) * RECORD_PLAINTEXT for i in range(whole))
+    second = b"z" * RECORD_PLAINTEXT
+    wire_first = b"".join(sender.record(first[i : i + RECORD_PLAINTEXT])
+                          for i in range(0, len(first), RECORD_PLAINTEXT))
+    wire_second = sender.record(second)
+    # The last record is still arriving: all but its last bytes are here.
+    peer.sendall(wire_first + wire_second[:-100])
     got: list[bytes] = []
     reader = threading.Thread(target=lambda: got.append(ch.recv(1 << 20)))
     reader.start()
     reader.join(5)
     arrived_whole = not reader.is_alive()
-    peer.sendall(wire_second[100:])
+    peer.sendall(wire_second[-100:])
     reader.join(20)
     assert arrived_whole, "the read waited for the record still in flight"
     assert got == [first]
