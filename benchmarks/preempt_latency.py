@@ -13,7 +13,7 @@ Theory of operation
 A 1 GiB ``random`` guest runs on the source; each migration switches to postcopy right
 after ``migrate`` (``--precopy-ms`` delays the switch; ``--precopy-bytes`` switches once
 the source has sent that much, so that designs whose setup takes longer, such as
-multifd's channel helpers, get the same amount of precopy), so nearly every page the
+multifd's connections, get the same amount of precopy), so nearly every page the
 guest visits on the destination is requested from the source.  For every (link, page size,
 mode) the table shows the medians over ``--repeat`` runs of the fault-to-placement
 latency percentiles p50/p90/p99/max, the number of requested pages measured (count),

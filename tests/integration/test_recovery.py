@@ -142,8 +142,8 @@ def test_a_paused_postcopy_recovers_and_completes(
 
 def test_a_paused_multifd_postcopy_in_memfd_ram_recovers_and_completes(
         tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    """Shared 4 KiB guest RAM, mapped by the multifd channel helpers and the urgent
-    helper (new ones after the recovery)."""
+    """Shared 4 KiB guest RAM, sent by the multifd channels, then mapped by the urgent
+    helper (a new one after the recovery)."""
     test_a_paused_postcopy_recovers_and_completes(
         tmp_path, request, caps_of(postcopy=True, preempt=True, multifd=True), "process",
         Backing.MEMFD_4K)
