@@ -57,7 +57,7 @@ import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor
+from concurrent.futures import ALL_COMPLETED, FIRST_EXCEPTION, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from typing import Any
 
@@ -267,12 +267,14 @@ class MultifdSource:
         per_channel = limit // self.channels if limit > 0 else 0
         self._stop.clear()
         jobs = [self._threads.submit(s.round, per_channel, self._stop) for s in self.senders]
+        until = FIRST_EXCEPTION
         while True:
-            done, pending = wait_futures(jobs, ROUND_POLL_S, FIRST_EXCEPTION)
+            done, pending = wait_futures(jobs, ROUND_POLL_S, until)
             if not pending:
                 break
             if interrupted() or any(j.exception() is not None for j in done):
                 self._stop.set()
+                until = ALL_COMPLETED  # the others end their round; nothing to watch
         self._raise_failures(jobs)
 
     def counter(self, name: str) -> int:
