@@ -216,12 +216,18 @@ def send_pages(sock: socket.socket, words: npt.NDArray[np.generic], prefix: byte
 
 
 def _page_iov(ram: memoryview, offsets: npt.NDArray[np.uint64], lead: int) -> npt.NDArray[np.void]:
-    """An iovec array: ``lead`` entries left for the caller, then one 4 KiB entry of
-    ``ram`` per offset (built with NumPy: no Python object per page)."""
-    iov = np.empty(lead + len(offsets), dtype=_IOVEC)
+    """An iovec array: ``lead`` entries left for the caller, then the 4 KiB pages of
+    ``ram`` at ``offsets``, in that order, one entry per run of consecutive pages (a
+    dense 2 MiB window is one entry, not 512); built with NumPy, no Python object per
+    page."""
+    off = offsets.astype(np.uint64)
+    first = np.ones(len(off), dtype=np.bool_)  # does a run start at this page?
+    first[1:] = off[1:] != off[:-1] + np.uint64(PAGE_SIZE)
+    starts = np.flatnonzero(first)
+    iov = np.empty(lead + len(starts), dtype=_IOVEC)
     ram_base = ctypes.addressof(ctypes.c_char.from_buffer(ram))
-    iov["base"][lead:] = np.uint64(ram_base) + offsets.astype(np.uint64)
-    iov["len"][lead:] = PAGE_SIZE
+    iov["base"][lead:] = np.uint64(ram_base) + off[starts]
+    iov["len"][lead:] = np.diff(starts, append=len(off)).astype(np.uint64) * np.uint64(PAGE_SIZE)
     return iov
 
 
