@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from fake_ram import FakeBlock
 
 from livemig.errors import RemoteProtocolError
 from livemig.migration.channel import Channel
@@ -23,21 +24,6 @@ from livemig.wire.multifd import InitPacket, encode_packet, sync_packet
 
 UUID = bytes(range(16))
 PAGES = 1024
-
-
-class FakeBlock:
-    """A RAM block over a plain buffer (what the receivers and the loader need)."""
-
-    def __init__(self, pages: int) -> None:
-        self._mem = np.zeros(pages * PAGE_SIZE, dtype=np.uint8)
-        self.size = pages * PAGE_SIZE
-        self.host_page_size = PAGE_SIZE
-
-    def view(self) -> memoryview:
-        return memoryview(self._mem.data)
-
-    def array(self) -> npt.NDArray[np.uint8]:
-        return self._mem
 
 
 @contextmanager

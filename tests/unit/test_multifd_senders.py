@@ -17,34 +17,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from fake_ram import FakeBlock
 
 from livemig.errors import MigrationError
 from livemig.migration.channel import Channel, MigrationUri
 from livemig.migration.multifd import MultifdReceivers, MultifdSource
 from livemig.migration.pagesink import RamLoader
-from livemig.units import PAGE_SIZE
 from livemig.wire.multifd import INIT_SIZE, PACKET_PAGES, InitPacket
 
 WINDOWS = 6
 PAGES = WINDOWS * PACKET_PAGES  # 12 MiB: six 2 MiB windows
-
-
-class FakeBlock:
-    """A RAM block over a plain buffer (what senders, receivers and loader need)."""
-
-    def __init__(self, pages: int) -> None:
-        self._mem = np.zeros(pages * PAGE_SIZE, dtype=np.uint8)
-        self.size = pages * PAGE_SIZE
-        self.host_page_size = PAGE_SIZE
-
-    def view(self) -> memoryview:
-        return memoryview(self._mem.data)
-
-    def array(self) -> npt.NDArray[np.uint8]:
-        return self._mem
-
-    def pages(self) -> npt.NDArray[np.uint8]:
-        return self._mem.reshape(-1, PAGE_SIZE)
 
 
 @dataclass
