@@ -116,7 +116,7 @@ def _quit_on_signals(instance: Instance) -> None:
                    "in a shared memfd (with --machine memory-backend=ID).")
 @click.option("--machine", metavar="memory-backend=ID",
               help="As QEMU's -machine memory-backend=ID: guest RAM is that --object "
-                   "memory-backend-memfd (helper processes then map it, no copy).")
+                   "memory-backend-memfd (postcopy's helper processes then map it, no copy).")
 @_friendly_errors
 def run(guest: str | None, image: str | None, mem: str, page_size: str, prealloc: bool,
         qmp_path: str | None,

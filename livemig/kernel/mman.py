@@ -13,9 +13,9 @@ instead of unmapping memory someone still reads.
 * ``THP`` - private anonymous memory with ``MADV_HUGEPAGE``.  Linux aligns anonymous
   mappings whose length is a multiple of 2 MiB on a 2 MiB boundary, which THP needs.
 * ``4K-memfd`` - a plain (shmem) ``memfd_create`` file mapped shared, 4 KiB pages (QEMU's
-  ``memory-backend-memfd,share=on``).  Another process can map the same memory (the
-  migration's helper processes do: they send guest RAM from their own mapping of it,
-  with no copy).
+  ``memory-backend-memfd,share=on``).  Another process can map the same memory
+  (postcopy's helper processes do: the source's urgent helper sends guest RAM from its
+  own mapping of it, with no copy).
 * ``2M`` / ``1G`` - a ``memfd_create(MFD_HUGETLB | MFD_HUGE_*)`` file mapped shared: the
   same memory is handed to helper processes the same way.
 
@@ -189,10 +189,7 @@ class Mapping:
             # The iovecs point into self.mm, which this call keeps open.
             iov = ranges.astype(np.uint64, copy=True)
             iov[:, 0] += np.uint64(self.host_addr)
-            done = _advise_self(iov, MADV_DONTNEED)
-            for offset, length in ranges[done:].tolist():
-                self._drop(offset, length)
-            return
+            ranges = ranges[_advise_self(iov, MADV_DONTNEED):]  # the rest one by one
         if not self.backing.is_hugetlb:
             for offset, length in ranges.tolist():
                 self._drop(offset, length)

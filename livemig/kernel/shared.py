@@ -7,7 +7,7 @@ Postcopy's urgent path runs in helper processes (``migration/helper.py``): a Pyt
 thread woken by a fault would otherwise wait for the GIL held by the thread streaming
 background pages.  A helper and its parent share state through a :class:`SharedMemory`
 (a memfd mapped shared by both, NumPy arrays laid over it) and guard it with a
-:class:`ProcessLock`.  The source's helpers read guest RAM from the VMM's own memfd
+:class:`ProcessLock`.  The source's urgent helper reads guest RAM from the VMM's memfd
 when it has one (``4K-memfd`` and hugetlb backings: mapped, sent with no copy) or, for
 private anonymous RAM, through :class:`ProcessMemory` (``/proc/PID/mem``: a kernel copy
 into the helper's buffer).
