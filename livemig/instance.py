@@ -71,6 +71,7 @@ class Instance:
     def _register_vm_commands(self) -> None:
         reg = self.commands.register
         reg("query-status", lambda _a: self.query_status(), params=())
+        reg("query-cpus-fast", lambda _a: self.query_cpus_fast(), params=())
         reg("stop", lambda _a: self._stop(), params=())
         reg("cont", lambda _a: self._cont(), params=())
         reg("inject-nmi", lambda _a: self.vm.inject_nmi(), params=())
@@ -84,6 +85,13 @@ class Instance:
     def query_status(self) -> dict[str, Any]:
         return {"status": self.vm.runstate.value, "running": self.vm.running,
                 "singlestep": False}
+
+    def query_cpus_fast(self) -> list[dict[str, Any]]:
+        """QEMU's CpuInfoFast per vCPU: the thread that runs it (what libvirt pins), and
+        the QOM path QEMU gives a vCPU of ``-smp`` on x86."""
+        return [{"cpu-index": i, "qom-path": f"/machine/unattached/device[{i}]",
+                 "thread-id": v.native_id, "target": "x86_64"}
+                for i, v in enumerate(self.vm.vcpus)]
 
     def guest_check(self, guest: str) -> dict[str, Any]:
         """Our extension: run the host-side check of a paused livemig guest's RAM."""

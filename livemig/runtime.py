@@ -62,6 +62,30 @@ BACKGROUND_NICE: Final = 5
 MAX_NICE: Final = 19
 
 
+class NamedThread(threading.Thread):
+    """A thread the kernel knows by its Python name too: ``top -H``, ``ps -L``,
+    ``perf`` and ``/proc/PID/task/TID/comm`` show it (its first 15 bytes), as they show
+    QEMU's ``CPU 0/KVM`` or ``live_migration`` with ``-name debug-threads=on``."""
+
+    def run(self) -> None:
+        name_os_thread(self.name)
+        super().run()
+
+
+def name_this_thread() -> None:
+    """Give the calling thread its Python name in the kernel (a pool's initializer)."""
+    name_os_thread(threading.current_thread().name)
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread ``name`` (cut to the kernel's 15 bytes) in the kernel."""
+    fd = os.open("/proc/thread-self/comm", os.O_WRONLY)
+    try:
+        os.write(fd, name.encode()[:15])
+    finally:
+        os.close(fd)
+
+
 def lower_thread_priority(by: int = BACKGROUND_NICE) -> None:
     """Raise the calling thread's nice value by ``by`` (at most to 19): see the module
     docstring.  Only for threads that end with their migration."""

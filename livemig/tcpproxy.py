@@ -21,6 +21,8 @@ import contextlib
 import socket
 import threading
 
+from livemig.runtime import NamedThread
+
 POLL_S = 0.05  # how often a pump checks whether it should go silent
 BUFFER = 256 << 10  # SO_RCVBUF of every proxy socket (set before connect/accept)
 
@@ -40,7 +42,7 @@ class TcpProxy:
         self._silent = threading.Event()
         self._closed = threading.Event()
         self._sockets: list[socket.socket] = []
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads = [NamedThread(target=self._accept, daemon=True)]
         self._threads[0].start()
 
     def _accept(self) -> None:
@@ -56,7 +58,7 @@ class TcpProxy:
             up, down = bytearray(), bytearray()
             self.flows.append((up, down))
             for src, dst, log in ((a, b, up), (b, a, down)):
-                t = threading.Thread(target=self._pump, args=(src, dst, log), daemon=True)
+                t = NamedThread(target=self._pump, args=(src, dst, log), daemon=True)
                 t.start()
                 self._threads.append(t)
 

@@ -47,6 +47,7 @@ from livemig.control.commands import CommandTable, Handler, JsonType, Param
 from livemig.control.jsonstream import DEFAULT_LIMIT
 from livemig.control.protocol import QmpProtocol, Version, event_message
 from livemig.errors import ConfigError, QmpError
+from livemig.runtime import NamedThread
 
 __all__ = ["CommandTable", "Handler", "JsonType", "Param", "QmpError", "QmpServer"]
 
@@ -177,7 +178,7 @@ class QmpServer:
             self._state = "serving"
         self._listener = self._bind()
         self._wake_r, self._wake_w = socket.socketpair()
-        self._accept_thread = threading.Thread(
+        self._accept_thread = NamedThread(
             target=self._accept_loop,
             args=(self._listener, self._wake_r),
             name=f"qmp-accept:{self._path}",
@@ -306,7 +307,7 @@ class QmpServer:
                 return
             self._session_count += 1
             session = _Session(conn, protocol, f"client#{self._session_count}")
-            session.thread = threading.Thread(
+            session.thread = NamedThread(
                 target=self._run_session, args=(session,), name=f"qmp-{session.name}", daemon=True
             )
             self._sessions.add(session)

@@ -42,7 +42,7 @@ from livemig.migration.state import (
     log_failure,
 )
 from livemig.migration.tls import TlsEndpoint
-from livemig.runtime import SwitchInterval
+from livemig.runtime import NamedThread, SwitchInterval
 from livemig.vmm.vm import RunState, Vm
 from livemig.wire.channel import ChannelKind
 
@@ -86,7 +86,7 @@ class DestinationMigration:
         # our SHUT), and the connection it answers on.
         self._answerer: threading.Thread | None = None
         self._answering: Channel | None = None
-        self._thread = threading.Thread(target=self._run, name="incoming", daemon=True)
+        self._thread = NamedThread(target=self._run, name="incoming", daemon=True)
         # Injectable so tests can play a host whose userfaultfd lacks features.
         self.uffd_features: Callable[[], int] = Userfaultfd.supported_features
 
@@ -147,7 +147,7 @@ class DestinationMigration:
                 raise MigrationError("Migrate recovery is triggered already")
             listener = self._recover_listener = Listener(uri)  # bind now: errors reach
             if completed:                                      # the caller
-                self._answerer = threading.Thread(target=self._answer_completed,
+                self._answerer = NamedThread(target=self._answer_completed,
                                                   args=(listener,), name="resume-completed",
                                                   daemon=True)
                 self._answerer.start()

@@ -59,6 +59,7 @@ from livemig.migration.postcopy import (
 from livemig.migration.returnpath import ReturnPathWriter
 from livemig.runtime import (
     POSTCOPY_SWITCH_INTERVAL,
+    NamedThread,
     SwitchInterval,
     SwitchIntervalLease,
     lower_thread_priority,
@@ -164,7 +165,7 @@ class ThreadFaultHandler(FaultHandler):
         self._fault.start()
         if self.post_channel is not None:
             assert self._placer is not None
-            self._recv = threading.Thread(
+            self._recv = NamedThread(
                 target=receive_postcopy_channel, name="postcopy/recv", daemon=True,
                 args=(self.post_channel, self._placer, self._table, on_error))
             self._recv.start()

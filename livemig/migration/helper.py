@@ -36,6 +36,7 @@ from livemig import errors
 from livemig.errors import ChannelClosedError, LivemigError, MigrationError
 from livemig.kernel.mman import Mapping, keep_freed_buffers
 from livemig.kernel.shared import die_with_parent
+from livemig.runtime import NamedThread
 
 log = logging.getLogger("livemig.helper")
 
@@ -175,7 +176,7 @@ class HelperWatch:
         self._done = threading.Event()
         self._stopping = False
         self._on_error = on_error
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = NamedThread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _expect(self, kind: str) -> dict[str, Any]:

@@ -59,7 +59,7 @@ from livemig.migration.postcopy import RECV_CHUNK, ChannelPlacer, LatencyStats, 
 from livemig.migration.returnpath import ReturnPathWriter
 from livemig.migration.state import Capabilities, detached
 from livemig.migration.vmdesc import check_description
-from livemig.runtime import SwitchInterval
+from livemig.runtime import NamedThread, SwitchInterval
 from livemig.vmm.serial import SerialState
 from livemig.vmm.state import PlatformState, VcpuState, VmState
 from livemig.vmm.vm import RunState, Vm
@@ -119,7 +119,7 @@ class GuestStarter:
         self._states: queue.SimpleQueue[VmState | None] = queue.SimpleQueue()
         self._requested = False
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="postcopy/run", daemon=True)
+        self._thread = NamedThread(target=self._run, name="postcopy/run", daemon=True)
         self._thread.start()
 
     def run(self, state: VmState) -> None:

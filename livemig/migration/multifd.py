@@ -73,6 +73,7 @@ from livemig.migration.ratelimit import RateLimiter
 from livemig.migration.sender import PageSender
 from livemig.migration.state import Capabilities, Parameters, RamStats, detached
 from livemig.migration.tls import TlsEndpoint
+from livemig.runtime import NamedThread, name_this_thread
 from livemig.units import PAGE_SIZE
 from livemig.wire.channel import ChannelKind
 from livemig.wire.multifd import (
@@ -224,7 +225,8 @@ class MultifdSource:
         self.uuid = uuid.uuid4().bytes
         self.dead_link_timeout_ms = dead_link_timeout_ms
         self.senders: list[ChannelSender] = []
-        self._threads = ThreadPoolExecutor(channels, thread_name_prefix="multifd")
+        self._threads = ThreadPoolExecutor(channels, thread_name_prefix="multifd",
+                                           initializer=name_this_thread)
         self._stop = threading.Event()
         self._ended = False
 
@@ -403,7 +405,7 @@ class MultifdReceivers:
                                       f"or arrives twice ({self.channels} channels)")
         channel.name = f"multifd{init.channel}"
         self._channels[init.channel] = channel
-        t = threading.Thread(target=self._run, args=(init.channel, channel),
+        t = NamedThread(target=self._run, args=(init.channel, channel),
                              name=f"multifd/recv{init.channel}", daemon=True)
         self._threads.append(t)
         t.start()

@@ -55,6 +55,7 @@ from livemig.kernel.uffd import Userfaultfd
 from livemig.migration.channel import Channel
 from livemig.migration.handshake import SizedBlock
 from livemig.migration.pagesink import dispatch_page_event, read_payload
+from livemig.runtime import NamedThread
 from livemig.units import PAGE_SIZE
 from livemig.vmm.memory import RamBlock
 from livemig.wire import events as ev
@@ -654,7 +655,7 @@ class FaultThread:
         self._request = request
         self._on_error = on_error
         self._stop_r, self._stop_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, name="postcopy/fault", daemon=True)
+        self._thread = NamedThread(target=self._run, name="postcopy/fault", daemon=True)
 
     def start(self) -> None:
         self._thread.start()

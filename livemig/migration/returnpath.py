@@ -26,6 +26,7 @@ import numpy.typing as npt
 from livemig.errors import ChannelClosedError, MigrationError
 from livemig.migration.channel import Channel
 from livemig.migration.state import detached
+from livemig.runtime import NamedThread
 from livemig.wire import events as ev
 from livemig.wire.blocks import BlockInfo
 from livemig.wire.returnpath import (
@@ -126,7 +127,7 @@ class ReturnPathReader:
         self.shut_status: int | None = None
         self.error: Exception | None = None
         self.finished = False
-        self._thread = threading.Thread(target=self._run, name="return-path", daemon=True)
+        self._thread = NamedThread(target=self._run, name="return-path", daemon=True)
 
     def start(self) -> None:
         self._thread.start()

@@ -80,7 +80,7 @@ from livemig.migration.vmdesc import (
     describe,
     device_payloads,
 )
-from livemig.runtime import SwitchInterval
+from livemig.runtime import NamedThread, SwitchInterval
 from livemig.units import PAGE_SIZE
 from livemig.vmm.vm import RunState, Vm
 from livemig.wire.blocks import BlockInfo, host_page_summary
@@ -224,7 +224,7 @@ class SourceMigration:
         self._link_error: Exception | None = None
         self._resume_cond = threading.Condition()
         self._previous_bytes = 0
-        self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
+        self._thread = NamedThread(target=self._run, name="migration", daemon=True)
 
     # --- control (any thread) -------------------------------------------------------------
     def start(self) -> None:

@@ -25,6 +25,7 @@ import time
 from typing import BinaryIO, Protocol
 
 from livemig.errors import ConfigError
+from livemig.runtime import NamedThread
 
 FEED_RETRY_S = 0.005
 
@@ -43,7 +44,7 @@ class Console:
     def attach(self, uart: Feed) -> None:
         """Start delivering input to ``uart``."""
         self._uart = uart
-        threading.Thread(target=self._input_loop, name="console-input", daemon=True).start()
+        NamedThread(target=self._input_loop, name="console-input", daemon=True).start()
 
     def _input_loop(self) -> None:
         raise NotImplementedError

@@ -31,6 +31,7 @@ from typing import Protocol
 
 from livemig.errors import KvmError, VmStateError
 from livemig.kernel import kvm as K
+from livemig.runtime import NamedThread
 from livemig.vmm.state import VcpuState
 
 log = logging.getLogger("livemig.vcpu")
@@ -87,7 +88,7 @@ class Vcpu:
         self.exits = 0
         self._want = VcpuRunState.PAUSED
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._loop, name=f"vcpu{fd.index}", daemon=True)
+        self._thread = NamedThread(target=self._loop, name=f"vcpu{fd.index}", daemon=True)
         self._thread.start()
 
     # --- commands (any thread) -------------------------------------------------------

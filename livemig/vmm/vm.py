@@ -54,6 +54,7 @@ from typing import Any
 from livemig.errors import ConfigError, VmStateError
 from livemig.kernel import kvm as K
 from livemig.kernel.mman import Backing
+from livemig.runtime import NamedThread
 from livemig.units import GIB, MIB
 from livemig.vmm.cpucheck import check_restorable
 from livemig.vmm.cpuid import CpuidPolicy, HostCpu
@@ -231,7 +232,7 @@ class Vm:
 
     def guest_shutdown(self, reason: str) -> None:
         """The guest asked to stop (from a vCPU thread, which must not wait for itself)."""
-        threading.Thread(target=self.shutdown, args=(reason, True), name="vm-shutdown",
+        NamedThread(target=self.shutdown, args=(reason, True), name="vm-shutdown",
                          daemon=True).start()
 
     # --- memory -----------------------------------------------------------------------
@@ -395,7 +396,7 @@ class Vm:
         this very vCPU to leave the guest: so a thread of its own makes the change, and
         the vCPU's thread goes on to end."""
         self.failure = why
-        threading.Thread(target=self._enter_internal_error, name="vcpu-failed",
+        NamedThread(target=self._enter_internal_error, name="vcpu-failed",
                          daemon=True).start()
 
     def _enter_internal_error(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,6 +60,27 @@ def test_stop_cont_query_status_and_errors_over_qmp(instance: Instance) -> None:
         {"status": "running", "running": True, "singlestep": False},
     ]
     assert instance.vm.serial.wait_for(1, timeout=30)
+
+
+async def _cpus(path: str) -> object:
+    client = QMPClient("test")
+    await client.connect(path)
+    try:
+        return await client.execute("query-cpus-fast")
+    finally:
+        await client.disconnect()
+
+
+def test_query_cpus_fast_names_the_thread_that_runs_each_vcpu(instance: Instance) -> None:
+    """What libvirt reads to pin vCPUs: the thread id is the vCPU's thread, which the
+    kernel knows as ``vcpu0`` (``ps -L``, ``top -H``)."""
+    assert instance.qmp is not None
+    cpus = asyncio.run(_cpus(instance.qmp.path))
+    assert isinstance(cpus, list) and len(cpus) == 1
+    cpu = cpus[0]
+    assert (cpu["cpu-index"], cpu["target"]) == (0, "x86_64")
+    comm = Path(f"/proc/{os.getpid()}/task/{cpu['thread-id']}/comm").read_text().strip()
+    assert comm == "vcpu0"
 
 
 async def _quit(path: str) -> None:

@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from livemig.runtime import (
     BACKGROUND_NICE,
     MAX_NICE,
     POSTCOPY_SWITCH_INTERVAL,
+    NamedThread,
     SwitchInterval,
     lower_thread_priority,
 )
@@ -147,3 +149,19 @@ def test_lower_thread_priority_makes_only_the_calling_thread_nicer() -> None:
     assert seen["after"] == min(MAX_NICE, seen["before"] + BACKGROUND_NICE)
     assert seen["after"] > seen["before"] or seen["before"] == MAX_NICE
     assert nice_of(main_tid) == before  # the process and its other threads keep theirs
+
+
+@pytest.mark.parametrize(("name", "kernel"), [("postcopy/fault", "postcopy/fault"),
+                                               ("qmp-accept:/tmp/x.qmp", "qmp-accept:/tmp")])
+def test_a_named_thread_carries_its_name_in_the_kernel(name: str, kernel: str) -> None:
+    """``ps -L``/``top -H``/``perf`` see the Python name, cut to the kernel's 15 bytes."""
+    seen: list[str] = []
+
+    def look() -> None:
+        seen.append(Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text()
+                    .strip())
+
+    t = NamedThread(target=look, name=name)
+    t.start()
+    t.join()
+    assert seen == [kernel]
