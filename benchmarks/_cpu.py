@@ -14,16 +14,26 @@ places; psutil does not report them, so they are read from ``/proc/PID/stat``
 :func:`machine_busy_seconds` is the CPU time every CPU of the machine has spent busy
 since boot; what the machine used beyond the two VMMs during a migration is the noise
 of other work on a shared box (:class:`Usage`).
+
+:class:`PhaseMark` is :class:`Usage` plus the CPU time of the destination's vCPU
+threads (their thread ids from ``query-cpus-fast``, which QEMU and livemig both
+answer); two marks give a :class:`PhaseCpu`: what each VMM spent on one phase of a
+migration (postcopy), with the guest's own running on the destination apart from the
+work of migrating.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,13 @@ def _minor_faults(pid: int) -> int:
     return int(fields[7]) + int(fields[8])  # minflt + cminflt
 
 
+def thread_seconds(pid: int, tid: int) -> float:
+    """CPU seconds (user + system) thread ``tid`` of process ``pid`` has used."""
+    stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all CPUs of this machine have spent busy since boot."""
     t = psutil.cpu_times()  # user already holds guest time, nice holds guest_nice
@@ -99,3 +116,37 @@ class Usage:
         """CPU seconds the rest of the machine used between ``before`` and this."""
         used = (self.src - before.src).total + (self.dst - before.dst).total
         return max(self.busy - before.busy - used, 0.0)
+
+
+@dataclass(frozen=True)
+class PhaseCpu:
+    """CPU seconds the two VMMs used in one phase of a migration: each process whole,
+    and the destination's vCPU threads (the guest running) on their own."""
+
+    src: float
+    dst: float
+    dst_vcpus: float
+
+    @property
+    def dst_migration(self) -> float:
+        """The destination's CPU apart from running the guest: receiving, placing,
+        faults."""
+        return self.dst - self.dst_vcpus
+
+
+@dataclass(frozen=True)
+class PhaseMark:
+    """What the two VMMs had used at one instant (the start or end of a phase)."""
+
+    usage: Usage
+    dst_vcpus: float
+
+    @classmethod
+    def take(cls, src_pid: int, dst_pid: int, vcpu_tids: Sequence[int]) -> PhaseMark:
+        return cls(Usage.take(src_pid, dst_pid),
+                   sum(thread_seconds(dst_pid, t) for t in vcpu_tids))
+
+    def since(self, before: PhaseMark) -> PhaseCpu:
+        return PhaseCpu((self.usage.src - before.usage.src).total,
+                        (self.usage.dst - before.usage.dst).total,
+                        self.dst_vcpus - before.dst_vcpus)

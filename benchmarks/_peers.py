@@ -37,12 +37,12 @@ import shutil
 import socket
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from _cpu import CpuTime, Usage
+from _cpu import CpuTime, PhaseCpu, PhaseMark, Usage
 from _harness import HarnessError, child_setup
 
 from livemig.errors import LivemigError, MigrationError
@@ -393,6 +393,9 @@ class MigrationResult:
     progress: tuple[Progress, ...] = ()
     source_events: tuple[Mapping[str, Any], ...] = ()
     destination_events: tuple[Mapping[str, Any], ...] = ()
+    # CPU of the postcopy phase: from the first query-migrate that saw postcopy-active
+    # to the destination's end (None without postcopy).
+    postcopy_cpu: PhaseCpu | None = None
 
     @property
     def noise(self) -> float:
@@ -416,7 +419,8 @@ class MigrationResult:
                 "source_info": dict(self.source_info),
                 "progress": [[round(p.t, 4), p.transferred, p.status] for p in self.progress],
                 "source_events": [dict(e) for e in self.source_events],
-                "destination_events": [dict(e) for e in self.destination_events]}
+                "destination_events": [dict(e) for e in self.destination_events],
+                "postcopy_cpu": asdict(self.postcopy_cpu) if self.postcopy_cpu else None}
 
 
 def migrate(src: Peer, dst: Peer, plan: MigrationPlan) -> MigrationResult:
@@ -436,15 +440,23 @@ def migrate(src: Peer, dst: Peer, plan: MigrationPlan) -> MigrationResult:
     dst.execute("migrate-incoming", uri=plan.uri)
     for peer in (src, dst):
         peer.events()  # what came before this migration is not about it
+    vcpus = [int(c["thread-id"]) for c in dst.execute("query-cpus-fast")]
     before = Usage.take(src.pid, dst.pid)
     src.execute("migrate", uri=plan.uri)
     progress: list[Progress] = []
-    info = _wait_source(src, plan, before.at, progress)
+    marks: list[PhaseMark] = []  # at the first sight of postcopy-active
+
+    def mark_postcopy(status: str) -> None:
+        if status == "postcopy-active" and not marks:
+            marks.append(PhaseMark.take(src.pid, dst.pid, vcpus))
+
+    info = _wait_source(src, plan, before.at, progress, mark_postcopy)
     if info.get("status") != "completed":
         raise MigrationError(f"{src.kind} migration {info.get('status')}: "
                              f"{info.get('error-desc', '')} {dst.log_text()}")
     runstate = _wait_destination(dst, before.at + plan.timeout)
-    after = Usage.take(src.pid, dst.pid)
+    end = PhaseMark.take(src.pid, dst.pid, vcpus)
+    after = end.usage
     info = _final_source_info(src, before.at + plan.timeout)
     ram = info.get("ram", {})
     return MigrationResult(src.kind, str(info["status"]), int(info.get("total-time", 0)),
@@ -452,13 +464,14 @@ def migrate(src: Peer, dst: Peer, plan: MigrationPlan) -> MigrationResult:
                            int(ram.get("transferred", 0)), after.at - before.at, info,
                            runstate, after.src - before.src, after.dst - before.dst,
                            after.other_since(before), tuple(progress),
-                           tuple(src.events()), tuple(dst.events()))
+                           tuple(src.events()), tuple(dst.events()),
+                           end.since(marks[0]) if marks else None)
 
 
-def _wait_source(src: Peer, plan: MigrationPlan, t0: float,
-                 progress: list[Progress]) -> dict[str, Any]:
+def _wait_source(src: Peer, plan: MigrationPlan, t0: float, progress: list[Progress],
+                 on_status: Callable[[str], None]) -> dict[str, Any]:
     """Wait for the source's migration to finish, switching to postcopy when planned;
-    every ``query-migrate`` goes to ``progress``."""
+    every ``query-migrate`` goes to ``progress``, and its status to ``on_status``."""
     deadline = t0 + plan.timeout
     switch_at = None if plan.postcopy_after_ms is None else t0 + plan.postcopy_after_ms / 1e3
     switch_bytes = plan.postcopy_after_bytes
@@ -472,6 +485,7 @@ def _wait_source(src: Peer, plan: MigrationPlan, t0: float,
         info: dict[str, Any] = src.execute("query-migrate")
         sent = int(info.get("ram", {}).get("transferred", 0))
         progress.append(Progress(time.monotonic() - t0, sent, str(info.get("status", ""))))
+        on_status(str(info.get("status", "")))
         if finished(info):
             return info
         if now > deadline:

@@ -304,7 +304,7 @@ def run_matrix(mem: str, links: Sequence[str], sizes: Sequence[str], vcpus: Sequ
             with open_link(link, "128kb", "50ms") as ends:
                 for ps in sizes:
                     for smp in vcpus:
-                        spec = OsSpec(parse_size(mem), ps, OS_GUEST, smp)
+                        spec = OsSpec(parse_size(mem), ps, OS_GUEST, smp=smp)
                         for _ in range(repeat):
                             for mode in modes:  # interleaved: a slow phase hits all
                                 if budget_s is not None and time.monotonic() - began > budget_s:

@@ -20,7 +20,13 @@ about the whole postcopy migration rather than one request:
 * **STOP->RESUME ms**: from the source's ``STOP`` event to the destination's ``RESUME``
   event, the pause a guest sees at the switchover;
 * **requests** (the source's ``postcopy-requests``) and the destination's page-request
-  latency p50/p99/max (``_latency.Latency``: livemig's own samples, QEMU's trace).
+  latency p50/p99/max (``_latency.Latency``: livemig's own samples, QEMU's trace);
+* **src / dst CPU s/GB**: CPU seconds each VMM process used in the postcopy phase per GB
+  of its pages (``_cpu.PhaseCpu``: from the first ``query-migrate`` that says
+  ``postcopy-active`` to the destination's end), the destination's without its vCPU
+  threads; **guest CPU s**: what those vCPU threads used meanwhile, i.e. how much the
+  guest ran (on this machine guest code runs in KVM's emulator and costs host CPU, so a
+  guest that waits less for pages leaves less CPU to the migration).
 
 Every figure is the median over the row's runs.  The PNG draws the throughput over time
 (``ram.transferred`` of the source, sampled every 10 ms, in 100 ms windows) of the
@@ -69,6 +75,11 @@ class Speed:
     postcopy_s: float
     total_s: float
     stop_resume_ms: float
+    # CPU seconds per GB of the postcopy phase's pages: the source, the destination
+    # apart from running the guest; and the seconds the destination's vCPUs ran.
+    src_cpu_gb: float = float("nan")
+    dst_cpu_gb: float = float("nan")
+    guest_cpu_s: float = float("nan")
 
     @classmethod
     def of(cls, m: MigrationResult) -> Speed:
@@ -79,8 +90,13 @@ class Speed:
         pc_s = end - start if start is not None and end is not None else float("nan")
         stop, resume = src.get("STOP"), dst.get("RESUME")
         pause = (resume - stop) * 1e3 if stop is not None and resume is not None else float("nan")
+        cpu, gb = m.postcopy_cpu, pc_bytes / 1e9
+        per_gb = (lambda s: s / gb) if cpu is not None and gb > 0 else (lambda _s: float("nan"))
         return cls(pc_bytes / 1e6 / pc_s if pc_s > 0 else float("nan"), pc_s,
-                   m.total_time_ms / 1e3, pause)
+                   m.total_time_ms / 1e3, pause,
+                   per_gb(cpu.src) if cpu else float("nan"),
+                   per_gb(cpu.dst_migration) if cpu else float("nan"),
+                   cpu.dst_vcpus if cpu else float("nan"))
 
 
 def _median(values: Sequence[float]) -> float:
@@ -94,6 +110,9 @@ def row_speed(row: Row) -> dict[str, float]:
             "postcopy_s": _median([s.postcopy_s for s in speeds]),
             "total_s": _median([s.total_s for s in speeds]),
             "stop_resume_ms": _median([s.stop_resume_ms for s in speeds]),
+            "src_cpu_gb": _median([s.src_cpu_gb for s in speeds]),
+            "dst_cpu_gb": _median([s.dst_cpu_gb for s in speeds]),
+            "guest_cpu_s": _median([s.guest_cpu_s for s in speeds]),
             "requests": _median([float(r.requests) for r in row.runs]),
             "faults": row.median("count"), "p50_ms": row.median("p50") / 1e3,
             "p99_ms": row.median("p99") / 1e3, "max_ms": row.median("max") / 1e3}
@@ -104,7 +123,8 @@ def speed_table(rows: Sequence[Row], title: str) -> Table:
     for col in ("link", "pages", "mode"):
         table.add_column(col)
     cols = ("postcopy MB/s", "postcopy s", "total s", "STOP->RESUME ms", "requests",
-            "p50 ms", "p99 ms", "max ms", "runs", "noise")
+            "p50 ms", "p99 ms", "max ms", "src CPU s/GB", "dst CPU s/GB", "guest CPU s",
+            "runs", "noise")
     for col in cols:
         table.add_column(col, justify="right")
     for r in rows:
@@ -118,7 +138,8 @@ def speed_table(rows: Sequence[Row], title: str) -> Table:
                       f"{s['postcopy_s']:.2f}", f"{s['total_s']:.2f}",
                       f"{s['stop_resume_ms']:.0f}", f"{s['requests']:.0f}",
                       f"{s['p50_ms']:.2f}", f"{s['p99_ms']:.2f}", f"{s['max_ms']:.1f}",
-                      runs, f"{r.noise:.2f}")
+                      f"{s['src_cpu_gb']:.2f}", f"{s['dst_cpu_gb']:.2f}",
+                      f"{s['guest_cpu_s']:.2f}", runs, f"{r.noise:.2f}")
     return table
 
 
