@@ -59,8 +59,10 @@ class VmmFiles:
 
 
 def livemig_command(files: VmmFiles, args: Sequence[str]) -> list[str]:
-    """``python -m livemig run`` with the QMP socket and serial file of ``files``."""
-    return [sys.executable, "-m", "livemig", "run", "--qmp", str(files.qmp),
+    """``python -P -m livemig run`` with the QMP socket and serial file of ``files``
+    (``-P``: not the working directory first on the path, which would put a checkout
+    found there before the livemig :func:`livemig_environment` chose)."""
+    return [sys.executable, "-P", "-m", "livemig", "run", "--qmp", str(files.qmp),
             "--serial", str(files.serial), *args]
 
 

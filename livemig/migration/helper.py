@@ -104,7 +104,8 @@ class HelperProcess:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", module, str(child.fileno())],
+                # -P: the VMM's own livemig (its path), not one in the working directory.
+                [sys.executable, "-P", "-m", module, str(child.fileno())],
                 pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
         except BaseException:
             parent.close()

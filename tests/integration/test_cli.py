@@ -390,3 +390,16 @@ def test_run_os_guest_with_a_socket_console_echoes_what_the_user_types(
             proc.wait(30)
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+def test_a_vmm_started_from_another_checkout_runs_this_livemig(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A benchmark or test started inside another checkout (a snapshot under test given
+    with PYTHONPATH, say) runs the livemig it imported, in the VMM and in its helpers,
+    not the one in its working directory."""
+    other = tmp_path / "checkout"
+    (other / "livemig").mkdir(parents=True)
+    (other / "livemig" / "__init__.py").write_text("raise ImportError('the wrong livemig')\n")
+    monkeypatch.chdir(other)
+    with livemig_process(tmp_path, "vm", ["--mem", "16M", "--guest", "ab"]) as vm:
+        assert vm.qmp.execute("query-status")["status"] == "running"
