@@ -41,7 +41,7 @@ import errno
 import os
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import numpy as np
@@ -186,10 +186,14 @@ MSG_WAITALL: Final = 0x100
 
 
 def send_pages(sock: socket.socket, words: npt.NDArray[np.generic], prefix: bytes,
-               ram: memoryview, offsets: npt.NDArray[np.uint64]) -> int:
+               ram: memoryview, offsets: npt.NDArray[np.uint64],
+               stop: Callable[[], bool] | None = None, step: int = 0) -> int:
     """Send PAGE records [header i, (prefix after the first), 4 KiB of ``ram`` at
     ``offsets[i]``] with scatter-gather ``sendmsg``, building the iovec array with
-    NumPy: no Python object per page, no copy of page data.
+    NumPy: no Python object per page, no copy of page data.  Returns how many records
+    were sent: all of them, unless ``stop`` is given.  Then they go ``step`` records at
+    a time, and once ``stop()`` is true after a step, the rest are left unsent (the
+    stream ends on a whole record).
 
     Memory: ``ram`` is a writable view of guest RAM owned by the caller, ``words`` and
     ``prefix`` are caller-owned too; all stay alive until this returns, which is after
@@ -212,7 +216,18 @@ def send_pages(sock: socket.socket, words: npt.NDArray[np.generic], prefix: byte
     iov["len"][page_at] = PAGE_SIZE
     if prefix:
         iov[1] = (ctypes.cast(ctypes.c_char_p(prefix), ctypes.c_void_p).value, len(prefix))
-    return _sendmsg_all(sock.fileno(), iov)
+    if stop is None or step <= 0 or step >= n:
+        _sendmsg_all(sock.fileno(), iov)
+        return n
+    sent = 0
+    while sent < n:
+        end = min(sent + step, n)
+        # Record i starts at iovec 2i (+ the prefix's after the first record).
+        _sendmsg_all(sock.fileno(), iov[2 * sent + (lead if sent else 0) : 2 * end + lead])
+        sent = end
+        if sent < n and stop():
+            break
+    return sent
 
 
 def _page_iov(ram: memoryview, offsets: npt.NDArray[np.uint64], lead: int) -> npt.NDArray[np.void]:

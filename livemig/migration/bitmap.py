@@ -188,6 +188,12 @@ class MigrationBitmap:
         after = int(idx[-1]) + 1 if len(idx) == most else first + span
         return split_zero_pages(self._words, idx, idx), after
 
+    def give_back(self, pages: IndexArray) -> None:
+        """Pages taken and then not sent (a background piece cut short for a request):
+        dirty again, so a later piece or a request sends them."""
+        with self.lock:
+            self.bits[pages] = True
+
     def expand_to_host_pages(self) -> None:
         """Postcopy: a host page with any dirty piece must be re-sent whole (and is
         discarded whole on the destination), so mark all of its pieces dirty."""

@@ -33,7 +33,7 @@ import socket
 import ssl
 import threading
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -273,19 +273,27 @@ class Channel:
         if self.sock is None:
             write_buffers(self.fd, [image_trailer(self._crc)])
 
-    def send_pages(self, rec: PageRecords, ram: memoryview) -> None:
+    def send_pages(self, rec: PageRecords, ram: memoryview,
+                   stop: Callable[[], bool] | None = None, step: int = 0) -> int:
         """PAGE records with payloads straight from guest RAM (one scatter-gather
-        sendmsg per IOV_MAX buffers on a socket; writev of views for a file)."""
+        sendmsg per IOV_MAX buffers on a socket; writev of views for a file).  Returns
+        how many records were sent: all, or with ``stop`` (sockets), those sent before
+        ``stop()`` was true after a group of ``step`` records (the stream ends on a
+        whole record)."""
         self._ready()
+        n = len(rec.offsets)
         if self.secured:
-            for i in range(0, len(rec.offsets), PAGES_PER_WRITE):
+            for i in range(0, n, PAGES_PER_WRITE):
                 j = i + PAGES_PER_WRITE
                 self.send([gather_pages(rec.words[i:j], b"" if i else rec.prefix, ram,
                                         rec.offsets[i:j]).data])
-            return
+                if j < n and stop is not None and stop():
+                    return j
+            return n
         if self.sock is not None:
-            self.bytes_sent += send_pages(self.sock, rec.words, rec.prefix, ram, rec.offsets)
-            return
+            sent = send_pages(self.sock, rec.words, rec.prefix, ram, rec.offsets, stop, step)
+            self.bytes_sent += rec.bytes_of(sent)
+            return sent
         hdr = memoryview(rec.words.data).cast("B")
         bufs: list[Buffer] = []
         for i, off in enumerate(rec.offsets.tolist()):
@@ -294,6 +302,7 @@ class Channel:
                 bufs.append(rec.prefix)
             bufs.append(ram[off : off + PAGE_SIZE])
         self._write_file(bufs)
+        return n
 
     def send_gather(self, head: bytes, ram: memoryview, offsets: npt.NDArray[np.uint64]) -> None:
         """``head`` then the 4 KiB pages of ``ram`` at ``offsets``, in one scatter-gather
@@ -624,13 +633,14 @@ class ChannelWriter:
         if len(self._queue) >= self._flush_buffers or self._queued_bytes >= self._flush_bytes:
             self.flush()
 
-    def write_pages(self, rec: PageRecords, ram: memoryview,
-                    lead: Sequence[Buffer] = ()) -> None:
+    def write_pages(self, rec: PageRecords, ram: memoryview, lead: Sequence[Buffer] = (),
+                    stop: Callable[[], bool] | None = None, step: int = 0) -> int:
         """Send ``lead`` (e.g. the window's ZERO records) and page records now, after
-        whatever is queued (stream order is kept)."""
+        whatever is queued (stream order is kept); returns how many page records went
+        (see :meth:`Channel.send_pages` for ``stop`` and ``step``)."""
         self._queue.extend(lead)
         self.flush()
-        self.channel.send_pages(rec, ram)
+        return self.channel.send_pages(rec, ram, stop, step)
 
     def write_now(self, buffers: Sequence[Buffer]) -> None:
         """Queue and flush at once (urgent data)."""

@@ -23,10 +23,12 @@ Postcopy (:meth:`PageSender.postcopy_loop`)
     scattered (:meth:`MigrationBitmap.take_next`), so that late in a migration, when
     the pages left are sparse, a piece still carries as many pages as it may and the
     per-piece work (about 80 us of Python) is not paid for a few pages.  How many: a
-    whole kernel queue of the main channel when another process serves requests
-    (:meth:`PageSender.widen_background`, chosen by the urgent-sender design), else
-    POSTCOPY_CHUNK_PAGES (128 KiB), since a request waits for the piece in hand on
-    this thread (and, without preemption, behind every piece in the kernel).
+    whole kernel queue of the main channel (:meth:`PageSender.widen_background`; 1 MiB
+    on loopback) or POSTCOPY_CHUNK_PAGES, as the urgent-sender design chooses.  A piece
+    goes BACKGROUND_STEP_PAGES (128 KiB) per system call, and when a request is waiting
+    for this thread after a step the rest of the piece is dirty again
+    (:meth:`MigrationBitmap.give_back`): a request waits for one step in hand, not for
+    the piece (and, without preemption, behind what is in the kernel's queue).
 
 Huge-page preemption (migration-thread mode, QEMU 7.1)
     While a huge page is being sent on the precopy channel, the sender checks for
@@ -52,6 +54,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -75,8 +78,12 @@ from livemig.wire.encoder import Encoder
 PART_BYTES = 64 * MIB
 PART_SECONDS = 0.05
 WINDOW_BYTES = 2 * MIB
-# In postcopy, background work is cut into pieces this small between request checks.
+# In postcopy, background work is cut into pieces at least this large (huge pages into
+# chunks this large between request checks).
 POSTCOPY_CHUNK_PAGES = 32
+# A background piece of 4 KiB pages goes this many pages per system call, with a look
+# at the request queue between two: a request waits for at most one step in hand.
+BACKGROUND_STEP_PAGES = 32
 # A piece takes the next dirty pages within this many pieces' worth of the bitmap: one
 # NumPy scan of a few KiB of bools, however scattered the pages left are.
 PIECE_SPAN = 64
@@ -91,22 +98,29 @@ URGENT_HOLD_MAX_S = 0.05
 URGENT_POLL_S = 0.0002
 
 
+class Written(NamedTuple):
+    nbytes: int  # encoded: the ZERO records and the PAGE records sent
+    pages: int  # PAGE records sent: the first ``pages`` of the window's pages
+
+
 def write_window(enc: Encoder, writer: ChannelWriter, block: str, w: Window, ram: memoryview,
-                 block_size: int, base: int = 0) -> int:
+                 block_size: int, base: int = 0, stop: Callable[[], bool] | None = None,
+                 step: int = 0) -> Written:
     """Encode a window: ZERO records for its zero pages, then PAGE records whose payloads
     go straight from ``ram`` (guest RAM, or a copy of it whose first byte is block
-    offset ``base``).  Pages are sent now, zero records alone are queued.  Returns the
-    bytes encoded."""
+    offset ``base``).  Pages are sent now, zero records alone are queued.  With
+    ``stop``, the pages go ``step`` at a time and the rest stay unsent once ``stop()``
+    is true between two steps."""
     zero_records = enc.zero_pages(block, w.zeros * PAGE_SIZE) if len(w.zeros) else b""
     lead = [zero_records] if zero_records else []
     if not len(w.pages):
         writer.write(lead)
-        return len(zero_records)
+        return Written(len(zero_records), 0)
     rec = enc.page_records(block, w.pages * PAGE_SIZE, block_size)
     if base:
         rec = dataclasses.replace(rec, offsets=rec.offsets - np.uint64(base))
-    writer.write_pages(rec, ram, lead)  # after the ZERO records
-    return len(zero_records) + rec.nbytes
+    sent = writer.write_pages(rec, ram, lead, stop, step)  # after the ZERO records
+    return Written(len(zero_records) + rec.bytes_of(sent), sent)
 
 
 @dataclass
@@ -191,18 +205,25 @@ class PageSender:
 
     # --- encoding -------------------------------------------------------------------------
     def _emit(self, ch: OutChannel, name: str, pages: IndexArray, zeros: IndexArray, *,
-              urgent: bool) -> int:
-        """Encode pages of one block on ``ch``; urgent data is flushed at once."""
+              urgent: bool, stop: Callable[[], bool] | None = None) -> Written:
+        """Encode pages of one block on ``ch``; urgent data is flushed at once.  With
+        ``stop``, the pages go BACKGROUND_STEP_PAGES at a time and those left once
+        ``stop()`` is true are dirty again (they go later)."""
         with self._stats_lock:
             self.stats.normal += len(pages)
             self.stats.duplicate += len(zeros)
         view = self._views[name]
-        nbytes = write_window(ch.encoder, ch.writer, name, Window(pages, zeros), view, len(view))
+        out = write_window(ch.encoder, ch.writer, name, Window(pages, zeros), view, len(view),
+                           stop=stop, step=BACKGROUND_STEP_PAGES)
+        if out.pages < len(pages):
+            self.bitmaps[name].give_back(pages[out.pages:])
+            with self._stats_lock:
+                self.stats.normal -= len(pages) - out.pages
         if urgent:
             ch.writer.flush()
         else:
-            self.limiter.account(nbytes)
-        return nbytes
+            self.limiter.account(out.nbytes)
+        return out
 
     def widen_background(self, piece_bytes: int) -> None:
         """Cut background pieces of ``piece_bytes`` (at least the default) in blocks of
@@ -210,13 +231,15 @@ class PageSender:
         records, iovec) cost about 80 us, which 32-page pieces paid every 128 KiB.
         Huge pages keep their pieces (larger ones raised their p99 and max).  Not over
         TLS, where a piece's copy and encryption compete for a CPU with the requests."""
+        # A request arriving meanwhile still waits for one BACKGROUND_STEP_PAGES step
+        # only: _emit stops the piece there and gives the rest back to the bitmap.
         if not self.main.writer.channel.secured:
             self.small_page_piece = max(self.postcopy_chunk, piece_bytes // PAGE_SIZE)
 
     def send_window(self, name: str, first: int, count: int) -> int:
         """Send the dirty pages of one window on the precopy channel."""
         w = self.bitmaps[name].take_window(first, count)
-        return self._emit(self.main, name, w.pages, w.zeros, urgent=False) if len(w) else 0
+        return self._emit(self.main, name, w.pages, w.zeros, urgent=False).nbytes if len(w) else 0
 
     # --- precopy --------------------------------------------------------------------------
     def send_round(self, interrupted: Callable[[], bool]) -> int:
@@ -323,7 +346,7 @@ class PageSender:
             self._switch(ch.name)
             self.trace("postcopy_preempt_send_host_page", channel=ch.name, block=req.block,
                        offset=req.start)
-            nbytes = self._emit(ch, req.block, w.pages, w.zeros, urgent=True)
+            nbytes = self._emit(ch, req.block, w.pages, w.zeros, urgent=True).nbytes
         with self._stats_lock:
             self.stats.x_postcopy_urgent_bytes += nbytes
 
@@ -400,7 +423,10 @@ class PageSender:
                 chunk = self.small_page_piece
                 w, cursor[name] = bm.take_next(page, chunk, chunk * PIECE_SPAN)
                 if len(w):
-                    self._emit(self.main, name, w.pages, w.zeros, urgent=False)
+                    out = self._emit(self.main, name, w.pages, w.zeros, urgent=False,
+                                     stop=lambda: len(queue) > 0)
+                    if out.pages < len(w.pages):  # cut short: go on where it stopped
+                        cursor[name] = int(w.pages[out.pages])
             return True
         return False
 

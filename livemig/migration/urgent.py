@@ -256,7 +256,7 @@ class _Server:
         rows, base = ram.host_page_at(req.start)
         w = split_zero_pages(rows.view(np.uint64), idx - base // PAGE_SIZE, idx)
         nbytes = write_window(self.enc, self.writer, req.block, w, rows.data.cast("B"),
-                              ram.size, base)
+                              ram.size, base).nbytes
         self.writer.flush()
         return nbytes
 

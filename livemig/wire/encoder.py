@@ -76,7 +76,11 @@ class PageRecords:
 
     @property
     def nbytes(self) -> int:
-        return len(self.offsets) * PAGE_RECORD_SIZE + len(self.prefix)
+        return self.bytes_of(len(self.offsets))
+
+    def bytes_of(self, records: int) -> int:
+        """The bytes of the first ``records`` records."""
+        return records * PAGE_RECORD_SIZE + (len(self.prefix) if records else 0)
 
 
 class _State(Enum):

@@ -181,9 +181,11 @@ class RecordingChannel(Channel):
         super().send(buffers)
         self._timeline.marks.append(Send(self.name, self.bytes_sent))
 
-    def send_pages(self, rec: PageRecords, ram: memoryview) -> None:
-        super().send_pages(rec, ram)
+    def send_pages(self, rec: PageRecords, ram: memoryview,
+                   stop: Callable[[], bool] | None = None, step: int = 0) -> int:
+        sent = super().send_pages(rec, ram, stop, step)
         self._timeline.marks.append(Send(self.name, self.bytes_sent))
+        return sent
 
 
 class RecordingWriter(ChannelWriter):
@@ -207,12 +209,17 @@ class RecordingWriter(ChannelWriter):
         super().write_now(buffers)
         self._after()
 
-    def write_pages(self, rec: PageRecords, ram: memoryview,
-                    lead: Sequence[Buffer] = ()) -> None:
+    def write_pages(self, rec: PageRecords, ram: memoryview, lead: Sequence[Buffer] = (),
+                    stop: Callable[[], bool] | None = None, step: int = 0) -> int:
         self.written += rec.nbytes + sum(len(b) for b in lead)
+        at = len(self._timeline.marks)
         self._timeline.marks.append(Write(self._name, self.written))
-        super().write_pages(rec, ram, lead)
+        sent = super().write_pages(rec, ram, lead, stop, step)
+        if sent < len(rec.offsets):  # a piece cut short: the write ends where it stopped
+            self.written -= rec.nbytes - rec.bytes_of(sent)
+            self._timeline.marks[at] = Write(self._name, self.written)
         self._after()
+        return sent
 
     def _mark(self, buffers: Sequence[Buffer]) -> None:
         self.written += sum(len(b) for b in buffers)
@@ -384,6 +391,8 @@ class PreemptHarness:
         records: list[Record] = []
         for name, kind in ((PRECOPY, ChannelKind.MAIN), (POSTCOPY, ChannelKind.POSTCOPY)):
             data = self._drains[name].join()
+            if name == POSTCOPY and self.sender.post is None:
+                continue  # postcopy without preemption: that channel was never used
             records += decode_channel(name, kind, data, self.table, marks)
         return Run(marks, records, self.setup_marks,
                    {n: b.host_page_size for n, b in self.blocks.items()})

@@ -26,7 +26,9 @@ from preempt_harness import (
     FakeClock,
     PatternBlock,
     PreemptHarness,
+    Released,
     Run,
+    ScriptedQueue,
     Step,
     StoryItem,
     Traced,
@@ -39,7 +41,7 @@ from preempt_harness import (
 
 from livemig.errors import ChannelClosedError, RemoteProtocolError
 from livemig.migration import sender as sender_module
-from livemig.migration.sender import POSTCOPY_CHUNK_PAGES
+from livemig.migration.sender import BACKGROUND_STEP_PAGES, POSTCOPY_CHUNK_PAGES
 from livemig.migration.state import Capabilities, Parameters, UrgentMode
 from livemig.migration.urgent_sender import choose_urgent_sender
 from livemig.wire import events as ev
@@ -360,15 +362,70 @@ def background_pieces(h: PreemptHarness) -> tuple[Run, list[int]]:
     return run, sorted(pieces.values())
 
 
-def test_without_preemption_background_pieces_stay_small(block: Blocks, make: Make) -> None:
-    """A request then queues behind every piece in the kernel too."""
+class ArrivingQueue(ScriptedQueue):
+    """Requests that arrive while the migration thread is inside a write: the sender's
+    look at the queue between two steps of a piece sees them (a real request queue is
+    filled by the return-path thread at any moment)."""
+
+    def __len__(self) -> int:
+        self.poll()
+        return super().__len__()
+
+
+def test_a_request_cuts_a_background_piece_after_the_step_in_hand(
+        block: Blocks, make: Make, dest: Dest) -> None:
+    """Without preemption the migration thread serves requests between 256-page
+    pieces: a request that arrives while one goes out waits for the 32-page step in
+    hand only; the piece's other pages go after it, and every page arrives once."""
+    blk = block("4K", 1024)
+    h = make(blk)
+    switch_over(h, UrgentMode.MIGRATION, MIB, preempt=False)
+    assert h.sender.small_page_piece == MIB // PAGE
+    # Released as soon as the sender looks while a piece is going out.
+    q = ArrivingQueue(h.timeline, [Step(lambda: h.sender.stats.normal > 0,
+                                        h.request(BLK, 1000))])
+    h.run(q)
+    h.complete()
+    run = h.finish()
+
+    writes: dict[int, list[int]] = {}  # write -> the pages it carried, in order
+    for r in run.records:
+        if isinstance(r.event, ev.PageBatch):
+            writes.setdefault(r.write, []).extend(
+                (r.event.offsets // PAGE).astype(int).tolist())
+    order = sorted(writes)
+    released = next(i for i, m in enumerate(run.marks)
+                    if isinstance(m, Released) and m.start == 1000 * PAGE)
+    before = [w for w in order if w < released]
+    after = [w for w in order if w > released]
+    piece = blk.nonzero[blk.nonzero < MIB // PAGE].tolist()  # its zero pages go first
+    # The piece in hand stopped after its first step...
+    assert before == [order[0]]
+    assert writes[before[0]] == piece[:BACKGROUND_STEP_PAGES]
+    # ... the requested page was the next write (on the one channel) ...
+    assert writes[after[0]] == [1000]
+    # ... and the rest of that piece came later.
+    later = {p for w in after[1:] for p in writes[w]}
+    assert set(piece[BACKGROUND_STEP_PAGES:]) <= later
+    d = dest(h.table)
+    d.replay(run)
+    placed = sorted(d.placements(blk.name))
+    assert sum(n for _, n in placed) == blk.size
+    assert all(a + n <= b for (a, n), (b, _) in zip(placed, placed[1:], strict=False))
+    assert all(d.holds(blk, hp) for hp in range(blk.pages))
+
+
+def test_without_preemption_a_background_piece_fills_the_kernel_queue(
+        block: Blocks, make: Make) -> None:
+    """A request cuts the piece after the step in hand (the test above)."""
     h = make(block("4K", 64))
     switch_over(h, UrgentMode.MIGRATION, MIB, preempt=False)
-    assert h.sender.small_page_piece == POSTCOPY_CHUNK_PAGES
+    assert h.sender.small_page_piece == MIB // PAGE
 
 
 @pytest.mark.parametrize(("design", "queue", "piece"), [
-    (UrgentMode.MIGRATION, MIB, POSTCOPY_CHUNK_PAGES),  # requests wait for the piece
+    (UrgentMode.MIGRATION, MIB, POSTCOPY_CHUNK_PAGES),  # requests wait for the GIL too
+    (UrgentMode.RETURN_PATH, MIB, POSTCOPY_CHUNK_PAGES),
     (UrgentMode.PROCESS, MIB, MIB // PAGE),  # they never do: one queue a piece
     (UrgentMode.MIGRATION, 64 * 1024, POSTCOPY_CHUNK_PAGES),  # Ethernet
     (UrgentMode.PROCESS, 64 * 1024, POSTCOPY_CHUNK_PAGES),
@@ -377,8 +434,9 @@ def test_background_pieces_are_cut_by_the_kernel_queue_and_who_serves_requests(
         design: UrgentMode, queue: int, piece: int, block: Blocks, make: Make,
         dest: Dest) -> None:
     """A 1 MiB main-channel queue (loopback): with the process design every background
-    write carries 256 pages; with the migration-thread design (requests wait behind
-    the piece in hand) and on a 64 KiB queue (Ethernet) 32; all arrive once."""
+    write carries 256 pages; with the designs whose requests reach a thread of the
+    source (the migration thread, the return-path thread) and on a 64 KiB queue
+    (Ethernet) 32; all arrive once."""
     blk = block("4K", 1024)
     h = make(blk)
     switch_over(h, design, queue)

@@ -8,12 +8,13 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 
 from livemig.errors import ConfigError
-from livemig.kernel.sock import path_mtu, set_dead_peer_timeout
+from livemig.kernel.sock import path_mtu, send_pages, set_dead_peer_timeout
 from livemig.migration.channel import Channel, background_queue_bytes, quiet_background
-from livemig.units import KIB, MIB
+from livemig.units import KIB, MIB, PAGE_SIZE
 
 
 @pytest.mark.parametrize(("timeout_ms", "interval_s"), [(500, 1), (2000, 1), (9000, 3),
@@ -94,3 +95,29 @@ def test_postcopy_queue_on_a_unix_socket_stays_64k() -> None:
     with a, b:
         quiet_background(Channel(sock=a))
         assert a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 64 * KIB
+
+
+@pytest.mark.parametrize(("stop_after", "sent"), [(1, 3), (2, 6), (None, 10)])
+def test_send_pages_stops_between_steps_on_a_record_boundary(
+        stop_after: int | None, sent: int) -> None:
+    """Ten records three at a time: once ``stop()`` says so after a step, the stream ends
+    with that step's last whole record and the count says how many went."""
+    ram = bytearray(np.repeat(np.arange(1, 21, dtype=np.uint8), PAGE_SIZE).tobytes())
+    offsets = np.arange(0, 20, 2, dtype=np.uint64) * np.uint64(PAGE_SIZE)
+    words = np.arange(100, 110, dtype=">u8")
+    prefix = b"\x06pc.ram"
+    looks: list[int] = []
+
+    def stop() -> bool:
+        looks.append(1)
+        return len(looks) == stop_after
+
+    a, b = socket.socketpair()
+    with a, b:
+        assert send_pages(a, words, prefix, memoryview(ram), offsets, stop, 3) == sent
+        a.shutdown(socket.SHUT_WR)
+        got = b"".join(iter(lambda: b.recv(1 << 20), b""))
+    want = b"".join(words[i : i + 1].tobytes() + (prefix if i == 0 else b"")
+                    + bytes(ram[int(offsets[i]) : int(offsets[i]) + PAGE_SIZE])
+                    for i in range(sent))
+    assert got == want
