@@ -168,6 +168,9 @@ class PageSender:
                                else POSTCOPY_CHUNK_PAGES)
         # Background pieces of 4 KiB-page blocks (see widen_background).
         self.small_page_piece = self.postcopy_chunk
+        # Send a background huge page in one piece, not in postcopy_chunk pieces (when
+        # nothing may interrupt it and no urgent channel waits: no preemption).
+        self.whole_huge_pages = False
         self.current = main.name  # the channel in use, for switch/reset traces
         self.preempted: Preempted | None = None
         self._views = {name: b.view() for name, b in self.blocks.items()}
@@ -456,7 +459,7 @@ class PageSender:
                 continue
             if interruptible:
                 self._yield_to_urgent()
-            n = self.postcopy_chunk
+            n = len(p.pages) if self.whole_huge_pages else self.postcopy_chunk
             chunk, p.pages = p.pages[:n], p.pages[n:]
             self._emit(self.main, p.block, chunk, chunk[:0], urgent=False)
             if may_break:
