@@ -468,13 +468,9 @@ def test_a_background_piece_carries_the_next_dirty_pages_however_scattered(
     assert placed == [p * PAGE for p in range(0, blk.pages, 8)]
 
 
-def test_without_preemption_a_huge_page_goes_out_in_one_write(
-        block: Blocks, make: Make, dest: Dest) -> None:
-    """Nothing interrupts a huge page without preemption: its data pages are one write
-    (its zero pages another), not 32-page pieces."""
-    blk = block("2M", 3)
-    h = make(blk)
-    switch_over(h, UrgentMode.MIGRATION, MIB, preempt=False)
+def data_pages_per_write(h: PreemptHarness) -> tuple[Run, list[int]]:
+    """Run the postcopy to its end: the run, and the data pages (not zero pages) each
+    write of the precopy channel carried."""
     h.run(h.queue())
     h.complete()
     run = h.finish()
@@ -482,7 +478,18 @@ def test_without_preemption_a_huge_page_goes_out_in_one_write(
     for r in run.page_records(PRECOPY):
         if isinstance(r.event, ev.PageBatch):
             pages[r.write] = pages.get(r.write, 0) + len(r.event.offsets)
-    assert sorted(pages.values()) == sorted(len(blk.pieces(hp)[1]) for hp in range(3))
+    return run, list(pages.values())
+
+
+def test_without_preemption_a_huge_page_goes_out_in_one_write(
+        block: Blocks, make: Make, dest: Dest) -> None:
+    """Nothing interrupts a huge page without preemption: its data pages are one write
+    (its zero pages another), not 32-page pieces."""
+    blk = block("2M", 3)
+    h = make(blk)
+    switch_over(h, UrgentMode.MIGRATION, MIB, preempt=False)
+    run, pages = data_pages_per_write(h)
+    assert sorted(pages) == sorted(len(blk.pieces(hp)[1]) for hp in range(3))
     d = dest(h.table)
     d.replay(run)
     placed_once_and_exact(d, blk)
@@ -494,14 +501,8 @@ def test_huge_pages_keep_small_pieces_with_the_process_design(
     blk = block("2M", 2)
     h = make(blk)
     switch_over(h, UrgentMode.PROCESS, MIB)
-    h.run(h.queue())
-    h.complete()
-    run = h.finish()
-    pages: dict[int, int] = {}
-    for r in run.page_records(PRECOPY):
-        if isinstance(r.event, ev.PageBatch):
-            pages[r.write] = pages.get(r.write, 0) + len(r.event.offsets)
-    assert set(pages.values()) == {POSTCOPY_CHUNK_PAGES}
+    run, pages = data_pages_per_write(h)
+    assert set(pages) == {POSTCOPY_CHUNK_PAGES}
     d = dest(h.table)
     d.replay(run)
     placed_once_and_exact(d, blk)
