@@ -25,6 +25,7 @@ import numpy.typing as npt
 from livemig.errors import UffdError
 from livemig.kernel.mman import Mapping
 from livemig.kernel.uffd import Userfaultfd
+from livemig.units import PAGE_SIZE
 
 
 def buffer_address(buf: npt.NDArray[np.uint8] | mmap.mmap | bytearray) -> int:
@@ -77,11 +78,35 @@ class PagePlacer:
         discard of stale pages)."""
         self.mapping.discard_ranges(ranges)
 
-    def copy_prefix(self, offset: int, src: npt.NDArray[np.uint8], length: int) -> int:
-        """UFFDIO_COPY a run of pages; returns how many bytes were placed before the
-        first page that was already there (the kernel stops at it)."""
-        return self.uffd.copy(self._base + offset, buffer_address(src), length)
+    def copy_runs(self, offsets: npt.NDArray[np.uint64], lengths: npt.NDArray[np.int64],
+                  rows: npt.NDArray[np.uint8]) -> npt.NDArray[np.int64]:
+        """UFFDIO_COPY runs of 4 KiB pages: run ``i`` is ``lengths[i]`` pages at block
+        offset ``offsets[i]``, and its data the next ``lengths[i]`` rows of ``rows``
+        (N, 4096; rows may lie apart, as the payloads of a receive buffer do).  One
+        call per run: a page alone is copied from its row where it lies, longer runs
+        from one gathered copy of their rows.  Returns the pages placed per run; fewer
+        than the run's means the next page was already there (the kernel stops at
+        it), and the pages after it were not tried."""
+        if rows.strides[1] != 1:
+            rows = np.ascontiguousarray(rows)
+        first = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=first[1:])
+        srcs = first * rows.strides[0] + rows.ctypes.data
+        gathered = None  # referenced until the calls return
+        if rows.strides[0] != PAGE_SIZE and (multi := lengths > 1).any():
+            gathered = np.ascontiguousarray(rows[np.repeat(multi, lengths)])
+            at = np.zeros(int(multi.sum()), dtype=np.int64)
+            np.cumsum(lengths[multi][:-1], out=at[1:])
+            srcs[multi] = at * PAGE_SIZE + gathered.ctypes.data
+        placed = self.uffd.copy_runs((offsets + np.uint64(self._base)).tolist(), srcs.tolist(),
+                                     (lengths * PAGE_SIZE).tolist())
+        del gathered
+        return np.array(placed, dtype=np.int64) // PAGE_SIZE
 
-    def zero(self, offset: int, length: int) -> bool:
-        """UFFDIO_ZEROPAGE (4 KiB pages only); False if the page was already there."""
-        return self.uffd.zeropage(self._base + offset, length) == length
+    def zero_runs(self, offsets: npt.NDArray[np.uint64],
+                  lengths: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """UFFDIO_ZEROPAGE runs of 4 KiB pages (4 KiB-page blocks only), one call per
+        run; returns the pages placed per run, as :meth:`copy_runs` does."""
+        placed = self.uffd.zeropage_runs((offsets + np.uint64(self._base)).tolist(),
+                                         (lengths * PAGE_SIZE).tolist())
+        return np.array(placed, dtype=np.int64) // PAGE_SIZE

@@ -38,6 +38,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self
@@ -451,6 +452,40 @@ class Userfaultfd:
                 break
             done = nxt
         return done
+
+    def copy_runs(self, dsts: Sequence[int], srcs: Sequence[int],
+                  lengths: Sequence[int]) -> list[int]:
+        """:meth:`copy` of several runs, ``lengths[i]`` bytes from ``srcs[i]`` to
+        ``dsts[i]``: one call per run, as many calls as :meth:`copy` would make but
+        in one loop over one struct, so that scattered 4 KiB pages cost a system call
+        each and little Python.  Returns the bytes placed per run, with the same
+        EEXIST convention."""
+        arg = UffdioCopy(mode=0)
+        ref, fd = ctypes.byref(arg), self.fileno()
+        placed = []
+        for dst, src, n in zip(dsts, srcs, lengths, strict=True):
+            arg.dst, arg.src, arg.len = dst, src, n
+            if IOCTL(fd, UFFDIO_COPY, ref) == 0:
+                placed.append(n)
+                continue
+            nxt = _fill_outcome("UFFDIO_COPY", ctypes.get_errno(), int(arg.copy), 0, dst, n)
+            placed.append(0 if nxt is None else nxt + self.copy(dst + nxt, src + nxt, n - nxt))
+        return placed
+
+    def zeropage_runs(self, addrs: Sequence[int], lengths: Sequence[int]) -> list[int]:
+        """:meth:`zeropage` of several runs, as :meth:`copy_runs` does for copies."""
+        arg = UffdioZeropage(mode=0)
+        rng, ref, fd = arg.range, ctypes.byref(arg), self.fileno()  # rng: a view of arg
+        placed = []
+        for addr, n in zip(addrs, lengths, strict=True):
+            rng.start, rng.len = addr, n
+            if IOCTL(fd, UFFDIO_ZEROPAGE, ref) == 0:
+                placed.append(n)
+                continue
+            nxt = _fill_outcome("UFFDIO_ZEROPAGE", ctypes.get_errno(), int(arg.zeropage), 0,
+                                addr, n)
+            placed.append(0 if nxt is None else nxt + self.zeropage(addr + nxt, n - nxt))
+        return placed
 
     def zeropage(self, addr: int, length: int, *, wake: bool = True) -> int:
         """UFFDIO_ZEROPAGE: map zero pages; returns bytes placed, with the same EEXIST

@@ -6,11 +6,14 @@ At POSTCOPY_LISTEN guest RAM is registered with a userfaultfd (missing mode).  F
 then on a page must never be written in place: a vCPU could see half of it.  Instead:
 
 * :class:`ChannelPlacer` (one per receiving channel) takes the page events the decoder
-  yields.  A 4 KiB host page is placed directly from the received bytes with
-  ``UFFDIO_COPY``; a huge page is first assembled in that channel's *temporary huge
-  page* and placed only when all of its 4 KiB pieces have arrived.  Pieces must arrive
-  in order, on one channel: anything else is a protocol error (a huge page split across
-  channels could otherwise be placed half-stale).
+  yields.  4 KiB host pages are placed with one ``UFFDIO_COPY`` per run of consecutive
+  pages (a page alone straight from the received bytes), the calls for a whole batch
+  in one loop in ``kernel/placement.py``: late in a migration the pages left are
+  scattered, and the Python work per run, not the kernel's, sets the pace.  A huge page is
+  first assembled in that channel's *temporary huge page* and placed only when all of
+  its 4 KiB pieces have arrived.  Pieces must arrive in order, on one channel: anything
+  else is a protocol error (a huge page split across channels could otherwise be
+  placed half-stale).
 * :class:`FaultThread` reads userfaultfd events in batches.  For each faulting host page
   it skips pages already placed or already requested, and sends one REQ_PAGES on the
   return path.  A page that was received in precopy, not discarded, and still faults
@@ -252,8 +255,10 @@ class Placer(Protocol):
     def offset_of(self, address: int) -> int: ...
     def copy(self, offset: int, src: npt.NDArray[np.uint8] | mmap.mmap | bytearray,
              length: int) -> bool: ...
-    def copy_prefix(self, offset: int, src: npt.NDArray[np.uint8], length: int) -> int: ...
-    def zero(self, offset: int, length: int) -> bool: ...
+    def copy_runs(self, offsets: npt.NDArray[np.uint64], lengths: npt.NDArray[np.int64],
+                  rows: npt.NDArray[np.uint8]) -> npt.NDArray[np.int64]: ...
+    def zero_runs(self, offsets: npt.NDArray[np.uint64],
+                  lengths: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]: ...
     def discard(self, ranges: npt.NDArray[np.uint64]) -> None: ...
 
 
@@ -386,34 +391,36 @@ class PostcopyState:
               ) -> None:
         """Place one whole host page and account for a request it answers."""
         st.placer.copy(offset, src, st.host_page)  # False = already there: fine
-        self._mark_placed(st, offset // st.host_page, 1)
+        self._mark_placed(st, np.array([offset // st.host_page], dtype=np.intp))
 
-    def place_run(self, st: BlockState, offset: int, data: npt.NDArray[np.uint8]) -> None:
-        """Place consecutive 4 KiB pages (rows of ``data``) with as few UFFDIO_COPYs as
-        possible: one for the whole run, then page by page past any page that was
-        already there (the kernel stops at the first one)."""
-        n = len(data)
-        buf = np.ascontiguousarray(data)
-        done = st.placer.copy_prefix(offset, buf, n * PAGE_SIZE) // PAGE_SIZE
-        for i in range(done + 1, n):  # page `done` exists; try the rest one by one
-            st.placer.copy(offset + i * PAGE_SIZE, buf[i], PAGE_SIZE)
-        self._mark_placed(st, offset // PAGE_SIZE, n)
+    def place_pages(self, st: BlockState, offsets: npt.NDArray[np.uint64],
+                    data: npt.NDArray[np.uint8] | None) -> None:
+        """Place 4 KiB pages (rows of ``data``, or zero pages) at ``offsets``, however
+        scattered: one UFFDIO_COPY or UFFDIO_ZEROPAGE per run of consecutive pages,
+        then one per page past any page that was already there (the kernel stops at
+        it; someone else placed it)."""
+        first, n = _runs(offsets)
+        pages = st.placer.zero_runs(offsets[first], n) if data is None else \
+            st.placer.copy_runs(offsets[first], n, data)
+        short = np.flatnonzero(pages < n)
+        if len(short):  # page first+pages exists: try the rest of such runs one by one
+            rest = np.concatenate([np.arange(first[i] + pages[i] + 1, first[i] + n[i])
+                                   for i in short.tolist()])
+            if len(rest):
+                ones = np.ones(len(rest), dtype=np.int64)
+                if data is None:
+                    st.placer.zero_runs(offsets[rest], ones)
+                else:
+                    st.placer.copy_runs(offsets[rest], ones, data[rest])
+        self._mark_placed(st, (offsets // np.uint64(PAGE_SIZE)).astype(np.intp))
 
-    def zero_run(self, st: BlockState, offset: int, n: int) -> None:
-        """Place ``n`` consecutive 4 KiB zero pages: one UFFDIO_ZEROPAGE for the run,
-        or page by page if one of them was already there."""
-        if not st.placer.zero(offset, n * PAGE_SIZE):
-            for i in range(n):
-                st.placer.zero(offset + i * PAGE_SIZE, PAGE_SIZE)
-        self._mark_placed(st, offset // PAGE_SIZE, n)
-
-    def _mark_placed(self, st: BlockState, first: int, n: int) -> None:
+    def _mark_placed(self, st: BlockState, pages: npt.NDArray[np.intp]) -> None:
         """Record placed host pages.  No lock: each element is written by whoever
         placed that page (twice at worst, for a page sent on both channels)."""
         now = time.monotonic_ns()
-        st.received[first : first + n] = True  # first: a placement seen is a page kept
-        placed = st.arrays.placed_ns[first : first + n]
-        placed[placed == 0] = now  # the first placement answers a fault
+        st.received[pages] = True  # first: a placement seen is a page kept
+        placed = st.arrays.placed_ns[pages]
+        st.arrays.placed_ns[pages] = np.where(placed == 0, now, placed)  # the first answers a fault
 
     # --- faults ---------------------------------------------------------------------------
     def locate(self, address: int) -> tuple[BlockState, int] | None:
@@ -450,9 +457,12 @@ class PostcopyState:
         self._zero_page.close()
 
 
-def _runs(offsets: npt.NDArray[np.uint64]) -> list[tuple[int, int]]:
-    """[start, end) index ranges of ``offsets`` whose pages are consecutive."""
-    return _ranges(np.flatnonzero(np.diff(offsets) != PAGE_SIZE) + 1, len(offsets))
+def _runs(offsets: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Runs of consecutive pages in ``offsets``: the index of each run's first page,
+    and its length in pages."""
+    first = np.flatnonzero(np.diff(offsets) != PAGE_SIZE) + 1
+    first = np.concatenate(([0], first)).astype(np.int64)
+    return first, np.diff(np.append(first, len(offsets)))
 
 
 def _huge_runs(offsets: npt.NDArray[np.uint64], host_page: int) -> list[tuple[int, int]]:
@@ -567,9 +577,7 @@ class ChannelPlacer:
             self.state.place(st, int(e.offsets[0]), e.data[0])  # a requested page
             return
         if st.host_page == PAGE_SIZE:
-            # Background pages come in runs of consecutive offsets: one ioctl a run.
-            for a, b in _runs(e.offsets):
-                self.state.place_run(st, int(e.offsets[a]), e.data[a:b])
+            self.state.place_pages(st, e.offsets, e.data)
             return
         self._fill_huge(st, e.offsets, e.data)
 
@@ -577,8 +585,7 @@ class ChannelPlacer:
         st = self.state.blocks[e.block]
         self.pages += len(e.offsets)
         if st.host_page == PAGE_SIZE:
-            for a, b in _runs(e.offsets):  # one UFFDIO_ZEROPAGE a run, as for data
-                self.state.zero_run(st, int(e.offsets[a]), b - a)
+            self.state.place_pages(st, e.offsets, None)
             return
         self._fill_huge(st, e.offsets, None)
 

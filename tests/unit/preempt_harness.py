@@ -591,14 +591,25 @@ class BufferPlacer:
             dst[need] = part[need]
         return True
 
-    def copy_prefix(self, offset: int, src: npt.NDArray[np.uint8], length: int) -> int:
-        self.copy(offset, src, length)
-        return length
+    def copy_runs(self, offsets: npt.NDArray[np.uint64], lengths: npt.NDArray[np.int64],
+                  rows: npt.NDArray[np.uint8]) -> npt.NDArray[np.int64]:
+        first = 0
+        for off, n in zip(offsets.tolist(), lengths.tolist(), strict=True):
+            self.copy(off, np.ascontiguousarray(rows[first : first + n]), n * PAGE)
+            first += n
+        return lengths.copy()
 
-    def zero(self, offset: int, length: int) -> bool:
+    def zero_runs(self, offsets: npt.NDArray[np.uint64],
+                  lengths: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        return np.array([self.zero(off, n * PAGE)
+                         for off, n in zip(offsets.tolist(), lengths.tolist(), strict=True)],
+                        dtype=np.int64) // PAGE
+
+    def zero(self, offset: int, length: int) -> int:
+        """Zero-fill; the bytes placed (all of them here)."""
         self.placements.append((offset, length))
         self.mem[offset : offset + length] = 0
-        return True
+        return length
 
     def discard(self, ranges: npt.NDArray[np.uint64]) -> None:
         for offset, length in ranges.tolist():

@@ -19,17 +19,21 @@ PAGES = 64
 
 
 class PartlyPlaced(BufferPlacer):
-    """A placer where some pages are already there: a zero-fill over one of them
-    stops and reports it, as UFFDIO_ZEROPAGE does (EEXIST)."""
+    """A placer where some pages are already there: a zero-fill stops at the first of
+    them and reports the bytes placed before it, as UFFDIO_ZEROPAGE does (EEXIST)."""
 
     def __init__(self, size: int, present: set[int]) -> None:
         super().__init__(size)
         self.present = present
 
-    def zero(self, offset: int, length: int) -> bool:
-        pages = range(offset // PAGE_SIZE, (offset + length) // PAGE_SIZE)
+    def zero(self, offset: int, length: int) -> int:
         self.placements.append((offset, length))
-        return not any(p in self.present for p in pages)
+        first = offset // PAGE_SIZE
+        for p in range(first, first + length // PAGE_SIZE):
+            if p in self.present:
+                return (p - first) * PAGE_SIZE
+            self.present.add(p)
+        return length
 
 
 def offsets(*pages: int) -> np.ndarray:
@@ -61,16 +65,20 @@ def test_each_run_of_zero_pages_is_one_placement(
     assert placer.mem[4 * PAGE_SIZE] == 0xAB  # between the runs: untouched
 
 
-def test_a_run_over_a_page_already_there_is_placed_page_by_page() -> None:
-    placer = PartlyPlaced(PAGES * PAGE_SIZE, present={2})
+def test_a_run_goes_on_page_by_page_past_a_page_already_there() -> None:
+    """The kernel stops a run at a page someone else placed: the pages after it are
+    placed one by one, the ones before it not again."""
+    placer = PartlyPlaced(PAGES * PAGE_SIZE, present={2, 4})
     state = PostcopyState({BLK: BlockState(BLK, PAGES * PAGE_SIZE, PAGE_SIZE, placer)},
                           None, {})
     ch = ChannelPlacer(state, "main")
     try:
-        ch.zeros(ev.ZeroPages(BLK, offsets(0, 1, 2, 3)))
-        assert placer.placements == [(0, 4 * PAGE_SIZE),
-                                     *((p * PAGE_SIZE, PAGE_SIZE) for p in range(4))]
-        assert np.flatnonzero(state.received_pages(BLK)).tolist() == [0, 1, 2, 3]
+        ch.zeros(ev.ZeroPages(BLK, offsets(0, 1, 2, 3, 4, 5, 9)))
+        assert placer.placements == [(0, 6 * PAGE_SIZE), (9 * PAGE_SIZE, PAGE_SIZE),
+                                     (3 * PAGE_SIZE, PAGE_SIZE), (4 * PAGE_SIZE, PAGE_SIZE),
+                                     (5 * PAGE_SIZE, PAGE_SIZE)]
+        assert placer.present == {0, 1, 2, 3, 4, 5, 9}
+        assert np.flatnonzero(state.received_pages(BLK)).tolist() == [0, 1, 2, 3, 4, 5, 9]
     finally:
         ch.close()
         state.close()
