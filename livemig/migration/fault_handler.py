@@ -157,7 +157,13 @@ class ThreadFaultHandler(FaultHandler):
         return state
 
     def listen(self) -> None:
+        """With a postcopy channel the calling load thread places only background pages
+        from here: the threads that take faults and place requested pages go first
+        when they want a CPU (livemig.runtime).  Without one, requested pages come on
+        the main channel too, and the load thread keeps its priority."""
         self._lower_switch_interval()
+        if self.post_channel is not None:
+            lower_thread_priority()
 
     def _start(self, rp: ReturnPathWriter, on_error: OnError) -> None:
         assert self._state is not None

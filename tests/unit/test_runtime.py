@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from livemig.migration.channel import Channel
+from livemig.migration.fault_handler import ThreadFaultHandler
 from livemig.runtime import (
     BACKGROUND_NICE,
     MAX_NICE,
@@ -149,6 +152,34 @@ def test_lower_thread_priority_makes_only_the_calling_thread_nicer() -> None:
     assert seen["after"] == min(MAX_NICE, seen["before"] + BACKGROUND_NICE)
     assert seen["after"] > seen["before"] or seen["before"] == MAX_NICE
     assert nice_of(main_tid) == before  # the process and its other threads keep theirs
+
+
+@pytest.mark.parametrize("with_postcopy_channel", [True, False])
+def test_the_load_thread_yields_the_cpu_only_when_requested_pages_come_elsewhere(
+        with_postcopy_channel: bool) -> None:
+    """Thread fault handling: with a postcopy channel the load thread places only
+    background pages once postcopy listens, and becomes nicer; without one it places
+    requested pages too, and keeps its priority."""
+    a, b = socket.socketpair()
+    post = Channel(sock=a, name="postcopy") if with_postcopy_channel else None
+    handler = ThreadFaultHandler(post, SwitchInterval())
+    seen: dict[str, int] = {}
+
+    def load() -> None:
+        tid = threading.get_native_id()
+        seen["before"] = os.getpriority(os.PRIO_PROCESS, tid)
+        handler.listen()
+        seen["after"] = os.getpriority(os.PRIO_PROCESS, tid)
+
+    t = threading.Thread(target=load)
+    t.start()
+    t.join(10)
+    handler.stop()
+    a.close()
+    b.close()
+    expected = min(MAX_NICE, seen["before"] + BACKGROUND_NICE) if with_postcopy_channel \
+        else seen["before"]
+    assert seen["after"] == expected
 
 
 @pytest.mark.parametrize(("name", "kernel"), [("postcopy/fault", "postcopy/fault"),
