@@ -28,7 +28,9 @@ Postcopy (:meth:`PageSender.postcopy_loop`)
     goes BACKGROUND_STEP_PAGES (128 KiB) per system call, and when a request is waiting
     for this thread after a step the rest of the piece is dirty again
     (:meth:`MigrationBitmap.give_back`): a request waits for one step in hand, not for
-    the piece (and, without preemption, behind what is in the kernel's queue).
+    the piece (and, without preemption, behind what is in the kernel's queue).  A huge
+    page goes whole without preemption and in background pieces with it
+    (:meth:`PageSender._huge_piece`).
 
 Huge-page preemption (migration-thread mode, QEMU 7.1)
     While a huge page is being sent on the precopy channel, the sender checks for
@@ -166,11 +168,8 @@ class PageSender:
         # Background pieces in postcopy (pages), chosen once from the main channel.
         self.postcopy_chunk = (TLS_POSTCOPY_CHUNK_PAGES if main.writer.channel.secured
                                else POSTCOPY_CHUNK_PAGES)
-        # Background pieces of 4 KiB-page blocks (see widen_background).
-        self.small_page_piece = self.postcopy_chunk
-        # Send a background huge page in one piece, not in postcopy_chunk pieces (when
-        # nothing may interrupt it and no urgent channel waits: no preemption).
-        self.whole_huge_pages = False
+        # Background pieces (see widen_background and _huge_piece).
+        self.background_piece = self.postcopy_chunk
         self.current = main.name  # the channel in use, for switch/reset traces
         self.preempted: Preempted | None = None
         self._views = {name: b.view() for name, b in self.blocks.items()}
@@ -229,15 +228,14 @@ class PageSender:
         return out
 
     def widen_background(self, piece_bytes: int) -> None:
-        """Cut background pieces of ``piece_bytes`` (at least the default) in blocks of
-        4 KiB pages: the per-piece work in Python (bitmap scan and take, zero test,
-        records, iovec) cost about 80 us, which 32-page pieces paid every 128 KiB.
-        Huge pages keep their pieces (larger ones raised their p99 and max).  Not over
-        TLS, where a piece's copy and encryption compete for a CPU with the requests."""
+        """Cut background pieces of ``piece_bytes`` (at least the default): the
+        per-piece work in Python (bitmap scan and take, zero test, records, iovec) cost
+        about 80 us, which 32-page pieces paid every 128 KiB.  Not over TLS, where a
+        piece's copy and encryption compete for a CPU with the requests."""
         # A request arriving meanwhile still waits for one BACKGROUND_STEP_PAGES step
         # only: _emit stops the piece there and gives the rest back to the bitmap.
         if not self.main.writer.channel.secured:
-            self.small_page_piece = max(self.postcopy_chunk, piece_bytes // PAGE_SIZE)
+            self.background_piece = max(self.postcopy_chunk, piece_bytes // PAGE_SIZE)
 
     def send_window(self, name: str, first: int, count: int) -> int:
         """Send the dirty pages of one window on the precopy channel."""
@@ -422,8 +420,8 @@ class PageSender:
             else:
                 # Small pieces, so a request waits at most for the piece in hand (QEMU
                 # checks before every page; a 2 MiB window made requests wait for it):
-                # the next small_page_piece dirty pages, however scattered.
-                chunk = self.small_page_piece
+                # the next background_piece dirty pages, however scattered.
+                chunk = self.background_piece
                 w, cursor[name] = bm.take_next(page, chunk, chunk * PIECE_SPAN)
                 if len(w):
                     out = self._emit(self.main, name, w.pages, w.zeros, urgent=False,
@@ -441,8 +439,9 @@ class PageSender:
 
     def _resume_preempted(self, *, interruptible: bool,
                           queue: RequestQueue | None = None) -> None:
-        """Send the rest of the interrupted huge page on the precopy channel, in chunks;
-        stop again (keeping the position) if a request is pending and we may."""
+        """Send the rest of the interrupted huge page on the precopy channel, in pieces
+        (:meth:`_huge_piece`); stop again (keeping the position) if a request is pending
+        and this thread may break a huge page for one."""
         p = self.preempted
         assert p is not None
         self._switch(self.main.name)
@@ -459,7 +458,7 @@ class PageSender:
                 continue
             if interruptible:
                 self._yield_to_urgent()
-            n = len(p.pages) if self.whole_huge_pages else self.postcopy_chunk
+            n = self._huge_piece(len(p.pages))
             chunk, p.pages = p.pages[:n], p.pages[n:]
             self._emit(self.main, p.block, chunk, chunk[:0], urgent=False)
             if may_break:
@@ -467,3 +466,11 @@ class PageSender:
                 self.main.writer.flush()
         self.preempted = None
 
+    def _huge_piece(self, left: int) -> int:
+        """Pages of a huge page per piece: the whole rest without an urgent channel (the
+        per-piece work, records, iovec and a system call, is then paid once per huge
+        page); with one, urgent pages share the link and must not wait behind more
+        than a background piece (widen_background: one kernel queue of the main
+        channel, or 32 pages where the migration thread serves requests and may break
+        a huge page for one between two pieces)."""
+        return left if self.post is None else self.background_piece

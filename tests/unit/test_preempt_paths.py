@@ -380,7 +380,7 @@ def test_a_request_cuts_a_background_piece_after_the_step_in_hand(
     blk = block("4K", 1024)
     h = make(blk)
     switch_over(h, UrgentMode.MIGRATION, MIB, preempt=False)
-    assert h.sender.small_page_piece == MIB // PAGE
+    assert h.sender.background_piece == MIB // PAGE
     # Released as soon as the sender looks while a piece is going out.
     q = ArrivingQueue(h.timeline, [Step(lambda: h.sender.stats.normal > 0,
                                         h.request(BLK, 1000))])
@@ -420,7 +420,7 @@ def test_without_preemption_a_background_piece_fills_the_kernel_queue(
     """A request cuts the piece after the step in hand (the test above)."""
     h = make(block("4K", 64))
     switch_over(h, UrgentMode.MIGRATION, MIB, preempt=False)
-    assert h.sender.small_page_piece == MIB // PAGE
+    assert h.sender.background_piece == MIB // PAGE
 
 
 @pytest.mark.parametrize(("design", "queue", "piece"), [
@@ -454,13 +454,13 @@ def test_background_pieces_are_cut_by_the_kernel_queue_and_who_serves_requests(
 def test_a_background_piece_carries_the_next_dirty_pages_however_scattered(
         design: UrgentMode, block: Blocks, make: Make, dest: Dest) -> None:
     """Late in a migration the dirty pages left are scattered: a piece is the next
-    ``small_page_piece`` of them, not the few an aligned window of that many covers."""
+    ``background_piece`` of them, not the few an aligned window of that many covers."""
     blk = block("4K", 4096)
     h = make(blk)
     switch_over(h, design, MIB)
     h.sender.bitmaps[blk.name].bits[np.arange(blk.pages) % 8 != 0] = False
     run, pieces = background_pieces(h)
-    piece = h.sender.small_page_piece
+    piece = h.sender.background_piece
     assert pieces == [piece] * (blk.pages // 8 // piece)
     d = dest(h.table)
     d.replay(run)
@@ -481,28 +481,29 @@ def data_pages_per_write(h: PreemptHarness) -> tuple[Run, list[int]]:
     return run, list(pages.values())
 
 
-def test_without_preemption_a_huge_page_goes_out_in_one_write(
-        block: Blocks, make: Make, dest: Dest) -> None:
-    """Nothing interrupts a huge page without preemption: its data pages are one write
-    (its zero pages another), not 32-page pieces."""
+@pytest.mark.parametrize(("design", "preempt", "queue", "piece"), [
+    (UrgentMode.MIGRATION, False, MIB, 0),  # vanilla: whole, no urgent channel waits
+    (UrgentMode.PROCESS, True, MIB, MIB // PAGE),  # one kernel queue of loopback
+    (UrgentMode.PROCESS, True, 64 * 1024, POSTCOPY_CHUNK_PAGES),  # Ethernet
+    (UrgentMode.RETURN_PATH, True, MIB, POSTCOPY_CHUNK_PAGES),  # its background piece
+    (UrgentMode.MIGRATION, True, MIB, POSTCOPY_CHUNK_PAGES),  # a request may break in
+])
+def test_a_huge_page_goes_out_in_pieces_as_large_as_the_design_allows(
+        design: UrgentMode, preempt: bool, queue: int, piece: int, block: Blocks,
+        make: Make, dest: Dest) -> None:
+    """A huge page's data pages go in one write without an urgent channel; in pieces
+    of the design's background piece (one kernel queue for the process design) when
+    urgent pages share the link; in 32-page pieces when a request may break in."""
     blk = block("2M", 3)
     h = make(blk)
-    switch_over(h, UrgentMode.MIGRATION, MIB, preempt=False)
+    switch_over(h, design, queue, preempt=preempt)
     run, pages = data_pages_per_write(h)
-    assert sorted(pages) == sorted(len(blk.pieces(hp)[1]) for hp in range(3))
-    d = dest(h.table)
-    d.replay(run)
-    placed_once_and_exact(d, blk)
-
-
-def test_huge_pages_keep_small_pieces_with_the_process_design(
-        block: Blocks, make: Make, dest: Dest) -> None:
-    """Larger pieces raised 2M p99 and max: a huge page still goes out 32 pages a write."""
-    blk = block("2M", 2)
-    h = make(blk)
-    switch_over(h, UrgentMode.PROCESS, MIB)
-    run, pages = data_pages_per_write(h)
-    assert set(pages) == {POSTCOPY_CHUNK_PAGES}
+    expected = []
+    for hp in range(3):
+        n = len(blk.pieces(hp)[1])
+        step = piece or n
+        expected += [min(step, n - i) for i in range(0, n, step)]
+    assert sorted(pages) == sorted(expected)
     d = dest(h.table)
     d.replay(run)
     placed_once_and_exact(d, blk)
