@@ -24,12 +24,13 @@ Postcopy (:meth:`PageSender.postcopy_loop`)
     the pages left are sparse, a piece still carries as many pages as it may and the
     per-piece work (about 80 us of Python) is not paid for a few pages.  How many: a
     whole kernel queue of the main channel (:meth:`PageSender.widen_background`; 1 MiB
-    on loopback) or POSTCOPY_CHUNK_PAGES, as the urgent-sender design chooses.  A piece
-    goes BACKGROUND_STEP_PAGES (128 KiB) per system call, and when a request is waiting
+    on loopback), at least POSTCOPY_CHUNK_PAGES; over TLS TLS_POSTCOPY_CHUNK_PAGES.  A
+    piece goes BACKGROUND_STEP_PAGES (128 KiB) per system call, and when a request is waiting
     for this thread after a step the rest of the piece is dirty again
     (:meth:`MigrationBitmap.give_back`): a request waits for one step in hand, not for
     the piece (and, without preemption, behind what is in the kernel's queue).  A huge
-    page goes whole without preemption and in background pieces with it
+    page goes whole without preemption, in 32-page pieces when the migration thread may
+    break it for a request, and in background pieces otherwise
     (:meth:`PageSender._huge_piece`).
 
 Huge-page preemption (migration-thread mode, QEMU 7.1)
@@ -458,7 +459,7 @@ class PageSender:
                 continue
             if interruptible:
                 self._yield_to_urgent()
-            n = self._huge_piece(len(p.pages))
+            n = self._huge_piece(may_break, len(p.pages))
             chunk, p.pages = p.pages[:n], p.pages[n:]
             self._emit(self.main, p.block, chunk, chunk[:0], urgent=False)
             if may_break:
@@ -466,11 +467,12 @@ class PageSender:
                 self.main.writer.flush()
         self.preempted = None
 
-    def _huge_piece(self, left: int) -> int:
-        """Pages of a huge page per piece: the whole rest without an urgent channel (the
-        per-piece work, records, iovec and a system call, is then paid once per huge
-        page); with one, urgent pages share the link and must not wait behind more
-        than a background piece (widen_background: one kernel queue of the main
-        channel, or 32 pages where the migration thread serves requests and may break
-        a huge page for one between two pieces)."""
+    def _huge_piece(self, may_break: bool, left: int) -> int:
+        """Pages of a huge page per piece: POSTCOPY_CHUNK_PAGES when a request may break
+        in between two; otherwise as many as the per-piece work (records, iovec, a
+        system call) is worth: the whole rest without an urgent channel, a background
+        piece (one kernel queue of the main channel, see widen_background) when urgent
+        pages share the link and must not wait behind more than that."""
+        if may_break:
+            return self.postcopy_chunk
         return left if self.post is None else self.background_piece

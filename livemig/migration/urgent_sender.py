@@ -12,9 +12,8 @@ Nothing outside this module tests the mode.
 :class:`MigrationThreadSender`    (QEMU 7.1) the return-path thread queues a request; the
                                   migration thread serves it between background pieces
                                   and may interrupt a huge page for it (break-huge).
-:class:`NoPreemptSender`          vanilla postcopy (no preemption): the same, requested
-                                  pages on the main channel; background pieces of a
-                                  whole kernel queue, cut short for a request.
+                                  Also vanilla postcopy (no preemption): requested pages
+                                  then go on the main channel.
 :class:`ReturnPathSender`         (QEMU 8.0) the return-path thread sends the requested
                                   page itself on the postcopy channel; the two threads
                                   share the bitmaps under their lock.
@@ -105,23 +104,12 @@ class UrgentSender(ABC):
         request."""
         return switch.switch_interval(POSTCOPY_SWITCH_INTERVAL)
 
-    # The background piece (4 KiB pages, and a huge page's pieces when a postcopy
-    # channel waits), in kernel queues of the main channel (0: the default
-    # POSTCOPY_CHUNK_PAGES).  A request that the migration thread serves waits
-    # for the BACKGROUND_STEP_PAGES step in hand, not for the whole piece (the sender
-    # looks at the request queue between steps and gives the rest back, sender.py),
-    # but a piece of a whole queue streams so much faster that a requested page then
-    # waits longer for the GIL and the queues: with preemption through threads of this
-    # process, loopback p99 went from 3.8-4.9 to 5.8-6.6 ms (preempt) and from 5.0-5.8
-    # to 6.0-7.0 ms (preempt-rp), so those designs keep small pieces.
-    background_piece_queues = 0.0
-
     def switchover(self, background_queue: int) -> None:
         """Postcopy starts: how the background stream treats huge pages and requests
         (``background_queue``: the bytes the main channel's kernel queue holds now)."""
         self.sender.break_huge = False
         self.sender.locality = self.params.x_postcopy_locality
-        self.sender.widen_background(int(background_queue * self.background_piece_queues))
+        self.sender.widen_background(background_queue)
 
     def finish(self) -> dict[str, int]:
         """Every page is sent: end the postcopy channel after the last urgent page.
@@ -150,17 +138,6 @@ class MigrationThreadSender(UrgentSender):
     def switchover(self, background_queue: int) -> None:
         super().switchover(background_queue)
         self.sender.break_huge = self.params.x_postcopy_preempt_break_huge
-
-
-class NoPreemptSender(MigrationThreadSender):
-    """Postcopy without preemption (QEMU's vanilla postcopy): the migration thread
-    serves requests on the main channel, behind what its kernel queue holds anyway.
-    Background pieces fill a whole queue: a request waits for one step of the piece,
-    and the source spends about 40 % less CPU per GB of background pages than with
-    32-page pieces (loopback 4K: the whole migration 0.8-1.0 s instead of 1.5-1.6,
-    p50 0.67-0.85 ms instead of 0.53-0.63)."""
-
-    background_piece_queues = 1.0
 
 
 class ReturnPathSender(UrgentSender):
@@ -205,13 +182,6 @@ class ProcessSender(UrgentSender):
 
     def postcopy_gil(self, switch: SwitchInterval) -> AbstractContextManager[object]:
         return contextlib.nullcontext()  # requests never reach a thread of this process
-
-    # No request for a 4 KiB page waits behind a background piece: the helper answers
-    # one the migration thread took too (urgent.py).  A huge page the migration thread
-    # took goes in pieces of the same size, and one requested meanwhile waits for it:
-    # loopback 2M p99 4.1-4.9 ms with 256-page pieces against 4.2-6.2 with 32-page
-    # ones, the migration 0.9 s against 1.0-1.2.
-    background_piece_queues = 1.0
 
     def switchover(self, background_queue: int) -> None:
         """The migration thread only streams background pages from here: the helper
@@ -259,5 +229,5 @@ def choose_urgent_sender(caps: Capabilities, params: Parameters) -> UrgentSender
     Without preemption requested pages share the main channel: the migration thread
     serves them."""
     if not caps.postcopy_preempt:
-        return NoPreemptSender(caps, params)
+        return MigrationThreadSender(caps, params)
     return _DESIGNS[params.x_postcopy_urgent_sender](caps, params)

@@ -15,7 +15,6 @@ from livemig.migration.handshake import Handshake
 from livemig.migration.state import LIVE_PARAMETERS, Capabilities, Parameters, UrgentMode
 from livemig.migration.urgent_sender import (
     MigrationThreadSender,
-    NoPreemptSender,
     ProcessSender,
     ReturnPathSender,
     choose_urgent_sender,
@@ -100,8 +99,7 @@ def test_each_mode_is_one_design(mode: UrgentMode, design: type) -> None:
 def test_without_preemption_the_migration_thread_serves_requests(mode: UrgentMode) -> None:
     caps = Capabilities(postcopy_ram=True)
     chosen = choose_urgent_sender(caps, Parameters(x_postcopy_urgent_sender=mode))
-    assert type(chosen) is NoPreemptSender
-    assert isinstance(chosen, MigrationThreadSender)
+    assert type(chosen) is MigrationThreadSender
     assert not chosen.handshake().urgent_process
 
 

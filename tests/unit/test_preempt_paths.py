@@ -424,19 +424,18 @@ def test_without_preemption_a_background_piece_fills_the_kernel_queue(
 
 
 @pytest.mark.parametrize(("design", "queue", "piece"), [
-    (UrgentMode.MIGRATION, MIB, POSTCOPY_CHUNK_PAGES),  # requests wait for the GIL too
-    (UrgentMode.RETURN_PATH, MIB, POSTCOPY_CHUNK_PAGES),
-    (UrgentMode.PROCESS, MIB, MIB // PAGE),  # they never do: one queue a piece
-    (UrgentMode.MIGRATION, 64 * 1024, POSTCOPY_CHUNK_PAGES),  # Ethernet
+    (UrgentMode.MIGRATION, MIB, MIB // PAGE),  # loopback: one queue a piece
+    (UrgentMode.RETURN_PATH, MIB, MIB // PAGE),
+    (UrgentMode.PROCESS, MIB, MIB // PAGE),
+    (UrgentMode.MIGRATION, 64 * 1024, POSTCOPY_CHUNK_PAGES),  # Ethernet: at least 32
     (UrgentMode.PROCESS, 64 * 1024, POSTCOPY_CHUNK_PAGES),
 ])
-def test_background_pieces_are_cut_by_the_kernel_queue_and_who_serves_requests(
+def test_background_pieces_are_cut_by_the_kernel_queue(
         design: UrgentMode, queue: int, piece: int, block: Blocks, make: Make,
         dest: Dest) -> None:
-    """A 1 MiB main-channel queue (loopback): with the process design every background
-    write carries 256 pages; with the designs whose requests reach a thread of the
-    source (the migration thread, the return-path thread) and on a 64 KiB queue
-    (Ethernet) 32; all arrive once."""
+    """A 1 MiB main-channel queue (loopback): every background write carries 256
+    pages, whoever serves requests; on a 64 KiB queue (Ethernet) 32 (a piece is at
+    least that); all arrive once."""
     blk = block("4K", 1024)
     h = make(blk)
     switch_over(h, design, queue)
@@ -485,15 +484,15 @@ def data_pages_per_write(h: PreemptHarness) -> tuple[Run, list[int]]:
     (UrgentMode.MIGRATION, False, MIB, 0),  # vanilla: whole, no urgent channel waits
     (UrgentMode.PROCESS, True, MIB, MIB // PAGE),  # one kernel queue of loopback
     (UrgentMode.PROCESS, True, 64 * 1024, POSTCOPY_CHUNK_PAGES),  # Ethernet
-    (UrgentMode.RETURN_PATH, True, MIB, POSTCOPY_CHUNK_PAGES),  # its background piece
+    (UrgentMode.RETURN_PATH, True, MIB, MIB // PAGE),
     (UrgentMode.MIGRATION, True, MIB, POSTCOPY_CHUNK_PAGES),  # a request may break in
 ])
 def test_a_huge_page_goes_out_in_pieces_as_large_as_the_design_allows(
         design: UrgentMode, preempt: bool, queue: int, piece: int, block: Blocks,
         make: Make, dest: Dest) -> None:
-    """A huge page's data pages go in one write without an urgent channel; in pieces
-    of the design's background piece (one kernel queue for the process design) when
-    urgent pages share the link; in 32-page pieces when a request may break in."""
+    """A huge page's data pages go in one write without an urgent channel; in 32-page
+    pieces when a request may break in; otherwise in background pieces (one kernel
+    queue) when urgent pages share the link."""
     blk = block("2M", 3)
     h = make(blk)
     switch_over(h, design, queue, preempt=preempt)
