@@ -25,8 +25,8 @@ Postcopy (:meth:`PageSender.postcopy_loop`)
     per-piece work (about 80 us of Python) is not paid for a few pages.  How many: a
     whole kernel queue of the main channel (:meth:`PageSender.widen_background`; 1 MiB
     on loopback), at least POSTCOPY_CHUNK_PAGES; over TLS TLS_POSTCOPY_CHUNK_PAGES.  A
-    piece goes BACKGROUND_STEP_PAGES (128 KiB) per system call, and when a request is waiting
-    for this thread after a step the rest of the piece is dirty again
+    piece goes BACKGROUND_STEP_PAGES (128 KiB) per system call, and when a request is
+    waiting for this thread after a step the rest of the piece is dirty again
     (:meth:`MigrationBitmap.give_back`): a request waits for one step in hand, not for
     the piece (and, without preemption, behind what is in the kernel's queue).  A huge
     page goes whole without preemption, in 32-page pieces when the migration thread may
@@ -419,9 +419,8 @@ class PageSender:
                 self._send_huge(name, page - page % per, queue)
                 cursor[name] = page - page % per + per
             else:
-                # Small pieces, so a request waits at most for the piece in hand (QEMU
-                # checks before every page; a 2 MiB window made requests wait for it):
-                # the next background_piece dirty pages, however scattered.
+                # The next background_piece dirty pages, however scattered; a request
+                # for this thread waits for the step in hand, not the piece (_emit).
                 chunk = self.background_piece
                 w, cursor[name] = bm.take_next(page, chunk, chunk * PIECE_SPAN)
                 if len(w):
