@@ -161,11 +161,30 @@ def set_buffer_sizes(sock: socket.socket, nbytes: int) -> None:
     """Large socket buffers: a migration stream wants megabytes in flight, and the
     default (~200 KiB) makes the sender block and wake the receiver far too often.
     As root the *FORCE options pass the net.core.{w,r}mem_max caps."""
-    for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, force, nbytes)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, plain, nbytes)
+    set_send_buffer(sock, nbytes)
+    _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, nbytes)
+
+
+def set_send_buffer(sock: socket.socket, nbytes: int) -> None:
+    """The send buffer alone (see :func:`set_buffer_sizes`)."""
+    _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, nbytes)
+
+
+def _set_buffer(sock: socket.socket, force: int, plain: int, nbytes: int) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, nbytes)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, plain, nbytes)
+
+
+def clamp_window(sock: socket.socket, nbytes: int) -> None:
+    """Advertise at most ``nbytes`` of receive window from now on (TCP only), keeping
+    the receive buffer as it is.  Shrinking the receive buffer instead, under a window
+    advertised earlier, makes the kernel prune the receive queue and drop segments
+    already allowed in flight: the sender then waits for a retransmission timeout (at
+    least 200 ms)."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, nbytes)
 
 
 class _Msghdr(ctypes.Structure):

@@ -43,6 +43,7 @@ import numpy.typing as npt
 from livemig.errors import ChannelClosedError, ConfigError, RemoteProtocolError, TlsError
 from livemig.kernel.sock import (
     Buffer,
+    clamp_window,
     path_mtu,
     queued_bytes,
     read_exact_into,
@@ -55,6 +56,7 @@ from livemig.kernel.sock import (
     set_dead_peer_timeout,
     set_nodelay,
     set_notsent_lowat,
+    set_send_buffer,
     write_buffers,
 )
 from livemig.migration.tls import (
@@ -674,12 +676,16 @@ def background_queue_bytes(mtu: int) -> int:
 
 
 def quiet_background(channel: Channel) -> int:
-    """Postcopy: size the precopy channel's kernel queues (send and receive buffers,
-    and the unsent part for TCP) by the packets of its link; returns that size (0 for
-    a channel without a socket of its own)."""
+    """Postcopy: size the precopy channel's kernel queues by the packets of its link:
+    the send buffer, the unsent part and the receive window (TCP); returns that size
+    (0 for a channel without a socket of its own).  The receive buffer keeps its size
+    and only the window it advertises shrinks (kernel.sock.clamp_window): a smaller
+    buffer dropped the segments in flight at the switch and stalled the first
+    requests for a retransmission timeout."""
     if channel.sock is None:
         return 0
     queue = background_queue_bytes(path_mtu(channel.sock))
-    set_buffer_sizes(channel.sock, queue)
+    set_send_buffer(channel.sock, queue)
+    clamp_window(channel.sock, queue)
     set_notsent_lowat(channel.sock, queue // 2)
     return queue

@@ -22,9 +22,9 @@ from conftest import needs_kvm, needs_netlab, needs_nft
 from netlab_helpers import connection
 
 from livemig.errors import NetlabError
-from livemig.kernel.sock import path_mtu
+from livemig.kernel.sock import path_mtu, set_buffer_sizes
 from livemig.migration.channel import Channel, quiet_background
-from livemig.netlab import NETNS_PORT, NetnsPair, Shaping
+from livemig.netlab import NETNS_PORT, Endpoint, NetnsPair, Shaping
 
 pytestmark = needs_netlab
 
@@ -208,10 +208,64 @@ def test_killing_connections_on_a_port_resets_both_ends_and_spares_others() -> N
 def test_postcopy_background_queue_over_the_veth_link_stays_64k() -> None:
     """On an Ethernet-sized link (the veth pair, MTU 1500) the postcopy background
     queue stays 64 KiB at both ends: there the background bytes share the qdisc with
-    the urgent pages, and a longer queue delays them."""
+    the urgent pages, and a longer queue delays them.  The receive side clamps its
+    window, not its buffer."""
     with NetnsPair(Shaping(rate="1gbit")) as pair, connection(pair) as ends:
         for sock in ends:
             assert path_mtu(sock) == 1500
+            before = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
             quiet_background(Channel(sock=sock))
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 64 * 1024
-            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * 64 * 1024
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP) == 64 * 1024
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == before
+
+
+def tcp_counters(pair: NetnsPair, end: Endpoint) -> dict[str, int]:
+    """The namespace's TCP counters (nstat, absolute)."""
+    out = pair.run(end, ["nstat", "-az"])
+    return {f[0]: int(f[1]) for f in (line.split() for line in out.splitlines())
+            if len(f) >= 2 and f[1].isdigit()}
+
+
+def test_a_stream_switched_to_the_postcopy_queue_loses_no_segment() -> None:
+    """A precopy-sized stream (4 MiB buffers) over the shaped veth link switches to the
+    postcopy queue while it flows, as both ends do at the switchover: the receiver
+    drops nothing and the sender never waits for a retransmission timeout (shrinking
+    the receive buffer there dropped segments and stalled the first requests about
+    200 ms)."""
+    with NetnsPair(Shaping(rate="1gbit")) as pair, connection(pair) as (client, server):
+        for sock in (client, server):
+            set_buffer_sizes(sock, 4 << 20)
+        drops0 = tcp_counters(pair, pair.dest).get("TcpExtTCPRcvQDrop", 0)
+        rto0 = tcp_counters(pair, pair.source).get("TcpExtTCPTimeouts", 0)
+        received = [0]
+        switched = threading.Event()
+
+        def drain() -> None:
+            buf = bytearray(1 << 20)
+            paused = False
+            while (n := server.recv_into(buf)) > 0:
+                received[0] += n
+                if switched.is_set() and not paused:
+                    # The destination's load thread is busy at the switch (the
+                    # package, userfaultfd, the guest starting): the window fills.
+                    time.sleep(0.2)
+                    paused = True
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        payload = bytes(1 << 20)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            client.sendall(payload)
+            if not switched.is_set() and time.monotonic() > deadline - 0.7:
+                quiet_background(Channel(sock=server))
+                quiet_background(Channel(sock=client))
+                switched.set()
+        client.shutdown(socket.SHUT_WR)
+        reader.join(30)
+        assert received[0] > 40 << 20  # the link was busy throughout
+        assert tcp_counters(pair, pair.dest).get("TcpExtTCPRcvQDrop", 0) == drops0
+        assert tcp_counters(pair, pair.source).get("TcpExtTCPTimeouts", 0) == rto0
+
+
