@@ -44,6 +44,13 @@ class RateLimiter:
             self._window_start, self._used = now, 0
 
 
+    def settle(self) -> bool:
+        """Sleep off what the bytes sent still owe (a request may end the sleep
+        first); True once nothing is owed."""
+        self.account(0)
+        return self.limit <= 0 or self._clock() >= self._window_start + self._used / self.limit
+
+
 class BandwidthMeter:
     """Bytes per second over an interval of the stream."""
 

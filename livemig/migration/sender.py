@@ -370,6 +370,11 @@ class PageSender:
             while time.monotonic() < deadline and not failed():
                 if self._serve_queue(queue):
                     continue
+                if not self.limiter.settle():
+                    # A request ended the limit's pause: it is served, and no background
+                    # page goes before the rest is paid (else a guest that keeps
+                    # faulting would lift max-postcopy-bandwidth altogether).
+                    continue
                 if self.preempted is not None:
                     self.trace("postcopy_preempt_restored", block=self.preempted.block,
                                page=self.preempted.host_page)

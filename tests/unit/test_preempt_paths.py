@@ -41,6 +41,8 @@ from preempt_harness import (
 
 from livemig.errors import ChannelClosedError, RemoteProtocolError
 from livemig.migration import sender as sender_module
+from livemig.migration.ratelimit import RateLimiter
+from livemig.migration.returnpath import RequestQueue
 from livemig.migration.sender import BACKGROUND_STEP_PAGES, POSTCOPY_CHUNK_PAGES
 from livemig.migration.state import Capabilities, Parameters, UrgentMode
 from livemig.migration.urgent_sender import choose_urgent_sender
@@ -735,3 +737,28 @@ def test_destination_names_host_pages_that_never_arrived(block: Blocks, dest: De
     # Stale in precopy: must come again.
     d.state.discard(BLK, np.array([[0, blk.host_page_size]], np.uint64))
     assert d.state.missing() == {BLK: (2, 0)}
+
+
+# --- source: the postcopy bandwidth limit -----------------------------------------------
+def test_requests_that_cut_every_limit_pause_short_do_not_lift_the_postcopy_limit(
+        block: Blocks, make: Make) -> None:
+    """``max-postcopy-bandwidth`` without preemption, and a guest that keeps faulting: a
+    request ends every pause of the limit after 10 ms.  Each request is served at once,
+    but the migration thread sleeps the rest off before its next background piece, so
+    the block's 1 MiB still takes about a second at 1 MiB/s."""
+    blk = block("4K", 256)
+    h = make(blk)
+    switch_over(h, UrgentMode.MIGRATION, MIB, preempt=False)
+    queue = RequestQueue()
+    now = [0.0]
+
+    def cut_short(seconds: float) -> None:
+        now[0] += min(seconds, 0.01)
+        queue.put(h.request(BLK, 0))  # page 0: sent by the first, then nothing to send
+
+    h.sender.limiter = RateLimiter(MIB, clock=lambda: now[0], sleep=cut_short)
+    h.run(queue)
+    h.complete()
+    h.finish()
+    assert h.sender.stats.postcopy_requests > 50  # every pause was cut short
+    assert now[0] >= (blk.size - 2 * PAGE) / MIB - 0.1  # one window's budget ahead
