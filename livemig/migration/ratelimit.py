@@ -33,7 +33,7 @@ class RateLimiter:
         now = self._clock()
         # Sleep until the bytes sent in this window are paid for at the limit; a
         # window may be overdrawn by one batch, which the sleep then covers.
-        due = self._window_start + self._used / self.limit
+        due = self._paid_at()
         if due > now:
             self._sleep(due - now)
             now = self._clock()
@@ -48,7 +48,11 @@ class RateLimiter:
         """Sleep off what the bytes sent still owe (a request may end the sleep
         first); True once nothing is owed."""
         self.account(0)
-        return self.limit <= 0 or self._clock() >= self._window_start + self._used / self.limit
+        return self.limit <= 0 or self._clock() >= self._paid_at()
+
+    def _paid_at(self) -> float:
+        """When the bytes sent in this window are paid for at the limit."""
+        return self._window_start + self._used / self.limit
 
 
 class BandwidthMeter:
