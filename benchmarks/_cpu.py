@@ -4,10 +4,11 @@ Theory of operation
 -------------------
 :meth:`CpuTime.of` reads a process with psutil: its own user and system time, plus
 that of its children that have exited and were waited for (``children_user``,
-``children_system``), plus that of its children still running (each with its own
-reaped children).  livemig's urgent helper processes are part of the VMM's cost, and a
-helper that exits between two readings moves its time from the live figure to the
-parent's reaped one, so the sum stays whole.  Minor page faults come from the same
+``children_system``), plus that of its descendants still running (each with its own
+reaped children).  livemig's urgent helper processes (children of its helper server, a
+child of the VMM) are part of the VMM's cost, and a helper that exits between two
+readings moves its time from the live figure to its parent's reaped one, so the sum
+stays whole.  Minor page faults come from the same
 places; psutil does not report them, so they are read from ``/proc/PID/stat``
 (``minflt`` + ``cminflt``).
 
@@ -58,11 +59,11 @@ class CpuTime:
 
     @classmethod
     def of(cls, pid: int) -> CpuTime:
-        """The process, its children that have exited (and were waited for), and those
-        still running: livemig's urgent helpers are part of the VMM's cost."""
+        """The process, its children that have exited (and were waited for), and its
+        descendants still running: livemig's helpers are part of the VMM's cost."""
         proc = psutil.Process(pid)
         total = cls._with_reaped(proc)
-        for child in proc.children():
+        for child in proc.children(recursive=True):
             # A child that exits meanwhile: its time is in the parent's reaped figures.
             with contextlib.suppress(psutil.NoSuchProcess, FileNotFoundError,
                                      ProcessLookupError):

@@ -21,6 +21,7 @@ from livemig.guests import GUEST_NAMES, load_image, load_image_file
 from livemig.guests.os import OS_GUEST
 from livemig.instance import Instance
 from livemig.kernel.mman import Backing, keep_freed_buffers
+from livemig.migration.helper import HelperServer
 from livemig.migration.state import MigrationStatus, UrgentMode
 from livemig.objects import parse_object
 from livemig.vmm.boot import boot_image, boot_os
@@ -146,9 +147,13 @@ def run(guest: str | None, image: str | None, mem: str, page_size: str, prealloc
         size, backing, prealloc = backend.size, backend.backing, prealloc or backend.prealloc
     config = VmConfig(size, backing, vcpus=smp, cpuid=CpuidPolicy(hide), prealloc=prealloc)
     keep_freed_buffers()
+    # A migration's helper processes are forked from a fork of this process made now,
+    # while it has one thread and no guest RAM: they start in milliseconds, with
+    # nothing to import (livemig.migration.helper).
+    helpers = HelperServer.started_early()
     with _serial_sink(serial, console_spec) as sink, \
             Instance(Vm(config, sink), qmp_path, exit_after_incoming=incoming is not None,
-                     trace=trace, trace_sink=sys.stderr) as inst:
+                     trace=trace, trace_sink=sys.stderr, helpers=helpers) as inst:
         if isinstance(sink, Console):
             sink.attach(inst.vm.serial)
         for qom_type, props in parsed:

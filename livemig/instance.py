@@ -26,6 +26,7 @@ from livemig.errors import ConfigError, QmpError
 from livemig.guests.os import LOAD_ADDRESS, OS_GUEST, PARAMS_OFFSET, PARAMS_SIZE, OsParams
 from livemig.migration.channel import MigrationUri
 from livemig.migration.destination import DestinationMigration
+from livemig.migration.helper import HelperServer
 from livemig.migration.source import SourceMigration
 from livemig.migration.state import Capabilities, MigrationStatus, Parameters
 from livemig.migration.tls import TlsEndpoint, TlsObjects
@@ -43,12 +44,16 @@ class Instance:
 
     def __init__(self, vm: Vm, qmp_path: str | None = None, *,
                  exit_after_incoming: bool = False, trace: Sequence[str] = (),
-                 trace_sink: TextIO | None = None, switch: SwitchInterval | None = None
-                 ) -> None:
+                 trace_sink: TextIO | None = None, switch: SwitchInterval | None = None,
+                 helpers: HelperServer | None = None) -> None:
         """``switch``: the owner of the process's GIL switch interval; instances that
-        share a process must share it (livemig runs one instance per process)."""
+        share a process must share it (livemig runs one instance per process).
+        ``helpers``: the server that forks the migrations' helper processes, started
+        already (``livemig run`` starts it with the VMM); by default the instance's own,
+        started at its first helper.  The instance closes it."""
         self.vm = vm
         self.switch = switch or SwitchInterval()
+        self.helpers = helpers or HelperServer()
         self.trace_patterns = tuple(trace)
         self.trace_sink = trace_sink
         self.commands = CommandTable()
@@ -212,7 +217,7 @@ class Instance:
         self.outgoing = SourceMigration(self.vm, target, self.caps,
                                         self.params, self._emit,
                                         Tracer(self.trace_patterns, self.trace_sink),
-                                        switch=self.switch,
+                                        helpers=self.helpers, switch=self.switch,
                                         tls=self._tls(target, "client"))
         self.outgoing.start()
 
@@ -224,7 +229,7 @@ class Instance:
         listen = MigrationUri.parse(uri)
         self.incoming = DestinationMigration(self.vm, listen, self.caps,
                                              self._emit, self._incoming_finished,
-                                             switch=self.switch,
+                                             helpers=self.helpers, switch=self.switch,
                                              dead_link_timeout_ms=self.params.x_dead_link_timeout,
                                              tls=self._tls(listen, "server"))
         self.incoming.start()
@@ -290,6 +295,7 @@ class Instance:
         if self.incoming is not None:
             self.incoming.abort()
             self.incoming.join(30)
+        self.helpers.close()
         self.vm.shutdown()
         if self.qmp is not None:
             self.qmp.close()

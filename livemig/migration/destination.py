@@ -32,6 +32,7 @@ from typing import Any
 from livemig.errors import ChannelClosedError, LivemigError, MigrationError, RemoteProtocolError
 from livemig.kernel.uffd import Userfaultfd
 from livemig.migration.channel import Channel, Listener, MigrationUri, identify_incoming
+from livemig.migration.helper import HelperServer
 from livemig.migration.load import IncomingLoad, answer_resume_after_completion
 from livemig.migration.state import (
     Capabilities,
@@ -57,9 +58,10 @@ class DestinationMigration:
     def __init__(self, vm: Vm, uri: MigrationUri, caps: Capabilities,
                  emit: EventSink | None = None,
                  on_finished: Callable[[DestinationMigration], None] | None = None, *,
-                 switch: SwitchInterval | None = None, dead_link_timeout_ms: int = 0,
-                 tls: TlsEndpoint | None = None) -> None:
-        """``switch``: the process's owner of the GIL switch interval (one per process,
+                 helpers: HelperServer, switch: SwitchInterval | None = None,
+                 dead_link_timeout_ms: int = 0, tls: TlsEndpoint | None = None) -> None:
+        """``helpers``: the process's helper server (livemig.migration.helper).
+        ``switch``: the process's owner of the GIL switch interval (one per process,
         shared by every migration in it).  ``dead_link_timeout_ms``: a TCP peer silent
         that long is gone (0: wait for ever).  ``tls``: every connection accepted, the
         recovery ones too, must be TLS with it (tls-creds); others are refused."""
@@ -67,6 +69,7 @@ class DestinationMigration:
         self.dead_link_timeout_ms = dead_link_timeout_ms
         self.vm = vm
         self.switch = switch or SwitchInterval()
+        self.helpers = helpers
         self.uri = uri
         self.caps = caps
         self._emit = emit or (lambda _e, _d: None)
@@ -252,7 +255,8 @@ class DestinationMigration:
                 accept_multifd_channels=self.accept_multifd_channels,
                 on_postcopy_active=self._on_postcopy_active,
                 uffd_features=self.uffd_features, switch=self.switch,
-                await_recovery=self._await_recovery, on_resumed=self._on_resumed)
+                helpers=self.helpers, await_recovery=self._await_recovery,
+                on_resumed=self._on_resumed)
             self._load.run()
             self._finish(self._load)
         except Exception as e:

@@ -46,6 +46,7 @@ from livemig.kernel.uffd import Userfaultfd
 from livemig.migration.channel import Channel
 from livemig.migration.faultserver import FaultServer
 from livemig.migration.handshake import Handshake, block_table
+from livemig.migration.helper import HelperServer
 from livemig.migration.postcopy import (
     ChannelPlacer,
     FaultThread,
@@ -229,9 +230,10 @@ class ThreadFaultHandler(FaultHandler):
 
 
 class HelperFaultHandler(FaultHandler):
-    def __init__(self, post_channel: Channel | None) -> None:
+    def __init__(self, post_channel: Channel | None, helpers: HelperServer) -> None:
         super().__init__(post_channel)
-        self._server: FaultServer | None = FaultServer()  # imports while precopy runs
+        self._helpers = helpers
+        self._server: FaultServer | None = FaultServer(helpers)  # forked: ready in ms
         self._shared: SharedMemory | None = None
         self._state: PostcopyState | None = None
         self._pages = 0  # placed by the helpers of earlier connections
@@ -267,7 +269,7 @@ class HelperFaultHandler(FaultHandler):
     def _start(self, on_error: OnError, *, rerequest: bool) -> None:
         assert self._shared is not None and self.post_channel is not None
         if self._server is None:  # a resume: the helper of the last connection is gone
-            self._server = FaultServer()
+            self._server = FaultServer(self._helpers)
         assert self._start_args is not None
         blocks, uffd, vcpu_tids = self._start_args
         self._server.start(blocks, uffd, self.post_channel, self._shared, vcpu_tids,
@@ -311,11 +313,11 @@ class HelperFaultHandler(FaultHandler):
 
 
 def choose_fault_handler(handshake: Handshake, post_channel: Channel | None,
-                         switch: SwitchInterval) -> FaultHandler:
+                         switch: SwitchInterval, helpers: HelperServer) -> FaultHandler:
     """The design matching the source's (announced in the capabilities section)."""
     if handshake.urgent_process:
         if post_channel is None:
             raise RemoteProtocolError("the source serves page requests on the postcopy "
                                       "channel, but there is no postcopy channel")
-        return HelperFaultHandler(post_channel)
+        return HelperFaultHandler(post_channel, helpers)
     return ThreadFaultHandler(post_channel, switch)

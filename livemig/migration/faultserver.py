@@ -41,8 +41,8 @@ from livemig.migration.helper import (
     HelperBlock,
     HelperConn,
     HelperProcess,
+    HelperServer,
     HelperWatch,
-    helper_main,
 )
 from livemig.migration.postcopy import (
     BlockState,
@@ -67,8 +67,8 @@ class FaultServer:
     userfaultfd and the postcopy channel at POSTCOPY_ADVISE without waiting for it to
     take them (:meth:`when_ready`, :meth:`wait_ready`), hear when it is done."""
 
-    def __init__(self) -> None:
-        self.helper = HelperProcess(MODULE)
+    def __init__(self, helpers: HelperServer) -> None:
+        self.helper = HelperProcess(MODULE, helpers)
         self._watch: HelperWatch | None = None
 
     def start(self, blocks: Mapping[str, HelperBlock], uffd: Userfaultfd, channel: Channel,
@@ -182,9 +182,6 @@ class _Server:
                     return
 
 
-def _serve(conn: HelperConn, msg: dict[str, Any], fds: list[int]) -> None:
+def serve(conn: HelperConn, msg: dict[str, Any], fds: list[int]) -> None:
+    """The helper's life (livemig.migration.helper.run_helper)."""
     _Server(conn, msg, fds).serve()
-
-
-if __name__ == "__main__":
-    helper_main(_serve)

@@ -10,33 +10,43 @@ process with one thread and nothing else to do (as Firecracker hands its userfau
 an external page-fault handler): the destination's helper owns the userfaultfd and the
 postcopy channel, the source's helper owns its end of that channel.
 
-:class:`HelperProcess` (parent side) starts ``python -m <module> <fd>`` with one end
-of a ``SOCK_SEQPACKET`` control socket; messages are JSON objects, and file
-descriptors (a userfaultfd, a socket, a memfd) ride along with ``SCM_RIGHTS``.
-:func:`helper_main` (child side) runs a helper's ``serve`` function and reports an
+Helpers are forked from a :class:`HelperServer`: a process of the VMM's that has
+imported the helpers' modules once (Python, NumPy and livemig cost a fifth of a
+CPU-second here) and forks one helper per request in a few milliseconds.  ``livemig
+run`` starts it with the VMM, so neither side of a migration pays that import while
+precopy runs or, with postcopy from the start, before its switchover; an
+:class:`~livemig.instance.Instance` without one starts it at its first helper.
+
+:class:`HelperProcess` (parent side) holds one end of a ``SOCK_SEQPACKET`` control
+socket, the server hands the other to the forked helper; messages are JSON objects, and
+file descriptors (a userfaultfd, a socket, a memfd) ride along with ``SCM_RIGHTS``.
+:func:`run_helper` (child side) runs a helper's ``serve`` function and reports an
 exception as ``{"error": ..., "type": ...}``, which the parent raises again as the same
-livemig error class.  The child dies with its parent (``PR_SET_PDEATHSIG``).
+livemig error class.  The server leaves when the VMM closes its socket or dies; a
+helper dies with the server (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from livemig import errors
 from livemig.errors import ChannelClosedError, LivemigError, MigrationError
-from livemig.kernel.mman import Mapping, keep_freed_buffers
+from livemig.kernel.mman import Mapping
 from livemig.kernel.shared import die_with_parent
-from livemig.runtime import NamedThread
+from livemig.runtime import NamedThread, name_os_thread
 
 log = logging.getLogger("livemig.helper")
 
@@ -96,27 +106,184 @@ def error_from(msg: dict[str, Any]) -> LivemigError:
     return MigrationError(f"helper process failed: {msg.get('type')}: {text}")
 
 
-class HelperProcess:
-    """Parent side: one helper process and its control socket."""
+HELPER_MODULES: Final = ("livemig.migration.urgent", "livemig.migration.faultserver")
+SERVER_MODULE: Final = "livemig.migration.helperserver"
+SERVER_TIMEOUT: Final = 30.0  # for the server's imports, on a loaded host
 
-    def __init__(self, module: str) -> None:
+
+def helper_environment() -> dict[str, str]:
+    """The VMM's environment, with NumPy's BLAS held to one thread: helpers do no
+    linear algebra, and OpenBLAS would otherwise start a thread per CPU while the
+    server imports, a third of the CPU its start costs."""
+    return {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+
+
+class _ForkedServer:
+    """A server forked from the VMM: waited for and killed as a Popen is."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def wait(self, timeout: float | None = None) -> None:
+        pidfd = os.pidfd_open(self.pid)
+        try:
+            if not select.select([pidfd], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired("livemig helper server", timeout or 0.0)
+        finally:
+            os.close(pidfd)
+        os.waitpid(self.pid, 0)
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+
+
+class HelperServer:
+    """VMM side of the process that forks the helpers (see the module docstring).
+
+    One per VMM process, like :class:`~livemig.runtime.SwitchInterval`.  It comes to
+    exist one of two ways, chosen once: a fork of a VMM that has
+    one thread and has imported the helpers (``livemig run``, before it starts the VM:
+    no import at all; :meth:`started_early`), or :meth:`start`, a fresh ``python -m
+    livemig.migration.helperserver`` that imports them (an instance in a process of
+    other threads, such as a test; also at the first :meth:`launch` when nobody
+    started it).  :meth:`close` ends it and the helpers still running."""
+
+    def __init__(self, preload: Sequence[str] = HELPER_MODULES) -> None:
+        self._preload = tuple(preload)
+        self._lock = threading.Lock()  # one fork request at a time
+        self._proc: subprocess.Popen[bytes] | _ForkedServer | None = None
+        self._ctl: socket.socket | None = None
+        self._ready = False  # the server said it has imported the helpers
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @classmethod
+    def started_early(cls, preload: Sequence[str] = HELPER_MODULES) -> HelperServer:
+        """The server of a VMM that starts: a fork of the calling process if it has one
+        thread (a fork keeps only the calling thread: a lock another held would stay
+        held), with ``preload`` imported already; a fresh process otherwise."""
+        if len(os.listdir("/proc/self/task")) == 1:
+            return cls._forked(preload)
+        server = cls(preload)
+        server.start()
+        return server
+
+    @classmethod
+    def _forked(cls, preload: Sequence[str]) -> HelperServer:
+        server = cls(preload)
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:  # the server
+            parent.close()
+            try:
+                serve_forks(child, preload)
+            finally:
+                os._exit(0)
+        child.close()
+        server._proc, server._ctl = _ForkedServer(pid), parent
+        return server
+
+    def start(self) -> None:
+        """Start the server as a fresh process (it imports on its own while the caller
+        goes on); nothing if it runs."""
+        with self._lock:
+            self._start()
+
+    def _start(self) -> None:
+        if self._proc is not None:
+            return
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._proc = subprocess.Popen(
+                # -P: the VMM's own livemig (its path), not one in the working directory.
+                [sys.executable, "-P", "-m", SERVER_MODULE, str(child.fileno()),
+                 *self._preload],
+                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, env=helper_environment())
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self._ctl = parent
+
+    def wait_ready(self) -> None:
+        """Until the server has imported the helpers (started if it was not)."""
+        with self._lock:
+            self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        self._start()
+        if not self._ready:
+            msg, fds = self._answer("import the helpers")
+            for fd in fds:
+                os.close(fd)
+            if msg.get("msg") != "ready":
+                raise MigrationError(f"bad answer from the helper server: {msg}")
+            self._ready = True
+
+    def _answer(self, what: str) -> tuple[dict[str, Any], list[int]]:
+        assert self._ctl is not None
+        if not select.select([self._ctl], [], [], SERVER_TIMEOUT)[0]:
+            raise MigrationError(f"the helper server did not {what} in "
+                                 f"{SERVER_TIMEOUT:.0f} s")
+        try:
+            return _recv(self._ctl)
+        except OSError as e:
+            raise ChannelClosedError(f"the helper server is gone: {e}") from None
+
+    def launch(self, module: str, ctl: socket.socket) -> tuple[int, int]:
+        """Fork a helper that runs ``module``'s ``serve`` over ``ctl`` (the child's end
+        of its control socket): its pid and a pidfd of it."""
+        with self._lock:
+            self._wait_ready()
+            assert self._ctl is not None
+            try:
+                _send(self._ctl, {"msg": "fork", "module": module}, [ctl.fileno()])
+            except OSError as e:
+                raise ChannelClosedError(f"the helper server is gone: {e}") from None
+            msg, fds = self._answer(f"fork {module}")
+        if "error" in msg:
+            for fd in fds:
+                os.close(fd)
+            raise error_from(msg)
+        if len(fds) != 1 or not isinstance(msg.get("pid"), int):
+            for fd in fds:
+                os.close(fd)
+            raise MigrationError(f"bad answer from the helper server: {msg}")
+        return msg["pid"], fds[0]
+
+    def close(self, timeout: float = 5.0) -> None:
+        """The server leaves when its socket closes; its helpers die with it."""
+        with self._lock:
+            if self._proc is None or self._ctl is None:
+                return
+            self._ctl.close()
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+            self._ctl = None
+            self._ready = False
+
+
+class HelperProcess:
+    """Parent side: one helper process, forked by ``server``, and its control socket."""
+
+    def __init__(self, module: str, server: HelperServer) -> None:
         self.module = module
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.proc = subprocess.Popen(
-                # -P: the VMM's own livemig (its path), not one in the working directory.
-                [sys.executable, "-P", "-m", module, str(child.fileno())],
-                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
+            self.pid, self._pidfd = server.launch(module, child)
         except BaseException:
             parent.close()
             raise
         finally:
             child.close()
         self.ctl = parent
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
 
     def send(self, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
         try:
@@ -148,11 +315,10 @@ class HelperProcess:
             return
         with contextlib.suppress(OSError):
             _send(self.ctl, {"msg": "stop"}, ())
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if not select.select([self._pidfd], [], [], timeout)[0]:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            select.select([self._pidfd], [], [])
+        os.close(self._pidfd)
         self.ctl.close()
 
 
@@ -271,14 +437,14 @@ class HelperConn:
         return self.sock.fileno()
 
 
-def helper_main(serve: Callable[[HelperConn, dict[str, Any], list[int]], None]) -> None:
-    """Entry point of a helper process: ``python -m module <control fd>``.  Waits for
-    the VMM's first message (its "start", with the fds) and runs ``serve``; a "stop"
-    before that just ends the helper."""
+def run_helper(serve: Callable[[HelperConn, dict[str, Any], list[int]], None], fd: int,
+               name: str) -> None:
+    """A forked helper's life (livemig.migration.helperserver): waits on control socket
+    ``fd`` for the VMM's first message (its "start", with the fds) and runs ``serve``;
+    a "stop" before that just ends the helper.  Never returns."""
     die_with_parent()
-    keep_freed_buffers()  # receive buffers are reused, not mapped and faulted in anew
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    conn = HelperConn(int(sys.argv[1]))
+    name_os_thread(name)
+    conn = HelperConn(fd)
     try:
         msg, fds = conn.recv()
         if msg.get("msg") != "stop":
@@ -294,6 +460,60 @@ def helper_main(serve: Callable[[HelperConn, dict[str, Any], list[int]], None]) 
         _linger(conn)
         os._exit(1)
     os._exit(0)
+
+
+def helper_name(module: str) -> str:
+    """The name a helper process has in the kernel (``ps``, ``top``): its module's."""
+    return module.rsplit(".", 1)[-1]
+
+
+def _reap_helpers(_signum: int, _frame: object) -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
+def serve_forks(sock: socket.socket, preload: Sequence[str]) -> None:
+    """The helper server's loop: imports ``preload`` once, then forks a helper for each
+    request until the VMM closes ``sock``.  The server has this one thread, so a fork
+    copies nothing another thread was in the middle of."""
+    name_os_thread(helper_name(SERVER_MODULE))
+    serves = {m: importlib.import_module(m).serve for m in preload}
+    # Helpers are reaped as they end, so their CPU time adds to this process's
+    # (what `ps`, `time` and the benchmarks count as the VMM's).
+    signal.signal(signal.SIGCHLD, _reap_helpers)
+    try:
+        _send(sock, {"msg": "ready"}, ())
+    except OSError:
+        return
+    while True:
+        try:
+            msg, fds = _recv(sock)
+        except (ChannelClosedError, MigrationError, OSError):
+            return  # the VMM is gone (or spoke nonsense): so are we
+        if msg.get("msg") != "fork" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            return
+        module = str(msg.get("module"))
+        try:
+            serve = serves.get(module) or importlib.import_module(module).serve
+            pid = os.fork()
+        except Exception as e:
+            os.close(fds[0])
+            _send(sock, {"error": f"cannot start helper {module}: {e}",
+                         "type": type(e).__name__}, ())
+            continue
+        if pid == 0:
+            sock.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            run_helper(serve, fds[0], helper_name(module))
+        os.close(fds[0])
+        pidfd = os.pidfd_open(pid)
+        try:
+            _send(sock, {"msg": "forked", "pid": pid}, [pidfd])
+        finally:
+            os.close(pidfd)
 
 
 def _linger(conn: HelperConn) -> None:

@@ -53,6 +53,7 @@ from livemig.migration import handshake as hs
 from livemig.migration.channel import Channel, quiet_background
 from livemig.migration.fault_handler import FaultHandler, choose_fault_handler
 from livemig.migration.handshake import Handshake, block_table
+from livemig.migration.helper import HelperServer
 from livemig.migration.multifd import MultifdReceivers
 from livemig.migration.pagesink import PageSink, RamLoader, dispatch_page_event, read_payload
 from livemig.migration.postcopy import RECV_CHUNK, ChannelPlacer, LatencyStats, PostcopyState
@@ -179,6 +180,7 @@ class IncomingLoad:
                  accept_multifd_channels: Callable[[int], list[Channel]] | None = None,
                  on_postcopy_active: Callable[[], None],
                  uffd_features: Callable[[], int], switch: SwitchInterval,
+                 helpers: HelperServer,
                  await_recovery: AwaitRecovery | None = None,
                  on_resumed: Callable[[], None] = lambda: None) -> None:
         """``await_recovery(failure)``: postcopy paused; returns the new main channel
@@ -186,6 +188,7 @@ class IncomingLoad:
         process quits).  Without it a failure in postcopy fails the load."""
         self.vm = vm
         self._switch = switch
+        self._helpers = helpers
         self._await_recovery = await_recovery
         self._on_resumed = on_resumed
         self.channel = channel
@@ -372,7 +375,8 @@ class IncomingLoad:
             self._post_channel = self._accept_postcopy_channel()
         if theirs.multifd:
             self._start_multifd(theirs)
-        self._handler = choose_fault_handler(theirs, self._post_channel, self._switch)
+        self._handler = choose_fault_handler(theirs, self._post_channel, self._switch,
+                                             self._helpers)
 
     # --- multifd ----------------------------------------------------------------------------
     def _start_multifd(self, theirs: Handshake) -> None:
@@ -439,7 +443,7 @@ class IncomingLoad:
         rp = self._require_rp("POSTCOPY_ADVISE")
         if self._handler is None:  # a stream without the capabilities section
             self._handler = choose_fault_handler(Handshake.of(self.caps), self._post_channel,
-                                                 self._switch)
+                                                 self._switch, self._helpers)
         self._uffd = Userfaultfd.open()
         self._uffd.api(needed)
         self._postcopy = self._handler.advise(self.vm.blocks, self._uffd, self._vcpu_tids(),

@@ -58,6 +58,7 @@ from livemig.migration.channel import (
     quiet_background,
 )
 from livemig.migration.handshake import Handshake, block_table
+from livemig.migration.helper import HelperServer
 from livemig.migration.multifd import PrecopyPages, choose_precopy_pages, require_socket_uri
 from livemig.migration.ratelimit import BandwidthMeter, RateLimiter
 from livemig.migration.returnpath import PageRequest, RequestQueue, ReturnPathReader
@@ -186,10 +187,11 @@ class SourceMigration:
 
     def __init__(self, vm: Vm, uri: MigrationUri, caps: Capabilities, params: Parameters,
                  emit: EventSink | None = None, tracer: Tracer | None = None, *,
-                 switch: SwitchInterval | None = None,
+                 helpers: HelperServer, switch: SwitchInterval | None = None,
                  postcopy_channel_first: bool = False,
                  tls: TlsEndpoint | None = None) -> None:
-        """``switch``: the process's owner of the GIL switch interval (one per process,
+        """``helpers``: the process's helper server (livemig.migration.helper).
+        ``switch``: the process's owner of the GIL switch interval (one per process,
         shared by every migration in it).  ``tls``: secures every connection (tls-creds)."""
         require_socket_uri(caps, uri)
         self.vm = vm
@@ -198,7 +200,7 @@ class SourceMigration:
         self.tls = tls
         self.caps = caps
         self.params = params
-        self.urgent = choose_urgent_sender(caps, params)
+        self.urgent = choose_urgent_sender(caps, params, helpers)
         self._emit = emit or (lambda _e, _d: None)
         self.info = MigrationInfo()
         self.status = StatusMachine(self._on_status)

@@ -59,8 +59,8 @@ from livemig.migration.helper import (
     HelperBlock,
     HelperConn,
     HelperProcess,
+    HelperServer,
     HelperWatch,
-    helper_main,
 )
 from livemig.migration.sender import write_window
 from livemig.migration.trace import Tracer
@@ -113,8 +113,8 @@ class SharedBits:
 class UrgentServer:
     """VMM side of the source's urgent helper."""
 
-    def __init__(self) -> None:
-        self.helper = HelperProcess(MODULE)
+    def __init__(self, helpers: HelperServer) -> None:
+        self.helper = HelperProcess(MODULE, helpers)
         self._watch: HelperWatch | None = None
 
     def start(self, blocks: Mapping[str, HelperBlock], shared: SharedBits, channel: Channel,
@@ -302,9 +302,6 @@ class _Server:
                     return
 
 
-def _serve(conn: HelperConn, msg: dict[str, Any], fds: list[int]) -> None:
+def serve(conn: HelperConn, msg: dict[str, Any], fds: list[int]) -> None:
+    """The helper's life (livemig.migration.helper.run_helper)."""
     _Server(conn, msg, fds).serve()
-
-
-if __name__ == "__main__":
-    helper_main(_serve)

@@ -46,7 +46,7 @@ from livemig.errors import RemoteProtocolError
 from livemig.migration.bitmap import SourceBlock
 from livemig.migration.channel import Channel
 from livemig.migration.handshake import Handshake
-from livemig.migration.helper import HelperBlock
+from livemig.migration.helper import HelperBlock, HelperServer
 from livemig.migration.returnpath import PageRequest, RequestQueue
 from livemig.migration.sender import PageSender
 from livemig.migration.state import Capabilities, Parameters, RamStats, UrgentMode
@@ -60,9 +60,11 @@ class UrgentSender(ABC):
 
     mode: ClassVar[UrgentMode]
 
-    def __init__(self, caps: Capabilities, params: Parameters) -> None:
+    def __init__(self, caps: Capabilities, params: Parameters, helpers: HelperServer) -> None:
+        """``helpers``: the process's helper server (a design that runs a helper)."""
         self.caps = caps
         self.params = params
+        self.helpers = helpers
         self._sender: PageSender | None = None
 
     def prepare(self, blocks: Mapping[str, SourceBlock]) -> None:  # noqa: B027 - optional hook
@@ -150,14 +152,14 @@ class ReturnPathSender(UrgentSender):
 class ProcessSender(UrgentSender):
     mode = UrgentMode.PROCESS
 
-    def __init__(self, caps: Capabilities, params: Parameters) -> None:
-        super().__init__(caps, params)
+    def __init__(self, caps: Capabilities, params: Parameters, helpers: HelperServer) -> None:
+        super().__init__(caps, params, helpers)
         self._server: UrgentServer | None = None
         self._bits: SharedBits | None = None
         self._last_counters = (0, 0)  # requests, urgent bytes: kept after close
 
     def prepare(self, blocks: Mapping[str, SourceBlock]) -> None:
-        self._server = UrgentServer()  # started first: it imports while we set up
+        self._server = UrgentServer(self.helpers)  # forked: ready in a few ms
         self._bits = SharedBits({n: b.pages for n, b in blocks.items()})
 
     def handshake(self) -> Handshake:
@@ -171,7 +173,7 @@ class ProcessSender(UrgentSender):
               tracer: Tracer, on_error: Callable[[Exception], None]) -> None:
         assert self._bits is not None and post_channel
         if self._server is None:  # a resume: the helper of the last connection is gone
-            self._server = UrgentServer()
+            self._server = UrgentServer(self.helpers)
         self._server.start(blocks, self._bits, post_channel, tracer.patterns, on_error)
 
     def pause(self) -> None:
@@ -224,10 +226,11 @@ _DESIGNS: Mapping[UrgentMode, type[UrgentSender]] = {
     cls.mode: cls for cls in (MigrationThreadSender, ReturnPathSender, ProcessSender)}
 
 
-def choose_urgent_sender(caps: Capabilities, params: Parameters) -> UrgentSender:
+def choose_urgent_sender(caps: Capabilities, params: Parameters,
+                         helpers: HelperServer) -> UrgentSender:
     """The design for one migration, from the capabilities and parameters at ``migrate``.
     Without preemption requested pages share the main channel: the migration thread
     serves them."""
     if not caps.postcopy_preempt:
-        return MigrationThreadSender(caps, params)
-    return _DESIGNS[params.x_postcopy_urgent_sender](caps, params)
+        return MigrationThreadSender(caps, params, helpers)
+    return _DESIGNS[params.x_postcopy_urgent_sender](caps, params, helpers)

@@ -45,6 +45,7 @@ from livemig.errors import QmpError
 from livemig.kernel.mman import Backing
 from livemig.migration import handshake as hs
 from livemig.migration.handshake import Handshake, block_table
+from livemig.migration.helper import helper_name
 from livemig.migration.source import device_sections
 from livemig.migration.vmdesc import device_payloads
 from livemig.units import PAGE_SIZE
@@ -211,21 +212,21 @@ def test_recovery_commands_are_refused_outside_a_paused_postcopy(tmp_path: Path)
 
 
 def helper_pids(module: str) -> list[int]:
-    """Helper processes of this test process running ``python -m module``."""
-    me, out = os.getpid(), []
+    """Helper processes running ``module`` forked for this test process (by its helper
+    servers): the kernel knows them by the module's name."""
+    me, parents, names = os.getpid(), {}, {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
+                head, tail = f.read().rsplit(")", 1)
         except OSError:
             continue  # gone meanwhile
-        if ppid == me and module.encode() in args:
-            out.append(int(entry))
-    return out
+        parents[int(entry)] = int(tail.split()[1])
+        names[int(entry)] = head.split("(", 1)[1]
+    return [pid for pid, name in names.items()
+            if name == helper_name(module) and parents.get(parents.get(pid, 0)) == me]
 
 
 @pytest.mark.parametrize("module", ["livemig.migration.urgent", "livemig.migration.faultserver"],

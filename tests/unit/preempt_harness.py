@@ -52,6 +52,7 @@ from livemig.kernel.sock import Buffer
 from livemig.migration.channel import Channel, ChannelWriter, background_queue_bytes
 from livemig.migration.fault_handler import receive_postcopy_channel as receive_loop
 from livemig.migration.handshake import Handshake
+from livemig.migration.helper import HelperServer
 from livemig.migration.pagesink import dispatch_page_event
 from livemig.migration.postcopy import BlockState, ChannelPlacer, PostcopyState
 from livemig.migration.ratelimit import RateLimiter
@@ -336,7 +337,7 @@ class PreemptHarness:
         caps = Capabilities(postcopy_ram=True, postcopy_preempt=True)
         params = Parameters(x_postcopy_urgent_sender=UrgentMode.MIGRATION,
                             x_postcopy_preempt_break_huge=break_huge)
-        self.urgent = choose_urgent_sender(caps, params)
+        self.urgent = choose_urgent_sender(caps, params, HelperServer())
         main = self._open(PRECOPY, Encoder(postcopy=True))
         write_stream_head(main, self.table, Handshake.of(caps))
         post = postcopy_out_channel(self._writer(POSTCOPY))

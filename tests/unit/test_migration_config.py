@@ -12,6 +12,7 @@ import pytest
 
 from livemig.errors import ConfigError, MigrationError, QmpError, RemoteProtocolError
 from livemig.migration.handshake import Handshake
+from livemig.migration.helper import HelperServer
 from livemig.migration.state import LIVE_PARAMETERS, Capabilities, Parameters, UrgentMode
 from livemig.migration.urgent_sender import (
     MigrationThreadSender,
@@ -89,7 +90,8 @@ PREEMPT = Capabilities(postcopy_ram=True, postcopy_preempt=True)
     (UrgentMode.PROCESS, ProcessSender),
 ])
 def test_each_mode_is_one_design(mode: UrgentMode, design: type) -> None:
-    chosen = choose_urgent_sender(PREEMPT, Parameters(x_postcopy_urgent_sender=mode))
+    chosen = choose_urgent_sender(PREEMPT, Parameters(x_postcopy_urgent_sender=mode),
+                                  HelperServer())
     assert type(chosen) is design and chosen.mode is mode
     # Only the process design tells the destination to send requests on its channel.
     assert chosen.handshake().urgent_process == (mode is UrgentMode.PROCESS)
@@ -98,7 +100,8 @@ def test_each_mode_is_one_design(mode: UrgentMode, design: type) -> None:
 @pytest.mark.parametrize("mode", list(UrgentMode))
 def test_without_preemption_the_migration_thread_serves_requests(mode: UrgentMode) -> None:
     caps = Capabilities(postcopy_ram=True)
-    chosen = choose_urgent_sender(caps, Parameters(x_postcopy_urgent_sender=mode))
+    chosen = choose_urgent_sender(caps, Parameters(x_postcopy_urgent_sender=mode),
+                                  HelperServer())
     assert type(chosen) is MigrationThreadSender
     assert not chosen.handshake().urgent_process
 

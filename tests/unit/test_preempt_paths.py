@@ -41,6 +41,7 @@ from preempt_harness import (
 
 from livemig.errors import ChannelClosedError, RemoteProtocolError
 from livemig.migration import sender as sender_module
+from livemig.migration.helper import HelperServer
 from livemig.migration.ratelimit import RateLimiter
 from livemig.migration.returnpath import RequestQueue
 from livemig.migration.sender import BACKGROUND_STEP_PAGES, POSTCOPY_CHUNK_PAGES
@@ -342,7 +343,7 @@ def switch_over(h: PreemptHarness, design: UrgentMode, background_queue: int,
     """Postcopy starts with ``design`` serving requests, as ``SourceMigration`` does
     (without ``preempt``: no postcopy channel, the migration thread serves them)."""
     urgent = choose_urgent_sender(Capabilities(postcopy_ram=True, postcopy_preempt=preempt),
-                                  Parameters(x_postcopy_urgent_sender=design))
+                                  Parameters(x_postcopy_urgent_sender=design), HelperServer())
     if not preempt:
         h.sender.post = None
     urgent.attach(h.sender)

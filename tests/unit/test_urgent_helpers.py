@@ -33,6 +33,7 @@ from livemig.kernel.shared import ProcessLock
 from livemig.kernel.uffd import FEATURE_THREAD_ID, Userfaultfd
 from livemig.migration.channel import Channel
 from livemig.migration.faultserver import FaultServer
+from livemig.migration.helper import HelperServer
 from livemig.migration.pagesink import read_payload
 from livemig.migration.postcopy import (
     PostcopyState,
@@ -114,9 +115,18 @@ class PostcopyPeer:
         return not select.select([self.sock], [], [], 0.3)[0]
 
 
+@pytest.fixture(scope="module")
+def helpers() -> Iterator[HelperServer]:
+    """The server the helpers of this module's tests are forked from."""
+    server = HelperServer()
+    server.start()
+    yield server
+    server.close()
+
+
 @pytest.fixture
-def source_side() -> Iterator[tuple[dict[str, Block], SharedBits, PostcopyPeer, UrgentServer,
-                                     dict[str, np.ndarray]]]:
+def source_side(helpers: HelperServer) -> Iterator[
+        tuple[dict[str, Block], SharedBits, PostcopyPeer, UrgentServer, dict[str, np.ndarray]]]:
     """An urgent server for a private 4 KiB block, a (memfd) 2 MiB block and a 4K-memfd
     block."""
     blocks = {"pc.ram": Block(map_guest_ram(PAGES * PAGE_SIZE, Backing.ANON_4K)),
@@ -130,7 +140,7 @@ def source_side() -> Iterator[tuple[dict[str, Block], SharedBits, PostcopyPeer, 
         shared.bits[name][:] = True  # the migration bitmap starts all dirty
     src, dst = socket.socketpair()
     src.sendall(Encoder(channel=ChannelKind.POSTCOPY).preamble())  # the VMM's part
-    server = UrgentServer()
+    server = UrgentServer(helpers)
     server.start(blocks, shared, Channel(src, name="postcopy"), ())
     peer = PostcopyPeer(dst, {n: BlockInfo(b.size, b.host_page_size) for n, b in blocks.items()})
     try:
@@ -270,7 +280,7 @@ class Dest:
 
 
 @pytest.fixture
-def dest_side(request: pytest.FixtureRequest) -> Iterator[Dest]:
+def dest_side(request: pytest.FixtureRequest, helpers: HelperServer) -> Iterator[Dest]:
     backing = getattr(request, "param", Backing.ANON_4K)
     size = 2 * HUGE
     mem = map_guest_ram(size, Backing.ANON_4K)
@@ -287,7 +297,7 @@ def dest_side(request: pytest.FixtureRequest) -> Iterator[Dest]:
     src, dst = socket.socketpair()
     src.sendall(Encoder(channel=ChannelKind.POSTCOPY).preamble())
     errors: list[Exception] = []
-    server = FaultServer()
+    server = FaultServer(helpers)
     server.start({"pc.ram": block}, uffd, Channel(dst, name="postcopy"), shared, {},
                  errors.append)
     try:
