@@ -24,11 +24,14 @@ Postcopy (:meth:`PageSender.postcopy_loop`)
     the pages left are sparse, a piece still carries as many pages as it may and the
     per-piece work (about 80 us of Python) is not paid for a few pages.  How many: a
     whole kernel queue of the main channel (:meth:`PageSender.widen_background`; 1 MiB
-    on loopback), at least POSTCOPY_CHUNK_PAGES; over TLS TLS_POSTCOPY_CHUNK_PAGES.  A
-    piece goes BACKGROUND_STEP_PAGES (128 KiB) per system call, and when a request is
-    waiting for this thread after a step the rest of the piece is dirty again
-    (:meth:`MigrationBitmap.give_back`): a request waits for one step in hand, not for
-    the piece (and, without preemption, behind what is in the kernel's queue).  A huge
+    on loopback), at least POSTCOPY_CHUNK_PAGES; over TLS TLS_POSTCOPY_CHUNK_PAGES.
+    Where requests are answered in this process, a piece goes BACKGROUND_STEP_PAGES
+    (128 KiB) per system call, and when a request is waiting for this thread after a
+    step the rest of the piece is dirty again (:meth:`MigrationBitmap.give_back`): a
+    request waits for one step in hand, not for the piece (and, without preemption,
+    behind what is in the kernel's queue); the return-path thread that answers them
+    itself (``preempt-rp``) gets the CPU back between two steps.  Where the helper
+    process answers them, a piece goes in one system call.  A huge
     page goes whole without preemption, in 32-page pieces when the migration thread may
     break it for a request, and in background pieces otherwise
     (:meth:`PageSender._huge_piece`).
@@ -166,6 +169,9 @@ class PageSender:
         self.break_huge = True
         self.locality = True
         self.yield_to_urgent = True  # see _yield_to_urgent
+        # Background pieces go out in steps, with a look at the request queue between
+        # two (_send_background): unless requests are answered in another process.
+        self.background_steps = True
         # Background pieces in postcopy (pages), chosen once from the main channel.
         self.postcopy_chunk = (TLS_POSTCOPY_CHUNK_PAGES if main.writer.channel.secured
                                else POSTCOPY_CHUNK_PAGES)
@@ -429,8 +435,11 @@ class PageSender:
                 chunk = self.background_piece
                 w, cursor[name] = bm.take_next(page, chunk, chunk * PIECE_SPAN)
                 if len(w):
+                    # A step is one system call: 32-page steps cost the loop a quarter
+                    # of its CPU per GB, paid only where requests are answered here.
+                    stop = (lambda: len(queue) > 0) if self.background_steps else None
                     out = self._emit(self.main, name, w.pages, w.zeros, urgent=False,
-                                     stop=lambda: len(queue) > 0)
+                                     stop=stop)
                     if out.pages < len(w.pages):  # cut short: go on where it stopped
                         cursor[name] = int(w.pages[out.pages])
             return True

@@ -189,6 +189,8 @@ class ProcessSender(UrgentSender):
         """The migration thread only streams background pages from here: the helper
         that answers requests goes first when both want a CPU (livemig.runtime)."""
         super().switchover(background_queue)
+        # Nothing in this process answers requests: pieces go in one system call.
+        self.sender.background_steps = False
         lower_thread_priority()
 
     def on_request(self, req: PageRequest, queue: RequestQueue) -> None:
