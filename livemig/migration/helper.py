@@ -141,12 +141,12 @@ class HelperServer:
     """VMM side of the process that forks the helpers (see the module docstring).
 
     One per VMM process, like :class:`~livemig.runtime.SwitchInterval`.  It comes to
-    exist one of two ways, chosen once: a fork of a VMM that has
-    one thread and has imported the helpers (``livemig run``, before it starts the VM:
-    no import at all; :meth:`started_early`), or :meth:`start`, a fresh ``python -m
-    livemig.migration.helperserver`` that imports them (an instance in a process of
-    other threads, such as a test; also at the first :meth:`launch` when nobody
-    started it).  :meth:`close` ends it and the helpers still running."""
+    exist one of two ways, chosen once: a fork of a VMM that has one thread and has
+    imported the helpers (``livemig run`` before it starts the VM, through
+    :meth:`started_early`: nothing to import), or a fresh ``python -m
+    livemig.migration.helperserver`` that imports them (:meth:`start`: an instance in a
+    process of other threads, such as a test; also at the first :meth:`launch` when
+    nobody started it).  :meth:`close` ends it and the helpers still running."""
 
     def __init__(self, preload: Sequence[str] = HELPER_MODULES) -> None:
         self._preload = tuple(preload)
