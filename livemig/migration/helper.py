@@ -118,23 +118,11 @@ def helper_environment() -> dict[str, str]:
     return {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
 
 
-class _ForkedServer:
-    """A server forked from the VMM: waited for and killed as a Popen is."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-
-    def wait(self, timeout: float | None = None) -> None:
-        pidfd = os.pidfd_open(self.pid)
-        try:
-            if not select.select([pidfd], [], [], timeout)[0]:
-                raise subprocess.TimeoutExpired("livemig helper server", timeout or 0.0)
-        finally:
-            os.close(pidfd)
-        os.waitpid(self.pid, 0)
-
-    def kill(self) -> None:
-        os.kill(self.pid, signal.SIGKILL)
+def _end(pidfd: int, timeout: float) -> None:
+    """Until the process of ``pidfd`` has exited: ``timeout`` seconds, then SIGKILL."""
+    if not select.select([pidfd], [], [], timeout)[0]:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        select.select([pidfd], [], [])
 
 
 class HelperServer:
@@ -151,13 +139,14 @@ class HelperServer:
     def __init__(self, preload: Sequence[str] = HELPER_MODULES) -> None:
         self._preload = tuple(preload)
         self._lock = threading.Lock()  # one fork request at a time
-        self._proc: subprocess.Popen[bytes] | _ForkedServer | None = None
+        self._pid: int | None = None
+        self._reap: Callable[[], object] = lambda: None  # waits for the exited server
         self._ctl: socket.socket | None = None
         self._ready = False  # the server said it has imported the helpers
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._pid
 
     @classmethod
     def started_early(cls, preload: Sequence[str] = HELPER_MODULES) -> HelperServer:
@@ -182,7 +171,8 @@ class HelperServer:
             finally:
                 os._exit(0)
         child.close()
-        server._proc, server._ctl = _ForkedServer(pid), parent
+        server._pid, server._ctl = pid, parent
+        server._reap = lambda: os.waitpid(pid, 0)
         return server
 
     def start(self) -> None:
@@ -192,11 +182,11 @@ class HelperServer:
             self._start()
 
     def _start(self) -> None:
-        if self._proc is not None:
+        if self._pid is not None:
             return
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self._proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 # -P: the VMM's own livemig (its path), not one in the working directory.
                 [sys.executable, "-P", "-m", SERVER_MODULE, str(child.fileno()),
                  *self._preload],
@@ -206,7 +196,7 @@ class HelperServer:
             raise
         finally:
             child.close()
-        self._ctl = parent
+        self._pid, self._ctl, self._reap = proc.pid, parent, proc.wait
 
     def wait_ready(self) -> None:
         """Until the server has imported the helpers (started if it was not)."""
@@ -257,17 +247,16 @@ class HelperServer:
     def close(self, timeout: float = 5.0) -> None:
         """The server leaves when its socket closes; its helpers die with it."""
         with self._lock:
-            if self._proc is None or self._ctl is None:
+            if self._pid is None or self._ctl is None:
                 return
+            pidfd = os.pidfd_open(self._pid)
             self._ctl.close()
             try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
-            self._ctl = None
-            self._ready = False
+                _end(pidfd, timeout)
+            finally:
+                os.close(pidfd)
+            self._reap()
+            self._pid, self._ctl, self._ready = None, None, False
 
 
 class HelperProcess:
@@ -315,9 +304,7 @@ class HelperProcess:
             return
         with contextlib.suppress(OSError):
             _send(self.ctl, {"msg": "stop"}, ())
-        if not select.select([self._pidfd], [], [], timeout)[0]:
-            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-            select.select([self._pidfd], [], [])
+        _end(self._pidfd, timeout)
         os.close(self._pidfd)
         self.ctl.close()
 
@@ -478,7 +465,8 @@ def serve_forks(sock: socket.socket, preload: Sequence[str]) -> None:
     request until the VMM closes ``sock``.  The server has this one thread, so a fork
     copies nothing another thread was in the middle of."""
     name_os_thread(helper_name(SERVER_MODULE))
-    serves = {m: importlib.import_module(m).serve for m in preload}
+    for module in preload:  # a fork then finds them imported
+        importlib.import_module(module)
     # Helpers are reaped as they end, so their CPU time adds to this process's
     # (what `ps`, `time` and the benchmarks count as the VMM's).
     signal.signal(signal.SIGCHLD, _reap_helpers)
@@ -497,7 +485,7 @@ def serve_forks(sock: socket.socket, preload: Sequence[str]) -> None:
             return
         module = str(msg.get("module"))
         try:
-            serve = serves.get(module) or importlib.import_module(module).serve
+            serve = importlib.import_module(module).serve
             pid = os.fork()
         except Exception as e:
             os.close(fds[0])
