@@ -487,6 +487,9 @@ class Config:
     tls: TlsPlan | None = None  # the credentials of the +tls modes
     # Switch to postcopy once the source sent this many bytes (0: after precopy_ms).
     precopy_bytes: int = 0
+    # Destinations fault their RAM in at start (both peers): huge pages placed in
+    # postcopy then come from memory the machine's hypervisor has not taken back.
+    prealloc: bool = False
 
 
 def wait_destination_done(dst: Peer, timeout: float = DEST_DONE_TIMEOUT_S) -> dict[str, Any]:
@@ -556,7 +559,7 @@ class Case:
     def __init__(self, cfg: Config, ends: Endpoints, page_size: str, peer: str,
                  console: Console, stack: contextlib.ExitStack) -> None:
         self.cfg, self.ends, self.page_size, self.console = cfg, ends, page_size, console
-        self.spec = VmSpec.parse(cfg.mem, page_size, GUEST)
+        self.spec = VmSpec.parse(cfg.mem, page_size, GUEST, prealloc=cfg.prealloc)
         self.cls = LivemigPeer if peer == "livemig" else TracedQemuPeer
         self.workdir = Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix=f"lmlat-{peer}-")))
@@ -769,7 +772,8 @@ def check_goals(rows: Sequence[Row], goals: Sequence[Goal] = GOALS) -> list[Goal
 def matrix_options(default_modes: str, precopy_ms: float,
                    precopy_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The click options that choose the matrix (mem, page sizes, links, modes, repeat,
-    precopy time, warm-up, profiling), shared by the benchmarks that run it."""
+    precopy time, warm-up, preallocated destinations, profiling), shared by the
+    benchmarks that run it."""
     options = (
         click.option("--mem", default="1G", show_default=True, help="Guest RAM size."),
         click.option("--page-sizes", default="4K,2M", show_default=True,
@@ -784,6 +788,12 @@ def matrix_options(default_modes: str, precopy_ms: float,
         click.option("--precopy-ms", default=precopy_ms, show_default=True, help=precopy_help),
         click.option("--warmup/--no-warmup", default=True, show_default=True,
                      help="One unmeasured migration per source first."),
+        click.option("--prealloc", is_flag=True,
+                     help="Destinations (both peers) fault their RAM in at start (livemig "
+                          "--mem-prealloc, QEMU prealloc=on).  Postcopy's discards then put "
+                          "huge pages back in the hugetlb pool, where the machine's "
+                          "hypervisor cannot take them back: placing one costs a copy, not "
+                          "a first touch."),
         click.option("--profile", "profile_dir", type=click.Path(file_okay=False),
                      help="py-spy livemig's source and destination into this directory."),
     )
@@ -943,5 +953,5 @@ def config_json(cfg: Config) -> dict[str, Any]:
     return {"mem": cfg.mem, "page_sizes": list(cfg.page_sizes), "links": list(cfg.links),
             "modes": [m.name for m in cfg.modes], "repeat": cfg.repeat,
             "precopy_ms": cfg.precopy_ms, "precopy_bytes": cfg.precopy_bytes,
-            "warmup": cfg.warmup,
+            "warmup": cfg.warmup, "prealloc": cfg.prealloc,
             "tbf": {"burst": cfg.burst, "latency": cfg.link_latency}}

@@ -34,7 +34,9 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import socket
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -44,6 +46,7 @@ from typing import Any, ClassVar
 
 from _cpu import CpuTime, PhaseCpu, PhaseMark, Usage
 from _harness import HarnessError, child_setup
+from rich.console import Console
 
 from livemig.errors import LivemigError, MigrationError
 from livemig.guests import load_image, patch_range
@@ -298,6 +301,21 @@ def peer_class(kind: str) -> type[Peer]:
 
 def qemu_available() -> bool:
     return shutil.which(QemuPeer.binary) is not None and os.access("/dev/kvm", os.W_OK)
+
+
+def start_peer_cli(peers: str, width: int) -> tuple[Console, list[str]]:
+    """What a benchmark choosing ``--peers`` does first: SIGTERM unwinds like Ctrl-C (so
+    VMMs, huge pages and temp dirs go away, and Ctrl-C works even in the background,
+    where SIGINT is ignored); a console that keeps tables whole in logs and pipes; the
+    peers, without QEMU when it is not installed."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    console = Console() if sys.stdout.isatty() else Console(width=width)
+    kinds = [k.strip() for k in peers.split(",") if k.strip()]
+    if "qemu" in kinds and not qemu_available():
+        console.print("[yellow]qemu-system-x86_64 or /dev/kvm missing: livemig only")
+        kinds.remove("qemu")
+    return console, kinds
 
 
 # --- one migration --------------------------------------------------------------------------

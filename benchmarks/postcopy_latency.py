@@ -17,15 +17,12 @@ events; then livemig / QEMU ratios (below 1: livemig is faster).
 from __future__ import annotations
 
 import json
-import signal
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import click
 from _latency import Config, Row, config_json, machine_notes, parse_modes, results_table, run_matrix
-from _peers import qemu_available
-from rich.console import Console
+from _peers import start_peer_cli
 from rich.table import Table
 
 MODE_OF_PEER = {"livemig": "vanilla", "qemu": "qemu-vanilla"}
@@ -48,13 +45,7 @@ MODE_OF_PEER = {"livemig": "vanilla", "qemu": "qemu-vanilla"}
 def main(mem: str, page_sizes: str, peers: str, repeat: int, precopy_ms: float, warmup: bool,
          json_path: str | None) -> None:
     """Vanilla postcopy page-request latency p50/p99: livemig and QEMU 7.2, loopback."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    console = Console() if sys.stdout.isatty() else Console(width=140)
-    kinds = [k.strip() for k in peers.split(",") if k.strip()]
-    if "qemu" in kinds and not qemu_available():
-        console.print("[yellow]qemu-system-x86_64 or /dev/kvm missing: livemig only")
-        kinds.remove("qemu")
+    console, kinds = start_peer_cli(peers, 140)
     modes = parse_modes(",".join(MODE_OF_PEER.get(k, k) for k in kinds))
     sizes = tuple(p.strip() for p in page_sizes.split(",") if p.strip())
     cfg = Config(mem, sizes, ("loopback",), modes, repeat, precopy_ms, warmup)

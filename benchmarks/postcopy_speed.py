@@ -191,14 +191,14 @@ def plot_throughput(rows: Sequence[Row], path: Path, title: str) -> None:
 @click.option("--png", "png_path", default="results/postcopy_speed.png", show_default=True,
               type=click.Path(dir_okay=False), help="Throughput-over-time plot ('' for none).")
 def main(mem: str, page_sizes: str, links: str, modes: str, repeat: int, precopy_ms: float,
-         quick: bool, warmup: bool, json_path: str | None, png_path: str,
+         quick: bool, warmup: bool, prealloc: bool, json_path: str | None, png_path: str,
          profile_dir: str | None) -> None:
     """Postcopy throughput, total time, STOP->RESUME and request latency vs QEMU 7.2."""
     console, chosen, pdir = start_cli(modes, profile_dir, 160)
     if quick:
         repeat, links = 1, "loopback"
     cfg = Config(mem, _split(page_sizes), _split(links), chosen, repeat, precopy_ms, warmup,
-                 profile_dir=pdir)
+                 profile_dir=pdir, prealloc=prealloc)
     load_before = os.getloadavg()
     rows = run_matrix(cfg, console)
     load_after = os.getloadavg()

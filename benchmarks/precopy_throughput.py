@@ -52,10 +52,8 @@ import contextlib
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -74,8 +72,8 @@ from _peers import (
     migrate,
     migration_uri,
     peer_class,
-    qemu_available,
     rearm_source,
+    start_peer_cli,
 )
 from _profile import ProfileSummary, PySpy, summarize_profile
 from rich.console import Console
@@ -328,17 +326,7 @@ def main(mem: str, page_sizes: str, peers: str, multifd_channels: str, repeat: i
          json_path: str | None, profile_dir: str | None, max_noise: float,
          retries: int, tls: bool, prealloc: bool) -> None:
     """Migration throughput of an idle guest: livemig against QEMU 7.2."""
-    # SIGTERM unwinds like Ctrl-C, so every VMM, huge page and temp dir is cleaned up
-    # (and Ctrl-C works even when started in the background, where SIGINT is ignored).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=120)  # logs and pipes: keep the table's columns whole
-    kinds = [k.strip() for k in peers.split(",") if k.strip()]
-    if "qemu" in kinds and not qemu_available():
-        console.print("[yellow]qemu-system-x86_64 or /dev/kvm missing: livemig only")
-        kinds.remove("qemu")
+    console, kinds = start_peer_cli(peers, 120)
     pdir = None if profile_dir is None else Path(profile_dir)
     if pdir is not None:
         pdir.mkdir(parents=True, exist_ok=True)

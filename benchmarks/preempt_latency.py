@@ -71,7 +71,7 @@ DEFAULT_MODES = "vanilla,preempt,preempt-rp,preempt-proc,qemu-vanilla,qemu-preem
 @click.option("--png", "png_path", default="results/preempt_latency.png", show_default=True,
               type=click.Path(dir_okay=False), help="CDF plot ('' for none).")
 def main(mem: str, page_sizes: str, links: str, modes: str, repeat: int, precopy_ms: float,
-         warmup: bool, precopy_bytes: str, link_burst: str, link_latency: str,
+         warmup: bool, prealloc: bool, precopy_bytes: str, link_burst: str, link_latency: str,
          json_path: str | None, png_path: str, profile_dir: str | None) -> None:
     """Page-request latency: vanilla postcopy and livemig's preempt modes, against QEMU 7.2."""
     console, chosen, pdir = start_cli(modes, profile_dir, 140)
@@ -82,7 +82,8 @@ def main(mem: str, page_sizes: str, links: str, modes: str, repeat: int, precopy
             tls = TlsPlan(dirs.server, dirs.client, SERVER_NAMES[-1])
         cfg = Config(mem, _split(page_sizes), _split(links), chosen, repeat, precopy_ms,
                      warmup, link_burst, link_latency, profile_dir=pdir, tls=tls,
-                     precopy_bytes=parse_size(precopy_bytes) if precopy_bytes != "0" else 0)
+                     precopy_bytes=parse_size(precopy_bytes) if precopy_bytes != "0" else 0,
+                     prealloc=prealloc)
         rows = run_matrix(cfg, console)
     after = (f"{precopy_bytes} sent" if cfg.precopy_bytes else f"{precopy_ms:.0f} ms")
     title = (f"postcopy page-request latency, {mem} random guest, postcopy after "
