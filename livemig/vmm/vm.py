@@ -336,17 +336,20 @@ class Vm:
         return self.runstate is RunState.RUNNING
 
     def start(self) -> None:
-        """Run (or resume) the vCPUs; emits RESUME."""
+        """Run (or resume) the vCPUs; emits RESUME first, as QEMU does, so that a QMP
+        client that sees the run state ``running`` has been sent the event."""
         with self._lock:
             if self.runstate is RunState.RUNNING:
                 return
+            if RunState.RUNNING not in RUN_TRANSITIONS[self.runstate]:
+                raise VmStateError(f"VM cannot go from {self.runstate.value} to running")
+            self._emit("RESUME")
             self.set_runstate(RunState.RUNNING)
             if self._stopped_clock is not None:
                 self.vm_fd.set_clock(self._stopped_clock)
                 self._stopped_clock = None
             for v in self.vcpus:
                 v.resume()
-        self._emit("RESUME")
 
     def pause(self, to: RunState = RunState.PAUSED) -> None:
         """Stop the vCPUs (returns once they are out of the guest); emits STOP."""

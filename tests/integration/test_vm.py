@@ -154,6 +154,17 @@ def test_run_state_machine_refuses_bad_transitions(ab_vm: Vm) -> None:
         ab_vm.set_runstate(RunState.PRELAUNCH)
 
 
+def test_resume_is_sent_before_the_run_state_says_running(ab_vm: Vm) -> None:
+    """QEMU's order: a QMP client that sees ``running`` (query-status answers from
+    another thread) has been sent RESUME, so it never misses the event."""
+    ab_vm.pause()
+    seen: list[tuple[str, RunState]] = []
+    ab_vm.add_listener(lambda name, data: seen.append((name, ab_vm.runstate)))
+    ab_vm.start()
+    assert seen == [("RESUME", RunState.PAUSED)]
+    assert ab_vm.runstate is RunState.RUNNING
+
+
 @pytest.mark.parametrize("mem,backing", [(3 * MIB, Backing.HUGETLB_2M), (5000, Backing.ANON_4K)])
 def test_memory_size_must_be_a_multiple_of_the_page_size(mem: int, backing: Backing) -> None:
     with pytest.raises(ConfigError, match="multiple"):
