@@ -285,8 +285,9 @@ class Channel:
         self._ready()
         n = len(rec.offsets)
         if self.secured:
-            for i in range(0, n, PAGES_PER_WRITE):
-                j = i + PAGES_PER_WRITE
+            per = min(step, PAGES_PER_WRITE) if stop is not None and step else PAGES_PER_WRITE
+            for i in range(0, n, per):
+                j = i + per
                 self.send([gather_pages(rec.words[i:j], b"" if i else rec.prefix, ram,
                                         rec.offsets[i:j]).data])
                 if j < n and stop is not None and stop():

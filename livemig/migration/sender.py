@@ -8,11 +8,15 @@ with postcopy preemption, the *postcopy channel*.  Each channel has its own enco
 the "last block sent" that the CONTINUE flag relies on is naturally per channel.
 
 Precopy
-    A round walks every dirty page once, in windows of 2 MiB (or one host page),
-    inside ``ram`` PART sections of bounded size.  A window's dirty bits are cleared
-    *before* its pages are read, so a write after the read is caught by the next
-    dirty-log sync.  Zero pages become ZERO records; the rest are PAGE records whose
-    payloads are memoryviews of guest RAM (no copies).
+    A round walks every dirty page once, inside ``ram`` PART sections of bounded size,
+    in pieces of up to 2 MiB of pages (or one host page's worth): the next dirty pages
+    from where the last piece ended, however scattered (:meth:`MigrationBitmap.take_next`
+    within PIECE_SPAN pieces' worth of the bitmap), so that a late round or the
+    stop-and-copy, whose dirty pages are few and spread over all of RAM, pays the
+    per-piece work (about 0.1 ms of Python) per 2 MiB sent, not per 2 MiB of RAM.  A
+    piece's dirty bits are cleared *before* its pages are read, so a write after the
+    read is caught by the next dirty-log sync.  Zero pages become ZERO records; the
+    rest are PAGE records whose payloads are memoryviews of guest RAM (no copies).
 
 Postcopy (:meth:`PageSender.postcopy_loop`)
     Requested pages first, background pages otherwise (continuing after the last
@@ -32,13 +36,14 @@ Postcopy (:meth:`PageSender.postcopy_loop`)
     behind what is in the kernel's queue); the return-path thread that answers them
     itself (``preempt-rp``) gets the CPU back between two steps.  Where the helper
     process answers them, a piece goes in one system call.  A huge
-    page goes whole without preemption, in 32-page pieces when the migration thread may
-    break it for a request, and in background pieces otherwise
+    page goes whole without preemption, in 32-page steps of one encoding when the
+    migration thread may break it for a request, and in background pieces otherwise
     (:meth:`PageSender._huge_piece`).
 
 Huge-page preemption (migration-thread mode, QEMU 7.1)
-    While a huge page is being sent on the precopy channel, the sender checks for
-    pending requests between chunks; if there is one it stops, remembers where
+    A huge page goes on the precopy channel encoded once and sent 32 pages per system
+    call; the sender checks for pending requests between two; if there is one it
+    stops, remembers where
     (:class:`Preempted`: block, host page, the pieces not yet sent), serves the requests
     on the postcopy channel, then resumes the interrupted huge page on the precopy
     channel.  A request that falls *inside* the interrupted huge page is never sent on
@@ -214,18 +219,19 @@ class PageSender:
 
     # --- encoding -------------------------------------------------------------------------
     def _emit(self, ch: OutChannel, name: str, pages: IndexArray, zeros: IndexArray, *,
-              urgent: bool, stop: Callable[[], bool] | None = None) -> Written:
+              urgent: bool, stop: Callable[[], bool] | None = None,
+              step: int = BACKGROUND_STEP_PAGES) -> Written:
         """Encode pages of one block on ``ch``; urgent data is flushed at once.  With
-        ``stop``, the pages go BACKGROUND_STEP_PAGES at a time and those left once
-        ``stop()`` is true are dirty again (they go later)."""
+        ``stop``, the pages go ``step`` at a time and those left once ``stop()`` is true
+        are not sent: ``Written.pages`` says how many went, and the caller decides
+        what the rest become."""
         with self._stats_lock:
             self.stats.normal += len(pages)
             self.stats.duplicate += len(zeros)
         view = self._views[name]
         out = write_window(ch.encoder, ch.writer, name, Window(pages, zeros), view, len(view),
-                           stop=stop, step=BACKGROUND_STEP_PAGES)
+                           stop=stop, step=step)
         if out.pages < len(pages):
-            self.bitmaps[name].give_back(pages[out.pages:])
             with self._stats_lock:
                 self.stats.normal -= len(pages) - out.pages
         if urgent:
@@ -244,10 +250,12 @@ class PageSender:
         if not self.main.writer.channel.secured:
             self.background_piece = max(self.postcopy_chunk, piece_bytes // PAGE_SIZE)
 
-    def send_window(self, name: str, first: int, count: int) -> int:
-        """Send the dirty pages of one window on the precopy channel."""
-        w = self.bitmaps[name].take_window(first, count)
-        return self._emit(self.main, name, w.pages, w.zeros, urgent=False).nbytes if len(w) else 0
+    def send_piece(self, name: str, first: int, most: int) -> tuple[int, int]:
+        """Send the next ``most`` dirty pages from ``first`` on the precopy channel;
+        returns the bytes sent and the page to go on from."""
+        w, after = self.bitmaps[name].take_next(first, most, most * PIECE_SPAN)
+        sent = self._emit(self.main, name, w.pages, w.zeros, urgent=False).nbytes if len(w) else 0
+        return sent, after
 
     # --- precopy --------------------------------------------------------------------------
     def send_round(self, interrupted: Callable[[], bool]) -> int:
@@ -257,19 +265,19 @@ class PageSender:
             window = self._window_pages(block)
             page = self.bitmaps[name].next_dirty(0)
             while page >= 0 and not interrupted():
-                total += self._send_part(name, page - page % window, window)
+                total += self._send_part(name, page, window)
                 page = self.bitmaps[name].next_dirty(0)
         return total
 
     def _send_part(self, name: str, first: int, window: int) -> int:
-        """One PART section: windows from ``first`` on, until the size/time budget."""
+        """One PART section: pieces from ``first`` on, until the size/time budget."""
         self.main.writer.write([self.main.encoder.ram_part(self.section_id)])
         deadline = time.monotonic() + PART_SECONDS
         sent = 0
         bm = self.bitmaps[name]
         while first < bm.pages and sent < PART_BYTES and time.monotonic() < deadline:
-            sent += self.send_window(name, first, window)
-            first += window
+            n, first = self.send_piece(name, first, window)
+            sent += n
         self._close_part()
         return sent
 
@@ -282,8 +290,10 @@ class PageSender:
         total = 0
         for name, block in self.blocks.items():
             window = self._window_pages(block)
-            for first in range(0, block.pages, window):
-                total += self.send_window(name, first, window)
+            first = 0
+            while first < block.pages:
+                n, first = self.send_piece(name, first, window)
+                total += n
         return total
 
     # --- postcopy: switchover -------------------------------------------------------------
@@ -440,7 +450,8 @@ class PageSender:
                     stop = (lambda: len(queue) > 0) if self.background_steps else None
                     out = self._emit(self.main, name, w.pages, w.zeros, urgent=False,
                                      stop=stop)
-                    if out.pages < len(w.pages):  # cut short: go on where it stopped
+                    if out.pages < len(w.pages):  # cut short: dirty again, go on there
+                        bm.give_back(w.pages[out.pages:])
                         cursor[name] = int(w.pages[out.pages])
             return True
         return False
@@ -453,15 +464,25 @@ class PageSender:
 
     def _resume_preempted(self, *, interruptible: bool,
                           queue: RequestQueue | None = None) -> None:
-        """Send the rest of the interrupted huge page on the precopy channel, in pieces
-        (:meth:`_huge_piece`); stop again (keeping the position) if a request is pending
-        and this thread may break a huge page for one."""
+        """Send the rest of the interrupted huge page on the precopy channel; stop again
+        (keeping the position) if a request is pending and this thread may break a huge
+        page for one.
+
+        Where it may, the rest is encoded once and goes postcopy_chunk pages per system
+        call with a look at the queue between two: a request waits for one step in
+        hand, and the per-piece work (records, iovec: about 80 us) is paid once per huge
+        page, not per step.  Otherwise it goes in pieces (:meth:`_huge_piece`)."""
         p = self.preempted
         assert p is not None
         self._switch(self.main.name)
         may_break = interruptible and self.break_huge and self.post is not None
+        breaker = queue if may_break else None
+
+        def requested() -> bool:
+            return breaker is not None and len(breaker) > 0
+
         while len(p.pages) or len(p.zeros):
-            if may_break and queue is not None and len(queue):
+            if requested():
                 # Pieces are sent in order, zero pages first: report the next piece.
                 nxt = int(p.zeros[0] if len(p.zeros) else p.pages[0])
                 self.trace("postcopy_preempt_triggered", block=p.block, page=nxt)
@@ -472,20 +493,20 @@ class PageSender:
                 continue
             if interruptible:
                 self._yield_to_urgent()
-            n = self._huge_piece(may_break, len(p.pages))
+            if breaker is not None:
+                out = self._emit(self.main, p.block, p.pages, p.pages[:0], urgent=False,
+                                 stop=requested, step=self.postcopy_chunk)
+                p.pages = p.pages[out.pages:]
+                continue
+            n = self._huge_piece(len(p.pages))
             chunk, p.pages = p.pages[:n], p.pages[n:]
             self._emit(self.main, p.block, chunk, chunk[:0], urgent=False)
-            if may_break:
-                # Push the chunk out so a request need not wait behind queued data.
-                self.main.writer.flush()
         self.preempted = None
 
-    def _huge_piece(self, may_break: bool, left: int) -> int:
-        """Pages of a huge page per piece: POSTCOPY_CHUNK_PAGES when a request may break
-        in between two; otherwise as many as the per-piece work (records, iovec, a
-        system call) is worth: the whole rest without an urgent channel, a background
-        piece (one kernel queue of the main channel, see widen_background) when urgent
-        pages share the link and must not wait behind more than that."""
-        if may_break:
-            return self.postcopy_chunk
+    def _huge_piece(self, left: int) -> int:
+        """Pages of a huge page per piece where no request may break in: as many as the
+        per-piece work (records, iovec, a system call) is worth: the whole rest without
+        an urgent channel, a background piece (one kernel queue of the main channel, see
+        widen_background) when urgent pages share the link and must not wait behind
+        more than that."""
         return left if self.post is None else self.background_piece

@@ -172,11 +172,13 @@ class Timeline:
 
 
 class RecordingChannel(Channel):
-    """A socket channel that marks every send on the timeline."""
+    """A socket channel that marks every send on the timeline and counts the PAGE
+    records it has sent (``pages_sent``, also between the steps of one send)."""
 
     def __init__(self, sock: socket.socket, name: str, timeline: Timeline) -> None:
         super().__init__(sock=sock, name=name)
         self._timeline = timeline
+        self.pages_sent = 0
 
     def send(self, buffers: Sequence[Buffer]) -> None:
         super().send(buffers)
@@ -184,7 +186,17 @@ class RecordingChannel(Channel):
 
     def send_pages(self, rec: PageRecords, ram: memoryview,
                    stop: Callable[[], bool] | None = None, step: int = 0) -> int:
-        sent = super().send_pages(rec, ram, stop, step)
+        before = self.pages_sent
+        counted = stop
+        if stop is not None and step:
+            inner = stop
+
+            def counted() -> bool:  # asked after each step: ``step`` more records went
+                self.pages_sent += step
+                return inner()
+
+        sent = super().send_pages(rec, ram, counted, step)
+        self.pages_sent = before + sent
         self._timeline.marks.append(Send(self.name, self.bytes_sent))
         return sent
 
@@ -334,6 +346,7 @@ class PreemptHarness:
         self._hooks: list[Callable[[], None]] = []
         self._drains: dict[str, _Drain] = {}
         self._socks: list[socket.socket] = []
+        self._channels: list[RecordingChannel] = []
         caps = Capabilities(postcopy_ram=True, postcopy_preempt=True)
         params = Parameters(x_postcopy_urgent_sender=UrgentMode.MIGRATION,
                             x_postcopy_preempt_break_huge=break_huge)
@@ -355,8 +368,9 @@ class PreemptHarness:
         src, dst = socket.socketpair()
         self._socks.append(src)
         self._drains[name] = _Drain(dst)
-        return RecordingWriter(RecordingChannel(src, name, self.timeline), self.timeline,
-                               self._hooks)
+        channel = RecordingChannel(src, name, self.timeline)
+        self._channels.append(channel)
+        return RecordingWriter(channel, self.timeline, self._hooks)
 
     def _open(self, name: str, encoder: Encoder) -> OutChannel:
         return OutChannel(name, encoder, self._writer(name))
@@ -368,8 +382,8 @@ class PreemptHarness:
         return PageRequest(block, hp * size, size, 0)
 
     def after_pages(self, n: int) -> Callable[[], bool]:
-        """True once ``n`` non-zero pieces have been encoded (on either channel)."""
-        return lambda: self.sender.stats.normal >= n
+        """True once ``n`` non-zero pieces have been sent (on either channel)."""
+        return lambda: sum(ch.pages_sent for ch in self._channels) >= n
 
     def queue(self, *steps: Step) -> ScriptedQueue:
         q = ScriptedQueue(self.timeline, steps)

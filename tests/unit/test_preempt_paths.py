@@ -22,6 +22,7 @@ from preempt_harness import (
     PAGE,
     POSTCOPY,
     PRECOPY,
+    SECTION_ID,
     BufferDestination,
     FakeClock,
     PatternBlock,
@@ -509,10 +510,41 @@ def test_a_background_piece_carries_the_next_dirty_pages_however_scattered(
     assert placed == [p * PAGE for p in range(0, blk.pages, 8)]
 
 
-def data_pages_per_write(h: PreemptHarness) -> tuple[Run, list[int]]:
+@pytest.mark.parametrize("stage", ["round", "stop-and-copy"])
+def test_precopy_sends_scattered_dirty_pages_in_full_pieces(
+        stage: str, block: Blocks, make: Make, dest: Dest) -> None:
+    """A late round or the stop-and-copy finds few dirty pages spread over all of RAM
+    (one every 64 KiB here): a piece is the next 2 MiB worth of them, one write, not
+    the few that an aligned 2 MiB window covers (a write each, each paying the
+    per-piece work).  Every dirty page arrives, and only those."""
+    blk = block("4K", 8192)
+    h = make(blk)
+    every = 16
+    h.sender.bitmaps[blk.name].bits[:] = np.arange(blk.pages) % every == 0
+    main = h.sender.main
+    if stage == "round":
+        h.sender.send_round(lambda: False)
+        h.complete()
+    else:  # what SourceMigration's stop-and-copy writes around it
+        main.writer.write([main.encoder.ram_end(SECTION_ID)])
+        h.sender.send_all_remaining()
+        main.writer.write([main.encoder.close_ram_section(), main.encoder.eof()])
+        main.writer.flush()
+        h.urgent.finish()
+    run = h.finish()
+    data = [r for r in run.page_records(PRECOPY) if isinstance(r.event, ev.PageBatch)]
+    assert len({r.write for r in data}) == 1
+    d = dest(h.table)
+    d.replay(run)
+    placed = sorted(o for o, _ in d.placements(blk.name))
+    assert placed == [p * PAGE for p in range(0, blk.pages, every)]
+
+
+def data_pages_per_write(h: PreemptHarness,
+                         queue: ScriptedQueue | None = None) -> tuple[Run, list[int]]:
     """Run the postcopy to its end: the run, and the data pages (not zero pages) each
     write of the precopy channel carried."""
-    h.run(h.queue())
+    h.run(queue if queue is not None else h.queue())
     h.complete()
     run = h.finish()
     pages: dict[int, int] = {}
@@ -527,14 +559,15 @@ def data_pages_per_write(h: PreemptHarness) -> tuple[Run, list[int]]:
     (UrgentMode.PROCESS, True, MIB, MIB // PAGE),  # one kernel queue of loopback
     (UrgentMode.PROCESS, True, 64 * 1024, POSTCOPY_CHUNK_PAGES),  # Ethernet
     (UrgentMode.RETURN_PATH, True, MIB, MIB // PAGE),
-    (UrgentMode.MIGRATION, True, MIB, POSTCOPY_CHUNK_PAGES),  # a request may break in
+    (UrgentMode.MIGRATION, True, MIB, 0),  # a request may break in: steps of one write
 ])
 def test_a_huge_page_goes_out_in_pieces_as_large_as_the_design_allows(
         design: UrgentMode, preempt: bool, queue: int, piece: int, block: Blocks,
         make: Make, dest: Dest) -> None:
-    """A huge page's data pages go in one write without an urgent channel; in 32-page
-    pieces when a request may break in; otherwise in background pieces (one kernel
-    queue) when urgent pages share the link."""
+    """A huge page's data pages go in one write without an urgent channel, and where
+    the migration thread may break it for a request (one encoding, sent in steps:
+    the next test); otherwise in background pieces (one kernel queue) when urgent
+    pages share the link."""
     blk = block("2M", 3)
     h = make(blk)
     switch_over(h, design, queue, preempt=preempt)
@@ -545,6 +578,24 @@ def test_a_huge_page_goes_out_in_pieces_as_large_as_the_design_allows(
         step = piece or n
         expected += [min(step, n - i) for i in range(0, n, step)]
     assert sorted(pages) == sorted(expected)
+    d = dest(h.table)
+    d.replay(run)
+    placed_once_and_exact(d, blk)
+
+
+def test_a_huge_page_a_request_may_break_goes_in_steps_with_a_look_at_the_queue(
+        block: Blocks, make: Make, dest: Dest) -> None:
+    """Where the migration thread may break a huge page for a request, its one write
+    goes POSTCOPY_CHUNK_PAGES pages per system call, and the thread looks at its queue
+    between two (a request waits for one step in hand)."""
+    blk = block("2M", 3)
+    h = make(blk)
+    switch_over(h, UrgentMode.MIGRATION, MIB)
+    q = LookCountingQueue(h.timeline, [])
+    run, pages = data_pages_per_write(h, q)
+    assert len(pages) == 3
+    steps = sum(-(-len(blk.pieces(hp)[1]) // POSTCOPY_CHUNK_PAGES) for hp in range(3))
+    assert q.looks >= steps - 3
     d = dest(h.table)
     d.replay(run)
     placed_once_and_exact(d, blk)
