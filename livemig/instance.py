@@ -259,7 +259,7 @@ class Instance:
         self.incoming.recover(MigrationUri.parse(uri))
 
     def migrate_start_postcopy(self) -> None:
-        if self.outgoing is None or self.outgoing.status.status.finished:
+        if self.outgoing is None:
             raise QmpError("Postcopy must be started after migration has been started")
         self.outgoing.start_postcopy()
 

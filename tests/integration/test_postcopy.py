@@ -185,6 +185,22 @@ def test_cancel_during_postcopy_is_refused_and_the_migration_completes(tmp_path:
         assert guest_check(p.dq, "ab")["bad_pages"] == 0
 
 
+def test_start_postcopy_after_the_migration_completed_is_accepted_and_changes_nothing(
+        tmp_path: Path) -> None:
+    """QEMU's rule: the command races with the end of precopy, so once the migration is
+    over it is not an error (a client that asks a moment too late gets no failure)."""
+    cfg = PairConfig("ab", params={"x-max-iterations": 2})
+    with migration_pair(tmp_path, cfg) as p:
+        p.listen()
+        p.migrate()
+        assert wait_migration(p.sq)["status"] == "completed"
+        p.sq.execute("migrate-start-postcopy")
+        assert p.sq.execute("query-migrate")["status"] == "completed"
+        assert wait_migration(p.dq)["status"] == "completed"
+        assert "postcopy-active" not in migration_statuses(events(p.dq, ends_migration))
+        assert runs_on(p.dst.vm)
+
+
 def test_start_postcopy_is_refused_without_postcopy_ram_and_precopy_goes_on(
         tmp_path: Path) -> None:
     cfg = PairConfig("ab", src_caps=caps_of(postcopy=False),
