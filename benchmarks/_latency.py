@@ -94,6 +94,7 @@ from rich.table import Table
 import livemig
 from livemig.errors import LivemigError, MigrationError, QmpError
 from livemig.netlab import NETNS_PORT, NetnsPair, Shaping
+from livemig.vmm.vm import parse_size
 
 GUEST = "random"
 BOOT_PASSES = 1  # one 'B': every page of the range is tagged (non-zero)
@@ -772,8 +773,8 @@ def check_goals(rows: Sequence[Row], goals: Sequence[Goal] = GOALS) -> list[Goal
 def matrix_options(default_modes: str, precopy_ms: float,
                    precopy_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The click options that choose the matrix (mem, page sizes, links, modes, repeat,
-    precopy time, warm-up, preallocated destinations, profiling), shared by the
-    benchmarks that run it."""
+    precopy time or bytes, warm-up, preallocated destinations, profiling), shared by
+    the benchmarks that run it."""
     options = (
         click.option("--mem", default="1G", show_default=True, help="Guest RAM size."),
         click.option("--page-sizes", default="4K,2M", show_default=True,
@@ -786,6 +787,10 @@ def matrix_options(default_modes: str, precopy_ms: float,
         click.option("--repeat", default=3, show_default=True, type=click.IntRange(1),
                      help="Measured migrations per row (medians are reported)."),
         click.option("--precopy-ms", default=precopy_ms, show_default=True, help=precopy_help),
+        click.option("--precopy-bytes", default="0", show_default=True,
+                     help="Switch to postcopy once the source has sent this much (e.g. "
+                          "600M) instead of after --precopy-ms: every mode and VMM gets the "
+                          "same precopy, however fast its precopy runs."),
         click.option("--warmup/--no-warmup", default=True, show_default=True,
                      help="One unmeasured migration per source first."),
         click.option("--prealloc", is_flag=True,
@@ -804,6 +809,11 @@ def matrix_options(default_modes: str, precopy_ms: float,
         return f
 
     return apply
+
+
+def precopy_bytes_option(text: str) -> int:
+    """``--precopy-bytes``: a size, or 0 (switch after ``--precopy-ms`` instead)."""
+    return 0 if text.strip() == "0" else parse_size(text)
 
 
 def start_cli(modes: str, profile_dir: str | None,

@@ -57,6 +57,7 @@ from _latency import (
     machine_notes,
     matrix_options,
     mode_color,
+    precopy_bytes_option,
     run_matrix,
     start_cli,
 )
@@ -191,19 +192,20 @@ def plot_throughput(rows: Sequence[Row], path: Path, title: str) -> None:
 @click.option("--png", "png_path", default="results/postcopy_speed.png", show_default=True,
               type=click.Path(dir_okay=False), help="Throughput-over-time plot ('' for none).")
 def main(mem: str, page_sizes: str, links: str, modes: str, repeat: int, precopy_ms: float,
-         quick: bool, warmup: bool, prealloc: bool, json_path: str | None, png_path: str,
-         profile_dir: str | None) -> None:
+         precopy_bytes: str, quick: bool, warmup: bool, prealloc: bool,
+         json_path: str | None, png_path: str, profile_dir: str | None) -> None:
     """Postcopy throughput, total time, STOP->RESUME and request latency vs QEMU 7.2."""
     console, chosen, pdir = start_cli(modes, profile_dir, 160)
     if quick:
         repeat, links = 1, "loopback"
     cfg = Config(mem, _split(page_sizes), _split(links), chosen, repeat, precopy_ms, warmup,
-                 profile_dir=pdir, prealloc=prealloc)
+                 profile_dir=pdir, prealloc=prealloc,
+                 precopy_bytes=precopy_bytes_option(precopy_bytes))
     load_before = os.getloadavg()
     rows = run_matrix(cfg, console)
     load_after = os.getloadavg()
-    title = (f"postcopy speed, {mem} random guest, postcopy after {precopy_ms:.0f} ms "
-             f"(median of {repeat})")
+    after = f"{precopy_bytes} sent" if cfg.precopy_bytes else f"{precopy_ms:.0f} ms"
+    title = f"postcopy speed, {mem} random guest, postcopy after {after} (median of {repeat})"
     console.print(speed_table(rows, title))
     console.print(f"load average before {_load(load_before)}, after {_load(load_after)} "
                   f"({os.cpu_count()} CPUs)")

@@ -46,6 +46,7 @@ from _latency import (
     machine_notes,
     matrix_options,
     plot_cdfs,
+    precopy_bytes_option,
     results_table,
     run_matrix,
     start_cli,
@@ -53,16 +54,12 @@ from _latency import (
 from _peers import TlsPlan
 
 from livemig.tlslab import SERVER_NAMES, make_tls_dirs
-from livemig.vmm.vm import parse_size
 
 DEFAULT_MODES = "vanilla,preempt,preempt-rp,preempt-proc,qemu-vanilla,qemu-preempt"
 
 
 @click.command()
 @matrix_options(DEFAULT_MODES, 0.0, "Precopy time before migrate-start-postcopy (0: at once).")
-@click.option("--precopy-bytes", default="0", show_default=True,
-              help="Switch to postcopy once the source has sent this much (e.g. 300M) "
-                   "instead of after --precopy-ms.")
 @click.option("--link-burst", default="128kb", show_default=True, help="tbf burst.")
 @click.option("--link-latency", default="50ms", show_default=True,
               help="tbf latency (how long a packet may queue).")
@@ -71,7 +68,7 @@ DEFAULT_MODES = "vanilla,preempt,preempt-rp,preempt-proc,qemu-vanilla,qemu-preem
 @click.option("--png", "png_path", default="results/preempt_latency.png", show_default=True,
               type=click.Path(dir_okay=False), help="CDF plot ('' for none).")
 def main(mem: str, page_sizes: str, links: str, modes: str, repeat: int, precopy_ms: float,
-         warmup: bool, prealloc: bool, precopy_bytes: str, link_burst: str, link_latency: str,
+         precopy_bytes: str, warmup: bool, prealloc: bool, link_burst: str, link_latency: str,
          json_path: str | None, png_path: str, profile_dir: str | None) -> None:
     """Page-request latency: vanilla postcopy and livemig's preempt modes, against QEMU 7.2."""
     console, chosen, pdir = start_cli(modes, profile_dir, 140)
@@ -82,7 +79,7 @@ def main(mem: str, page_sizes: str, links: str, modes: str, repeat: int, precopy
             tls = TlsPlan(dirs.server, dirs.client, SERVER_NAMES[-1])
         cfg = Config(mem, _split(page_sizes), _split(links), chosen, repeat, precopy_ms,
                      warmup, link_burst, link_latency, profile_dir=pdir, tls=tls,
-                     precopy_bytes=parse_size(precopy_bytes) if precopy_bytes != "0" else 0,
+                     precopy_bytes=precopy_bytes_option(precopy_bytes),
                      prealloc=prealloc)
         rows = run_matrix(cfg, console)
     after = (f"{precopy_bytes} sent" if cfg.precopy_bytes else f"{precopy_ms:.0f} ms")
