@@ -31,7 +31,11 @@ measured in the last round is below ``downtime-limit``, the migration may stop a
 round still shrank what is left to at most three quarters (so the next round will
 likely shrink it again) and the pause would last more than a few milliseconds, livemig
 runs one more round with the guest running instead of pausing it for what that round
-would have sent: a shorter pause for a somewhat longer migration.  The iteration cap
+would have sent: a shorter pause for a somewhat longer migration.  The first round is
+no evidence that rounds stopped shrinking: it sends every page, into a destination
+that touches its memory for the first time, so a guest writing a quarter of the link's
+speed can dirty all of RAM meanwhile, and the second round shows the real race.  The
+iteration cap
 (``x-max-iterations``) forces the stop-and-copy so a migration always ends.
 
 Failure or cancel in precopy leaves the source VM as it was: dirty logging off, the
@@ -171,11 +175,14 @@ class Convergence:
         """After a sync that left ``remaining`` bytes, the last round having sent
         ``bytes_per_second``: whether to stop now (``rounds`` done so far)."""
         pause_s = remaining / bytes_per_second if bytes_per_second > 0 else float("inf")
-        shrinking = (self._previous is not None
-                     and remaining <= self._previous * KEEP_SHRINKING
-                     and pause_s > SHORT_PAUSE_S)
+        shrinking = self._previous is not None and remaining <= self._previous * KEEP_SHRINKING
         self._previous = remaining
-        return rounds > 0 and pause_s <= limit_s and not shrinking
+        if rounds == 0 or pause_s > limit_s:
+            return False
+        if pause_s <= SHORT_PAUSE_S:
+            return True
+        # Stalled rounds stop it, but only from the second: see the module docstring.
+        return rounds >= 2 and not shrinking
 
 
 class SourceMigration:

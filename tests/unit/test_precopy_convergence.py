@@ -38,3 +38,16 @@ def test_stops_when_the_pause_is_a_few_milliseconds_even_if_still_shrinking() ->
 
 def test_without_a_measured_bandwidth_nothing_fits() -> None:
     assert decisions([100 * MB, 10 * MB, 0], bw=0) == [False, False, False]
+
+
+def test_what_the_first_round_left_alone_does_not_stop_it() -> None:
+    # A guest that dirtied all of RAM during the slow first round, then a quarter of
+    # what each later round sends: the second round shows the rounds still shrink.
+    bw = 4000 * MB
+    assert decisions([268 * MB, 268 * MB, 67 * MB, 17 * MB], bw) == [
+        False, False, False, True]
+
+
+def test_a_guest_that_outruns_the_link_stops_after_the_second_round() -> None:
+    bw = 4000 * MB
+    assert decisions([268 * MB, 268 * MB, 268 * MB], bw) == [False, False, True]
