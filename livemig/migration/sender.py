@@ -88,7 +88,7 @@ from livemig.wire.encoder import Encoder
 # A PART section ends after this much data or time, like QEMU's 50 ms iterations.
 PART_BYTES = 64 * MIB
 PART_SECONDS = 0.05
-WINDOW_BYTES = 2 * MIB
+PRECOPY_PIECE_BYTES = 2 * MIB
 # In postcopy, background work is cut into pieces at least this large (huge pages into
 # chunks this large between request checks).
 POSTCOPY_CHUNK_PAGES = 32
@@ -214,8 +214,9 @@ class PageSender:
     def dirty_pages(self) -> int:
         return sum(bm.dirty_count() for bm in list(self.bitmaps.values()))
 
-    def _window_pages(self, block: SourceBlock) -> int:
-        return max(WINDOW_BYTES, block.host_page_size) // PAGE_SIZE
+    def _precopy_piece(self, block: SourceBlock) -> int:
+        """Pages per precopy piece: 2 MiB of them, or one host page's worth."""
+        return max(PRECOPY_PIECE_BYTES, block.host_page_size) // PAGE_SIZE
 
     # --- encoding -------------------------------------------------------------------------
     def _emit(self, ch: OutChannel, name: str, pages: IndexArray, zeros: IndexArray, *,
@@ -262,21 +263,21 @@ class PageSender:
         """Send every page that is dirty now, in PART sections; returns bytes sent."""
         total = 0
         for name, block in self.blocks.items():
-            window = self._window_pages(block)
+            piece = self._precopy_piece(block)
             page = self.bitmaps[name].next_dirty(0)
             while page >= 0 and not interrupted():
-                total += self._send_part(name, page, window)
+                total += self._send_part(name, page, piece)
                 page = self.bitmaps[name].next_dirty(0)
         return total
 
-    def _send_part(self, name: str, first: int, window: int) -> int:
+    def _send_part(self, name: str, first: int, piece: int) -> int:
         """One PART section: pieces from ``first`` on, until the size/time budget."""
         self.main.writer.write([self.main.encoder.ram_part(self.section_id)])
         deadline = time.monotonic() + PART_SECONDS
         sent = 0
         bm = self.bitmaps[name]
         while first < bm.pages and sent < PART_BYTES and time.monotonic() < deadline:
-            n, first = self.send_piece(name, first, window)
+            n, first = self.send_piece(name, first, piece)
             sent += n
         self._close_part()
         return sent
@@ -289,10 +290,10 @@ class PageSender:
         """Stop-and-copy: every dirty page, inside the already open END section."""
         total = 0
         for name, block in self.blocks.items():
-            window = self._window_pages(block)
+            piece = self._precopy_piece(block)
             first = 0
             while first < block.pages:
-                n, first = self.send_piece(name, first, window)
+                n, first = self.send_piece(name, first, piece)
                 total += n
         return total
 

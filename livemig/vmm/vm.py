@@ -322,12 +322,15 @@ class Vm:
             raise VmStateError(f"VM is {self.runstate.value}; this needs "
                                + " or ".join(s.value for s in states))
 
+    def _require_transition(self, new: RunState) -> None:
+        if new not in RUN_TRANSITIONS[self.runstate]:
+            raise VmStateError(f"VM cannot go from {self.runstate.value} to {new.value}")
+
     def set_runstate(self, new: RunState) -> None:
         with self._lock:
             if new is self.runstate:
                 return
-            if new not in RUN_TRANSITIONS[self.runstate]:
-                raise VmStateError(f"VM cannot go from {self.runstate.value} to {new.value}")
+            self._require_transition(new)
             log.info("runstate %s -> %s", self.runstate.value, new.value)
             self.runstate = new
 
@@ -341,8 +344,7 @@ class Vm:
         with self._lock:
             if self.runstate is RunState.RUNNING:
                 return
-            if RunState.RUNNING not in RUN_TRANSITIONS[self.runstate]:
-                raise VmStateError(f"VM cannot go from {self.runstate.value} to running")
+            self._require_transition(RunState.RUNNING)  # no RESUME for a refused start
             self._emit("RESUME")
             self.set_runstate(RunState.RUNNING)
             if self._stopped_clock is not None:
