@@ -162,12 +162,17 @@ def set_buffer_sizes(sock: socket.socket, nbytes: int) -> None:
     default (~200 KiB) makes the sender block and wake the receiver far too often.
     As root the *FORCE options pass the net.core.{w,r}mem_max caps."""
     set_send_buffer(sock, nbytes)
-    _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, nbytes)
+    set_receive_buffer(sock, nbytes)
 
 
 def set_send_buffer(sock: socket.socket, nbytes: int) -> None:
     """The send buffer alone (see :func:`set_buffer_sizes`)."""
     _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, nbytes)
+
+
+def set_receive_buffer(sock: socket.socket, nbytes: int) -> None:
+    """The receive buffer alone (see :func:`set_buffer_sizes`)."""
+    _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, nbytes)
 
 
 def _set_buffer(sock: socket.socket, force: int, plain: int, nbytes: int) -> None:

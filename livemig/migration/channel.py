@@ -56,6 +56,7 @@ from livemig.kernel.sock import (
     set_dead_peer_timeout,
     set_nodelay,
     set_notsent_lowat,
+    set_receive_buffer,
     set_send_buffer,
     write_buffers,
 )
@@ -489,9 +490,11 @@ def _pages(ram: memoryview) -> npt.NDArray[np.uint8]:
 
 
 def connect(uri: MigrationUri, name: str = "main", timeout: float = 10.0, *,
-            tls: TlsEndpoint | None = None, kind: ChannelKind = ChannelKind.MAIN) -> Channel:
+            tls: TlsEndpoint | None = None, kind: ChannelKind = ChannelKind.MAIN,
+            send_buffer: int = SOCKET_BUFFER) -> Channel:
     """Open the source end of a channel; with ``tls``, a main channel is secured at
-    once, a postcopy channel after its clear preamble (``wire.channel.clear_prefix``)."""
+    once, a postcopy channel after its clear preamble (``wire.channel.clear_prefix``).
+    ``send_buffer`` is what this connection may have in flight (SO_SNDBUF)."""
     try:
         if uri.scheme == "file":
             fd = os.open(uri.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -504,7 +507,8 @@ def connect(uri: MigrationUri, name: str = "main", timeout: float = 10.0, *,
             sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
             set_nodelay(sock)
         sock.settimeout(None)
-        set_buffer_sizes(sock, SOCKET_BUFFER)
+        set_send_buffer(sock, send_buffer)
+        set_receive_buffer(sock, SOCKET_BUFFER)
     except OSError as e:
         raise ChannelClosedError(f"cannot connect to {uri}: {e.strerror or e}") from None
     if tls is None:

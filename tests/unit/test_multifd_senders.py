@@ -1,6 +1,6 @@
 """The source's multifd channels (threads of one MultifdSource) against the
 destination's receivers, in one process over a unix socket: a round moves every dirty
-page into the destination's RAM and clears its bit, each 2 MiB window on the channel
+page into the destination's RAM and clears its bit, each window on the channel
 that owns it; a page dirtied again goes in the next round and its newer copy wins; a
 channel whose connection is gone fails the round, naming that channel, while the other
 channels still end their round with a SYNC."""
@@ -20,13 +20,13 @@ import pytest
 from fake_ram import FakeBlock
 
 from livemig.errors import MigrationError
-from livemig.migration.channel import Channel, MigrationUri
+from livemig.migration.channel import Channel, MigrationUri, connect
 from livemig.migration.multifd import MultifdReceivers, MultifdSource
 from livemig.migration.pagesink import RamLoader
 from livemig.wire.multifd import INIT_SIZE, PACKET_PAGES, InitPacket
 
 WINDOWS = 6
-PAGES = WINDOWS * PACKET_PAGES  # 12 MiB: six 2 MiB windows
+PAGES = WINDOWS * PACKET_PAGES  # six windows of one packet each
 
 
 @dataclass
@@ -131,3 +131,20 @@ def test_a_channel_whose_connection_is_gone_fails_the_round_by_name(tmp_path: Pa
         assert "multifd channel 0" not in str(e.value)
         p.rx.flush()  # channel 0 still ended its round (early or not) with a SYNC
         assert p.errors == []
+
+
+@pytest.mark.parametrize("channels", [2, 4])
+def test_the_channels_together_have_one_connections_send_buffer(tmp_path: Path,
+                                                                channels: int) -> None:
+    """More channels must not mean more data in flight (it only evicts what is being
+    copied from the caches): N channels share the send buffer of one connection."""
+    with multifd_pair(tmp_path, channels) as p:
+        one = connect(MigrationUri.parse(f"unix:{tmp_path / 'multifd.sock'}"))
+        try:
+            budget = one.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        finally:
+            one.close()
+        buffers = [s.channel.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+                   for s in p.source.senders]
+        assert len(set(buffers)) == 1
+        assert sum(buffers) == budget
