@@ -75,7 +75,7 @@ def take_bits(bits: npt.NDArray[np.bool_], first: int, count: int,
     as many, ...) until ``most`` are found: a dense bitmap costs one slice of ``most``
     bits, not the whole range (in a first precopy round that range is 64 times the
     piece, and reading it all cost 13 % of single-channel 4K throughput)."""
-    end = first + count
+    end = min(first + count, len(bits))  # a range may run past the bitmap's end
     taken: list[IndexArray] = []
     need = count if most is None else most
     with lock:

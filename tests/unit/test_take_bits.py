@@ -1,6 +1,6 @@
 """Taking dirty pages from a bitmap (bitmap.take_bits): the first ``most`` dirty pages
 of a range, in order, each cleared exactly once, however the dirty pages lie -- dense,
-scattered, or found only far into the range."""
+scattered, found only far into the range, or a range running past the bitmap's end."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def bitmaps(draw: st.DrawFn) -> tuple[np.ndarray, int, int, int]:
     seed = draw(st.integers(0, 2**32 - 1))
     bits = np.random.default_rng(seed).random(n) < density
     first = draw(st.integers(0, n - 1))
-    count = draw(st.integers(0, n - first))
+    count = draw(st.integers(0, 2 * n))  # the range may run past the end
     most = draw(st.integers(1, 1200))
     return bits, first, count, most
 
