@@ -170,12 +170,6 @@ def set_send_buffer(sock: socket.socket, nbytes: int) -> None:
     _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, nbytes)
 
 
-def receive_buffer_size(sock: socket.socket) -> int:
-    """The receive buffer the kernel allotted (SO_RCVBUF: twice what was asked, for
-    its bookkeeping): no window it advertised was larger."""
-    return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
-
-
 def set_receive_buffer(sock: socket.socket, nbytes: int) -> None:
     """The receive buffer alone (see :func:`set_buffer_sizes`)."""
     _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, nbytes)

@@ -47,7 +47,6 @@ from livemig.kernel.sock import (
     path_mtu,
     queued_bytes,
     read_exact_into,
-    receive_buffer_size,
     recv_exact_into,
     recv_scatter,
     send_buffers,
@@ -165,26 +164,10 @@ class Channel:
         self._tls_lock = threading.Lock()
         self._unread = b""  # clear bytes read by the handshake, not yet by the reader
         self.secured = False
-        # (bytes_received at which, receive buffer size): see shrink_receive_buffer_later
-        self._shrink_at: tuple[int, int] | None = None
 
     @property
     def is_file(self) -> bool:
         return self.sock is None
-
-    def shrink_receive_buffer_later(self, nbytes: int) -> None:
-        """Make the receive buffer ``nbytes`` once the data the peer may still have in
-        flight under the windows advertised so far has been read (as much as the
-        receive buffer holds now): shrinking it at once would drop those segments."""
-        if self.sock is not None:
-            self._shrink_at = (self.bytes_received + receive_buffer_size(self.sock), nbytes)
-
-    def _count_received(self, n: int) -> None:
-        self.bytes_received += n
-        if self._shrink_at is not None and self.bytes_received >= self._shrink_at[0]:
-            if self.sock is not None:
-                set_receive_buffer(self.sock, self._shrink_at[1])
-            self._shrink_at = None
 
     # --- TLS ----------------------------------------------------------------------------
     def secure(self, tls: TlsEndpoint | None = None,
@@ -227,7 +210,7 @@ class Channel:
 
     def _take_unread(self, n: int) -> bytes:
         data, self._unread = self._unread[:n], self._unread[n:]
-        self._count_received(len(data))
+        self.bytes_received += len(data)
         return data
 
     def handover(self) -> dict[str, Any]:
@@ -350,7 +333,7 @@ class Channel:
             recv_scatter(self.sock, ram, offsets)
         except ChannelClosedError as e:
             raise ChannelClosedError(f"{self.name} channel: {e}") from None
-        self._count_received(PAGE_SIZE * len(offsets))
+        self.bytes_received += PAGE_SIZE * len(offsets)
 
     def recv_into(self, view: memoryview) -> int:
         """Read what is available (at least one byte); 0 means EOF."""
@@ -373,7 +356,7 @@ class Channel:
                 return 0
             raise ChannelClosedError(f"{self.name} channel: {e}") from None
         self._clear_in = max(0, self._clear_in - n)
-        self._count_received(n)
+        self.bytes_received += n
         return n
 
     def detect_dead_peer(self, timeout_ms: int) -> None:
@@ -408,7 +391,7 @@ class Channel:
                 return b""
             raise ChannelClosedError(f"{self.name} channel: {e}") from None
         self._clear_in = max(0, self._clear_in - len(data))
-        self._count_received(len(data))
+        self.bytes_received += len(data)
         return data
 
     def _recv_records(self, max_bytes: int) -> bytes:
@@ -481,7 +464,7 @@ class Channel:
                                          f"{self._file_left} of {len(view)} bytes")
             read_exact_into(self.fd, view)
             self._file_left -= len(view)
-        self._count_received(len(view))
+        self.bytes_received += len(view)
 
     def shutdown(self) -> None:
         """Wake any thread blocked on this channel (used by cancel and on failure)."""
@@ -700,18 +683,14 @@ def background_queue_bytes(mtu: int) -> int:
 def quiet_background(channel: Channel) -> int:
     """Postcopy: size the precopy channel's kernel queues by the packets of its link:
     the send buffer, the unsent part and the receive window (TCP); returns that size
-    (0 for a channel without a socket of its own).  The window it advertises shrinks
-    at once (kernel.sock.clamp_window), the receive buffer only once what was in
-    flight under the old window has been read: shrinking the buffer at the switch
-    dropped those segments and stalled the first requests for a retransmission
-    timeout, and keeping it large (megabytes under a 64 KiB window) made requests wait
-    longer behind the background stream (1 Gbit/s link, preempt-proc: p99 2.0 ms
-    against 1.7-1.9; over TLS 3.3 against 0.7)."""
+    (0 for a channel without a socket of its own).  The receive buffer keeps its size
+    and only the window it advertises shrinks (kernel.sock.clamp_window): a smaller
+    buffer dropped the segments in flight at the switch and stalled the first
+    requests for a retransmission timeout."""
     if channel.sock is None:
         return 0
     queue = background_queue_bytes(path_mtu(channel.sock))
     set_send_buffer(channel.sock, queue)
     clamp_window(channel.sock, queue)
     set_notsent_lowat(channel.sock, queue // 2)
-    channel.shrink_receive_buffer_later(queue)
     return queue

@@ -92,28 +92,6 @@ def test_postcopy_queue_on_loopback_holds_a_megabyte_both_ends(
         assert s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == before
 
 
-def test_the_receive_buffer_shrinks_to_the_queue_once_the_old_window_is_read(
-        loopback_tcp: tuple[socket.socket, socket.socket]) -> None:
-    """The receiving end keeps its buffer while data sent under the window it
-    advertised before may still arrive (as much as that buffer holds), then takes the
-    queue's size: a large buffer under a small window made requests wait longer."""
-    client, server = loopback_tcp
-    ch = Channel(sock=server)
-    before = server.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-    queue = quiet_background(ch)
-    chunk = bytes(64 * KIB)
-    buf = memoryview(bytearray(len(chunk)))
-    got = 0
-    while got < before - len(chunk):
-        client.sendall(chunk)
-        ch.recv_exact_into(buf)
-        got += len(chunk)
-        assert server.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == before
-    client.sendall(chunk)
-    ch.recv_exact_into(buf)
-    assert server.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * queue
-
-
 def test_postcopy_queue_on_a_unix_socket_stays_64k() -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with a, b:
