@@ -73,8 +73,8 @@ def take_bits(bits: npt.NDArray[np.bool_], first: int, count: int,
 
     With ``most`` the range is read in growing slices (``most`` bits, then four times
     as many, ...) until ``most`` are found: a dense bitmap costs one slice of ``most``
-    bits, not the whole range (in a first precopy round that range is 64 times the
-    piece, and reading it all cost 13 % of single-channel 4K throughput)."""
+    bits, not the whole range (64 times the piece for precopy and postcopy pieces:
+    reading it all cost a dense 1 GiB round 10.7 ms of bitmap work, the slices 2.5)."""
     end = min(first + count, len(bits))  # a range may run past the bitmap's end
     taken: list[IndexArray] = []
     need = count if most is None else most
