@@ -77,9 +77,9 @@ def take_bits(bits: npt.NDArray[np.bool_], first: int, count: int,
     reading it all cost a dense 1 GiB round 10.7 ms of bitmap work, the slices 2.5)."""
     end = min(first + count, len(bits))  # a range may run past the bitmap's end
     taken: list[IndexArray] = []
-    need = count if most is None else most
+    need = width = count if most is None else most
     with lock:
-        lo, width = first, count if most is None else most
+        lo = first
         while lo < end and need > 0:
             sl = bits[lo : min(end, lo + width)]
             idx = np.flatnonzero(sl.copy())[:need]
