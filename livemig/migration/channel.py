@@ -163,6 +163,7 @@ class Channel:
         self._clear_out = clear_out
         self._tls_lock = threading.Lock()
         self._unread = b""  # clear bytes read by the handshake, not yet by the reader
+        self._plain: socket.socket | None = None  # under a TLS session (secure())
         self.secured = False
 
     @property
@@ -186,7 +187,8 @@ class Channel:
                 recv_exact_into(self.sock, memoryview(head))
                 self._unread, self._clear_in = bytes(head), 0
             # The session takes over a duplicate: other threads may still use the plain
-            # socket object (queued bytes, socket options, shutdown) meanwhile.
+            # socket object (queued bytes, socket options, shutdown) meanwhile, so it
+            # stays open, and its descriptor valid, until the channel closes.
             raw = self.sock
             try:
                 tls_sock = endpoint.handshake(raw.dup(), self.name, timeout)
@@ -196,7 +198,7 @@ class Channel:
                                              "TLS handshake") from None
                 raise
             self.sock, self.secured, self._tls = tls_sock, True, None
-            raw.close()
+            self._plain = raw
 
     def expect_tls(self, tls: TlsEndpoint, clear_in: int) -> None:
         """An accepted connection: TLS after ``clear_in`` bytes in clear."""
@@ -479,6 +481,8 @@ class Channel:
         self._closed = True
         if self.sock is not None:
             self.sock.close()
+            if self._plain is not None:
+                self._plain.close()
         elif self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

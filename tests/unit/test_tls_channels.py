@@ -4,6 +4,7 @@ byte of the stream is read by the other side."""
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import threading
@@ -143,6 +144,31 @@ def test_main_channel_carries_pages_and_return_path_over_mutual_tls(
     first = got[head: head + 8 + len(rec.prefix) + PAGE_SIZE]
     assert first[8 + len(rec.prefix):] == ram[63 * PAGE_SIZE:].tobytes()
     assert got.endswith(ram[:PAGE_SIZE].tobytes() + b"DONE!")
+
+
+def test_a_descriptor_taken_before_the_tls_session_still_names_the_connection(
+        dirs: TlsDirs) -> None:
+    """The session starts in whichever thread first reads or writes the channel (the
+    source's return-path thread, for the postcopy channel); another thread that took
+    the channel's descriptor a moment before (to read its queued bytes) must not find
+    it closed, or a postcopy pauses on EBADF."""
+    raw, peer = socket.socketpair()
+    ch = Channel(sock=raw, name="postcopy", tls=server(dirs.server))
+    sender = BioClient(dirs.client, peer)
+    taken = ch.fileno()
+    before = os.fstat(taken)
+    shake = threading.Thread(target=sender.handshake)
+    shake.start()
+    ch.secure(timeout=20)
+    shake.join(20)
+    after = os.fstat(taken)  # EBADF if the plain socket was closed under the session
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+    peer.sendall(sender.record(b"page"))
+    assert ch.recv(16) == b"page"
+    ch.close()
+    with pytest.raises(OSError):
+        os.fstat(taken)  # the channel's close closes it too
+    peer.close()
 
 
 def test_postcopy_channel_routes_in_clear_then_a_helper_opens_its_session(
