@@ -31,7 +31,7 @@ from livemig.migration.source import SourceMigration
 from livemig.migration.state import Capabilities, MigrationStatus, Parameters
 from livemig.migration.tls import TlsEndpoint, TlsObjects
 from livemig.migration.trace import Tracer
-from livemig.runtime import SwitchInterval
+from livemig.runtime import SwitchInterval, UrgentPriority
 from livemig.vmm.boot import guest_range
 from livemig.vmm.checks import AbCheckResult, PageCheckResult, ab_check, os_check, random_check
 from livemig.vmm.vm import RunState, Vm
@@ -231,6 +231,8 @@ class Instance:
                                              self._emit, self._incoming_finished,
                                              helpers=self.helpers, switch=self.switch,
                                              dead_link_timeout_ms=self.params.x_dead_link_timeout,
+                                             urgent_priority=UrgentPriority(
+                                                 self.params.x_postcopy_urgent_priority),
                                              tls=self._tls(listen, "server"))
         self.incoming.start()
 

@@ -1,6 +1,6 @@
 """The interpreter's GIL switch interval, lowered while a postcopy needs it; the CPU
 priority of a thread that streams background pages while helper processes answer
-page requests.
+page requests, and of the threads and processes that answer them.
 
 Theory of operation
 -------------------
@@ -40,6 +40,22 @@ value by :data:`BACKGROUND_NICE` (on Linux nice is per thread, and raising it ne
 privilege), so the scheduler lets the short urgent work run first; the background
 stream still gets every CPU cycle nobody urgent wants.  It cannot be undone without
 privilege, so only threads that end with their migration call it.
+
+Nice values weigh threads against each other only inside one scheduling group, and
+each VMM is a group of its own (an autogroup per session, a cgroup per VM under
+libvirt or systemd): a helper woken while other VMMs' threads hold every CPU still
+waits for one, 0.2 ms on average and up to 6 ms on this project's 2-CPU machine
+(``perf sched latency``).  So the threads and helper processes that answer page
+requests -- the destination's fault thread or fault server and postcopy receiver, the
+source's return-path thread or urgent helper -- also enter the real-time class
+(``SCHED_FIFO``) at :class:`UrgentPriority`'s priority (``x-postcopy-urgent-priority``,
+default 1), which preempts every time-sharing thread the moment it wakes.  Their work
+per wake-up is one request's (microseconds), they block in ``poll`` between requests,
+and the kernel's real-time throttling (``kernel.sched_rt_runtime_us``) keeps a share
+of every second for everyone else.  Only threads and processes that end with their
+migration enter it, and what they start (a thread for a recovery, a process) does not
+inherit it (``SCHED_RESET_ON_FORK``).  Without the privilege (``CAP_SYS_NICE`` or an
+``RLIMIT_RTPRIO`` at least the priority) they stay time-sharing, and a warning says so.
 """
 
 from __future__ import annotations
@@ -48,6 +64,7 @@ import logging
 import os
 import sys
 import threading
+from dataclasses import dataclass
 from typing import Final
 
 log = logging.getLogger("livemig.runtime")
@@ -60,6 +77,10 @@ POSTCOPY_SWITCH_INTERVAL: Final = 50e-6
 # CFS then weighs it about 3x lighter than a nice-0 helper (1024 against 335).
 BACKGROUND_NICE: Final = 5
 MAX_NICE: Final = 19
+# The SCHED_FIFO priority of the threads that answer page requests (1: the lowest
+# real-time priority, above every time-sharing thread).
+DEFAULT_URGENT_PRIORITY: Final = 1
+MAX_URGENT_PRIORITY: Final = 99
 
 
 class NamedThread(threading.Thread):
@@ -92,6 +113,32 @@ def lower_thread_priority(by: int = BACKGROUND_NICE) -> None:
     tid = threading.get_native_id()
     now = os.getpriority(os.PRIO_PROCESS, tid)
     os.setpriority(os.PRIO_PROCESS, tid, min(MAX_NICE, now + by))
+
+
+@dataclass(frozen=True)
+class UrgentPriority:
+    """The real-time priority of the threads and processes that answer page requests
+    (``x-postcopy-urgent-priority``): ``SCHED_FIFO`` at ``priority``, 0 for none (see
+    the module docstring)."""
+
+    priority: int = DEFAULT_URGENT_PRIORITY
+
+    def apply(self, tid: int = 0) -> bool:
+        """Put thread ``tid`` (0: the calling one; a process's only thread is the
+        process) in the real-time class; False if the priority is 0 or the privilege is
+        missing (then with a warning: page requests wait for busy CPUs)."""
+        if not self.priority:
+            return False
+        try:
+            os.sched_setscheduler(tid, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK,
+                                  os.sched_param(self.priority))
+        except PermissionError:
+            log.warning("page requests are answered at normal priority: SCHED_FIFO %d "
+                        "needs CAP_SYS_NICE or RLIMIT_RTPRIO >= %d "
+                        "(x-postcopy-urgent-priority 0 silences this)",
+                        self.priority, self.priority)
+            return False
+        return True
 
 
 class SwitchInterval:

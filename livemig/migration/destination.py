@@ -43,7 +43,7 @@ from livemig.migration.state import (
     log_failure,
 )
 from livemig.migration.tls import TlsEndpoint
-from livemig.runtime import NamedThread, SwitchInterval
+from livemig.runtime import NamedThread, SwitchInterval, UrgentPriority
 from livemig.vmm.vm import RunState, Vm
 from livemig.wire.channel import ChannelKind
 
@@ -59,16 +59,20 @@ class DestinationMigration:
                  emit: EventSink | None = None,
                  on_finished: Callable[[DestinationMigration], None] | None = None, *,
                  helpers: HelperServer, switch: SwitchInterval | None = None,
-                 dead_link_timeout_ms: int = 0, tls: TlsEndpoint | None = None) -> None:
+                 dead_link_timeout_ms: int = 0, tls: TlsEndpoint | None = None,
+                 urgent_priority: UrgentPriority | None = None) -> None:
         """``helpers``: the process's helper server (livemig.migration.helper).
         ``switch``: the process's owner of the GIL switch interval (one per process,
         shared by every migration in it).  ``dead_link_timeout_ms``: a TCP peer silent
         that long is gone (0: wait for ever).  ``tls``: every connection accepted, the
-        recovery ones too, must be TLS with it (tls-creds); others are refused."""
+        recovery ones too, must be TLS with it (tls-creds); others are refused.
+        ``urgent_priority``: of the threads or helper that take faults in postcopy
+        (x-postcopy-urgent-priority; default: its default)."""
         self.tls = tls
         self.dead_link_timeout_ms = dead_link_timeout_ms
         self.vm = vm
         self.switch = switch or SwitchInterval()
+        self.urgent_priority = urgent_priority or UrgentPriority()
         self.helpers = helpers
         self.uri = uri
         self.caps = caps
@@ -255,6 +259,7 @@ class DestinationMigration:
                 accept_multifd_channels=self.accept_multifd_channels,
                 on_postcopy_active=self._on_postcopy_active,
                 uffd_features=self.uffd_features, switch=self.switch,
+                urgent_priority=self.urgent_priority,
                 helpers=self.helpers, await_recovery=self._await_recovery,
                 on_resumed=self._on_resumed)
             self._load.run()

@@ -63,6 +63,7 @@ from livemig.runtime import (
     NamedThread,
     SwitchInterval,
     SwitchIntervalLease,
+    UrgentPriority,
     lower_thread_priority,
 )
 from livemig.vmm.memory import RamBlock
@@ -73,9 +74,11 @@ _HelperStart = tuple[Mapping[str, RamBlock], Userfaultfd, Mapping[int, int]]
 
 
 def receive_postcopy_channel(channel: Channel, placer: ChannelPlacer,
-                             table: Mapping[str, BlockInfo], on_error: OnError) -> None:
-    """The ``postcopy/recv`` thread: place requested pages until the channel's end;
-    any failure goes to ``on_error``."""
+                             table: Mapping[str, BlockInfo], on_error: OnError,
+                             priority: UrgentPriority) -> None:
+    """The ``postcopy/recv`` thread: place requested pages until the channel's end, at
+    ``priority``; any failure goes to ``on_error``."""
+    priority.apply()
     try:
         PostcopyChannelReceiver(channel, placer, table).run()
     except Exception as e:
@@ -85,8 +88,11 @@ def receive_postcopy_channel(channel: Channel, placer: ChannelPlacer,
 class FaultHandler(ABC):
     """One design for taking faults and placing requested pages (see module doc)."""
 
-    def __init__(self, post_channel: Channel | None) -> None:
+    def __init__(self, post_channel: Channel | None, priority: UrgentPriority) -> None:
+        """``priority``: of the threads or the helper that take faults and place
+        requested pages (livemig.runtime)."""
         self.post_channel = post_channel
+        self.priority = priority
 
     @abstractmethod
     def advise(self, blocks: Mapping[str, RamBlock], uffd: Userfaultfd,
@@ -135,8 +141,9 @@ class FaultHandler(ABC):
 
 
 class ThreadFaultHandler(FaultHandler):
-    def __init__(self, post_channel: Channel | None, switch: SwitchInterval) -> None:
-        super().__init__(post_channel)
+    def __init__(self, post_channel: Channel | None, switch: SwitchInterval,
+                 priority: UrgentPriority) -> None:
+        super().__init__(post_channel, priority)
         self._switch = switch
         self._state: PostcopyState | None = None
         self._table: dict[str, BlockInfo] = {}
@@ -168,13 +175,13 @@ class ThreadFaultHandler(FaultHandler):
 
     def _start(self, rp: ReturnPathWriter, on_error: OnError) -> None:
         assert self._state is not None
-        self._fault = FaultThread(self._state, rp.request, on_error)
+        self._fault = FaultThread(self._state, rp.request, on_error, self.priority)
         self._fault.start()
         if self.post_channel is not None:
             assert self._placer is not None
             self._recv = NamedThread(
                 target=receive_postcopy_channel, name="postcopy/recv", daemon=True,
-                args=(self.post_channel, self._placer, self._table, on_error))
+                args=(self.post_channel, self._placer, self._table, on_error, self.priority))
             self._recv.start()
 
     def _lower_switch_interval(self) -> None:
@@ -230,8 +237,9 @@ class ThreadFaultHandler(FaultHandler):
 
 
 class HelperFaultHandler(FaultHandler):
-    def __init__(self, post_channel: Channel | None, helpers: HelperServer) -> None:
-        super().__init__(post_channel)
+    def __init__(self, post_channel: Channel | None, helpers: HelperServer,
+                 priority: UrgentPriority) -> None:
+        super().__init__(post_channel, priority)
         self._helpers = helpers
         self._server: FaultServer | None = FaultServer(helpers)  # forked: ready in ms
         self._shared: SharedMemory | None = None
@@ -273,7 +281,7 @@ class HelperFaultHandler(FaultHandler):
         assert self._start_args is not None
         blocks, uffd, vcpu_tids = self._start_args
         self._server.start(blocks, uffd, self.post_channel, self._shared, vcpu_tids,
-                           on_error, rerequest=rerequest)
+                           on_error, rerequest=rerequest, priority=self.priority)
 
     def pause(self) -> None:
         """The helper goes with the connection; the shared state stays."""
@@ -313,11 +321,13 @@ class HelperFaultHandler(FaultHandler):
 
 
 def choose_fault_handler(handshake: Handshake, post_channel: Channel | None,
-                         switch: SwitchInterval, helpers: HelperServer) -> FaultHandler:
-    """The design matching the source's (announced in the capabilities section)."""
+                         switch: SwitchInterval, helpers: HelperServer,
+                         priority: UrgentPriority) -> FaultHandler:
+    """The design matching the source's (announced in the capabilities section); its
+    threads or helper answer faults at ``priority``."""
     if handshake.urgent_process:
         if post_channel is None:
             raise RemoteProtocolError("the source serves page requests on the postcopy "
                                       "channel, but there is no postcopy channel")
-        return HelperFaultHandler(post_channel, helpers)
-    return ThreadFaultHandler(post_channel, switch)
+        return HelperFaultHandler(post_channel, helpers, priority)
+    return ThreadFaultHandler(post_channel, switch, priority)

@@ -53,6 +53,7 @@ from livemig.migration.postcopy import (
     postcopy_counters,
     postcopy_layout,
 )
+from livemig.runtime import UrgentPriority
 from livemig.wire.blocks import BlockInfo
 from livemig.wire.returnpath import ReturnPathEncoder
 
@@ -73,9 +74,10 @@ class FaultServer:
 
     def start(self, blocks: Mapping[str, HelperBlock], uffd: Userfaultfd, channel: Channel,
               shared: SharedMemory, vcpu_tids: Mapping[int, int],
-              on_error: Callable[[Exception], None], *, rerequest: bool = False) -> None:
+              on_error: Callable[[Exception], None], *, rerequest: bool = False,
+              priority: UrgentPriority) -> None:
         """``rerequest``: after a postcopy recovery, first ask again for the pages
-        requested before and still missing."""
+        requested before and still missing.  The helper serves at ``priority``."""
         if channel.sock is None:
             raise MigrationError("the postcopy channel must be a socket")
         config = {
@@ -85,6 +87,7 @@ class FaultServer:
             "vcpu_tids": {str(i): t for i, t in vcpu_tids.items()},
             "shared_size": shared.size,
             "rerequest": rerequest,
+            "priority": priority.priority,
             "channel": channel.handover(),
         }
         self.helper.send(config, [uffd.fileno(), channel.sock.fileno(), shared.fd])
@@ -184,4 +187,5 @@ class _Server:
 
 def serve(conn: HelperConn, msg: dict[str, Any], fds: list[int]) -> None:
     """The helper's life (livemig.migration.helper.run_helper)."""
+    UrgentPriority(int(msg["priority"])).apply()
     _Server(conn, msg, fds).serve()

@@ -60,7 +60,7 @@ from livemig.migration.postcopy import RECV_CHUNK, ChannelPlacer, LatencyStats, 
 from livemig.migration.returnpath import ReturnPathWriter
 from livemig.migration.state import Capabilities, detached
 from livemig.migration.vmdesc import check_description
-from livemig.runtime import NamedThread, SwitchInterval
+from livemig.runtime import NamedThread, SwitchInterval, UrgentPriority
 from livemig.vmm.serial import SerialState
 from livemig.vmm.state import PlatformState, VcpuState, VmState
 from livemig.vmm.vm import RunState, Vm
@@ -180,7 +180,7 @@ class IncomingLoad:
                  accept_multifd_channels: Callable[[int], list[Channel]] | None = None,
                  on_postcopy_active: Callable[[], None],
                  uffd_features: Callable[[], int], switch: SwitchInterval,
-                 helpers: HelperServer,
+                 helpers: HelperServer, urgent_priority: UrgentPriority,
                  await_recovery: AwaitRecovery | None = None,
                  on_resumed: Callable[[], None] = lambda: None) -> None:
         """``await_recovery(failure)``: postcopy paused; returns the new main channel
@@ -188,6 +188,7 @@ class IncomingLoad:
         process quits).  Without it a failure in postcopy fails the load."""
         self.vm = vm
         self._switch = switch
+        self._urgent_priority = urgent_priority
         self._helpers = helpers
         self._await_recovery = await_recovery
         self._on_resumed = on_resumed
@@ -376,7 +377,7 @@ class IncomingLoad:
         if theirs.multifd:
             self._start_multifd(theirs)
         self._handler = choose_fault_handler(theirs, self._post_channel, self._switch,
-                                             self._helpers)
+                                             self._helpers, self._urgent_priority)
 
     # --- multifd ----------------------------------------------------------------------------
     def _start_multifd(self, theirs: Handshake) -> None:
@@ -443,7 +444,8 @@ class IncomingLoad:
         rp = self._require_rp("POSTCOPY_ADVISE")
         if self._handler is None:  # a stream without the capabilities section
             self._handler = choose_fault_handler(Handshake.of(self.caps), self._post_channel,
-                                                 self._switch, self._helpers)
+                                                 self._switch, self._helpers,
+                                                 self._urgent_priority)
         self._uffd = Userfaultfd.open()
         self._uffd.api(needed)
         self._postcopy = self._handler.advise(self.vm.blocks, self._uffd, self._vcpu_tids(),

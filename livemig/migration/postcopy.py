@@ -58,7 +58,7 @@ from livemig.kernel.uffd import Userfaultfd
 from livemig.migration.channel import Channel
 from livemig.migration.handshake import SizedBlock
 from livemig.migration.pagesink import dispatch_page_event, read_payload
-from livemig.runtime import NamedThread
+from livemig.runtime import NamedThread, UrgentPriority
 from livemig.units import PAGE_SIZE
 from livemig.vmm.memory import RamBlock
 from livemig.wire import events as ev
@@ -657,10 +657,12 @@ class FaultThread:
     """Reads userfaultfd events and turns them into page requests (see module doc)."""
 
     def __init__(self, state: PostcopyState, request: Callable[[str, int, int], None],
-                 on_error: Callable[[Exception], None]) -> None:
+                 on_error: Callable[[Exception], None], priority: UrgentPriority) -> None:
+        """The thread reads faults at ``priority`` (livemig.runtime)."""
         self.state = state
         self._request = request
         self._on_error = on_error
+        self._priority = priority
         self._stop_r, self._stop_w = os.pipe()
         self._thread = NamedThread(target=self._run, name="postcopy/fault", daemon=True)
 
@@ -676,6 +678,7 @@ class FaultThread:
     def _run(self) -> None:
         uffd = self.state.uffd
         assert uffd is not None
+        self._priority.apply()
         try:
             while True:
                 ready, _, _ = select.select([uffd.fileno(), self._stop_r], [], [])

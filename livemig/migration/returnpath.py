@@ -132,6 +132,14 @@ class ReturnPathReader:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def thread_id(self) -> int:
+        """The reading thread's kernel id (once started): it answers page requests in
+        the thread designs (livemig.runtime.UrgentPriority)."""
+        tid = self._thread.native_id
+        assert tid is not None, "start() first"
+        return tid
+
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 

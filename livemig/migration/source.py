@@ -592,7 +592,7 @@ class SourceMigration:
         assert self._rp is not None
         self._rp.wait_pong(ADVISE_PING, timeout=self._answer_timeout())
         self.urgent.start(self.vm.blocks, sender.post.writer.channel if sender.post else None,
-                          self.trace, self._link_failed)
+                          self.trace, self._link_failed, self._rp.thread_id)
 
     def _catch_up(self, sender: PageSender) -> None:
         """Before the guest stops: the destination drops what it holds of every page
@@ -708,7 +708,8 @@ class SourceMigration:
         main.writer.write_now([enc.postcopy_resume()])
         self._rp.wait_resume_ack(RESUME_TIMEOUT_S)
         quiet_background(channel)
-        self.urgent.start(self.vm.blocks, post_ch, self.trace, self._link_failed)
+        self.urgent.start(self.vm.blocks, post_ch, self.trace, self._link_failed,
+                          self._rp.thread_id)
         self.info.error_desc = ""
         self.status.set(MigrationStatus.POSTCOPY_ACTIVE)
         return True

@@ -24,6 +24,7 @@ from enum import Enum
 from typing import Annotated, Any, TypeVar, get_args, get_origin, get_type_hints
 
 from livemig.errors import ConfigError, LivemigError, MigrationError
+from livemig.runtime import DEFAULT_URGENT_PRIORITY, MAX_URGENT_PRIORITY
 from livemig.units import PAGE_SIZE
 
 log = logging.getLogger("livemig.migration")
@@ -278,6 +279,11 @@ class Parameters:
     x_postcopy_urgent_sender: UrgentMode = UrgentMode.PROCESS
     # ... and whether the background scan continues after the last requested page.
     x_postcopy_locality: bool = True
+    # The SCHED_FIFO priority of the threads and helpers that answer page requests, on
+    # each side (livemig.runtime.UrgentPriority; 0: time-sharing like the rest).
+    x_postcopy_urgent_priority: Annotated[int, Range(0, MAX_URGENT_PRIORITY,
+                                                     "(SCHED_FIFO priority, 0: none)")] = \
+        DEFAULT_URGENT_PRIORITY
     # No VM description after a precopy stream's EOF (QEMU's machine option
     # suppress-vmdesc); docs/STREAM.md.
     x_suppress_vmdesc: bool = False

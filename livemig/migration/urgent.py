@@ -64,6 +64,7 @@ from livemig.migration.helper import (
 )
 from livemig.migration.sender import write_window
 from livemig.migration.trace import Tracer
+from livemig.runtime import UrgentPriority
 from livemig.units import PAGE_SIZE
 from livemig.wire.blocks import BlockInfo
 from livemig.wire.channel import ChannelKind
@@ -118,10 +119,11 @@ class UrgentServer:
         self._watch: HelperWatch | None = None
 
     def start(self, blocks: Mapping[str, HelperBlock], shared: SharedBits, channel: Channel,
-              trace_patterns: tuple[str, ...],
+              trace_patterns: tuple[str, ...], priority: UrgentPriority,
               on_error: Callable[[Exception], None] = lambda _e: None) -> None:
-        """Hand the helper the postcopy channel; ``on_error`` hears of its failure (or
-        death) at once, from the thread that watches its control socket."""
+        """Hand the helper the postcopy channel (it serves at ``priority``); ``on_error``
+        hears of its failure (or death) at once, from the thread that watches its
+        control socket."""
         if channel.sock is None:
             raise MigrationError("the postcopy channel must be a socket")
         fds = [channel.sock.fileno(), shared.memory.fd]
@@ -134,6 +136,7 @@ class UrgentServer:
                 table.append([name, b.size, b.host_page_size, "pid", b.mapping.host_addr])
         self.helper.send({"msg": "start", "blocks": table, "pid": os.getpid(),
                           "shared_size": shared.memory.size, "trace": list(trace_patterns),
+                          "priority": priority.priority,
                           "channel": channel.handover()},
                          fds)
         self.helper.expect("ready", START_TIMEOUT)
@@ -304,4 +307,5 @@ class _Server:
 
 def serve(conn: HelperConn, msg: dict[str, Any], fds: list[int]) -> None:
     """The helper's life (livemig.migration.helper.run_helper)."""
+    UrgentPriority(int(msg["priority"])).apply()
     _Server(conn, msg, fds).serve()

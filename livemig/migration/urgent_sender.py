@@ -52,7 +52,12 @@ from livemig.migration.sender import PageSender
 from livemig.migration.state import Capabilities, Parameters, RamStats, UrgentMode
 from livemig.migration.trace import Tracer
 from livemig.migration.urgent import SharedBits, UrgentServer
-from livemig.runtime import POSTCOPY_SWITCH_INTERVAL, SwitchInterval, lower_thread_priority
+from livemig.runtime import (
+    POSTCOPY_SWITCH_INTERVAL,
+    SwitchInterval,
+    UrgentPriority,
+    lower_thread_priority,
+)
 
 
 class UrgentSender(ABC):
@@ -65,6 +70,7 @@ class UrgentSender(ABC):
         self.caps = caps
         self.params = params
         self.helpers = helpers
+        self.priority = UrgentPriority(params.x_postcopy_urgent_priority)
         self._sender: PageSender | None = None
 
     def prepare(self, blocks: Mapping[str, SourceBlock]) -> None:  # noqa: B027 - optional hook
@@ -86,11 +92,16 @@ class UrgentSender(ABC):
         assert self._sender is not None, "attach() the page sender first"
         return self._sender
 
-    def start(self, blocks: Mapping[str, HelperBlock], post_channel: Channel | None,  # noqa: B027 - optional hook
-              tracer: Tracer, on_error: Callable[[Exception], None]) -> None:
+    def start(self, blocks: Mapping[str, HelperBlock], post_channel: Channel | None,
+              tracer: Tracer, on_error: Callable[[Exception], None], return_path: int) -> None:
         """The channels and the return path are up (the destination agreed): before the
         switch to postcopy, and again after each postcopy recovery.  ``on_error`` hears
-        of a failure the migration thread would not see (a helper's)."""
+        of a failure the migration thread would not see (a helper's).
+
+        ``return_path``: the kernel id of the thread that reads page requests (and in
+        some designs answers them); it enters the urgent class here, as it is the
+        first hop of every request."""
+        self.priority.apply(return_path)
 
     def pause(self) -> None:  # noqa: B027 - optional hook
         """Postcopy paused: the channels are gone; keep what a resume needs."""
@@ -170,11 +181,14 @@ class ProcessSender(UrgentSender):
         return self._bits
 
     def start(self, blocks: Mapping[str, HelperBlock], post_channel: Channel | None,
-              tracer: Tracer, on_error: Callable[[Exception], None]) -> None:
+              tracer: Tracer, on_error: Callable[[Exception], None], return_path: int) -> None:
+        """Requests come to the helper, not the return-path thread: the helper enters
+        the urgent class."""
         assert self._bits is not None and post_channel
         if self._server is None:  # a resume: the helper of the last connection is gone
             self._server = UrgentServer(self.helpers)
-        self._server.start(blocks, self._bits, post_channel, tracer.patterns, on_error)
+        self._server.start(blocks, self._bits, post_channel, tracer.patterns, self.priority,
+                           on_error)
 
     def pause(self) -> None:
         """The helper goes with the connection; the shared bits and counters stay."""

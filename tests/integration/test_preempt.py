@@ -13,12 +13,14 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from pc_helpers import (
     FINISHED,
@@ -36,6 +38,7 @@ from pc_helpers import (
     runs_on,
     start_postcopy_after_first_round,
     wait_migration,
+    wait_until,
 )
 
 import livemig.instance
@@ -256,3 +259,72 @@ def test_transferred_never_goes_down_and_counts_every_channel(
                                       + ram["postcopy-bytes"]), ram
         assert ram["postcopy-bytes"] >= ram["x-postcopy-urgent-bytes"], ram
         assert guest_check(p.dq, "random")["bad_pages"] == 0
+
+
+# The policy of what answers page requests: real-time, and not inherited by what it starts.
+REAL_TIME = os.SCHED_FIFO | os.SCHED_RESET_ON_FORK
+# The kernel names of what answers page requests in each design (livemig.runtime).
+URGENT_WORKERS = {"migration": {"return-path", "postcopy/fault", "postcopy/recv"},
+                  "return-path": {"return-path", "postcopy/fault", "postcopy/recv"},
+                  "process": {"urgent", "faultserver"}}
+
+
+def scheduling_classes() -> dict[str, set[int]]:
+    """The scheduling policies of this process's threads (both VMMs of a
+    migration_pair run here) and of its helper processes, by kernel name."""
+    seen: dict[str, set[int]] = {}
+    me = psutil.Process()
+    for t in me.threads():
+        try:
+            name = Path(f"/proc/self/task/{t.id}/comm").read_text().strip()
+            policy = os.sched_getscheduler(t.id)
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended since the listing
+        seen.setdefault(name, set()).add(policy)
+    for child in me.children(recursive=True):
+        try:
+            seen.setdefault(child.name(), set()).add(os.sched_getscheduler(child.pid))
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
+    return seen
+
+
+@pytest.mark.parametrize(("sender", "priority"), [("process", 1), ("process", 0),
+                                                  ("return-path", 2), ("migration", 1)])
+def test_what_answers_page_requests_runs_real_time_while_postcopy_lasts(
+        tmp_path: Path, sender: str, priority: int) -> None:
+    """x-postcopy-urgent-priority on each side: the threads or helper processes that
+    read, answer and place page requests run SCHED_FIFO at that priority while postcopy
+    lasts (0: time-sharing like everything else), and none is left real-time after."""
+    cfg = preempt_config("random", Backing.ANON_4K, sender)
+    cfg = PairConfig(cfg.guest, cfg.backing, src_caps=cfg.src_caps,
+                     params={**cfg.params, "max-postcopy-bandwidth": 2_000_000,
+                             "x-postcopy-urgent-priority": priority})
+    workers = URGENT_WORKERS[sender]
+    with migration_pair(tmp_path, cfg) as p:
+        p.dq.execute("migrate-set-parameters", **{"x-postcopy-urgent-priority": priority})
+        p.listen()
+        p.migrate()
+        start_postcopy_after_first_round(p.sq)
+        wait_migration(p.sq, until=("postcopy-active", *FINISHED))
+        deadline = time.monotonic() + 10
+        while True:
+            classes = scheduling_classes()
+            running = {n: classes[n] for n in workers if n in classes}
+            if running.keys() == workers and (
+                    not priority or all(c == {REAL_TIME} for c in running.values())):
+                break
+            assert time.monotonic() < deadline, (classes, p.sq.execute("query-migrate"))
+            time.sleep(0.05)
+        if priority:
+            assert {n for n, c in classes.items() if c - {os.SCHED_OTHER}} == workers, classes
+        else:
+            assert all(c == {os.SCHED_OTHER} for c in classes.values()), classes
+        assert p.sq.execute("query-migrate")["status"] == "postcopy-active"
+        p.sq.execute("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+        assert wait_migration(p.sq)["status"] == "completed"
+        assert wait_migration(p.dq)["status"] == "completed"
+        assert guest_check(p.dq, "random")["bad_pages"] == 0
+        assert wait_until(lambda: not any(
+            c - {os.SCHED_OTHER} for c in scheduling_classes().values()), 10), \
+            scheduling_classes()

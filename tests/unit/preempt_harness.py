@@ -62,6 +62,7 @@ from livemig.migration.source import end_postcopy_stream, postcopy_out_channel, 
 from livemig.migration.state import Capabilities, Parameters, RamStats, UrgentMode
 from livemig.migration.trace import Tracer
 from livemig.migration.urgent_sender import choose_urgent_sender
+from livemig.runtime import UrgentPriority
 from livemig.vmm.memory import Bitmap
 from livemig.wire import events as ev
 from livemig.wire.blocks import BlockInfo
@@ -749,7 +750,8 @@ def receive_postcopy_channel(data: bytes, table: Mapping[str, BlockInfo],
     thread.start()
     errors: list[Exception] = []
     try:
-        receive_loop(Channel(sock=dst, name="postcopy"), placer, table, errors.append)
+        receive_loop(Channel(sock=dst, name="postcopy"), placer, table, errors.append,
+                     UrgentPriority())
     finally:
         dst.close()
         thread.join(30)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +22,7 @@ from livemig.runtime import (
     POSTCOPY_SWITCH_INTERVAL,
     NamedThread,
     SwitchInterval,
+    UrgentPriority,
     lower_thread_priority,
 )
 
@@ -162,7 +165,7 @@ def test_the_load_thread_yields_the_cpu_only_when_requested_pages_come_elsewhere
     requested pages too, and keeps its priority."""
     a, b = socket.socketpair()
     post = Channel(sock=a, name="postcopy") if with_postcopy_channel else None
-    handler = ThreadFaultHandler(post, SwitchInterval())
+    handler = ThreadFaultHandler(post, SwitchInterval(), UrgentPriority())
     seen: dict[str, int] = {}
 
     def load() -> None:
@@ -196,3 +199,63 @@ def test_a_named_thread_carries_its_name_in_the_kernel(name: str, kernel: str) -
     t.start()
     t.join()
     assert seen == [kernel]
+
+
+def _policy_in_thread(act: Callable[[int], bool], by_tid: bool = False) -> dict[str, Any]:
+    """Run ``act`` in a fresh thread (its argument: the thread's kernel id, or 0 for
+    "the calling thread"); what it returned and the thread's policy and priority after."""
+    seen: dict[str, Any] = {}
+
+    def body() -> None:
+        tid = threading.get_native_id()
+        seen["applied"] = act(tid if by_tid else 0)
+        seen["policy"] = os.sched_getscheduler(tid)
+        seen["priority"] = os.sched_getparam(tid).sched_priority
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join(10)
+    return seen
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs CAP_SYS_NICE")
+@pytest.mark.parametrize("by_tid", [False, True], ids=["calling-thread", "by-kernel-id"])
+def test_urgent_priority_puts_only_its_thread_in_the_real_time_class(by_tid: bool) -> None:
+    main_policy = os.sched_getscheduler(0)
+    seen = _policy_in_thread(UrgentPriority(3).apply, by_tid)
+    assert seen == {"applied": True, "policy": os.SCHED_FIFO | os.SCHED_RESET_ON_FORK,
+                    "priority": 3}
+    assert os.sched_getscheduler(0) == main_policy  # the other threads keep theirs
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs CAP_SYS_NICE")
+def test_what_a_real_time_thread_starts_runs_time_sharing() -> None:
+    """A thread that answers page requests may start another (a recovery's): that one
+    must not inherit the real-time class, or its long work would starve the host."""
+    def start_one(_tid: int) -> bool:
+        UrgentPriority(1).apply()
+        inner = _policy_in_thread(lambda _t: True)
+        return bool(inner["policy"] == os.SCHED_OTHER and inner["priority"] == 0)
+
+    assert _policy_in_thread(start_one)["applied"] is True
+
+
+def test_urgent_priority_0_leaves_the_thread_time_sharing() -> None:
+    seen = _policy_in_thread(UrgentPriority(0).apply)
+    assert seen == {"applied": False, "policy": os.SCHED_OTHER, "priority": 0}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become an unprivileged user")
+def test_without_the_privilege_urgent_priority_warns_and_the_thread_stays_time_sharing(
+        ) -> None:
+    """A VMM run by an unprivileged user: the request still succeeds at normal priority,
+    and the log says why page requests may wait for busy CPUs."""
+    code = ("import logging, os, sys\n"
+            "logging.basicConfig(stream=sys.stdout, format='%(levelname)s %(message)s')\n"
+            "from livemig.runtime import UrgentPriority\n"
+            "os.setgid(65534); os.setuid(65534)\n"
+            "print(UrgentPriority(1).apply(), os.sched_getscheduler(0) == os.SCHED_OTHER)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.splitlines()[-1] == "False True"
+    assert "WARNING page requests are answered at normal priority" in out

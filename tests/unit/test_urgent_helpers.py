@@ -42,6 +42,7 @@ from livemig.migration.postcopy import (
     uffd_block_states,
 )
 from livemig.migration.urgent import SharedBits, UrgentServer
+from livemig.runtime import UrgentPriority
 from livemig.units import PAGE_SIZE
 from livemig.wire import events as ev
 from livemig.wire.blocks import BlockInfo
@@ -141,7 +142,7 @@ def source_side(helpers: HelperServer) -> Iterator[
     src, dst = socket.socketpair()
     src.sendall(Encoder(channel=ChannelKind.POSTCOPY).preamble())  # the VMM's part
     server = UrgentServer(helpers)
-    server.start(blocks, shared, Channel(src, name="postcopy"), ())
+    server.start(blocks, shared, Channel(src, name="postcopy"), (), UrgentPriority())
     peer = PostcopyPeer(dst, {n: BlockInfo(b.size, b.host_page_size) for n, b in blocks.items()})
     try:
         yield blocks, shared, peer, server, content
@@ -299,7 +300,7 @@ def dest_side(request: pytest.FixtureRequest, helpers: HelperServer) -> Iterator
     errors: list[Exception] = []
     server = FaultServer(helpers)
     server.start({"pc.ram": block}, uffd, Channel(dst, name="postcopy"), shared, {},
-                 errors.append)
+                 errors.append, priority=UrgentPriority())
     try:
         yield Dest(block, state, server, src, errors)
     finally:
