@@ -94,6 +94,7 @@ from rich.table import Table
 import livemig
 from livemig.errors import LivemigError, MigrationError, QmpError
 from livemig.netlab import NETNS_PORT, NetnsPair, Shaping
+from livemig.runtime import DEFAULT_URGENT_PRIORITY
 from livemig.vmm.vm import parse_size
 
 GUEST = "random"
@@ -297,6 +298,9 @@ class Mode:
     about: str = ""
     multifd: int = 0  # multifd channels during the precopy phase (0: multifd off)
     tls: bool = False  # "NAME+tls": the same mode over TLS (Config.tls)
+    # livemig's x-postcopy-urgent-priority on both sides ("NAME+prioN"; None: the
+    # default).  Set on every livemig run: parameters stick on a source.
+    urgent_priority: int | None = None
 
     @property
     def capabilities(self) -> tuple[str, ...]:
@@ -315,6 +319,14 @@ class Mode:
         if self.multifd:
             params["multifd-channels"] = self.multifd
         return params
+
+    @property
+    def both_parameters(self) -> dict[str, int]:
+        """What the destination must be told too."""
+        if self.peer != "livemig":
+            return {}
+        prio = DEFAULT_URGENT_PRIORITY if self.urgent_priority is None else self.urgent_priority
+        return {"x-postcopy-urgent-priority": prio}
 
     @property
     def peer_class(self) -> type[Peer]:
@@ -337,20 +349,33 @@ MODES: tuple[Mode, ...] = (
 
 
 TLS_SUFFIX = "+tls"
+PRIORITY_SUFFIX = re.compile(r"\+prio(\d+)$")
+
+
+def parse_mode(name: str) -> Mode:
+    """A mode by name: ``NAME+tls`` is mode NAME over TLS, ``NAME+prioN`` (after it, if
+    both) a livemig mode with ``x-postcopy-urgent-priority`` N on both sides (``+prio0``:
+    page requests answered by time-sharing threads)."""
+    by_name = {m.name: m for m in MODES}
+    base, priority = name, None
+    if (match := PRIORITY_SUFFIX.search(name)) is not None:
+        base, priority = name[:match.start()], int(match.group(1))
+    tls = base.endswith(TLS_SUFFIX)
+    mode = by_name.get(base.removesuffix(TLS_SUFFIX))
+    if mode is None or (priority is not None and mode.peer != "livemig"):
+        raise HarnessError(f"unknown mode {name}; choose from {', '.join(by_name)}, each "
+                           f"with {TLS_SUFFIX} and, for livemig's, +prioN after it")
+    if tls:
+        mode = replace(mode, tls=True, about=mode.about + ", over TLS")
+    if priority is not None:
+        mode = replace(mode, urgent_priority=priority,
+                       about=mode.about + f", x-postcopy-urgent-priority {priority}")
+    return replace(mode, name=name)
 
 
 def parse_modes(text: str) -> tuple[Mode, ...]:
-    """Mode names; ``NAME+tls`` is mode NAME over TLS."""
-    by_name = {m.name: m for m in MODES}
-    by_name.update({m.name + TLS_SUFFIX: replace(m, name=m.name + TLS_SUFFIX, tls=True,
-                                                 about=m.about + ", over TLS")
-                    for m in MODES})
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in by_name]
-    if unknown:
-        raise HarnessError(f"unknown mode(s) {', '.join(unknown)}; choose from "
-                           f"{', '.join(by_name)}")
-    return tuple(by_name[n] for n in names)
+    """Comma-separated mode names (:func:`parse_mode`)."""
+    return tuple(parse_mode(n.strip()) for n in text.split(",") if n.strip())
 
 
 # --- links ----------------------------------------------------------------------------------
@@ -602,6 +627,7 @@ class Case:
                              else self.cfg.precopy_ms,
                              postcopy_after_bytes=self.cfg.precopy_bytes or None,
                              timeout=self.cfg.timeout,
+                             both_parameters=mode.both_parameters,
                              tls=self.cfg.tls if mode.tls else None)
         with self.console.status(f"{self.label}: {mode.name} {what}"):
             dst = self.cls.destination(self.workdir, f"destination{i}", self.spec,
@@ -912,7 +938,7 @@ class PanelGrid:
 
 def mode_color(mode: Mode) -> str:
     """One colour per mode in every panel of every plot (a mode over TLS: its own)."""
-    base = mode.name.removesuffix(TLS_SUFFIX)
+    base = PRIORITY_SUFFIX.sub("", mode.name).removesuffix(TLS_SUFFIX)
     return f"C{[m.name for m in MODES].index(base) % 10}"
 
 
@@ -929,7 +955,7 @@ def plot_cdfs(rows: Sequence[Row], path: Path, title: str) -> None:
         color = mode_color(r.mode)
         if r.exact:
             ax.step(xs, ys, where="post", color=color, label=r.mode.name,
-                    linestyle=":" if r.mode.tls else "-")
+                    linestyle=":" if r.mode.tls else "--" if r.mode.urgent_priority == 0 else "-")
         else:
             ax.plot(xs, ys, "o--", color=color, label=f"{r.mode.name} (2^k µs buckets)")
     for ax, link, size in grid.panels():
