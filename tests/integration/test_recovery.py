@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -434,6 +435,20 @@ class SourceLink:
             self.post.sendall(self.post_enc.preamble())
         self.requests = ReturnPath(self.post) if self.post is not None else self.rp
 
+    def drain(self) -> list[threading.Thread]:
+        """From now on read and drop what the destination sends until it closes, as a
+        source's return-path reader does: a destination whose page requests nobody
+        reads blocks on a full socket, and its SHUT waits behind them."""
+        def read_until_closed(sock: socket.socket) -> None:
+            while sock.recv(65536):
+                pass
+
+        threads = [threading.Thread(target=read_until_closed, args=(sock,), daemon=True)
+                   for sock in (self.main, self.post) if sock is not None]
+        for t in threads:
+            t.start()
+        return threads
+
     def close(self) -> None:
         for sock in (self.main, self.post):
             if sock is not None:
@@ -502,6 +517,7 @@ def test_a_page_whose_request_was_lost_in_the_cut_is_asked_for_again_after_the_r
             answer(link, lost)
             following = link.requests.next()
             assert isinstance(following, ReqPages) and following != lost, following
+            readers = link.drain()
             if link.post is not None:
                 link.post.sendall(link.post_enc.eof())
             rest = [o for o in range(0, MEM, PAGE_SIZE)
@@ -509,6 +525,9 @@ def test_a_page_whose_request_was_lost_in_the_cut_is_asked_for_again_after_the_r
             link.main.sendall(on_main(rest) + enc.ram_end(hs.RAM.section_id)
                               + enc.close_ram_section() + enc.eof())
             assert wait_migration(dq, 60)["status"] == "completed"
+            for reader in readers:
+                reader.join(10)
+                assert not reader.is_alive(), "the destination kept its connection open"
         finally:
             link.close()
         assert runs_on(dst.vm), dst.vm.serial.output[-80:]
