@@ -47,6 +47,7 @@ from livemig.kernel.sock import (
     path_mtu,
     queued_bytes,
     read_exact_into,
+    recv_arrived,
     recv_exact_into,
     recv_scatter,
     send_buffers,
@@ -64,6 +65,7 @@ from livemig.migration.tls import (
     HANDSHAKE_TIMEOUT,
     PAGES_PER_WRITE,
     READ_CHUNK,
+    RECORD_PLAINTEXT,
     RecordGauge,
     TlsEndpoint,
     gather_pages,
@@ -384,7 +386,7 @@ class Channel:
             if self.secured:
                 data = self._recv_records(max_bytes)
             elif self.sock is not None:
-                data = self.sock.recv(max_bytes)
+                data = recv_arrived(self.sock, max_bytes)
             else:
                 data = os.read(self.fd, min(max_bytes, self._file_left))
                 self._file_left -= len(data)
@@ -407,11 +409,13 @@ class Channel:
         assert isinstance(self.sock, ssl.SSLSocket)
         sock = self.sock
         max_bytes = min(max_bytes, READ_CHUNK)
-        parts = [sock.recv(max_bytes)]
+        # One read returns one record's plaintext at most: asking for more only makes
+        # the read allocate (and map) more (see recv_arrived).
+        parts = [sock.recv(min(max_bytes, RECORD_PLAINTEXT))]
         got = len(parts[0])
         gauge = RecordGauge(sock)
         while got < max_bytes and parts[-1] and gauge.read_on(len(parts[-1])):
-            parts.append(sock.recv(max_bytes - got))
+            parts.append(sock.recv(min(max_bytes - got, RECORD_PLAINTEXT)))
             got += len(parts[-1])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 

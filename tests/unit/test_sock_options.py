@@ -6,7 +6,8 @@ and the postcopy background queue (``quiet_background``).
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+import tracemalloc
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -54,6 +55,39 @@ def loopback_tcp() -> Iterator[tuple[socket.socket, socket.socket]]:
             accepted, _ = listener.accept()
             with accepted:
                 yield client, accepted
+
+
+def peak_allocated(read: Callable[[], bytes]) -> tuple[bytes, int]:
+    """What ``read`` returned, and the most memory it held allocated at once."""
+    tracemalloc.start()
+    try:
+        data = read()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return data, peak
+
+
+def test_a_read_of_a_few_arrived_bytes_allocates_about_what_it_read(
+        loopback_tcp: tuple[socket.socket, socket.socket]) -> None:
+    """A channel read asks for up to 4 MiB; on a slow link it gets a few KiB each time,
+    and must not allocate (map, fault in, unmap) the 4 MiB to return them."""
+    client, accepted = loopback_tcp
+    ch = Channel(sock=accepted)
+    client.sendall(b"x" * 5000)
+    got = b""
+    while len(got) < 5000:
+        data, peak = peak_allocated(lambda: ch.recv(4 * MIB))
+        assert peak < 128 * KIB
+        got += data
+    assert got == b"x" * 5000
+    client.sendall(b"y" * 300_000)  # more than the first read of an empty queue takes
+    got = b""
+    while len(got) < 300_000:
+        got += ch.recv(4 * MIB)
+    assert got == b"y" * 300_000
+    client.close()
+    assert ch.recv(4 * MIB) == b""
 
 
 def test_background_queue_holds_sixteen_packets_of_the_link() -> None:

@@ -8,6 +8,7 @@ import os
 import socket
 import ssl
 import threading
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -457,6 +458,22 @@ def test_a_tls_read_ends_with_the_senders_write_though_the_next_has_arrived(
     peer.sendall(sender.record(page) + sender.record(request))
     assert ch.recv(1 << 20) == page
     assert ch.recv(1 << 20) == request
+    ch.close()
+    peer.close()
+
+
+def test_a_tls_read_allocates_about_the_records_it_returns(dirs: TlsDirs) -> None:
+    ch, sender, peer = _bio_pair(dirs)
+    request = b"r" * 24
+    peer.sendall(sender.record(request))
+    tracemalloc.start()
+    try:
+        got = ch.recv(1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == request
+    assert peak < 64 * 1024
     ch.close()
     peer.close()
 
