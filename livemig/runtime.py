@@ -35,11 +35,7 @@ destination, the vCPU that faulted) are woken by one packet and run for microsec
 while the migration thread (source) and the load thread (destination) stream
 background pages for as long as the postcopy lasts -- with TLS, encrypting and
 decrypting every byte.  When the CPUs are busy, a woken helper waits for the
-scheduler behind them.  :func:`lower_thread_priority` raises the calling thread's nice
-value by :data:`BACKGROUND_NICE` (on Linux nice is per thread, and raising it needs no
-privilege), so the scheduler lets the short urgent work run first; the background
-stream still gets every CPU cycle nobody urgent wants.  It cannot be undone without
-privilege, so only threads that end with their migration call it.
+scheduler behind them.
 
 Nice values weigh threads against each other only inside one scheduling group, and
 each VMM is a group of its own (an autogroup per session, a cgroup per VM under
@@ -47,7 +43,7 @@ libvirt or systemd): a helper woken while other VMMs' threads hold every CPU sti
 waits for one, 0.2 ms on average and up to 6 ms on this project's 2-CPU machine
 (``perf sched latency``).  So the threads and helper processes that answer page
 requests -- the destination's fault thread or fault server and postcopy receiver, the
-source's return-path thread or urgent helper -- also enter the real-time class
+source's return-path thread or urgent helper -- enter the real-time class
 (``SCHED_FIFO``) at :class:`UrgentPriority`'s priority (``x-postcopy-urgent-priority``,
 default 1), which preempts every time-sharing thread the moment it wakes.  Their work
 per wake-up is one request's (microseconds), they block in ``poll`` between requests,
@@ -56,6 +52,18 @@ of every second for everyone else.  Only threads and processes that end with the
 migration enter it, and what they start (a thread for a recovery, a process) does not
 inherit it (``SCHED_RESET_ON_FORK``).  Without the privilege (``CAP_SYS_NICE`` or an
 ``RLIMIT_RTPRIO`` at least the priority) they stay time-sharing, and a warning says so.
+
+The threads that stream background pages keep their priority when the urgent ones are
+real-time: they lose the CPU to them anyway, and anything nicer loses it to the
+guest's vCPUs too (nice 0), which on the destination run all through postcopy -- the
+load thread then starts late after each wake-up, and the link idles between its
+writes (a 1 Gbit/s link carried 107 MB/s instead of 116 so).  Only when the urgent
+threads are time-sharing (priority 0) does :meth:`UrgentPriority.background_thread`
+raise the background thread's nice value by :data:`BACKGROUND_NICE` (on Linux nice is
+per thread, and raising it needs no privilege), so that the scheduler lets the short
+urgent work run first; it cannot be undone without privilege, so only threads that
+end with their migration call it.
+
 """
 
 from __future__ import annotations
@@ -139,6 +147,13 @@ class UrgentPriority:
                         self.priority, self.priority)
             return False
         return True
+
+    def background_thread(self) -> None:
+        """The calling thread streams background pages from here while others answer
+        page requests: it becomes nicer only if they are time-sharing (see the module
+        docstring).  Only for threads that end with their migration."""
+        if not self.priority:
+            lower_thread_priority()
 
 
 class SwitchInterval:

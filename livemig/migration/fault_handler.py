@@ -64,7 +64,6 @@ from livemig.runtime import (
     SwitchInterval,
     SwitchIntervalLease,
     UrgentPriority,
-    lower_thread_priority,
 )
 from livemig.vmm.memory import RamBlock
 from livemig.wire.blocks import BlockInfo
@@ -171,7 +170,7 @@ class ThreadFaultHandler(FaultHandler):
         the main channel too, and the load thread keeps its priority."""
         self._lower_switch_interval()
         if self.post_channel is not None:
-            lower_thread_priority()
+            self.priority.background_thread()
 
     def _start(self, rp: ReturnPathWriter, on_error: OnError) -> None:
         assert self._state is not None
@@ -272,7 +271,7 @@ class HelperFaultHandler(FaultHandler):
         (livemig.runtime)."""
         assert self._server is not None
         self._server.wait_ready()
-        lower_thread_priority()
+        self.priority.background_thread()
 
     def _start(self, on_error: OnError, *, rerequest: bool) -> None:
         assert self._shared is not None and self.post_channel is not None

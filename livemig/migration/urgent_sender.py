@@ -56,7 +56,6 @@ from livemig.runtime import (
     POSTCOPY_SWITCH_INTERVAL,
     SwitchInterval,
     UrgentPriority,
-    lower_thread_priority,
 )
 
 
@@ -205,7 +204,7 @@ class ProcessSender(UrgentSender):
         super().switchover(background_queue)
         # Nothing in this process answers requests: pieces go in one system call.
         self.sender.background_steps = False
-        lower_thread_priority()
+        self.priority.background_thread()
 
     def on_request(self, req: PageRequest, queue: RequestQueue) -> None:
         raise RemoteProtocolError("a page request on the return path, but the destination "
