@@ -6,7 +6,8 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+import tracemalloc
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,24 @@ def others_map_hugepages() -> bool:
     me = str(os.getpid())
     return any(hugetlb_kib(d.name) for d in Path("/proc").iterdir()
                if d.name.isdigit() and d.name != me)
+
+
+def _peak_allocated(read: Callable[[], bytes]) -> tuple[bytes, int]:
+    """What ``read`` returned, and the most memory it held allocated at once."""
+    tracemalloc.start()
+    try:
+        data = read()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return data, peak
+
+
+@pytest.fixture
+def peak_allocated() -> Callable[[Callable[[], bytes]], tuple[bytes, int]]:
+    """``peak_allocated(read)``: what ``read`` returned and the most memory it held at
+    once (tracemalloc)."""
+    return _peak_allocated
 
 
 @pytest.fixture

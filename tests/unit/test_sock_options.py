@@ -6,7 +6,6 @@ and the postcopy background queue (``quiet_background``).
 from __future__ import annotations
 
 import socket
-import tracemalloc
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -57,19 +56,9 @@ def loopback_tcp() -> Iterator[tuple[socket.socket, socket.socket]]:
                 yield client, accepted
 
 
-def peak_allocated(read: Callable[[], bytes]) -> tuple[bytes, int]:
-    """What ``read`` returned, and the most memory it held allocated at once."""
-    tracemalloc.start()
-    try:
-        data = read()
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    return data, peak
-
-
 def test_a_read_of_a_few_arrived_bytes_allocates_about_what_it_read(
-        loopback_tcp: tuple[socket.socket, socket.socket]) -> None:
+        loopback_tcp: tuple[socket.socket, socket.socket],
+        peak_allocated: Callable[[Callable[[], bytes]], tuple[bytes, int]]) -> None:
     """A channel read asks for up to 4 MiB; on a slow link it gets a few KiB each time,
     and must not allocate (map, fault in, unmap) the 4 MiB to return them."""
     client, accepted = loopback_tcp

@@ -8,7 +8,6 @@ import os
 import socket
 import ssl
 import threading
-import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -462,16 +461,13 @@ def test_a_tls_read_ends_with_the_senders_write_though_the_next_has_arrived(
     peer.close()
 
 
-def test_a_tls_read_allocates_about_the_records_it_returns(dirs: TlsDirs) -> None:
+def test_a_tls_read_allocates_about_the_records_it_returns(
+        dirs: TlsDirs, peak_allocated: Callable[[Callable[[], bytes]], tuple[bytes, int]]
+) -> None:
     ch, sender, peer = _bio_pair(dirs)
     request = b"r" * 24
     peer.sendall(sender.record(request))
-    tracemalloc.start()
-    try:
-        got = ch.recv(1 << 20)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    got, peak = peak_allocated(lambda: ch.recv(1 << 20))
     assert got == request
     assert peak < 64 * 1024
     ch.close()
