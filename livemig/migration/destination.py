@@ -271,8 +271,13 @@ class DestinationMigration:
                 self._load.close()
             self._listener.close()
             with self._recover_cond:
-                if self._recover_listener is not None:
+                # A listener a paused postcopy opened.  One opened after completion is
+                # the answering thread's (COMPLETED is final and recover() checks it
+                # under this lock, so the two cannot be confused).
+                if (self._recover_listener is not None
+                        and self.status.status is not MigrationStatus.COMPLETED):
                     self._recover_listener.close()
+                    self._recover_listener = None
             for ch in (self._channel, self._post_channel, *self._multifd_channels):
                 if ch is not None:
                     ch.close()
