@@ -185,6 +185,12 @@ def _set_buffer(sock: socket.socket, force: int, plain: int, nbytes: int) -> Non
         sock.setsockopt(socket.SOL_SOCKET, plain, nbytes)
 
 
+def receive_buffer_size(sock: socket.socket) -> int:
+    """The receive buffer the kernel allows this socket (SO_RCVBUF: twice what was set,
+    for the kernel's own overhead); no window it advertises is larger."""
+    return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+
+
 def clamp_window(sock: socket.socket, nbytes: int) -> None:
     """Advertise at most ``nbytes`` of receive window from now on (TCP only), keeping
     the receive buffer as it is.  Shrinking the receive buffer instead, under a window

@@ -47,6 +47,7 @@ from livemig.kernel.sock import (
     path_mtu,
     queued_bytes,
     read_exact_into,
+    receive_buffer_size,
     recv_arrived,
     recv_exact_into,
     recv_scatter,
@@ -59,6 +60,7 @@ from livemig.kernel.sock import (
     set_notsent_lowat,
     set_receive_buffer,
     set_send_buffer,
+    unread_bytes,
     write_buffers,
 )
 from livemig.migration.tls import (
@@ -167,6 +169,10 @@ class Channel:
         self._unread = b""  # clear bytes read by the handshake, not yet by the reader
         self._plain: socket.socket | None = None  # under a TLS session (secure())
         self.secured = False
+        # bound_backlog: the bound whose receive buffer is still to be set (0: none
+        # pending), and how many bytes must have been read first.
+        self._shrink_to = 0
+        self._shrink_after = 0
 
     @property
     def is_file(self) -> bool:
@@ -214,8 +220,44 @@ class Channel:
 
     def _take_unread(self, n: int) -> bytes:
         data, self._unread = self._unread[:n], self._unread[n:]
-        self.bytes_received += len(data)
+        self._received(len(data))
         return data
+
+    def _received(self, n: int) -> None:
+        self.bytes_received += n
+        if self._shrink_to and self.bytes_received >= self._shrink_after:
+            self._shrink_receive_buffer()
+
+    def bound_backlog(self, nbytes: int) -> None:
+        """From now on let about ``nbytes`` at most of the stream arrive ahead of this
+        end's reader (TCP; nothing for other channels): what this end has not read yet
+        then waits in the sender's queue, where the sender can still put a requested
+        page in front of it.
+
+        The window is clamped at once.  The receive buffer, which bounds what waits
+        unread, shrinks only once the reader has read past the window the kernel may
+        have advertised before the clamp, and its queue is short (a buffer shrunk
+        under a queue or a window already advertised makes the kernel drop segments
+        allowed in flight: the sender then waits for a retransmission timeout)."""
+        sock = self.sock
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        clamp_window(sock, nbytes)
+        self._shrink_after = self.bytes_received + receive_buffer_size(sock)
+        self._shrink_to = nbytes
+
+    def _shrink_receive_buffer(self) -> None:
+        assert self.sock is not None
+        try:
+            if unread_bytes(self.sock) > self._shrink_to:
+                self._shrink_after = self.bytes_received + self._shrink_to
+                return
+            # Room for a queue and a window of the bound each, in the kernel's
+            # accounting (which doubles what is set: its overhead per segment).
+            set_receive_buffer(self.sock, 2 * self._shrink_to)
+        except OSError:
+            pass  # the connection is going away: its next read says so
+        self._shrink_to = 0
 
     def handover(self) -> dict[str, Any]:
         """What a helper process needs to take this unsecured socket over (a TLS
@@ -337,7 +379,7 @@ class Channel:
             recv_scatter(self.sock, ram, offsets)
         except ChannelClosedError as e:
             raise ChannelClosedError(f"{self.name} channel: {e}") from None
-        self.bytes_received += PAGE_SIZE * len(offsets)
+        self._received(PAGE_SIZE * len(offsets))
 
     def recv_into(self, view: memoryview) -> int:
         """Read what is available (at least one byte); 0 means EOF."""
@@ -360,7 +402,7 @@ class Channel:
                 return 0
             raise ChannelClosedError(f"{self.name} channel: {e}") from None
         self._clear_in = max(0, self._clear_in - n)
-        self.bytes_received += n
+        self._received(n)
         return n
 
     def detect_dead_peer(self, timeout_ms: int) -> None:
@@ -395,7 +437,7 @@ class Channel:
                 return b""
             raise ChannelClosedError(f"{self.name} channel: {e}") from None
         self._clear_in = max(0, self._clear_in - len(data))
-        self.bytes_received += len(data)
+        self._received(len(data))
         return data
 
     def _recv_records(self, max_bytes: int) -> bytes:
@@ -470,7 +512,7 @@ class Channel:
                                          f"{self._file_left} of {len(view)} bytes")
             read_exact_into(self.fd, view)
             self._file_left -= len(view)
-        self.bytes_received += len(view)
+        self._received(len(view))
 
     def shutdown(self) -> None:
         """Wake any thread blocked on this channel (used by cancel and on failure)."""
@@ -690,15 +732,15 @@ def background_queue_bytes(mtu: int) -> int:
 
 def quiet_background(channel: Channel) -> int:
     """Postcopy: size the precopy channel's kernel queues by the packets of its link:
-    the send buffer, the unsent part and the receive window (TCP); returns that size
-    (0 for a channel without a socket of its own).  The receive buffer keeps its size
-    and only the window it advertises shrinks (kernel.sock.clamp_window): a smaller
-    buffer dropped the segments in flight at the switch and stalled the first
-    requests for a retransmission timeout."""
+    the send buffer, the unsent part, and what may arrive ahead of the reader
+    (:meth:`Channel.bound_backlog`; TCP); returns that size (0 for a channel without a
+    socket of its own).  A reader slower than the link for a while (TLS, a busy CPU)
+    otherwise holds megabytes unread in its receive buffer, and without preemption a
+    requested page waits behind them."""
     if channel.sock is None:
         return 0
     queue = background_queue_bytes(path_mtu(channel.sock))
     set_send_buffer(channel.sock, queue)
-    clamp_window(channel.sock, queue)
+    channel.bound_backlog(queue)
     set_notsent_lowat(channel.sock, queue // 2)
     return queue

@@ -6,13 +6,20 @@ and the postcopy background queue (``quiet_background``).
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 
 from livemig.errors import ConfigError
-from livemig.kernel.sock import path_mtu, send_pages, set_dead_peer_timeout
+from livemig.kernel.sock import (
+    path_mtu,
+    send_pages,
+    set_buffer_sizes,
+    set_dead_peer_timeout,
+    unread_bytes,
+)
 from livemig.migration.channel import Channel, background_queue_bytes, quiet_background
 from livemig.units import KIB, MIB, PAGE_SIZE
 
@@ -105,7 +112,8 @@ def test_postcopy_queue_on_loopback_holds_a_megabyte_both_ends(
         loopback_tcp: tuple[socket.socket, socket.socket]) -> None:
     """Both ends of a loopback connection get about 1 MiB of send buffer (Linux reports
     twice what was set) and of receive window, half of it as the unsent limit; the
-    receive buffer keeps its size."""
+    receive buffer keeps its size for now (a window advertised before may be in
+    flight)."""
     for s in loopback_tcp:
         before = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         quiet_background(Channel(sock=s))
@@ -113,6 +121,45 @@ def test_postcopy_queue_on_loopback_holds_a_megabyte_both_ends(
         assert MIB - 16 <= s.getsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP) <= MIB
         assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) >= MIB // 2 - 8
         assert s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == before
+
+
+def test_what_waits_for_a_slow_reader_stays_in_the_senders_queue(
+        loopback_tcp: tuple[socket.socket, socket.socket]) -> None:
+    """Once the backlog is bounded (postcopy), a reader that falls behind holds about
+    the bound unread, not its whole receive buffer: the rest waits on the sender's
+    side, where a requested page can still go first.  Every byte still arrives, in
+    order, across the moment the buffer shrinks."""
+    client, accepted = loopback_tcp
+    for s in loopback_tcp:
+        set_buffer_sizes(s, 4 * MIB)  # as a migration channel has them
+    bound = 64 * KIB
+    data = np.random.default_rng(7).integers(0, 256, 48 * MIB, np.uint8).tobytes()
+    caught_up = threading.Event()
+
+    def send() -> None:
+        client.sendall(data[:16 * MIB])  # past any window advertised before the bound
+        caught_up.wait(30)
+        client.sendall(data[16 * MIB:])
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    ch = Channel(sock=accepted)
+    ch.bound_backlog(bound)
+    got = bytearray()
+    while len(got) < 16 * MIB:
+        got += ch.recv(MIB)
+    caught_up.set()
+    while len(got) < 17 * MIB:
+        got += ch.recv(MIB)
+    # The reader stalls: what arrives stops at about the bound (it was MiBs before).
+    queued = -1
+    while queued != (queued := unread_bytes(accepted)):
+        sender.join(0.2)
+    assert queued <= 4 * bound
+    while len(got) < len(data):
+        got += ch.recv(MIB)
+    sender.join()
+    assert got == data
 
 
 def test_postcopy_queue_on_a_unix_socket_stays_64k() -> None:
