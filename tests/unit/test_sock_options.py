@@ -151,11 +151,12 @@ def test_what_waits_for_a_slow_reader_stays_in_the_senders_queue(
     caught_up.set()
     while len(got) < 17 * MIB:
         got += ch.recv(MIB)
-    # The reader stalls: what arrives stops at about the bound (it was MiBs before).
+    # The reader stalls: what arrives stops at a few times the bound (the kernel's
+    # buffer for it, 4x on loopback), not at the megabytes of the buffer before.
     queued = -1
     while queued != (queued := unread_bytes(accepted)):
         sender.join(0.2)
-    assert queued <= 4 * bound
+    assert queued <= 8 * bound
     while len(got) < len(data):
         got += ch.recv(MIB)
     sender.join()
