@@ -45,8 +45,8 @@ SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 _FLAG_BYTES = ("present", "db", "s", "l", "g", "avl", "unusable")
 
 # CR0: PE MP EM TS ET NE (0-5), WP (16), AM (18), NW CD PG (29-31).
-CR0_PE, CR0_NW, CR0_CD, CR0_PG = 1 << 0, 1 << 29, 1 << 30, 1 << 31
-CR0_KNOWN = 0x3F | 1 << 16 | 1 << 18 | CR0_NW | CR0_CD | CR0_PG
+CR0_PE, CR0_WP, CR0_NW, CR0_CD, CR0_PG = 1 << 0, 1 << 16, 1 << 29, 1 << 30, 1 << 31
+CR0_KNOWN = 0x3F | CR0_WP | 1 << 18 | CR0_NW | CR0_CD | CR0_PG
 # CR4: 0-14, FSGSBASE PCIDE OSXSAVE KL SMEP SMAP PKE CET PKS UINTR (16-25), LAM_SUP (28).
 CR4_PAE, CR4_PCIDE = 1 << 5, 1 << 17
 CR4_KNOWN = 0x7FFF | 0x3FF << 16 | 1 << 28

@@ -130,7 +130,8 @@ CR4_OSXSAVE = 1 << 18
 class HostCpu:
     """What a saved vCPU may use on this VM (from the CPUID its vCPUs are given, KVM's
     supported CPUID less hidden features): the XCR0 state components, the physical
-    address width, the CR4 bits."""
+    address width, the CR4 bits (the VM keeps those of them its vCPU takes, see
+    ``Vm._settable_cr4``)."""
 
     xcr0: int
     phys_bits: int

@@ -47,16 +47,16 @@ import functools
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
-from livemig.errors import ConfigError, VmStateError
+from livemig.errors import ConfigError, KvmError, VmStateError
 from livemig.kernel import kvm as K
 from livemig.kernel.mman import Backing
 from livemig.runtime import NamedThread
 from livemig.units import GIB, MIB
-from livemig.vmm.cpucheck import check_restorable
+from livemig.vmm.cpucheck import CR0_WP, check_restorable
 from livemig.vmm.cpuid import CpuidPolicy, HostCpu
 from livemig.vmm.memory import RamBlock, make_block
 from livemig.vmm.multiboot import MultibootImage
@@ -197,6 +197,8 @@ class Vm:
             self._stack.callback(vcpu.stop)
             self.vcpus.append(vcpu)
         self.msr_indices = self._migratable_msrs(self.vcpus[0].fd)
+        self.host_cpu = replace(self.host_cpu,
+                                cr4=self._settable_cr4(self.vcpus[0].fd, self.host_cpu.cr4))
         self._power_on = self.save_state()  # what a reset goes back to
 
     def _migratable_msrs(self, fd: K.VcpuFd) -> list[int]:
@@ -206,6 +208,28 @@ class Vm:
             value = fd.get_msrs([index])
             if value and fd.set_msrs(value) == 1:
                 out.append(index)
+        return out
+
+    @staticmethod
+    def _settable_cr4(fd: K.VcpuFd, listed: int) -> int:
+        """The CR4 bits of ``listed`` (what the vCPU's CPUID allows) this never-run vCPU
+        takes: a host may refuse one its CPUID lists (nested kvm_pvm refuses LA57), and
+        a state KVM refuses must be refused by the checks first.  Each bit is tried
+        alone on the power-on state with CR0.WP set (which some CR4 bits need)."""
+        power_on = fd.get_sregs()
+        out = 0
+        for bit in range(64):
+            if not listed >> bit & 1:
+                continue
+            trial = type(power_on).from_buffer_copy(power_on)
+            trial.cr0 |= CR0_WP
+            trial.cr4 |= 1 << bit
+            try:
+                fd.set_sregs(trial)
+            except KvmError:
+                continue
+            out |= 1 << bit
+        fd.set_sregs(power_on)
         return out
 
     # --- devices ----------------------------------------------------------------------
