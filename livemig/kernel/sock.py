@@ -185,6 +185,26 @@ def _set_buffer(sock: socket.socket, force: int, plain: int, nbytes: int) -> Non
         sock.setsockopt(socket.SOL_SOCKET, plain, nbytes)
 
 
+def congestion_control(sock: socket.socket) -> str:
+    """The TCP congestion control algorithm of ``sock`` ("" for other sockets)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return ""
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
+    return raw.split(b"\0", 1)[0].decode()
+
+
+def set_congestion_control(sock: socket.socket, name: str) -> bool:
+    """Use the TCP congestion control ``name`` on ``sock``; False where the kernel has
+    not got it or does not let this process choose it (TCP only)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
+    except OSError:
+        return False
+    return True
+
+
 def receive_buffer_size(sock: socket.socket) -> int:
     """The receive buffer the kernel allows this socket (SO_RCVBUF: twice what was set,
     for the kernel's own overhead); no window it advertises is larger."""

@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -142,6 +143,33 @@ def test_livemig_run_inside_a_namespace(tmp_path: Path) -> None:
                 os.stat(f"/run/netns/{pair.source.ns}").st_ino
         finally:
             assert vmm.stop() == 0
+
+
+# Inside a namespace whose default is reno: the congestion control of a postcopy and of a
+# main channel the source opens.
+_CONGESTION_PROBE = """
+import socket
+from livemig.kernel.sock import congestion_control
+from livemig.migration.channel import MigrationUri, connect
+from livemig.wire.channel import ChannelKind
+with socket.create_server(("127.0.0.1", 0)) as listener:
+    uri = MigrationUri.parse(f"tcp:127.0.0.1:{listener.getsockname()[1]}")
+    for kind in (ChannelKind.POSTCOPY, ChannelKind.MAIN):
+        ch = connect(uri, name=kind.value, kind=kind)
+        print(congestion_control(ch.sock))
+        ch.close()
+"""
+
+
+def test_requested_pages_leave_under_cubic_whatever_the_hosts_default() -> None:
+    """The source's postcopy channel uses CUBIC (BBR's round-trip probe would cut its
+    window to 4 segments for 200 ms every 10 s); the precopy channel keeps the host's
+    choice."""
+    with NetnsPair() as pair:
+        pair.run(pair.source, ["ip", "link", "set", "lo", "up"])
+        pair.run(pair.source, ["sysctl", "-qw", "net.ipv4.tcp_congestion_control=reno"])
+        out = pair.run(pair.source, [sys.executable, "-c", _CONGESTION_PROBE])
+        assert out.split() == ["cubic", "reno"]
 
 
 # --- faults ---------------------------------------------------------------------------------
