@@ -186,8 +186,6 @@ class Vm:
         self.blocks: dict[str, RamBlock] = {block.name: block}
         self.xsave = bool(self.kvm.check_extension(K.KVM_CAP_XSAVE))
         supported = self.kvm.supported_cpuid()
-        # KVM checks CR4 and XCR0 against the vCPU's CPUID (features hidden included).
-        self.host_cpu = HostCpu.from_cpuid(cfg.cpuid.table_for(supported, 0, cfg.vcpus))
         self.vcpus: list[Vcpu] = []
         for i in range(cfg.vcpus):
             fd = self.vm_fd.create_vcpu(i)
@@ -197,8 +195,10 @@ class Vm:
             self._stack.callback(vcpu.stop)
             self.vcpus.append(vcpu)
         self.msr_indices = self._migratable_msrs(self.vcpus[0].fd)
-        self.host_cpu = replace(self.host_cpu,
-                                cr4=self._settable_cr4(self.vcpus[0].fd, self.host_cpu.cr4))
+        # KVM checks CR4 and XCR0 against the vCPU's CPUID (features hidden included),
+        # and may refuse a CR4 bit it lists.
+        listed = HostCpu.from_cpuid(cfg.cpuid.table_for(supported, 0, cfg.vcpus))
+        self.host_cpu = replace(listed, cr4=self._settable_cr4(self.vcpus[0].fd, listed.cr4))
         self._power_on = self.save_state()  # what a reset goes back to
 
     def _migratable_msrs(self, fd: K.VcpuFd) -> list[int]:
